@@ -1,0 +1,94 @@
+"""Command line: `repro run PARAMS`, `repro render RUN_DIR`, `repro synth OUT_DIR`.
+
+A user's mistake (bad params, bad MEDS input, an existing run) prints one line naming the file,
+column or parameter and exits with status 2; a bug still shows its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from repro.config import ParamsError
+    from repro.data.meds import MedsError
+    from repro.pipeline import RunError
+
+    errors: list[type[BaseException]] = [ParamsError, MedsError, RunError, FileExistsError]
+    try:
+        from repro.render import RenderError
+
+        errors.append(RenderError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="repro", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_run = sub.add_parser("run", help="execute every notebook for a params file and render the report")
+    p_run.add_argument("params", help="params/*.yaml")
+    p_run.add_argument("--data", help="a MEDS directory (default: the synthetic cohort the params describe)")
+    p_run.add_argument("--name", help="run name, the folder under outputs/ (default: the params file's name)")
+    p_run.add_argument("--force", action="store_true", help="replace an existing run of the same name")
+    p_run.add_argument("--no-render", action="store_true", help="execute notebooks only")
+    p_run.add_argument(
+        "--engine",
+        choices=["auto", "quarto", "offline"],
+        default="auto",
+        help="renderer: Quarto when on PATH (auto), or the built-in offline renderer",
+    )
+
+    p_render = sub.add_parser("render", help="render report.qmd of an executed run")
+    p_render.add_argument("run_dir")
+    p_render.add_argument("--engine", choices=["auto", "quarto", "offline"], default="auto")
+
+    p_synth = sub.add_parser("synth", help="write the synthetic MEDS cohort to a directory")
+    p_synth.add_argument("out_dir")
+    p_synth.add_argument("--n", type=int, default=1000, help="subjects")
+    p_synth.add_argument("--seed", type=int, default=7)
+    p_synth.add_argument("--shard-size", type=int, default=1000)
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            from repro.pipeline import run
+
+            out = run(
+                args.params,
+                data_dir=args.data,
+                name=args.name,
+                force=args.force,
+                render=not args.no_render,
+                engine=args.engine,
+            )
+            print(f"run written to {out}")
+            for f in ("report.html", "report.pdf"):
+                if (out / f).exists():
+                    print(f"  {out / f}")
+        elif args.command == "render":
+            from repro.render import render_report
+
+            run_dir = Path(args.run_dir)
+            written = render_report(run_dir / "report.qmd", run_dir, engine=args.engine)
+            for p in written.values():
+                print(p)
+        elif args.command == "synth":
+            from repro.config import ParamsError
+            from repro.data.synthetic import write_synthetic_meds
+
+            if args.n < 1:
+                raise ParamsError(f"--n must be >= 1, got {args.n}")
+            print(write_synthetic_meds(args.out_dir, args.n, args.seed, args.shard_size, progress=True))
+    except _user_errors() as exc:
+        print(f"repro: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""Typed run parameters loaded from params/*.yaml: validated, unknown keys rejected, hashed.
+
+Unknown keys are an error, not a silent attribute: an earlier reproduction passed `d_model=` to HF's
+MambaConfig and trained the default 768-wide model without noticing (DESIGN.md section 11).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TASK_NAMES = ("mortality_1m", "inhospital_mortality_24h")
+MODEL_NAMES = ("ehrmamba", "cehr_bert", "count_lr")
+NEURAL_MODELS = ("ehrmamba", "cehr_bert")
+
+
+class ParamsError(ValueError):
+    """A parameter file or value is wrong; the message names the parameter."""
+
+
+@dataclass
+class CodePatterns:
+    """Regular expressions that give MEDS codes their meaning; defaults follow MIMIC_IV_MEDS.
+
+    Another ETL's vocabulary works by changing these, not the code (DESIGN.md section 3).
+    """
+
+    visit_start: str = r"^HOSPITAL_ADMISSION//"
+    visit_end: str = r"^HOSPITAL_DISCHARGE//"
+    death: str = r"^MEDS_DEATH$"
+    birth: str = r"^MEDS_BIRTH$"
+    died_in_hospital: str = r"^HOSPITAL_DISCHARGE//DIED"
+    stamped_at_discharge: str = r"^(DIAGNOSIS//|PROCEDURE//ICD//|DRG//)"
+    lab: str = r"^LAB//"
+    medication: str = r"^MEDICATION//"
+    procedure: str = r"^(PROCEDURE//|INFUSION_START//)"
+    diagnosis: str = r"^DIAGNOSIS//"
+    demographic: str = r"^(GENDER|RACE|INSURANCE|MARITAL_STATUS|LANGUAGE)//"
+
+
+@dataclass
+class DataParams:
+    """Where the MEDS data come from: the embedded synthetic cohort or a directory."""
+
+    synthetic: bool = True
+    meds_dir: str | None = None
+    n_subjects: int = 600
+    generator_seed: int = 7
+    shard_size: int = 250
+    split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    codes: CodePatterns = field(default_factory=CodePatterns)
+
+    def __post_init__(self) -> None:
+        if self.n_subjects < 10:
+            raise ParamsError(f"data.n_subjects must be >= 10, got {self.n_subjects}")
+        if self.shard_size < 1:
+            raise ParamsError(f"data.shard_size must be >= 1, got {self.shard_size}")
+        if len(self.split_fractions) != 3 or abs(sum(self.split_fractions) - 1) > 1e-6:
+            raise ParamsError(
+                f"data.split_fractions must be 3 numbers summing to 1, got {self.split_fractions}"
+            )
+        if not self.synthetic and not self.meds_dir:
+            raise ParamsError("data.meds_dir is required when data.synthetic is false")
+
+
+@dataclass
+class TokenizerParams:
+    """EHRMamba token stream options (DESIGN.md section 6)."""
+
+    max_len: int = 256
+    n_bins: int = 5
+    families: list[str] = field(default_factory=lambda: ["lab", "medication", "procedure"])
+    include_diagnoses: bool = False
+    min_count: int = 1
+    max_visits: int = 64
+
+    def __post_init__(self) -> None:
+        if self.max_len < 4:
+            raise ParamsError(f"tokenizer.max_len must be >= 4, got {self.max_len}")
+        if not 1 <= self.n_bins <= 100:
+            raise ParamsError(f"tokenizer.n_bins must be in 1..100, got {self.n_bins}")
+        allowed = {"lab", "medication", "procedure", "diagnosis", "demographic"}
+        bad = set(self.families) - allowed
+        if bad:
+            raise ParamsError(
+                f"tokenizer.families has unknown entries {sorted(bad)}; allowed {sorted(allowed)}"
+            )
+        if self.min_count < 1:
+            raise ParamsError(f"tokenizer.min_count must be >= 1, got {self.min_count}")
+
+
+@dataclass
+class TrainParams:
+    """Optimisation settings shared by pretraining and finetuning."""
+
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    pretrain_steps: int = 40
+    finetune_steps: int = 60
+    lr: float = 1e-3
+    finetune_lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_frac: float = 0.1
+    grad_clip: float = 1.0
+    mlm_probability: float = 0.15
+    checkpoint_every: int = 50
+    num_threads: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ParamsError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("pretrain_steps", "finetune_steps"):
+            if getattr(self, name) < 0:
+                raise ParamsError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.lr < 1 or not 0 < self.finetune_lr < 1:
+            raise ParamsError(
+                f"train.lr / train.finetune_lr must be in (0, 1), got {self.lr}, {self.finetune_lr}"
+            )
+        if not 0 <= self.warmup_frac < 1:
+            raise ParamsError(f"train.warmup_frac must be in [0, 1), got {self.warmup_frac}")
+        if not 0 < self.mlm_probability < 1:
+            raise ParamsError(f"train.mlm_probability must be in (0, 1), got {self.mlm_probability}")
+
+
+@dataclass
+class EvalParams:
+    """Statistics settings."""
+
+    n_bootstrap: int = 2000
+    ci: float = 0.95
+
+    def __post_init__(self) -> None:
+        if self.n_bootstrap < 10:
+            raise ParamsError(f"eval.n_bootstrap must be >= 10, got {self.n_bootstrap}")
+        if not 0.5 < self.ci < 1:
+            raise ParamsError(f"eval.ci must be in (0.5, 1), got {self.ci}")
+
+
+@dataclass
+class RunParams:
+    """One named run: everything a notebook needs to reproduce its numbers."""
+
+    name: str = "smoke"
+    device: str = "auto"
+    seeds: list[int] = field(default_factory=lambda: [0])
+    tasks: list[str] = field(default_factory=lambda: list(TASK_NAMES))
+    models: list[str] = field(default_factory=lambda: list(MODEL_NAMES))
+    model_sizes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    data: DataParams = field(default_factory=DataParams)
+    tokenizer: TokenizerParams = field(default_factory=TokenizerParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    eval: EvalParams = field(default_factory=EvalParams)
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ParamsError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if not self.seeds:
+            raise ParamsError("seeds must list at least one seed")
+        bad = [t for t in self.tasks if t not in TASK_NAMES]
+        if bad or not self.tasks:
+            raise ParamsError(f"tasks has unknown entries {bad}; known: {list(TASK_NAMES)}")
+        bad = [m for m in self.models if m not in MODEL_NAMES]
+        if bad or not self.models:
+            raise ParamsError(f"models has unknown entries {bad}; known: {list(MODEL_NAMES)}")
+        bad = [m for m in self.model_sizes if m not in NEURAL_MODELS]
+        if bad:
+            raise ParamsError(f"model_sizes has unknown models {bad}; known: {list(NEURAL_MODELS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict, the inverse of `from_dict`."""
+        return asdict(self)
+
+    def hash(self) -> str:
+        """Short stable hash of every parameter, for manifests and caches."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    """Build dataclass `cls` from a mapping, recursing into nested dataclasses, rejecting unknown keys."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{where or 'params'} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ParamsError(f"unknown parameter {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for key, value in raw.items():
+        hint = hints[key]
+        path = f"{where}.{key}" if where else key
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, path)
+        else:
+            kwargs[key] = _check_type(value, hint, path)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - dataclass signature mismatch
+        raise ParamsError(f"{where or 'params'}: {exc}") from exc
+
+
+def _check_type(value: Any, hint: Any, path: str) -> Any:
+    """Coerce YAML scalars to the annotated type, naming the parameter when impossible."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(value, inner[0], path)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{path} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{path} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamsError(f"{path} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"{path} must be a string, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ParamsError(f"{path} must be a list, got {value!r}")
+        return [_check_type(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ParamsError(f"{path} must be a mapping, got {value!r}")
+        return {k: _check_type(v, args[1], f"{path}.{k}") for k, v in value.items()}
+    return value
+
+
+def from_dict(raw: dict[str, Any]) -> RunParams:
+    """Validated `RunParams` from a plain mapping (e.g. a notebook's parameters cell)."""
+    return _build(RunParams, raw, "")
+
+
+def load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> RunParams:
+    """Read a params YAML file; `overrides` (dotted keys) win. Errors name the file and parameter.
+
+    >>> load_params("params/smoke.yaml").name
+    'smoke'
+    >>> load_params("params/smoke.yaml", {"train.batch_size": 0})
+    Traceback (most recent call last):
+    ...
+    repro.config.ParamsError: params/smoke.yaml: train.batch_size must be >= 1, got 0
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML ({exc})") from exc
+    for key, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    try:
+        return from_dict(raw)
+    except ParamsError as exc:
+        raise ParamsError(f"{path}: {exc}") from exc

@@ -1,0 +1,98 @@
+"""Torch datasets, collate and the pretraining objectives' input corruption.
+
+Batches follow the model batch contract: right-padded [B, L] tensors `input_ids`, `type_ids`, `ages`,
+`times`, `segments`, `visit_orders`, `attention_mask` (and `labels` when finetuning).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from repro.data.tokenizer import MASK, PAD, SPECIALS, Encoded
+
+IGNORE = -100
+SIDE = ("input_ids", "type_ids", "ages", "times", "segments", "visit_orders")
+
+
+class SequenceDataset(Dataset):
+    """Encoded sequences with optional labels (one row per prediction sample or pretraining subject)."""
+
+    def __init__(self, items: Sequence[Encoded], labels: np.ndarray | None = None) -> None:
+        if labels is not None and len(labels) != len(items):
+            raise ValueError(f"{len(items)} sequences but {len(labels)} labels")
+        self.items = list(items)
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[Encoded, float | None]:
+        return self.items[i], None if self.labels is None else float(self.labels[i])
+
+    def lengths(self) -> np.ndarray:
+        return np.array([len(e) for e in self.items])
+
+
+def collate(batch: Sequence[tuple[Encoded, float | None]]) -> dict[str, torch.Tensor]:
+    """Right-pad a list of samples into the model batch contract."""
+    n = len(batch)
+    length = max(len(e) for e, _ in batch)
+    out = {
+        "input_ids": np.full((n, length), PAD, dtype=np.int64),
+        "type_ids": np.zeros((n, length), dtype=np.int64),
+        "ages": np.zeros((n, length), dtype=np.float32),
+        "times": np.zeros((n, length), dtype=np.float32),
+        "segments": np.zeros((n, length), dtype=np.int64),
+        "visit_orders": np.zeros((n, length), dtype=np.int64),
+        "attention_mask": np.zeros((n, length), dtype=np.int64),
+    }
+    for i, (e, _) in enumerate(batch):
+        k = len(e)
+        for name in SIDE:
+            out[name][i, :k] = getattr(e, name)
+        out["attention_mask"][i, :k] = 1
+    tensors = {k: torch.from_numpy(v) for k, v in out.items()}
+    if batch[0][1] is not None:
+        tensors["labels"] = torch.tensor([y for _, y in batch], dtype=torch.float32)
+    return tensors
+
+
+def clm_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Next-token targets aligned with the inputs; padding is -100 so it never enters the loss.
+
+    The original EHRMamba code counted padding in the next-token loss (DESIGN.md section 11).
+    """
+    labels = input_ids.clone()
+    labels[attention_mask == 0] = IGNORE
+    return labels
+
+
+def mlm_mask(
+    input_ids: torch.Tensor, vocab_size: int, probability: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking: choose `probability` of the non-special tokens; of those 80 % [MASK], 10 % random, 10 % kept.
+
+    Returns (corrupted inputs, labels with -100 where not chosen).
+    """
+    maskable = input_ids >= len(SPECIALS)
+    probs = torch.full(input_ids.shape, probability)
+    chosen = (torch.rand(input_ids.shape, generator=generator) < probs) & maskable
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE))
+    corrupted = input_ids.clone()
+    u = torch.rand(input_ids.shape, generator=generator)
+    to_mask = chosen & (u < 0.8)
+    to_random = chosen & (u >= 0.8) & (u < 0.9)
+    corrupted[to_mask] = MASK
+    random_ids = torch.randint(len(SPECIALS), vocab_size, input_ids.shape, generator=generator)
+    corrupted[to_random] = random_ids[to_random]
+    return corrupted, labels
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """The sample indices of training step `step`, a pure function of (seed, step) so resume is exact."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, step]))
+    return rng.choice(n, size=min(batch_size, n), replace=False)

@@ -1,0 +1,133 @@
+"""Task labels with explicit prediction times (DESIGN.md section 5).
+
+Inputs for a prediction use only events strictly before its prediction time, and never death or
+discharge-disposition codes (see `repro.data.tokenizer`). Prediction times here are therefore
+exclusive: a discharge-time prediction sees nothing stamped at discharge (ICD codes, DRG, the
+disposition), which is where MIMIC-IV MEDS puts its leakage traps.
+
+One sample per subject, at the subject's last admission: the cohort is chosen without looking at the
+outcome, and the patient-clustered bootstrap then clusters trivially.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+
+from repro.config import CodePatterns
+from repro.data.meds import CODE, SUBJECT, TIME
+
+US_PER_HOUR = 3_600_000_000
+US_PER_DAY = 24 * US_PER_HOUR
+
+
+def _match(codes: pd.Series, pattern: str) -> np.ndarray:
+    return codes.str.contains(re.compile(pattern), na=False).to_numpy()
+
+
+def find_visits(events: pd.DataFrame, patterns: CodePatterns) -> pd.DataFrame:
+    """Hospital admissions: each visit-start code paired with the next visit-end code of that subject.
+
+    Returns subject_id, admit, discharge (int64 us), died_in_hospital, visit_no (0-based per subject).
+    A start with no end before the next start is dropped (an unclosed stay cannot be tokenized).
+    """
+    timed = events[events[TIME] >= 0]
+    is_start = _match(timed[CODE], patterns.visit_start)
+    is_end = _match(timed[CODE], patterns.visit_end)
+    starts = timed.loc[is_start, [SUBJECT, TIME]].rename(columns={TIME: "admit"})
+    ends = timed.loc[is_end, [SUBJECT, TIME, CODE]].rename(columns={TIME: "discharge"})
+    ends["died_in_hospital"] = _match(ends[CODE], patterns.died_in_hospital)
+    if starts.empty or ends.empty:
+        return pd.DataFrame(
+            {
+                SUBJECT: pd.Series(dtype=np.int64),
+                "admit": pd.Series(dtype=np.int64),
+                "discharge": pd.Series(dtype=np.int64),
+                "died_in_hospital": pd.Series(dtype=bool),
+                "visit_no": pd.Series(dtype=np.int64),
+            }
+        )
+    starts = starts.sort_values("admit", kind="stable")
+    ends = ends.sort_values("discharge", kind="stable")
+    v = pd.merge_asof(
+        starts,
+        ends[[SUBJECT, "discharge", "died_in_hospital"]],
+        left_on="admit",
+        right_on="discharge",
+        by=SUBJECT,
+        direction="forward",
+    )
+    v = v.sort_values([SUBJECT, "admit"], kind="stable").reset_index(drop=True)
+    next_admit = v.groupby(SUBJECT)["admit"].shift(-1)
+    ok = v["discharge"].notna() & (next_admit.isna() | (v["discharge"] <= next_admit))
+    v = v[ok].copy()
+    v["discharge"] = v["discharge"].astype(np.int64)
+    v["died_in_hospital"] = v["died_in_hospital"].astype(bool)
+    v["visit_no"] = v.groupby(SUBJECT).cumcount().astype(np.int64)
+    return v.reset_index(drop=True)
+
+
+def death_times(events: pd.DataFrame, patterns: CodePatterns) -> pd.Series:
+    """Earliest death time per subject (int64 us), from the death code pattern."""
+    d = events[_match(events[CODE], patterns.death) & (events[TIME] >= 0)]
+    return d.groupby(SUBJECT)[TIME].min()
+
+
+def _last_visits(visits: pd.DataFrame) -> pd.DataFrame:
+    return visits.groupby(SUBJECT, sort=True).tail(1).reset_index(drop=True)
+
+
+def mortality_1m(visits: pd.DataFrame, deaths: pd.Series) -> pd.DataFrame:
+    """Death in the last admission or within 30 days after its discharge; predicted at discharge.
+
+    Out-of-hospital deaths in MIMIC-IV carry a date only (00:00), so a death dated on the admission
+    day still counts; the window is [admit day start, discharge + 30 days], with no hole.
+    """
+    last = _last_visits(visits)
+    death = last[SUBJECT].map(deaths)
+    admit_day = last["admit"] - last["admit"] % US_PER_DAY
+    in_window = death.notna() & (death >= admit_day) & (death <= last["discharge"] + 30 * US_PER_DAY)
+    label = last["died_in_hospital"] | in_window
+    return pd.DataFrame(
+        {
+            SUBJECT: last[SUBJECT].to_numpy(),
+            "prediction_time": last["discharge"].to_numpy(),
+            "admit": last["admit"].to_numpy(),
+            "discharge": last["discharge"].to_numpy(),
+            "label": label.to_numpy().astype(np.int64),
+        }
+    )
+
+
+def inhospital_mortality_24h(visits: pd.DataFrame, deaths: pd.Series) -> pd.DataFrame:
+    """Death before discharge of the last admission, for stays of >= 24 h; predicted 24 h after admission."""
+    last = _last_visits(visits)
+    last = last[(last["discharge"] - last["admit"]) >= 24 * US_PER_HOUR].reset_index(drop=True)
+    death = last[SUBJECT].map(deaths)
+    in_stay = death.notna() & (death >= last["admit"]) & (death <= last["discharge"])
+    label = last["died_in_hospital"] | in_stay
+    return pd.DataFrame(
+        {
+            SUBJECT: last[SUBJECT].to_numpy(),
+            "prediction_time": (last["admit"] + 24 * US_PER_HOUR).to_numpy(),
+            "admit": last["admit"].to_numpy(),
+            "discharge": last["discharge"].to_numpy(),
+            "label": label.to_numpy().astype(np.int64),
+        }
+    )
+
+
+TASKS = {"mortality_1m": mortality_1m, "inhospital_mortality_24h": inhospital_mortality_24h}
+
+
+def build_task(
+    name: str, events: pd.DataFrame, patterns: CodePatterns, visits: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """Labels of task `name`: subject_id, prediction_time (exclusive, int64 us), admit, discharge, label."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known: {sorted(TASKS)}")
+    if visits is None:
+        visits = find_visits(events, patterns)
+    return TASKS[name](visits, death_times(events, patterns))

@@ -1,0 +1,81 @@
+"""Figures and tables as notebooks display them, so the report can embed each by its label.
+
+Tables are displayed with both a Markdown (pipe table) and an HTML representation: Quarto and the
+offline renderer take the Markdown one, Jupyter shows the HTML one.
+"""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+
+def show_table(df: pd.DataFrame, index: bool = False, floatfmt: str = ".3f") -> None:
+    """Display a table with text/markdown and text/html representations."""
+    from IPython.display import display
+
+    md = df.to_markdown(index=index, floatfmt=floatfmt)
+    html = df.to_html(index=index, float_format=lambda x: format(x, floatfmt), border=0)
+    display({"text/markdown": md, "text/html": html, "text/plain": df.to_string(index=index)}, raw=True)
+
+
+def style() -> None:
+    """One look for every figure."""
+    sns.set_theme(style="whitegrid", context="notebook")
+    plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 150, "figure.figsize": (7.0, 3.6)})
+
+
+def token_length_figure(lengths: pd.DataFrame, max_len: int) -> plt.Figure:
+    """Histogram of untruncated token lengths per split (log x), with the model's max_len marked."""
+    fig, ax = plt.subplots()
+    bins = np.logspace(np.log10(max(lengths["tokens"].min(), 1)), np.log10(lengths["tokens"].max() + 1), 40)
+    for split, g in lengths.groupby("split", sort=False):
+        ax.hist(g["tokens"], bins=bins, histtype="step", linewidth=1.6, label=f"{split} (n={len(g)})")
+    ax.axvline(max_len, color="black", linestyle="--", linewidth=1)
+    ax.text(max_len, ax.get_ylim()[1] * 0.95, f" max_len={max_len}", va="top", fontsize=9)
+    ax.set_xscale("log")
+    ax.set_xlabel("tokens in full history before the prediction time (log scale)")
+    ax.set_ylabel("subjects")
+    ax.legend(frameon=False, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def forest_figure(df: pd.DataFrame, metric: str = "AUROC", oracle: float | None = None) -> plt.Figure:
+    """Point estimates with 95 % CIs per model and task; the oracle ceiling as a dashed line."""
+    tasks = list(dict.fromkeys(df["task"]))
+    fig, axes = plt.subplots(
+        1, len(tasks), figsize=(3.6 * len(tasks), 0.55 * df["model"].nunique() + 1.4), sharey=True
+    )
+    axes = np.atleast_1d(axes)
+    for ax, task in zip(axes, tasks):
+        g = df[df["task"] == task].reset_index(drop=True)
+        y = np.arange(len(g))[::-1]
+        ax.errorbar(
+            g["estimate"], y, xerr=[g["estimate"] - g["lo"], g["hi"] - g["estimate"]], fmt="o", capsize=3
+        )
+        ax.set_yticks(y, g["model"])
+        if "oracle" in g and g["oracle"].notna().any():
+            ax.axvline(float(g["oracle"].iloc[0]), color="grey", linestyle="--", linewidth=1, label="oracle")
+            ax.legend(frameon=False, fontsize=8, loc="lower left")
+        ax.axvline(0.5, color="lightgrey", linewidth=1)
+        ax.set_title(task, fontsize=10)
+        ax.set_xlabel(f"{metric} (95 % CI)")
+    fig.tight_layout()
+    return fig
+
+
+def loss_figure(curves: pd.DataFrame) -> plt.Figure:
+    """Training loss per step for each model and phase."""
+    phases = list(dict.fromkeys(curves["phase"]))
+    fig, axes = plt.subplots(1, len(phases), figsize=(3.6 * len(phases), 3.0))
+    axes = np.atleast_1d(axes)
+    for ax, phase in zip(axes, phases):
+        g = curves[curves["phase"] == phase]
+        sns.lineplot(data=g, x="step", y="loss", hue="model", ax=ax, errorbar=None)
+        ax.set_title(phase, fontsize=10)
+        ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig

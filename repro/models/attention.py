@@ -1,0 +1,82 @@
+"""CEHR-BERT: a bidirectional pre-norm transformer encoder over the shared CEHR embeddings.
+
+Attention runs through ``F.scaled_dot_product_attention`` (inside ``nn.MultiheadAttention``), so the
+kernel path is always "sdpa"; padded keys are masked with ``attention_mask``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from repro.models.embeddings import CEHREmbedding
+
+
+def _init_bert(module: nn.Module) -> None:
+    """BERT init: N(0, 0.02) weights, zero biases, pad embedding row zero."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+    elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+        nn.init.normal_(module.in_proj_weight, std=0.02)
+        nn.init.zeros_(module.in_proj_bias)
+
+
+class CEHRBert(nn.Module):
+    """CEHR embeddings + learned absolute positions -> ``n_layers`` encoder layers -> LayerNorm."""
+
+    causal = False
+    kernel_path = "sdpa"
+
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int = 64,
+        n_layers: int = 2,
+        n_heads: int = 4,
+        d_ff: int | None = None,
+        max_len: int = 512,
+        n_types: int = 10,
+        max_visits: int = 64,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        for key, val in {"vocab_size": vocab_size, "d_model": d_model, "n_layers": n_layers}.items():
+            if val < 1:
+                raise ValueError(f"CEHRBert {key} must be >= 1, got {val}")
+        if d_model % n_heads:
+            raise ValueError(f"CEHRBert d_model={d_model} is not divisible by n_heads={n_heads}")
+        self.d_model, self.max_len = d_model, max_len
+        self.embedding = CEHREmbedding(vocab_size, d_model, n_types, max_visits, dropout=dropout)
+        self.position = nn.Embedding(max_len, d_model)
+        layer = nn.TransformerEncoderLayer(
+            d_model,
+            n_heads,
+            dim_feedforward=d_ff or 4 * d_model,
+            dropout=dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.encoder = nn.TransformerEncoder(
+            layer, n_layers, norm=nn.LayerNorm(d_model), enable_nested_tensor=False
+        )
+        self.apply(_init_bert)
+
+    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """Batch dict (CONTRACTS.md) -> hidden states [B, L, D]; pad positions attend but are never attended."""
+        L = batch["input_ids"].shape[1]
+        if L > self.max_len:
+            raise ValueError(f"CEHRBert got sequence length {L} > max_len={self.max_len}")
+        x = self.embedding(batch) + self.position.weight[:L]
+        pad = batch["attention_mask"] == 0
+        pad[:, 0] = False  # keep [CLS] attendable so an all-pad row cannot turn the softmax into NaN
+        return self.encoder(x, src_key_padding_mask=pad)

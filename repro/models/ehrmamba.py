@@ -1,0 +1,407 @@
+"""EHRMamba: CEHR embeddings into Mamba-1 blocks, with a fast pure-PyTorch selective scan for CPU.
+
+The mixer keeps mamba_ssm's ``Mamba`` parameter names, shapes and initialisation, so a state_dict moves
+between this module and ``mamba_ssm.modules.mamba_simple.Mamba``. On CUDA with mamba_ssm installed the scan
+runs in its fused kernel; everywhere else in ``selective_scan_ref_chunked``, which is exact to rounding
+(see its docstring) and about 30x faster on CPU than a per-step loop (DESIGN.md sections 7 and 11).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from functools import partial, wraps
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from repro.models.embeddings import CEHREmbedding
+
+try:
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+except ImportError:
+    selective_scan_fn = None
+
+try:
+    from causal_conv1d import causal_conv1d_fn
+except ImportError:
+    causal_conv1d_fn = None
+
+log = logging.getLogger(__name__)
+
+KERNEL_CUDA = "mamba_ssm.selective_scan_cuda"
+KERNEL_REFERENCE = "reference-chunked"
+_ANNOUNCED: set[str] = set()
+
+# Chunked scan guards. A per-step log-decay below -STEP_LOG_DECAY_FLOOR (decay < exp(-20) = 2e-9) is clamped
+# there: the state is wiped either way, the change is < 2e-9 of the previous state, and the gradient through
+# the clamped entries (true size < 2e-9 * |A|) is dropped. Within a chunk, exponents are re-based on the
+# chunk's midpoint and the chunk is halved until every exponent fits in HALF_CHUNK_LOG_RANGE, so exp(+-S)
+# stays finite in float32 (overflow at 88) without float64 work.
+STEP_LOG_DECAY_FLOOR = 20.0
+HALF_CHUNK_LOG_RANGE = 80.0
+MIN_CHUNK = 8
+
+
+def _announce(path: str) -> None:
+    """Log the scan path once per process (STYLE: say once which path was taken)."""
+    if path not in _ANNOUNCED:
+        _ANNOUNCED.add(path)
+        if path == "reference-on-cuda":
+            warnings.warn(
+                "EHRMamba on CUDA without mamba_ssm: using the PyTorch reference scan (slow); "
+                "install mamba-ssm for the fused kernel",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        else:
+            log.info("EHRMamba selective scan path: %s", path)
+
+
+def _prepare_delta(
+    delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool, dtype: torch.dtype
+) -> Tensor:
+    delta = delta.to(dtype)
+    if delta_bias is not None:
+        delta = delta + delta_bias[:, None].to(dtype)
+    return F.softplus(delta) if delta_softplus else delta
+
+
+def _finish(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None, dtype_in: torch.dtype) -> Tensor:
+    if D is not None:
+        y = y + u.to(y.dtype) * D[:, None].to(y.dtype)
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    return y.to(dtype_in)
+
+
+def selective_scan_ref_loop(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+) -> Tensor:
+    """Per-step selective scan (mamba_ssm's ``selective_scan_ref``); ground truth for tests only.
+
+    Shapes as mamba_ssm: u, delta, z [b, d, L]; A [d, n]; B, C [b, n, L]; D, delta_bias [d] -> [b, d, L].
+    Computes in float32, or float64 for float64 inputs.
+    """
+    ct = torch.promote_types(u.dtype, torch.float32)
+    delta = _prepare_delta(delta, delta_bias, delta_softplus, ct)
+    dA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A.to(ct)))
+    dBu = torch.einsum("bdl,bnl,bdl->bdln", delta, B.to(ct), u.to(ct))
+    h = dBu.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+    ys = []
+    for t in range(u.shape[2]):
+        h = dA[:, :, t] * h + dBu[:, :, t]
+        ys.append(torch.einsum("bdn,bn->bd", h, C[:, :, t].to(ct)))
+    return _finish(torch.stack(ys, dim=2), u, D, z, u.dtype)
+
+
+def _cumsum_(x: Tensor, reverse: bool = False) -> Tensor:
+    """In-place (reverse) cumsum over dim 2 of [b, nc, T, ...]; torch.cumsum on a middle dim is ~6x slower."""
+    T = x.shape[2]
+    for t in range(T - 2, -1, -1) if reverse else range(1, T):
+        x[:, :, t] += x[:, :, t + 1 if reverse else t - 1]
+    return x
+
+
+def _without_autocast(fn: Callable) -> Callable:
+    """Run an autograd method with autocast off: its bmm/exp must stay in the inputs' precision."""
+
+    @wraps(fn)
+    def wrapped(ctx, first: Tensor, *args):
+        with torch.autocast(first.device.type, enabled=False):
+            return fn(ctx, first, *args)
+
+    return wrapped
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """h_t = exp(dA_t) h_{t-1} + x_t, y_t = <C_t, h_t>, in chunks of T steps with a hand-written backward.
+
+    Inputs are [b, L, d] / [b, L, n] with L a multiple of T. Within a chunk, with S the inclusive cumsum
+    of dA re-based on the midpoint (S_full = S + R): h_t = exp(S_t) (cumsum_s(exp(-S_s) x_s) + exp(R) H_in);
+    chunk-end states H are carried sequentially. The backward is the same chunked scan run in reverse on
+    the adjoint g_h, and uses exp(dA_t) h_{t-1} = h_t - x_t, so no shifted copy of h is needed.
+    """
+
+    @staticmethod
+    @_without_autocast
+    def forward(ctx, delta, u, A, B, C, T, clamp):
+        b, L, d = delta.shape
+        n, nc, mid = A.shape[1], L // T, T // 2 - 1
+        if clamp:
+            dA = delta.unsqueeze(-1) * A
+            mask = dA.abs() > STEP_LOG_DECAY_FLOOR
+            S = _cumsum_(dA.clamp_(-STEP_LOG_DECAY_FLOOR, STEP_LOG_DECAY_FLOOR).view(b, nc, T, d, n))
+            R = S[:, :, mid].clone()
+            S -= R.unsqueeze(2)
+        else:  # A is constant in time: cumsum(delta * A) = cumsum(delta) * A, a 16x smaller cumsum
+            mask = None
+            cum = _cumsum_(delta.view(b, nc, T, d).clone())
+            R = cum[:, :, mid].unsqueeze(-1) * A
+            S = (cum - cum[:, :, mid : mid + 1]).unsqueeze(-1) * A
+        Ep = S.exp()
+        Em = S.neg_().exp_()
+        x = (delta * u).view(b, nc, T, d, 1) * B.view(b, nc, T, 1, n)
+        cs = _cumsum_(Em.mul_(x))
+        eR = R.exp()
+        dec = Ep[:, :, -1] * eR  # total decay across each chunk
+        h_end = Ep[:, :, -1] * cs[:, :, -1]  # chunk-end state from a zero start
+        H = x.new_zeros(b, d, n)
+        carries = []
+        for c in range(nc):
+            carries.append(H)
+            H = dec[:, c] * H + h_end[:, c]
+        cs += (torch.stack(carries, 1) * eR).unsqueeze(2)
+        h = cs.mul_(Ep).view(b * L, d, n)
+        y = torch.bmm(h, C.view(b * L, n, 1)).view(b, L, d)
+        h_prev_decayed = torch.sub(h, x.view(b * L, d, n), out=x.view(b * L, d, n))  # exp(dA_t) h_{t-1}
+        ctx.save_for_backward(delta, u, A, B, C, Ep, h, h_prev_decayed, eR, dec, mask)
+        ctx.T = T
+        return y
+
+    @staticmethod
+    @_without_autocast
+    def backward(ctx, gy):
+        delta, u, A, B, C, Ep, h, h_prev_decayed, eR, dec, mask = ctx.saved_tensors
+        T = ctx.T
+        b, L, d = delta.shape
+        n, nc, bl = A.shape[1], L // T, b * L
+        gy = gy.contiguous()
+        # adjoint g_h_t = C_t gy_t + exp(dA_{t+1}) g_h_{t+1}: the same chunked scan, reversed
+        rc = _cumsum_((gy.view(b, nc, T, d, 1) * C.view(b, nc, T, 1, n)).mul_(Ep), reverse=True)
+        into_chunk = rc[:, :, 0] * eR
+        K = rc.new_zeros(b, d, n)
+        carries = [K] * nc
+        for c in range(nc - 1, -1, -1):
+            carries[c] = K
+            K = into_chunk[:, c] + dec[:, c] * K
+        rc += Ep[:, :, -1:] * torch.stack(carries, 1).unsqueeze(2)
+        gh = rc.div_(Ep).view(bl, d, n)
+        gdA = gh * h_prev_decayed
+        if mask is not None:
+            gdA.view(b, L, d, n).masked_fill_(mask, 0.0)
+        gx_B = torch.bmm(gh, B.view(bl, n, 1)).view(b, L, d)
+        g_dA_A = torch.bmm(gdA.transpose(0, 1), A.unsqueeze(-1)).squeeze(-1).t().reshape(b, L, d)
+        g_delta = gx_B * u + g_dA_A
+        g_u = gx_B * delta
+        g_A = torch.bmm(delta.view(bl, d).t().unsqueeze(1), gdA.transpose(0, 1)).squeeze(1)
+        g_B = torch.bmm((delta * u).view(bl, 1, d), gh).view(b, L, n)
+        g_C = torch.bmm(gy.view(bl, 1, d), h).view(b, L, n)
+        return g_delta, g_u, g_A, g_B, g_C, None, None
+
+
+def _chunk_len(step_max: float, chunk: int) -> int:
+    """Largest power-of-two chunk <= ``chunk`` (>= 8) whose half spans at most HALF_CHUNK_LOG_RANGE of log-decay.
+
+    >>> _chunk_len(1.0, 32), _chunk_len(7.0, 32), _chunk_len(1e4, 32)
+    (32, 16, 8)
+    """
+    T = chunk
+    while T > MIN_CHUNK and T / 2 * min(step_max, STEP_LOG_DECAY_FLOOR) > HALF_CHUNK_LOG_RANGE:
+        T //= 2
+    return T
+
+
+def selective_scan_ref_chunked(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    chunk: int = 32,
+) -> Tensor:
+    """Selective scan with mamba_ssm's ``selective_scan_fn`` signature, fast on CPU.
+
+    Parallel within chunks of ``chunk`` steps (log-space cumsum), sequential only across chunks. Overflow
+    guard, chosen over float64 (2.5x slower here): exponents are re-based on each chunk's midpoint and
+    the chunk is halved (down to 8) while ``chunk / 2 * max|delta * A|`` could exceed 80; per-step
+    log-decays are clamped to +-20, which changes results by < 2e-9 relative (STEP_LOG_DECAY_FLOOR).
+    Computes in float32 (float64 for float64 inputs); returns u's dtype. Max error against
+    ``selective_scan_ref_loop`` is a few 1e-6 in float32 (tests/test_models.py).
+
+    >>> b, d, n, L = 1, 2, 4, 5
+    >>> y = selective_scan_ref_chunked(torch.ones(b, d, L), torch.ones(b, d, L), -torch.ones(d, n),
+    ...                                torch.ones(b, n, L), torch.ones(b, n, L))
+    >>> tuple(y.shape)
+    (1, 2, 5)
+    >>> selective_scan_ref_chunked(torch.ones(1, 2, 5), torch.ones(1, 2, 5), -torch.ones(2, 4),
+    ...                            torch.ones(1, 4, 5), torch.ones(1, 4, 5), chunk=6)
+    Traceback (most recent call last):
+    ValueError: chunk must be a power of two >= 8, got 6
+    """
+    if chunk < MIN_CHUNK or chunk & (chunk - 1):
+        raise ValueError(f"chunk must be a power of two >= {MIN_CHUNK}, got {chunk}")
+    ct = torch.promote_types(u.dtype, torch.float32)
+    delta = _prepare_delta(delta, delta_bias, delta_softplus, ct)
+    A = A.to(ct)
+    step_max = float(delta.detach().abs().max()) * float(A.detach().abs().max()) if delta.numel() else 0.0
+    T = _chunk_len(step_max, chunk)
+    L = u.shape[2]
+    pad = -L % T
+
+    def to_bld(t: Tensor) -> Tensor:  # [b, c, L] -> zero-padded [b, L + pad, c]; padding steps are inert
+        return F.pad(t.to(ct), (0, pad)).transpose(1, 2).contiguous()
+
+    y = _ChunkedScan.apply(
+        to_bld(delta), to_bld(u), A, to_bld(B), to_bld(C), T, step_max > STEP_LOG_DECAY_FLOOR
+    )
+    return _finish(y[:, :L].transpose(1, 2), u, D, z, u.dtype)
+
+
+class MambaMixer(nn.Module):
+    """Mamba-1 mixer, state_dict-compatible with ``mamba_ssm.modules.mamba_simple.Mamba``.
+
+    Same parameters (in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj) and init (dt bias as inverse
+    softplus of log-uniform dt in [dt_min, dt_max], S4D-real A). ``kernel_path`` names the scan the last
+    forward used.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 1e-3,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.in_proj = nn.Linear(d_model, self.d_inner * 2, bias=bias)
+        self.conv1d = nn.Conv1d(
+            self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1, bias=conv_bias
+        )
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        dt_std = self.dt_rank**-0.5
+        nn.init.uniform_(self.dt_proj.weight, -dt_std, dt_std)
+        dt = torch.exp(
+            torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        ).clamp(min=dt_init_floor)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.dt_proj.bias._no_reinit = True
+        A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(self.d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(self.d_inner))
+        self.D._no_weight_decay = True
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+        self.kernel_path: str | None = None
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        """[B, L, D] -> [B, L, D]; causal."""
+        L = hidden.shape[1]
+        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # [B, d_inner, L] each
+        fused = hidden.is_cuda and selective_scan_fn is not None
+        if fused and causal_conv1d_fn is not None:
+            x = causal_conv1d_fn(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+        else:
+            x = F.silu(self.conv1d(x)[..., :L])
+        dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # bias is added inside the scan
+        B, C = B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()
+        A = -torch.exp(self.A_log.float())
+        if fused:
+            scan, self.kernel_path = selective_scan_fn, KERNEL_CUDA
+            x, dt, z = x.contiguous(), dt.contiguous(), z.contiguous()
+        else:
+            scan, self.kernel_path = selective_scan_ref_chunked, KERNEL_REFERENCE
+        _announce("reference-on-cuda" if hidden.is_cuda and not fused else self.kernel_path)
+        y = scan(
+            x, dt, A, B, C, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True
+        )
+        return self.out_proj(y.transpose(1, 2))
+
+
+class MambaBlock(nn.Module):
+    """Pre-norm residual block ``x + mixer(norm(x))``, the math of mamba_ssm's ``Block`` (same names)."""
+
+    def __init__(self, d_model: int, dropout: float = 0.0, **mixer_kwargs: int) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(d_model, eps=1e-5)
+        self.mixer = MambaMixer(d_model, **mixer_kwargs)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.dropout(self.mixer(self.norm(x)))
+
+
+def _init_weights(module: nn.Module, n_layers: int) -> None:
+    """mamba_ssm's ``_init_weights``: zero biases (not dt), N(0, 0.02) embeddings, rescaled out_proj."""
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        if not getattr(module.bias, "_no_reinit", False):
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+    if isinstance(module, MambaMixer):
+        nn.init.kaiming_uniform_(module.out_proj.weight, a=math.sqrt(5))
+        with torch.no_grad():
+            module.out_proj.weight /= math.sqrt(n_layers)
+
+
+class EHRMamba(nn.Module):
+    """CEHR embeddings -> ``n_layers`` Mamba blocks -> RMSNorm. Causal: position t sees tokens <= t."""
+
+    causal = True
+
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int = 64,
+        n_layers: int = 2,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        n_types: int = 10,
+        max_visits: int = 64,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        for key, val in {"vocab_size": vocab_size, "d_model": d_model, "n_layers": n_layers}.items():
+            if val < 1:
+                raise ValueError(f"EHRMamba {key} must be >= 1, got {val}")
+        self.d_model = d_model
+        self.embedding = CEHREmbedding(vocab_size, d_model, n_types, max_visits, dropout=dropout)
+        self.layers = nn.ModuleList(
+            MambaBlock(d_model, dropout=dropout, d_state=d_state, d_conv=d_conv, expand=expand)
+            for _ in range(n_layers)
+        )
+        self.norm_f = nn.RMSNorm(d_model, eps=1e-5)
+        self.apply(partial(_init_weights, n_layers=n_layers))
+
+    @property
+    def kernel_path(self) -> str | None:
+        """Scan used by the last forward (None before the first)."""
+        return self.layers[0].mixer.kernel_path
+
+    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """Batch dict (CONTRACTS.md) -> hidden states [B, L, D]."""
+        x = self.embedding(batch)
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm_f(x)

@@ -1,0 +1,83 @@
+"""CEHR embeddings shared by every backbone: concept + time + age + type + visit order + segment.
+
+One embedding module for all models keeps the comparison about the sequence mixer, not the input layer
+(DESIGN.md section 7).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+N_SEGMENTS = 3  # 0 outside visits, 1/2 alternating per visit
+
+
+class Time2Vec(nn.Module):
+    """Time2Vec (Kazemi et al. 2019): one linear feature plus ``out_dim - 1`` learned sinusoids.
+
+    The linear feature keeps monotone time information that pure sinusoids alias away; the periodic
+    features let the model pick up weekly / yearly rhythms.
+    """
+
+    def __init__(self, out_dim: int) -> None:
+        super().__init__()
+        if out_dim < 2:
+            raise ValueError(f"Time2Vec out_dim must be >= 2, got {out_dim}")
+        self.out_dim = out_dim
+        self.weight = nn.Parameter(torch.empty(out_dim))
+        self.bias = nn.Parameter(torch.empty(out_dim))
+        bound = 1.0 / math.sqrt(out_dim)
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, t: Tensor) -> Tensor:
+        """[...] float -> [..., out_dim]."""
+        z = t.unsqueeze(-1) * self.weight + self.bias
+        return torch.cat([z[..., :1], torch.sin(z[..., 1:])], dim=-1)
+
+
+class CEHREmbedding(nn.Module):
+    """``LayerNorm(tanh(Linear([concept | t2v(dt) | t2v(age)])) + type + visit_order + segment)``.
+
+    ``dt`` is weeks since the sequence's first token; pad positions get ``dt = age = 0`` so their
+    (ignored) activations stay small. ``.concept`` is the token embedding an LM head ties to.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int,
+        n_types: int,
+        max_visits: int,
+        time_dim: int = 16,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.max_visits = max_visits
+        self.concept = nn.Embedding(vocab_size, d_model, padding_idx=0)
+        self.time2vec = Time2Vec(time_dim)
+        self.age2vec = Time2Vec(time_dim)
+        self.mix = nn.Linear(d_model + 2 * time_dim, d_model)
+        self.type_emb = nn.Embedding(n_types, d_model)
+        self.visit_emb = nn.Embedding(max_visits, d_model)
+        self.segment_emb = nn.Embedding(N_SEGMENTS, d_model)
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        """Batch dict (CONTRACTS.md) -> [B, L, D]."""
+        mask = batch["attention_mask"].to(torch.float32)
+        times = batch["times"].to(torch.float32)
+        dt = (times - times[:, :1]) * mask
+        age = batch["ages"].to(torch.float32) * mask
+        x = torch.cat([self.concept(batch["input_ids"]), self.time2vec(dt), self.age2vec(age)], dim=-1)
+        x = torch.tanh(self.mix(x))
+        x = (
+            x
+            + self.type_emb(batch["type_ids"])
+            + self.visit_emb(batch["visit_orders"].clamp(0, self.max_visits - 1))
+            + self.segment_emb(batch["segments"])
+        )
+        return self.dropout(self.norm(x))

@@ -1,0 +1,184 @@
+"""`repro run`: execute every notebook with papermill into a staging folder, write a manifest, render.
+
+A run is built in `outputs/.staging-<name>-<pid>` and moved to `outputs/<name>` only when every
+notebook ran and the report rendered, so an error never leaves a half-written run where a complete
+one was. A failed run is kept as `outputs/<name>.failed/` with the partial executed notebook, and the
+error names the notebook and the cell.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from repro.config import ParamsError, load_params
+from repro.experiment import environment, project_root, save_json
+
+NOTEBOOKS = ("00_cohort", "01_accuracy")
+REPORT_FILES = ("report.qmd", "_quarto.yml")
+
+
+class RunError(RuntimeError):
+    """A run failed; the message names the notebook and cell, or the input at fault."""
+
+
+def git_sha(root: Path) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _notebook_json(py_path: Path, out_path: Path) -> None:
+    """Convert a py:percent notebook to .ipynb (jupytext) for papermill."""
+    import jupytext
+
+    nb = jupytext.read(py_path)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    jupytext.write(nb, out_path, fmt="ipynb")
+
+
+def _execute(name: str, src: Path, out: Path, parameters: dict, cwd: Path) -> float:
+    import papermill as pm
+
+    tmp_in = out.with_name(f".{name}.input.ipynb")
+    _notebook_json(src, tmp_in)
+    t0 = time.perf_counter()
+    try:
+        pm.execute_notebook(
+            str(tmp_in),
+            str(out),
+            parameters=parameters,
+            kernel_name="python3",
+            language="python",
+            cwd=str(cwd),
+            progress_bar=False,
+            log_output=False,
+        )
+    except pm.PapermillExecutionError as exc:
+        raise RunError(
+            f"notebook {name} failed in cell {exc.exec_count} ({exc.ename}: {exc.evalue}); "
+            f"the partial executed copy is {out}"
+        ) from None
+    finally:
+        tmp_in.unlink(missing_ok=True)
+    return time.perf_counter() - t0
+
+
+def check_data(data_dir: str | None) -> None:
+    """Validate a user MEDS directory before anything is written (fail early, name the file)."""
+    if data_dir:
+        from repro.data.meds import load_meds, read_shard
+
+        ds = load_meds(data_dir)
+        for shard in ds.shards:
+            read_shard(shard)
+
+
+def run(
+    params_file: str,
+    data_dir: str | None = None,
+    name: str | None = None,
+    force: bool = False,
+    render: bool = True,
+    engine: str = "auto",
+    notebooks: tuple[str, ...] = NOTEBOOKS,
+) -> Path:
+    """Execute the notebooks for `params_file` into outputs/<name>/ and render the report there."""
+    root = project_root()
+    params_path = Path(params_file)
+    params_path = params_path if params_path.is_absolute() else (Path.cwd() / params_path).resolve()
+    params = load_params(params_path)
+    if data_dir:
+        data_dir = str(Path(data_dir).resolve())
+    name = name or params_path.stem
+    if not name or "/" in name or name.startswith("."):
+        raise ParamsError(f"--name must be a plain folder name, got {name!r}")
+    outputs = root / "outputs"
+    final = outputs / name
+    if final.exists() and not force:
+        raise RunError(f"{final} exists; pass --force to replace it or --name to write another run")
+    check_data(data_dir)
+    if not data_dir and params.data.synthetic and not params.data.meds_dir:
+        from repro.experiment import ensure_meds
+
+        ensure_meds(params)  # generate the synthetic cohort once, with a progress bar in the terminal
+    if params.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ParamsError(f"{params_path}: device is cuda but no CUDA device is available")
+
+    staging = outputs / f".staging-{name}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "notebooks").mkdir(parents=True)
+    manifest = {
+        "run": name,
+        "params_file": str(
+            params_path.relative_to(root) if params_path.is_relative_to(root) else params_path
+        ),
+        "params_hash": params.hash(),
+        "params": params.to_dict(),
+        "data_dir": data_dir or "synthetic",
+        "git_sha": git_sha(root),
+        "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "environment": environment(),
+        "notebooks": {},
+    }
+    parameters = {"params_file": str(params_path), "run_dir": str(staging), "data_dir": data_dir or ""}
+    t_run = time.perf_counter()
+    try:
+        bar = tqdm(notebooks, desc=f"repro run {name}", unit="notebook", file=sys.stderr)
+        for nb in bar:
+            bar.set_postfix_str(nb)
+            seconds = _execute(
+                nb, root / "notebooks" / f"{nb}.py", staging / "notebooks" / f"{nb}.ipynb", parameters, root
+            )
+            manifest["notebooks"][nb] = {"seconds": round(seconds, 1)}
+        manifest["seconds_notebooks"] = round(time.perf_counter() - t_run, 1)
+        save_json(manifest, staging / "manifest.json")
+        for f in REPORT_FILES:
+            shutil.copy2(root / f, staging / f)
+        if render:
+            from repro.render import render_report
+
+            t0 = time.perf_counter()
+            written = render_report(staging / "report.qmd", staging, engine=engine)
+            manifest["render"] = {
+                "seconds": round(time.perf_counter() - t0, 1),
+                "files": sorted(p.name for p in written.values()),
+            }
+        manifest["seconds_total"] = round(time.perf_counter() - t_run, 1)
+        save_json(manifest, staging / "manifest.json")
+    except BaseException:
+        failed = outputs / f"{name}.failed"
+        shutil.rmtree(failed, ignore_errors=True)
+        if staging.exists():
+            os.replace(staging, failed)
+        raise
+    if final.exists():
+        trash = outputs / f".trash-{name}-{os.getpid()}"
+        os.replace(final, trash)
+        os.replace(staging, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+    shutil.rmtree(outputs / f"{name}.failed", ignore_errors=True)
+    return final

@@ -1,0 +1,109 @@
+"""Cohort and tokenizer summaries: aggregates only, small cells suppressed on real data.
+
+Real data never leaves the machine: these tables are what the report shows about a cohort, so they
+hold counts, rates and quantiles, never rows; on non-synthetic data any count below
+`MIN_CELL` is shown as "<10".
+"""
+
+from __future__ import annotations
+
+import meds
+import pandas as pd
+
+from repro.data.meds import SUBJECT
+from repro.experiment import SPLITS, Prepared, encode_samples
+
+MIN_CELL = 10
+
+
+def _count(n: int, suppress: bool) -> str:
+    return f"<{MIN_CELL}" if suppress and 0 < n < MIN_CELL else f"{n:,}"
+
+
+def token_lengths(prep: Prepared, task: str = "mortality_1m") -> pd.DataFrame:
+    """Untruncated token count of each sample's history before its prediction time, per split."""
+    frames = []
+    huge = prep.params.tokenizer.max_len * 10_000
+    for split in SPLITS:
+        items, df = encode_samples(prep, task, split, max_len=huge)
+        frames.append(pd.DataFrame({"split": split, "tokens": [len(e) for e in items]}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def cohort_table(prep: Prepared, lengths: pd.DataFrame) -> pd.DataFrame:
+    """One column per split: subjects, admissions, label counts and prevalence, token length quantiles."""
+    suppress = not prep.synthetic
+    max_len = prep.params.tokenizer.max_len
+    rows: dict[str, dict[str, str]] = {}
+    for split in SPLITS:
+        ids = prep.dataset.subjects(split)
+        visits = prep.n_visits.reindex(ids).fillna(0)
+        col = {
+            "subjects": _count(len(ids), suppress),
+            "subjects with >= 1 admission": _count(int((visits > 0).sum()), suppress),
+            "admissions per subject, median [IQR]": (
+                f"{visits.median():.0f} [{visits.quantile(0.25):.0f}, {visits.quantile(0.75):.0f}]"
+            ),
+        }
+        for task, df in prep.labels.items():
+            d = df[df["split"] == split]
+            pos = int(d["label"].sum())
+            col[f"{task}: samples"] = _count(len(d), suppress)
+            col[f"{task}: positives (%)"] = f"{_count(pos, suppress)} ({100 * pos / max(len(d), 1):.1f} %)"
+        t = lengths.loc[lengths["split"] == split, "tokens"]
+        if len(t):
+            col["tokens, median [p90, max]"] = f"{t.median():.0f} [{t.quantile(0.9):.0f}, {t.max():.0f}]"
+            col[f"histories longer than max_len={max_len}"] = f"{100 * (t > max_len).mean():.1f} %"
+        rows[split] = col
+    return pd.DataFrame(rows).rename_axis("").reset_index()
+
+
+def tokenizer_table(prep: Prepared) -> pd.DataFrame:
+    """What the tokenizer kept, dropped and did not know, with the reason for each."""
+    s = prep.timelines.stats
+    tok = prep.tokenizer
+    rows = [
+        ("vocabulary size (fitted on train)", f"{tok.vocab_size:,}"),
+        ("lab codes with quantile bins (train)", f"{len(tok.bins):,} x {tok.params.n_bins} bins"),
+        (
+            "event families in the stream",
+            ", ".join(tok.params.families + (["diagnosis"] if tok.params.include_diagnoses else [])),
+        ),
+        ("MEDS events read", f"{s.events_in:,}"),
+        ("event tokens", f"{s.event_tokens:,}"),
+        ("events of other families or static (not tokens)", f"{s.events_other_family:,}"),
+        ("events outside any admission (dropped)", f"{s.events_outside_visits:,}"),
+        (
+            "event tokens unseen in train ([UNK])",
+            f"{s.unk_tokens:,} ({100 * s.unk_tokens / max(s.event_tokens, 1):.2f} %)",
+        ),
+        ("subjects without an admission", f"{s.subjects_without_visits:,}"),
+        ("subjects without MEDS_BIRTH (age 0)", f"{s.subjects_without_birth:,}"),
+    ]
+    return pd.DataFrame(rows, columns=["quantity", "value"])
+
+
+def split_sizes(prep: Prepared) -> dict[str, int]:
+    """Subjects per split, for the manifest."""
+    return {k: int(v) for k, v in prep.dataset.splits["split"].value_counts().items()}
+
+
+def truth_summary(prep: Prepared) -> pd.DataFrame | None:
+    """Oracle: mean true probability and label rate per task on held_out (synthetic data only)."""
+    if not prep.synthetic:
+        return None
+    rows = []
+    for task, df in prep.labels.items():
+        d = df[df["split"] == meds.held_out_split]
+        if "true_prob" not in d:
+            continue
+        rows.append(
+            {
+                "task": task,
+                "n": len(d),
+                "label rate": d["label"].mean(),
+                "mean true probability": d["true_prob"].mean(),
+                "subjects": d[SUBJECT].nunique(),
+            }
+        )
+    return pd.DataFrame(rows) if rows else None

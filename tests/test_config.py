@@ -1,0 +1,42 @@
+"""Params: unknown keys and wrong types are rejected with the parameter's name."""
+
+from __future__ import annotations
+
+import pytest
+
+from repro.config import ParamsError, from_dict, load_params
+
+
+def test_smoke_params_load():
+    p = load_params("params/smoke.yaml")
+    assert p.name == "smoke" and p.tokenizer.max_len > 0
+    assert len(p.hash()) == 16
+
+
+def test_unknown_key_is_rejected():
+    with pytest.raises(ParamsError, match=r"unknown parameter tokenizer\.maxlen"):
+        from_dict({"tokenizer": {"maxlen": 10}})
+
+
+def test_bool_is_not_read_from_a_string():
+    # The original code's argparse type=bool read "False" as True (DESIGN.md section 11).
+    with pytest.raises(ParamsError, match=r"data\.synthetic must be true or false"):
+        from_dict({"data": {"synthetic": "False"}})
+
+
+def test_impossible_values():
+    with pytest.raises(ParamsError, match=r"tokenizer\.max_len must be >= 4, got -1"):
+        from_dict({"tokenizer": {"max_len": -1}})
+    with pytest.raises(ParamsError, match=r"models has unknown entries \['gpt'\]"):
+        from_dict({"models": ["gpt"]})
+    with pytest.raises(ParamsError, match=r"train\.batch_size must be an integer"):
+        from_dict({"train": {"batch_size": 1.5}})
+
+
+def test_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seeds: [0]\nwhat: 1\n")
+    with pytest.raises(ParamsError, match=r"bad\.yaml: unknown parameter what"):
+        load_params(bad)
+    with pytest.raises(ParamsError, match="params file not found"):
+        load_params(tmp_path / "missing.yaml")

@@ -1,0 +1,282 @@
+"""Models: forward/backward, causality, padding invariance, chunked scan == loop scan, mamba_ssm layout."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from repro.models import ehrmamba
+from repro.models.ehrmamba import (
+    EHRMamba,
+    MambaMixer,
+    selective_scan_ref_chunked,
+    selective_scan_ref_loop,
+)
+from repro.models.heads import pool
+from repro.models.registry import MODEL_NAMES, build_model, count_params
+
+V = 50
+LENGTHS = (20, 13, 5)
+SMALL = {"d_model": 16, "n_layers": 2}
+
+
+def make_batch(lengths=LENGTHS, L: int = 20, seed: int = 0, garbage_pad: bool = False) -> dict:
+    """Right-padded random batch following the CONTRACTS.md model batch."""
+    g = torch.Generator().manual_seed(seed)
+    B = len(lengths)
+    batch = {
+        "input_ids": torch.randint(7, V, (B, L), generator=g),
+        "type_ids": torch.randint(1, 10, (B, L), generator=g),
+        "ages": 40 + torch.rand(B, L, generator=g),
+        "times": 2800 + torch.rand(B, L, generator=g).cumsum(1) * 3,
+        "segments": torch.randint(1, 3, (B, L), generator=g),
+        "visit_orders": torch.randint(1, 10, (B, L), generator=g),
+    }
+    mask = (torch.arange(L)[None] < torch.tensor(lengths)[:, None]).long()
+    if not garbage_pad:
+        for key, val in batch.items():
+            batch[key] = val * mask.to(val.dtype)
+    batch["attention_mask"] = mask
+    return batch
+
+
+def model(name: str, **kwargs):
+    torch.manual_seed(0)
+    return build_model(name, V, **{**SMALL, **kwargs})
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_forward_backward(name):
+    m = model(name, n_out=2)
+    batch = make_batch()
+    hidden, logits, cls = m.hidden(batch), m.lm_logits(batch), m.classify(batch)
+    assert hidden.shape == (3, 20, 16) and logits.shape == (3, 20, V) and cls.shape == (3, 2)
+    (logits.logsumexp(-1).mean() + cls.square().mean()).backward()
+    for pname, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+    assert m.kernel_path == {"ehrmamba": "reference-chunked", "cehr_bert": "sdpa"}[name]
+    assert m.causal == (name == "ehrmamba")
+    assert m.lm_head.proj.weight is m.backbone.embedding.concept.weight
+    assert m.n_params() == count_params(m) < sum(p.numel() for p in m.parameters()) + 16 * V
+
+
+@pytest.mark.parametrize("t", [1, 6, 12, 19])
+def test_ehrmamba_never_sees_the_future(t):
+    m = model("ehrmamba").eval()
+    batch = make_batch()
+    with torch.no_grad():
+        ref = m.hidden(batch)
+        changed = {k: v.clone() for k, v in batch.items()}
+        changed["input_ids"][:, t] = 7 + (changed["input_ids"][:, t] - 6) % (V - 7)
+        changed["times"][:, t] += 5.0
+        changed["ages"][:, t] += 1.0
+        out = m.hidden(changed)
+    torch.testing.assert_close(out[:, :t], ref[:, :t], atol=1e-6, rtol=0)
+    assert not torch.allclose(out[0, t:], ref[0, t:], atol=1e-4)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_padding_content_does_not_change_real_tokens(name):
+    """Key padding mask (encoder) / causality (Mamba): pad garbage and extra length leave real tokens alone."""
+    m = model(name).eval()
+    lengths = (12, 8, 5)
+    short = make_batch(lengths, L=12)
+    garbage = make_batch(lengths, L=20, seed=1, garbage_pad=True)
+    real = garbage["attention_mask"].bool()
+    long = {k: torch.where(real, F.pad(short[k], (0, 8)), garbage[k]) for k in short}
+    with torch.no_grad():
+        short_hidden, long_hidden = m.hidden(short), m.hidden(long)
+        pooled_short = pool(short_hidden, short["attention_mask"], m.causal)
+        pooled_long = pool(long_hidden, long["attention_mask"], m.causal)
+    for row, n in enumerate(lengths):
+        torch.testing.assert_close(long_hidden[row, :n], short_hidden[row, :n], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pooled_long, pooled_short, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_only_relative_time_matters(name):
+    m = model(name).eval()
+    batch = make_batch()
+    shifted = {**batch, "times": batch["times"] + 100.0 * batch["attention_mask"]}
+    with torch.no_grad():
+        torch.testing.assert_close(m.hidden(shifted), m.hidden(batch), atol=1e-5, rtol=1e-5)
+
+
+def test_pool_positions():
+    hidden = torch.arange(3 * 4 * 2, dtype=torch.float32).view(3, 4, 2)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
+    torch.testing.assert_close(pool(hidden, mask, causal=True), hidden[[0, 1, 2], [3, 1, 0]])
+    torch.testing.assert_close(pool(hidden, mask, causal=False), hidden[:, 0])
+
+
+def test_registry_rejects_unknown_names_and_kwargs():
+    with pytest.raises(ValueError, match="'mamba2'"):
+        build_model("mamba2", V)
+    with pytest.raises(ValueError, match="'n_layer'"):
+        build_model("ehrmamba", V, n_layer=12)  # the HF MambaConfig pitfall (DESIGN.md section 11)
+    with pytest.raises(ValueError, match="'n_heads'"):
+        build_model("ehrmamba", V, n_heads=4)
+    with pytest.raises(ValueError, match="n_heads"):
+        build_model("cehr_bert", V, d_model=18, n_heads=4)
+
+
+def test_build_args_and_new_head():
+    m = model("cehr_bert", dropout=0.0)
+    assert m.build_args == {"name": "cehr_bert", "vocab_size": V, **SMALL, "dropout": 0.0}
+    rebuilt = build_model(**{k: v for k, v in m.build_args.items()})
+    rebuilt.load_state_dict(m.state_dict())
+    m.set_n_outputs(4)
+    assert m.classify(make_batch()).shape == (3, 4) and m.build_args["n_out"] == 4
+    bigger = model("ehrmamba", d_model=32)
+    assert count_params(bigger) > count_params(model("ehrmamba"))
+
+
+def test_cehr_bert_rejects_too_long_input():
+    with pytest.raises(ValueError, match="max_len"):
+        model("cehr_bert", max_len=16).hidden(make_batch())
+
+
+# --- selective scan: chunked reference against the per-step loop ---------------------------------------
+
+
+# regime -> (log|A| offset, delta_bias offset, chunk length the scan picks): "init" is mamba's S4D/dt
+# init scale (full 32-step chunks); "stiff" needs the step clamp and the smallest chunk.
+REGIMES = {"init": (0.5, -4.0, 32), "mid": (1.0, -2.0, 16), "stiff": (3.0, 1.0, 8)}
+
+
+def scan_inputs(L: int, dtype: torch.dtype, regime: str, b: int = 2, d: int = 6, n: int = 16, seed: int = 0):
+    """Random scan inputs u, delta, A, B, C, D, z, delta_bias (all requiring grad)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype)
+
+    log_a, bias, _ = REGIMES[regime]
+    leaves = [r(b, d, L), r(b, d, L) * 0.5, -torch.exp(r(d, n) * 0.5 + log_a), r(b, n, L), r(b, n, L), r(d)]
+    leaves += [r(b, d, L), r(d) * 0.5 + bias]
+    for x in leaves:
+        x.requires_grad_(True)
+    return leaves
+
+
+def run_scan(fn, leaves, **kwargs):
+    u, delta, A, B, C, D, z, delta_bias = leaves
+    return fn(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=True, **kwargs)
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_scan_regimes_pick_the_intended_chunk(regime):
+    _, delta, A, *_, delta_bias = scan_inputs(100, torch.float32, regime)
+    step_max = (F.softplus(delta + delta_bias[:, None]).max() * A.abs().max()).item()
+    assert ehrmamba._chunk_len(step_max, 32) == REGIMES[regime][2]
+    assert (step_max > ehrmamba.STEP_LOG_DECAY_FLOOR) == (regime == "stiff")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("L", [1, 7, 32, 33, 100])
+@pytest.mark.parametrize("regime", REGIMES)
+def test_chunked_scan_matches_loop(dtype, L, regime):
+    leaves = scan_inputs(L, dtype, regime)
+    ref = run_scan(selective_scan_ref_loop, leaves)
+    got = run_scan(selective_scan_ref_chunked, leaves)
+    assert got.dtype == dtype
+    # float32: rounding of exp(+-S) with |S| <= 80; float64 stiff: the 2e-9 step-decay clamp
+    tol = {torch.float32: 2e-6, torch.float64: 1e-7 if regime == "stiff" else 1e-11}[dtype]
+    torch.testing.assert_close(got, ref, atol=tol * ref.abs().max().item(), rtol=0)
+    gy = torch.randn_like(ref)
+    g_ref = torch.autograd.grad(ref, leaves, gy)
+    g_got = torch.autograd.grad(got, leaves, gy)
+    for name, a, b in zip(["u", "delta", "A", "B", "C", "D", "z", "delta_bias"], g_got, g_ref, strict=True):
+        scale = max(b.abs().max().item(), 1.0)
+        torch.testing.assert_close(a, b, atol=tol * scale * 10, rtol=0, msg=f"grad {name}")
+
+
+@pytest.mark.parametrize("chunk", [8, 16, 64])
+def test_chunk_size_does_not_change_the_result(chunk):
+    leaves = scan_inputs(70, torch.float64, "init")
+    torch.testing.assert_close(
+        run_scan(selective_scan_ref_chunked, leaves, chunk=chunk),
+        run_scan(selective_scan_ref_chunked, leaves),
+        atol=1e-12,
+        rtol=0,
+    )
+    with pytest.raises(ValueError, match="power of two"):
+        run_scan(selective_scan_ref_chunked, leaves, chunk=12)
+
+
+# --- mixer layout: state_dict interchangeable with mamba_ssm.modules.mamba_simple.Mamba ------------------
+
+# mamba_ssm Mamba(d_model=64) (d_state=16, d_conv=4, expand=2, dt_rank=ceil(64/16)=4), from its source.
+MAMBA_SSM_KEYS_D64 = {
+    "A_log": (128, 16),
+    "D": (128,),
+    "in_proj.weight": (256, 64),
+    "conv1d.weight": (128, 1, 4),
+    "conv1d.bias": (128,),
+    "x_proj.weight": (4 + 2 * 16, 128),
+    "dt_proj.weight": (128, 4),
+    "dt_proj.bias": (128,),
+    "out_proj.weight": (64, 128),
+}
+
+
+def test_mixer_state_dict_matches_mamba_ssm():
+    torch.manual_seed(0)
+    mixer = MambaMixer(64)
+    assert {k: tuple(v.shape) for k, v in mixer.state_dict().items()} == MAMBA_SSM_KEYS_D64
+    dt = F.softplus(mixer.dt_proj.bias)
+    assert dt.min() >= 1e-4 and dt.max() <= 0.1 + 1e-6
+    assert mixer.dt_proj.weight.abs().max() <= 4**-0.5
+    torch.testing.assert_close(mixer.A_log.exp(), torch.arange(1.0, 17.0).expand(128, 16))
+    assert (mixer.D == 1).all()
+    keys = set(EHRMamba(V, d_model=64, n_layers=2).state_dict())
+    assert {f"layers.1.mixer.{k}" for k in MAMBA_SSM_KEYS_D64} | {
+        "layers.1.norm.weight",
+        "norm_f.weight",
+    } <= keys
+
+
+def test_mixer_matches_loop_scan(monkeypatch):
+    """The whole mixer with the chunked scan equals the mixer with the per-step loop."""
+    torch.manual_seed(0)
+    mixer = MambaMixer(16).double()
+    x = torch.randn(2, 45, 16, dtype=torch.float64)
+    out = mixer(x)
+    assert mixer.kernel_path == "reference-chunked"
+    monkeypatch.setattr(ehrmamba, "selective_scan_ref_chunked", selective_scan_ref_loop)
+    torch.testing.assert_close(mixer(x), out, atol=1e-10, rtol=0)
+
+
+# --- CUDA kernel against the reference (runs only where mamba_ssm is built) ------------------------------
+
+needs_kernel = pytest.mark.skipif(
+    not torch.cuda.is_available() or ehrmamba.selective_scan_fn is None, reason="needs CUDA and mamba_ssm"
+)
+
+
+@pytest.mark.gpu
+@needs_kernel
+@pytest.mark.parametrize("L", [33, 256])
+def test_cuda_kernel_matches_reference(L, monkeypatch):
+    torch.manual_seed(0)
+    mixer = MambaMixer(64).cuda()
+    x = torch.randn(4, L, 64, device="cuda", requires_grad=True)
+
+    def run():
+        out = mixer(x)
+        grads = torch.autograd.grad(out.square().mean(), [x, *mixer.parameters()])
+        return out, grads, mixer.kernel_path
+
+    out_k, grads_k, path_k = run()
+    monkeypatch.setattr(ehrmamba, "selective_scan_fn", None)
+    monkeypatch.setattr(ehrmamba, "_ANNOUNCED", set())
+    with pytest.warns(RuntimeWarning, match="reference scan"):
+        out_r, grads_r, path_r = run()
+    assert (path_k, path_r) == ("mamba_ssm.selective_scan_cuda", "reference-chunked")
+    torch.testing.assert_close(out_k, out_r, atol=1e-3, rtol=1e-3)
+    for a, b in zip(grads_k, grads_r, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+    assert math.isfinite(out_k.sum().item())

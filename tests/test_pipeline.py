@@ -1,0 +1,117 @@
+"""Notebook contract and `repro run`: parameters cells, bad input stops early, the smoke report renders."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jupytext
+import pytest
+from conftest import HAND_SPLITS, hand_events, write_meds
+
+from repro.cli import main
+from repro.pipeline import NOTEBOOKS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_has_literal_parameters_cell(name):
+    nb = jupytext.read(ROOT / "notebooks" / f"{name}.py")
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == 1, f"{name}: needs exactly one cell tagged 'parameters'"
+    src = cells[0].source
+    namespace: dict = {}
+    exec(compile(src, name, "exec"), {}, namespace)  # literals only: runs with no imports
+    assert set(namespace) == {"params_file", "run_dir", "data_dir"}
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_labelled_cells_have_captions(name):
+    nb = jupytext.read(ROOT / "notebooks" / f"{name}.py")
+    for cell in nb.cells:
+        if "#| label:" in cell.source:
+            label = cell.source.split("#| label:")[1].split()[0]
+            cap = "#| fig-cap:" if label.startswith("fig-") else "#| tbl-cap:"
+            assert cap in cell.source, f"{name}: {label} has no caption"
+
+
+def test_report_embeds_exist():
+    qmd = (ROOT / "report.qmd").read_text()
+    for name in NOTEBOOKS:
+        nb = jupytext.read(ROOT / "notebooks" / f"{name}.py").cells
+        labels = {c.source.split("#| label:")[1].split()[0] for c in nb if "#| label:" in c.source}
+        for label in labels:
+            assert f"notebooks/{name}.ipynb#{label}" in qmd, f"report.qmd does not embed {name}#{label}"
+
+
+@pytest.fixture
+def outputs_guard():
+    """Protect an existing outputs/ run dir used by the error-path tests."""
+    run = ROOT / "outputs" / "pytest-existing"
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "marker.txt").write_text("keep me")
+    yield run
+    shutil.rmtree(run, ignore_errors=True)
+    shutil.rmtree(ROOT / "outputs" / "pytest-existing.failed", ignore_errors=True)
+
+
+def _bad_meds(tmp_path, kind):
+    root = tmp_path / kind
+    splits = {1: "tuning", 2: "tuning", 3: "held_out"} if kind == "nosplit" else HAND_SPLITS
+    write_meds(root, hand_events(), splits)
+    shard = root / "data" / "0.parquet"
+    if kind in ("missing", "dtype"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(shard)
+        t = (
+            t.drop_columns(["code"])
+            if kind == "missing"
+            else t.set_column(0, "subject_id", t.column("subject_id").cast(pa.int32()))
+        )
+        pq.write_table(t, shard)
+    return root
+
+
+@pytest.mark.parametrize(
+    "kind,message",
+    [
+        ("missing", "Missing required columns: code"),
+        ("dtype", "subject_id (want int64, got int32)"),
+        ("nosplit", "no subjects in the 'train' split"),
+    ],
+)
+def test_bad_meds_stops_with_one_line_and_writes_nothing(tmp_path, capsys, outputs_guard, kind, message):
+    root = _bad_meds(tmp_path, kind)
+    before = sorted(p.name for p in outputs_guard.parent.iterdir())
+    code = main(["run", "params/smoke.yaml", "--data", str(root), "--name", "pytest-existing", "--force"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("repro: error: ") and message in err and "\n" not in err
+    assert (outputs_guard / "marker.txt").read_text() == "keep me"
+    assert sorted(p.name for p in outputs_guard.parent.iterdir()) == before
+
+
+def test_existing_run_is_not_overwritten_without_force(capsys, outputs_guard):
+    code = main(["run", "params/smoke.yaml", "--name", "pytest-existing"])
+    assert code == 2 and "pass --force" in capsys.readouterr().err
+    assert (outputs_guard / "marker.txt").read_text() == "keep me"
+
+
+@pytest.mark.e2e
+def test_smoke_report_end_to_end():
+    """The README's `make report` path: every notebook runs on params/smoke.yaml and the report renders."""
+    out = ROOT / "outputs" / "smoke"
+    subprocess.run(
+        [sys.executable, "-m", "repro.cli", "run", "params/smoke.yaml", "--force"], cwd=ROOT, check=True
+    )
+    html = (out / "report.html").read_text()
+    assert (out / "report.pdf").read_bytes()[:4] == b"%PDF"
+    for needle in ("Table 1", "Figure 1", "EHRMamba", "CEHR-BERT", "Counts + LR", "Oracle"):
+        assert needle in html, needle
+    assert "??" not in html
+    assert (out / "manifest.json").is_file()

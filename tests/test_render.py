@@ -1,0 +1,210 @@
+"""The offline renderer turns report.qmd + executed notebooks into one HTML file and a PDF."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import stat
+import textwrap
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from repro import render
+from repro.render import RenderError, render_report
+
+FIXTURES = Path(__file__).parent / "fixtures" / "render"
+FIG_CAP = "Demo figure caption."
+TBL_CAP = "Demo table caption."
+MD_TABLE = "| model | AUROC |\n|:--|--:|\n| EHRMamba | 0.81 |\n| CEHR-BERT | 0.79 |\n"
+HTML_TABLE = (
+    "<table><thead><tr><th>model</th><th>AUROC</th></tr></thead>"
+    "<tbody><tr><td>EHRMamba</td><td>0.81</td></tr></tbody></table>"
+)
+
+
+def _png() -> str:
+    """A real (tiny) matplotlib PNG, base64 as papermill stores it."""
+    import base64
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2, 1.5), dpi=40)
+    ax.plot([0, 1, 2], [0, 1, 0])
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _write_notebook(path: Path, png: str, table_html_only: bool = False) -> None:
+    fig = nbformat.v4.new_code_cell(f'#| label: fig-demo\n#| fig-cap: "{FIG_CAP}"\nplot_demo()')
+    fig.outputs = [
+        nbformat.v4.new_output("display_data", data={"image/png": png, "text/plain": "<Figure>"}),
+    ]
+    tbl = nbformat.v4.new_code_cell(f"#| label: tbl-demo\n#| tbl-cap: {TBL_CAP}\nshow_table()")
+    data = {"text/html": HTML_TABLE, "text/plain": "model AUROC"}
+    if not table_html_only:
+        data["text/markdown"] = MD_TABLE
+    tbl.outputs = [
+        nbformat.v4.new_output("stream", name="stdout", text="computing...\n"),
+        nbformat.v4.new_output("display_data", data=data),
+    ]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# Demo"), fig, tbl])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+
+
+@pytest.fixture(scope="module")
+def png() -> str:
+    return _png()
+
+
+@pytest.fixture()
+def run_dir(tmp_path: Path, png: str) -> Path:
+    shutil.copy(FIXTURES / "report.qmd", tmp_path / "report.qmd")
+    _write_notebook(tmp_path / "notebooks" / "demo.ipynb", png)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory, png: str) -> dict[str, Path]:
+    run = tmp_path_factory.mktemp("run")
+    shutil.copy(FIXTURES / "report.qmd", run / "report.qmd")
+    _write_notebook(run / "notebooks" / "demo.ipynb", png)
+    return render_report(run / "report.qmd", run, engine="offline")
+
+
+def test_html_is_one_self_contained_file(rendered: dict[str, Path]) -> None:
+    html_path = rendered["html"]
+    assert html_path == html_path.parent / "report.html"
+    html = html_path.read_text(encoding="utf-8")
+    srcs = re.findall(r'\ssrc="([^"]*)"', html)
+    assert srcs and all(s.startswith("data:") for s in srcs), srcs
+    assert not re.search(r'<link[^>]+href="(?!data:)', html)
+    # no asset or temp files left next to the outputs
+    assert sorted(p.name for p in html_path.parent.iterdir() if p.name.startswith(".")) == []
+
+
+def test_html_numbers_and_references(rendered: dict[str, Path]) -> None:
+    html = rendered["html"].read_text(encoding="utf-8").replace("\u00a0", " ").replace("&nbsp;", " ")
+    text = re.sub(r"<[^>]+>", "", html)
+    assert f"Figure 1: {FIG_CAP}" in text
+    assert f"Table 1: {TBL_CAP}" in text
+    assert "??" not in text and "@fig-demo)" not in text and "@tbl-" not in text
+    assert '<a href="#fig-demo">Figure 1</a>' in html
+    assert '<a href="#tbl-demo">Table 1</a>' in html  # [@tbl-demo] and @Tbl-demo
+    assert '<a href="#fig-demo">1</a>' in html  # -@fig-demo
+    assert '<a href="#sec-results">Section 2</a>' in html and '<a href="#sec-intro">Section 1</a>' in html
+    # our section numbers agree with pandoc's --number-sections
+    assert re.search(r'id="sec-results"[^>]*>\s*<span class="header-section-number">2</span>', html)
+    assert "someone@fig-demo.org" in text and "@fig-in-code" in text and "fig-not-embedded" in text
+    assert "Render fixture" in text and "A. Tester" in text and "A tiny report" in text
+    assert 'id="TOC"' in html
+    assert "EHRMamba" in text and "0.81" in text
+
+
+def test_pdf_written(rendered: dict[str, Path]) -> None:
+    pdf = rendered["pdf"]
+    assert pdf == pdf.parent / "report.pdf"
+    data = pdf.read_bytes()
+    assert data.startswith(b"%PDF")
+    assert b"/Title(Results)" in data or b"Results" in data  # heading bookmarks are plain strings
+    try:
+        from pypdf import PdfReader
+    except ImportError:
+        return  # pypdf is not a dependency; the caption check needs it
+    text = " ".join(page.extract_text() for page in PdfReader(pdf).pages)
+    assert FIG_CAP in text and TBL_CAP in text and "??" not in text
+
+
+def test_table_falls_back_to_html(run_dir: Path, png: str) -> None:
+    _write_notebook(run_dir / "notebooks" / "demo.ipynb", png, table_html_only=True)
+    out = render_report(run_dir / "report.qmd", run_dir / "out", formats=("html",), engine="offline")
+    assert set(out) == {"html"}
+    text = re.sub(r"<[^>]+>", "", out["html"].read_text(encoding="utf-8")).replace("\u00a0", " ")
+    assert f"Table 1: {TBL_CAP}" in text and "EHRMamba" in text and "model AUROC" not in text
+
+
+def test_missing_label_names_line_notebook_and_label(run_dir: Path) -> None:
+    qmd = run_dir / "report.qmd"
+    qmd.write_text("# A\n\ntext\n\n{{< embed notebooks/demo.ipynb#fig-nope >}}\n", encoding="utf-8")
+    with pytest.raises(RenderError, match=r"report\.qmd:5: .*notebooks/demo\.ipynb.*'fig-nope'.*fig-demo"):
+        render_report(qmd, run_dir, formats=("html",), engine="offline")
+    assert not (run_dir / "report.html").exists()
+
+
+def test_missing_notebook_is_an_error(run_dir: Path) -> None:
+    qmd = run_dir / "report.qmd"
+    qmd.write_text("{{< embed notebooks/absent.ipynb#tbl-demo >}}\n", encoding="utf-8")
+    with pytest.raises(RenderError, match=r"report\.qmd:1: .*absent\.ipynb not found"):
+        render_report(qmd, run_dir, formats=("html",), engine="offline")
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            "# A {#sec-a}\n\nSee @sec-a and\n@fig-unknown.\n",
+            r"report\.qmd:4: unknown cross-reference @fig-unknown",
+        ),
+        ("# A\n\nAs @smith2020 showed.\n", r"report\.qmd:3: @smith2020 is neither"),
+    ],
+)
+def test_unknown_reference_is_an_error(run_dir: Path, body: str, message: str) -> None:
+    qmd = run_dir / "report.qmd"
+    qmd.write_text(body, encoding="utf-8")
+    with pytest.raises(RenderError, match=message):
+        render_report(qmd, run_dir, formats=("html",), engine="offline")
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="formats"):
+        render_report(FIXTURES / "report.qmd", Path("."), formats=("docx",))
+    with pytest.raises(ValueError, match="engine"):
+        render_report(FIXTURES / "report.qmd", Path("."), engine="latex")
+
+
+def test_auto_without_quarto_is_offline(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(render.shutil, "which", lambda name: None)
+    out = render_report(run_dir / "report.qmd", run_dir, formats=["html"])
+    assert out["html"].read_text(encoding="utf-8").count("Figure\u00a01") >= 2
+
+
+def test_quarto_branch_moves_outputs(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stand-in `quarto` checks the command line and writes what Quarto would, next to the qmd."""
+    bindir = run_dir / "bin"
+    bindir.mkdir()
+    fake = bindir / "quarto"
+    fake.write_text(
+        textwrap.dedent(
+            """\
+            #!/bin/sh
+            [ "$1" = render ] && [ "$2" = report.qmd ] && [ "$3" = --to ] && [ -f report.qmd ] || exit 3
+            case "$4" in html) echo '<html>q</html>' > report.html ;; typst) echo '%PDF-q' > report.pdf ;;
+            *) exit 5 ;; esac
+            """
+        )
+    )
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    out = render_report(run_dir / "report.qmd", run_dir / "out")
+    assert out == {"html": run_dir / "out" / "report.html", "pdf": run_dir / "out" / "report.pdf"}
+    assert out["pdf"].read_bytes().startswith(b"%PDF")
+    assert not (run_dir / "report.html").exists()
+    # rendering in place (out_dir is the qmd's directory) leaves the file where Quarto put it
+    assert render_report(run_dir / "report.qmd", run_dir, formats=("html",))["html"].is_file()
+
+
+def test_uncaptioned_figure_is_an_error(run_dir: Path, png: str) -> None:
+    nb = nbformat.read(run_dir / "notebooks" / "demo.ipynb", as_version=4)
+    nb.cells[1].source = "#| label: fig-demo\nplot_demo()"
+    nbformat.write(nb, run_dir / "notebooks" / "demo.ipynb")
+    with pytest.raises(RenderError, match=r"report\.qmd:26: .*fig-demo.*fig-cap"):
+        render_report(run_dir / "report.qmd", run_dir, formats=("html",), engine="offline")

@@ -1,0 +1,121 @@
+"""Training objectives and loops: padding out of the loss, BERT masking, exact resume from a checkpoint."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import repro.train as train_mod
+from repro.config import TrainParams
+from repro.data.dataset import IGNORE, SequenceDataset, collate, mlm_mask
+from repro.data.tokenizer import MASK, SPECIALS, Encoded
+from repro.models.registry import build_model
+
+VOCAB = 40
+
+
+def _enc(rng, n):
+    ids = rng.integers(len(SPECIALS), VOCAB, n)
+    ids[0] = 2
+    return Encoded(
+        ids,
+        np.full(n, 4),
+        np.linspace(60, 61, n).astype(np.float32),
+        np.linspace(8000, 8001, n).astype(np.float32),
+        np.ones(n, np.int64),
+        np.ones(n, np.int64),
+    )
+
+
+def _data(n=24, seed=0):
+    rng = np.random.default_rng(seed)
+    items = [_enc(rng, int(rng.integers(6, 20))) for _ in range(n)]
+    return SequenceDataset(items, (rng.random(n) < 0.4).astype(np.float32))
+
+
+def _model(name="ehrmamba"):
+    torch.manual_seed(0)
+    kw = {"d_model": 16, "n_layers": 1, "n_types": 10, "max_visits": 8}
+    if name == "cehr_bert":
+        kw.update(n_heads=2, max_len=32, dropout=0.0)
+    return build_model(name, VOCAB, **kw)
+
+
+def test_clm_loss_ignores_padding():
+    model = _model().eval()
+    data = _data()
+    short = collate([data[0], data[1]])
+    long_ = collate([data[0], data[1], (_enc(np.random.default_rng(9), 30), 0.0)])
+    gen = torch.Generator().manual_seed(0)
+    # The same two sequences, padded to 30 instead of their own max: per-token loss must not change.
+    two_of_long = {k: v[:2] for k, v in long_.items()}
+    a = train_mod._loss(model, short, "clm", VOCAB, gen, 0.15)
+    b = train_mod._loss(model, two_of_long, "clm", VOCAB, gen, 0.15)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_mlm_mask_proportions_and_specials():
+    ids = torch.randint(len(SPECIALS), VOCAB, (200, 200))
+    ids[:, 0] = 2  # [CLS]
+    corrupted, labels = mlm_mask(ids, VOCAB, 0.15, torch.Generator().manual_seed(0))
+    chosen = labels != IGNORE
+    assert abs(chosen.float().mean().item() - 0.15 * 199 / 200) < 0.01
+    assert not chosen[:, 0].any()
+    frac_mask = (corrupted[chosen] == MASK).float().mean().item()
+    frac_kept = (corrupted[chosen] == ids[chosen]).float().mean().item()
+    assert abs(frac_mask - 0.8) < 0.02
+    assert 0.09 < frac_kept < 0.13  # 10 % kept plus random draws that hit the same id
+    assert (labels[chosen] == ids[chosen]).all()
+
+
+@pytest.mark.parametrize(
+    "objective,name", [("clm", "ehrmamba"), ("mlm", "cehr_bert"), ("classify", "ehrmamba")]
+)
+def test_resume_after_interruption_gives_the_same_model(tmp_path, monkeypatch, objective, name):
+    params = TrainParams(batch_size=4, checkpoint_every=3, warmup_frac=0.2)
+    data = _data()
+    dev = torch.device("cpu")
+
+    ref = _model(name)
+    ref.set_n_outputs(1)
+    train_mod.fit(ref, data, params, objective, 7, 1e-3, 0, dev, tmp_path / "ref.pt", progress=False)
+
+    real = train_mod.batch_indices
+
+    def dying(n, bs, seed, step):
+        if step == 5:
+            raise KeyboardInterrupt("killed")
+        return real(n, bs, seed, step)
+
+    monkeypatch.setattr(train_mod, "batch_indices", dying)
+    first = _model(name)
+    first.set_n_outputs(1)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.fit(first, data, params, objective, 7, 1e-3, 0, dev, tmp_path / "run.pt", progress=False)
+    monkeypatch.setattr(train_mod, "batch_indices", real)
+    second = _model(name)
+    second.set_n_outputs(1)
+    res = train_mod.fit(second, data, params, objective, 7, 1e-3, 0, dev, tmp_path / "run.pt", progress=False)
+    assert res.resumed_from == 3 and res.steps_run == 4
+    for (k, a), b in zip(ref.state_dict().items(), second.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), k
+
+
+def test_predict_keeps_order_and_range():
+    model = _model("cehr_bert")
+    model.set_n_outputs(1)
+    data = _data()
+    p = train_mod.predict(model, data, torch.device("cpu"), batch_size=5)
+    assert p.shape == (len(data),) and ((p > 0) & (p < 1)).all()
+    single = [
+        train_mod.predict(model, SequenceDataset([data.items[i]]), torch.device("cpu"))[0] for i in (0, 7)
+    ]
+    np.testing.assert_allclose(p[[0, 7]], single, atol=1e-5)
+
+
+def test_cuda_request_without_cuda_is_an_error():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(ValueError, match="cuda was requested"):
+        train_mod.resolve_device("cuda")
