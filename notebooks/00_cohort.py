@@ -20,7 +20,7 @@
 
 # %% tags=["parameters"]
 params_file = "params/smoke.yaml"
-run_dir = "outputs/smoke"
+run_dir = "outputs/interactive"  # repro run passes its own run folder
 data_dir = ""
 
 # %%
@@ -53,6 +53,11 @@ fig = figures.token_length_figure(lengths, params.tokenizer.max_len)
 #| label: tbl-tokenizer
 #| tbl-cap: "Tokenizer: vocabulary and bins fitted on the train split only, and what was dropped or unknown."
 figures.show_table(summary.tokenizer_table(prep))
+
+# %%
+#| label: tbl-run
+#| tbl-cap: "This run: parameters hash, commit, device and package versions (the full record is manifest.json)."
+figures.show_table(summary.run_table(params, ex.environment(), ex.git_sha()))
 
 # %%
 ex.save_json(

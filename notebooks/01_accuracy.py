@@ -21,7 +21,7 @@
 
 # %% tags=["parameters"]
 params_file = "params/smoke.yaml"
-run_dir = "outputs/smoke"
+run_dir = "outputs/interactive"  # repro run passes its own run folder
 data_dir = ""
 
 # %%
@@ -38,21 +38,22 @@ jobs = [(m, t, s) for s in params.seeds for m in params.models for t in params.t
 runs = [trainer.run(m, t, s) for m, t, s in tqdm(jobs, desc="models x tasks x seeds")]
 preds = results.predictions_frame(runs)
 n_boot, ci = params.eval.n_bootstrap, params.eval.ci
+evaluated = results.evaluate_all(preds, n_boot, ci)
 
 # %%
 #| label: tbl-mortality
 #| tbl-cap: "mortality_1m on held_out: AUROC, AUPRC and F1 (threshold from the tuning split) with patient-clustered bootstrap 95 % CIs, beside the oracle that scores the generator's true probability (synthetic data only)."
-figures.show_table(results.task_table(preds, runs, "mortality_1m", n_boot, ci))
+figures.show_table(results.task_table(evaluated, preds, runs, "mortality_1m"))
 
 # %%
 #| label: tbl-inhospital
 #| tbl-cap: "inhospital_mortality_24h on held_out (prediction 24 h after admission), same layout."
-figures.show_table(results.task_table(preds, runs, "inhospital_mortality_24h", n_boot, ci))
+figures.show_table(results.task_table(evaluated, preds, runs, "inhospital_mortality_24h"))
 
 # %%
 #| label: fig-auroc
 #| fig-cap: "Held-out AUROC with 95 % CIs per model and task; the dashed line is the oracle AUROC of the true probability."
-fig = figures.forest_figure(results.forest_frame(preds, n_boot, ci))
+fig = figures.forest_figure(results.forest_frame(evaluated))
 
 # %%
 #| label: tbl-h1

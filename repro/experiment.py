@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import platform
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -302,6 +303,25 @@ class Trainer:
         preds = pd.concat(frames, ignore_index=True)
         keep = [c for c in (SUBJECT, "split", "label", "score", "true_prob") if c in preds.columns]
         return ModelRun(name, task, seed, preds[keep], n_params, kernel, pre, ft, time.perf_counter() - t0)
+
+
+def git_sha(root: Path | None = None) -> str | None:
+    """The checked-out commit, with "-dirty" when tracked files differ from it."""
+    root = root or project_root()
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        return sha.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def environment() -> dict[str, Any]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from repro.config import ParamsError, load_params
-from repro.experiment import environment, project_root, save_json
+from repro.experiment import environment, git_sha, project_root, save_json
 
 NOTEBOOKS = ("00_cohort", "01_accuracy")
 REPORT_FILES = ("report.qmd", "_quarto.yml")
@@ -27,23 +26,6 @@ REPORT_FILES = ("report.qmd", "_quarto.yml")
 
 class RunError(RuntimeError):
     """A run failed; the message names the notebook and cell, or the input at fault."""
-
-
-def git_sha(root: Path) -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def _notebook_json(py_path: Path, out_path: Path) -> None:
@@ -80,6 +62,16 @@ def _execute(name: str, src: Path, out: Path, parameters: dict, cwd: Path) -> fl
     finally:
         tmp_in.unlink(missing_ok=True)
     return time.perf_counter() - t0
+
+
+def _kernel_paths(results_dir: Path) -> list[str]:
+    """Kernel paths the notebooks report having used (each notebook's results JSON may list them)."""
+    import json
+
+    paths: set[str] = set()
+    for f in sorted(results_dir.glob("*.json")):
+        paths.update(json.loads(f.read_text()).get("kernel_paths", []))
+    return sorted(paths)
 
 
 def check_data(data_dir: str | None) -> None:
@@ -153,6 +145,7 @@ def run(
             )
             manifest["notebooks"][nb] = {"seconds": round(seconds, 1)}
         manifest["seconds_notebooks"] = round(time.perf_counter() - t_run, 1)
+        manifest["kernel_paths"] = _kernel_paths(staging / "results")
         save_json(manifest, staging / "manifest.json")
         for f in REPORT_FILES:
             shutil.copy2(root / f, staging / f)

@@ -18,6 +18,7 @@ from repro.experiment import ModelRun
 from repro.stats import VERDICT_RULE, aggregate_seeds, benjamini_hochberg, paired_bootstrap, verdict
 
 MODEL_LABELS = {"ehrmamba": "EHRMamba", "cehr_bert": "CEHR-BERT", "count_lr": "Counts + LR"}
+ORACLE = "Oracle (true probability)"
 
 
 def predictions_frame(runs: Sequence[ModelRun]) -> pd.DataFrame:
@@ -49,69 +50,73 @@ def seed_spread(preds: pd.DataFrame) -> pd.DataFrame:
     return aggregate_seeds(pd.DataFrame(rows), ["model", "task"])
 
 
-def task_table(
-    preds: pd.DataFrame, runs: Sequence[ModelRun], task: str, n_boot: int, ci: float
-) -> pd.DataFrame:
-    """One task: AUROC / AUPRC / F1 with CIs per model, parameter count, seed spread, and the oracle row."""
-    ens = seed_ensemble(preds[preds["task"] == task])
-    spread = seed_spread(preds[preds["task"] == task]).set_index("model")
-    results, info = {}, {}
-    for model in dict.fromkeys(ens["model"]):
-        g = ens[ens["model"] == model]
-        results[MODEL_LABELS.get(model, model)] = evaluate_predictions(
-            g[g["split"] == meds.tuning_split],
-            g[g["split"] == meds.held_out_split],
-            n_boot=n_boot,
-            seed=0,
-            ci=ci,
-        )
-        r = next(r for r in runs if r.model == model and r.task == task)
-        s = spread.loc[model]
-        info[MODEL_LABELS.get(model, model)] = {
-            "parameters": f"{r.n_params:,}",
-            "seeds: AUROC mean ± sd [min, max]": (
-                f"{s['mean']:.3f} ± {0 if np.isnan(s['sd']) else s['sd']:.3f} [{s['min']:.3f}, {s['max']:.3f}]"
-            ),
-        }
-    test = ens[(ens["split"] == meds.held_out_split)].drop_duplicates("subject_id")
-    if "true_prob" in test and test["true_prob"].notna().all():
-        results["Oracle (true probability)"] = oracle_metrics(test, n_boot=n_boot, seed=0, ci=ci)
-        info["Oracle (true probability)"] = {"parameters": "-", "seeds: AUROC mean ± sd [min, max]": "-"}
-    table = metrics_table(results)
-    text_cols = [c for c in table.columns if "CI" in c and not c.startswith(("Brier", "ECE", "Prevalence"))]
-    out = table[text_cols].join(pd.DataFrame(info).T)
-    return out.rename_axis("model").reset_index()
+def evaluate_all(preds: pd.DataFrame, n_boot: int, ci: float) -> dict[str, dict[str, dict]]:
+    """Metrics with CIs for every task and model (seed ensemble), plus the oracle where the truth is known.
 
-
-def forest_frame(preds: pd.DataFrame, n_boot: int, ci: float) -> pd.DataFrame:
-    """AUROC with CI per model and task (seed ensemble), with the oracle AUROC when known, for the forest plot."""
-    rows = []
+    Returns {task: {model label: evaluate_predictions(...) or oracle_metrics(...)}}; computed once and
+    shared by the tables and the forest plot.
+    """
+    out: dict[str, dict[str, dict]] = {}
     ens = seed_ensemble(preds)
     for task in dict.fromkeys(ens["task"]):
         t = ens[ens["task"] == task]
-        test = t[t["split"] == meds.held_out_split].drop_duplicates("subject_id")
-        oracle = np.nan
-        if "true_prob" in test and test["true_prob"].notna().all():
-            oracle = binary_metrics(test["label"].to_numpy(), test["true_prob"].to_numpy())["auroc"]
+        res = {}
         for model in dict.fromkeys(t["model"]):
             g = t[t["model"] == model]
-            m = evaluate_predictions(
+            res[MODEL_LABELS.get(model, model)] = evaluate_predictions(
                 g[g["split"] == meds.tuning_split],
                 g[g["split"] == meds.held_out_split],
                 n_boot=n_boot,
                 seed=0,
                 ci=ci,
-            )["auroc"]
-            rows.append(
-                {
-                    "task": task,
-                    "model": MODEL_LABELS.get(model, model),
-                    "estimate": m["estimate"],
-                    "lo": m["lo"],
-                    "hi": m["hi"],
-                    "oracle": oracle,
-                }
             )
+        test = t[t["split"] == meds.held_out_split].drop_duplicates("subject_id")
+        if "true_prob" in test and test["true_prob"].notna().all() and len(test):
+            res[ORACLE] = oracle_metrics(test, n_boot=n_boot, seed=0, ci=ci)
+        out[task] = res
+    return out
+
+
+def task_table(
+    evaluated: dict[str, dict[str, dict]], preds: pd.DataFrame, runs: Sequence[ModelRun], task: str
+) -> pd.DataFrame:
+    """One task: AUROC / AUPRC / F1 with CIs per model, parameter count, seed spread, and the oracle row."""
+    spread = seed_spread(preds[preds["task"] == task]).set_index("model")
+    info = {}
+    for r in runs:
+        if r.task != task or MODEL_LABELS.get(r.model, r.model) in info:
+            continue
+        s = spread.loc[r.model]
+        sd = 0.0 if np.isnan(s["sd"]) else s["sd"]
+        info[MODEL_LABELS.get(r.model, r.model)] = {
+            "parameters": f"{r.n_params:,}",
+            "seeds: AUROC mean ± sd [min, max]": f"{s['mean']:.3f} ± {sd:.3f} [{s['min']:.3f}, {s['max']:.3f}]",
+        }
+    if ORACLE in evaluated[task]:
+        info[ORACLE] = {"parameters": "-", "seeds: AUROC mean ± sd [min, max]": "-"}
+    table = metrics_table(evaluated[task])
+    text_cols = [c for c in table.columns if c.startswith(("AUROC", "AUPRC", "F1"))]
+    return table[text_cols].join(pd.DataFrame(info).T).rename_axis("model").reset_index()
+
+
+def forest_frame(evaluated: dict[str, dict[str, dict]]) -> pd.DataFrame:
+    """AUROC with CI per model and task, with the oracle AUROC when known, for the forest plot."""
+    rows = []
+    for task, res in evaluated.items():
+        oracle = res[ORACLE]["auroc"]["estimate"] if ORACLE in res else np.nan
+        for model, m in res.items():
+            if model != ORACLE:
+                a = m["auroc"]
+                rows.append(
+                    {
+                        "task": task,
+                        "model": model,
+                        "estimate": a["estimate"],
+                        "lo": a["lo"],
+                        "hi": a["hi"],
+                        "oracle": oracle,
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -184,25 +189,32 @@ def loss_curves(runs: Sequence[ModelRun]) -> pd.DataFrame:
 
 
 def training_table(runs: Sequence[ModelRun]) -> pd.DataFrame:
-    """How each model was trained: parameters, kernel path, steps, wall time, tokens/s."""
-    rows = []
+    """How each model was trained, one row per phase: parameters, kernel path, steps, wall time, tokens/s.
+
+    Pretraining is shared by a model's tasks, so it appears once per model and seed.
+    """
+    rows, seen = [], set()
     for r in runs:
-        tokens = sum(x.tokens for x in (r.pretrain, r.finetune) if x is not None)
-        secs = sum(x.seconds for x in (r.pretrain, r.finetune) if x is not None)
-        rows.append(
-            {
-                "model": MODEL_LABELS.get(r.model, r.model),
-                "task": r.task,
-                "seed": r.seed,
-                "parameters": r.n_params,
-                "kernel path": r.kernel_path,
-                "pretrain steps": 0 if r.pretrain is None else len(r.pretrain.losses),
-                "finetune steps": 0 if r.finetune is None else len(r.finetune.losses),
-                "train seconds": round(secs, 1),
-                "wall seconds": round(r.seconds, 1),
-                "train tokens/s": round(tokens / secs) if secs else np.nan,
-            }
-        )
+        phases = []
+        if r.pretrain is not None and (r.model, r.seed) not in seen:
+            seen.add((r.model, r.seed))
+            phases.append((f"pretrain ({r.pretrain.objective.upper()})", r.pretrain))
+        phases.append((f"finetune {r.task}", r.finetune))
+        for phase, res in phases:
+            rows.append(
+                {
+                    "model": MODEL_LABELS.get(r.model, r.model),
+                    "phase": phase,
+                    "seed": r.seed,
+                    "parameters": r.n_params,
+                    "kernel path": r.kernel_path,
+                    "steps": 0 if res is None else len(res.losses),
+                    "seconds": round(r.seconds if res is None else res.seconds, 1),
+                    "tokens/s": round(res.tokens / res.seconds)
+                    if res is not None and res.seconds
+                    else np.nan,
+                }
+            )
     return pd.DataFrame(rows)
 
 

@@ -107,3 +107,25 @@ def truth_summary(prep: Prepared) -> pd.DataFrame | None:
             }
         )
     return pd.DataFrame(rows) if rows else None
+
+
+def run_table(params, env: dict, sha: str | None) -> pd.DataFrame:
+    """The run's identity for the appendix: parameters hash, commit, device and package versions."""
+    rows = [
+        ("run", params.name),
+        ("parameters hash", params.hash()),
+        ("git commit", sha or "unknown"),
+        ("device", env["gpu"] or f"CPU ({env['cpu_count']} cores)"),
+        ("python / torch", f"{env['python']} / {env['torch']}"),
+        (
+            "meds / numpy / pandas / scikit-learn",
+            f"{env['meds']} / {env['numpy']} / {env['pandas']} / {env['sklearn']}",
+        ),
+        (
+            "mamba_ssm (fused kernels)",
+            env["mamba_ssm"] or "not installed: EHRMamba uses the PyTorch reference scan",
+        ),
+        ("seeds", ", ".join(map(str, params.seeds))),
+        ("bootstrap resamples", f"{params.eval.n_bootstrap:,}"),
+    ]
+    return pd.DataFrame(rows, columns=["item", "value"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -105,13 +106,14 @@ def test_existing_run_is_not_overwritten_without_force(capsys, outputs_guard):
 @pytest.mark.e2e
 def test_smoke_report_end_to_end():
     """The README's `make report` path: every notebook runs on params/smoke.yaml and the report renders."""
-    out = ROOT / "outputs" / "smoke"
-    subprocess.run(
-        [sys.executable, "-m", "repro.cli", "run", "params/smoke.yaml", "--force"], cwd=ROOT, check=True
-    )
-    html = (out / "report.html").read_text()
+    out = ROOT / "outputs" / "pytest-smoke"  # never the user's outputs/smoke
+    cmd = [sys.executable, "-m", "repro.cli", "run", "params/smoke.yaml", "--name", "pytest-smoke", "--force"]
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    html = (out / "report.html").read_text().replace("\xa0", " ").replace("&nbsp;", " ")
     assert (out / "report.pdf").read_bytes()[:4] == b"%PDF"
     for needle in ("Table 1", "Figure 1", "EHRMamba", "CEHR-BERT", "Counts + LR", "Oracle"):
         assert needle in html, needle
     assert "??" not in html
-    assert (out / "manifest.json").is_file()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["notebooks"]) == set(NOTEBOOKS)
+    assert "reference-chunked" in manifest["kernel_paths"]  # CPU: EHRMamba's PyTorch scan, recorded

@@ -3,7 +3,7 @@
 The mixer keeps mamba_ssm's ``Mamba`` parameter names, shapes and initialisation, so a state_dict moves
 between this module and ``mamba_ssm.modules.mamba_simple.Mamba``. On CUDA with mamba_ssm installed the scan
 runs in its fused kernel; everywhere else in ``selective_scan_ref_chunked``, which is exact to rounding
-(see its docstring) and about 30x faster on CPU than a per-step loop (DESIGN.md sections 7 and 11).
+(see its docstring) and ~60x faster on CPU than a per-step loop (DESIGN.md sections 7 and 11).
 """
 
 from __future__ import annotations
