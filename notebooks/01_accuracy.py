@@ -71,7 +71,7 @@ fig = figures.loss_figure(results.loss_curves(runs))
 # %%
 #| label: tbl-training
 #| tbl-cap: "How each model was trained: parameters actually built, kernel path, steps, wall time and training throughput."
-figures.show_table(results.training_table(runs))
+figures.show_table(results.training_table(runs), floatfmt=".1f")
 
 # %%
 ex.save_json(

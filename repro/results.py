@@ -199,7 +199,7 @@ def training_table(runs: Sequence[ModelRun]) -> pd.DataFrame:
         if r.pretrain is not None and (r.model, r.seed) not in seen:
             seen.add((r.model, r.seed))
             phases.append((f"pretrain ({r.pretrain.objective.upper()})", r.pretrain))
-        phases.append((f"finetune {r.task}", r.finetune))
+        phases.append((f"finetune {r.task}" if r.finetune is not None else f"fit {r.task}", r.finetune))
         for phase, res in phases:
             rows.append(
                 {
@@ -210,9 +210,9 @@ def training_table(runs: Sequence[ModelRun]) -> pd.DataFrame:
                     "kernel path": r.kernel_path,
                     "steps": 0 if res is None else len(res.losses),
                     "seconds": round(r.seconds if res is None else res.seconds, 1),
-                    "tokens/s": round(res.tokens / res.seconds)
+                    "tokens/s": f"{res.tokens / res.seconds:,.0f}"
                     if res is not None and res.seconds
-                    else np.nan,
+                    else "-",
                 }
             )
     return pd.DataFrame(rows)
