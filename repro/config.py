@@ -17,9 +17,9 @@ from typing import Any
 
 import yaml
 
-TASK_NAMES = ("mortality_1m", "inhospital_mortality_24h")
-MODEL_NAMES = ("ehrmamba", "cehr_bert", "count_lr")
-NEURAL_MODELS = ("ehrmamba", "cehr_bert")
+TASK_NAMES = ("mortality_1m", "inhospital_mortality_24h", "los_1w", "readmission_1m", "conditions")
+BACKBONES = ("ehrmamba", "cehr_bert", "bigbird", "transformer", "mamba2", "hybrid", "lstm")
+MODEL_NAMES = (*BACKBONES, "multibird", "count_lr")  # multibird = BigBird finetuned with MPF
 
 
 class ParamsError(ValueError):
@@ -39,6 +39,7 @@ class CodePatterns:
     birth: str = r"^MEDS_BIRTH$"
     died_in_hospital: str = r"^HOSPITAL_DISCHARGE//DIED"
     stamped_at_discharge: str = r"^(DIAGNOSIS//|PROCEDURE//ICD//|DRG//)"
+    diagnosis_group: str = r"^DIAGNOSIS//ICD//(\d+//[A-Z0-9]{3})"  # capture group = the condition group
     lab: str = r"^LAB//"
     medication: str = r"^MEDICATION//"
     procedure: str = r"^(PROCEDURE//|INFUSION_START//)"
@@ -113,6 +114,7 @@ class TrainParams:
     mlm_probability: float = 0.15
     checkpoint_every: int = 50
     num_threads: int = 0
+    workers: int = 1  # parallel training processes (CPU runs); 1 on a GPU
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "eval_batch_size"):
@@ -127,6 +129,8 @@ class TrainParams:
             )
         if not 0 <= self.warmup_frac < 1:
             raise ParamsError(f"train.warmup_frac must be in [0, 1), got {self.warmup_frac}")
+        if self.workers < 1:
+            raise ParamsError(f"train.workers must be >= 1, got {self.workers}")
         if not 0 < self.mlm_probability < 1:
             raise ParamsError(f"train.mlm_probability must be in (0, 1), got {self.mlm_probability}")
 
@@ -155,6 +159,8 @@ class RunParams:
     tasks: list[str] = field(default_factory=lambda: list(TASK_NAMES))
     models: list[str] = field(default_factory=lambda: list(MODEL_NAMES))
     model_sizes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    match_params: bool = True  # comparison presets: other backbones matched to EHRMamba's count (10 %)
+    mpf_models: list[str] = field(default_factory=lambda: ["ehrmamba", "cehr_bert"])
     data: DataParams = field(default_factory=DataParams)
     tokenizer: TokenizerParams = field(default_factory=TokenizerParams)
     train: TrainParams = field(default_factory=TrainParams)
@@ -171,9 +177,12 @@ class RunParams:
         bad = [m for m in self.models if m not in MODEL_NAMES]
         if bad or not self.models:
             raise ParamsError(f"models has unknown entries {bad}; known: {list(MODEL_NAMES)}")
-        bad = [m for m in self.model_sizes if m not in NEURAL_MODELS]
+        bad = [m for m in self.model_sizes if m not in BACKBONES]
         if bad:
-            raise ParamsError(f"model_sizes has unknown models {bad}; known: {list(NEURAL_MODELS)}")
+            raise ParamsError(f"model_sizes has unknown models {bad}; known: {list(BACKBONES)}")
+        bad = [m for m in self.mpf_models if m not in BACKBONES]
+        if bad:
+            raise ParamsError(f"mpf_models has unknown backbones {bad}; known: {list(BACKBONES)}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict, the inverse of `from_dict`."""

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import json
 import os
+import pickle
 import platform
 import subprocess
 import time
@@ -25,12 +26,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
-from repro.config import NEURAL_MODELS, RunParams, load_params
+from repro.config import RunParams, from_dict, load_params
 from repro.data.dataset import SequenceDataset
 from repro.data.meds import SUBJECT, MedsDataset, load_meds, read_events
-from repro.data.synthetic import true_probabilities, write_synthetic_meds
-from repro.data.tasks import build_task, find_visits
-from repro.data.tokenizer import N_TOKEN_TYPES, Encoded, Timelines, Tokenizer
+from repro.data.synthetic import GENERATOR_VERSION, true_probabilities, write_synthetic_meds
+from repro.data.tasks import LABEL_PREFIX, build_task, find_visits, label_columns
+from repro.data.tokenizer import CLS, N_TOKEN_TYPES, Encoded, Timelines, Tokenizer
 from repro.train import TrainResult, fit, predict, resolve_device
 
 SPLITS = (meds.train_split, meds.tuning_split, meds.held_out_split)
@@ -74,9 +75,8 @@ class Prepared:
 def synthetic_dir(params: RunParams) -> Path:
     """Where the embedded synthetic cohort of these parameters lives (shared by runs, deterministic)."""
     d = params.data
-    return (
-        resolve("outputs/.cache") / f"synthetic-v1-n{d.n_subjects}-seed{d.generator_seed}-shard{d.shard_size}"
-    )
+    name = f"synthetic-v{GENERATOR_VERSION}-n{d.n_subjects}-seed{d.generator_seed}-shard{d.shard_size}"
+    return resolve("outputs/.cache") / name
 
 
 def ensure_meds(params: RunParams, data_dir: str | Path | None = None) -> Path:
@@ -124,10 +124,10 @@ def prepare(params: RunParams, data_dir: str | Path | None = None) -> Prepared:
         truth = pq.read_table(truth_path).to_pandas()
         probs = true_probabilities(truth)
     for task in params.tasks:
-        df = build_task(task, events, params.data.codes, visits)
+        df = build_task(task, events, params.data.codes, visits, train_subjects=train_ids)
         df["split"] = df[SUBJECT].map(split_of)
         if truth is not None:
-            df["true_prob"] = df[SUBJECT].map(pd.Series(probs[task], index=truth[SUBJECT].to_numpy()))
+            _attach_truth(df, task, truth, probs)
         labels[task] = df.reset_index(drop=True)
     t3 = time.perf_counter()
     return Prepared(
@@ -144,22 +144,43 @@ def prepare(params: RunParams, data_dir: str | Path | None = None) -> Prepared:
     )
 
 
+def _attach_truth(df: pd.DataFrame, task: str, truth: pd.DataFrame, probs: dict) -> None:
+    """Add the generator's true probability beside each label column (`true_prob` or `true_prob::<group>`)."""
+    ids = truth[SUBJECT].to_numpy()
+    if task != "conditions":
+        df["true_prob"] = df[SUBJECT].map(pd.Series(probs[task], index=ids))
+        return
+    for col in label_columns(df):
+        group = col.removeprefix(LABEL_PREFIX)
+        key = group.split("//")[-1]
+        if key in probs["conditions"]:
+            df[f"true_prob::{group}"] = df[SUBJECT].map(pd.Series(probs["conditions"][key], index=ids))
+
+
 def encode_samples(
-    prep: Prepared, task: str, split: str, first_token: str = "cls", max_len: int | None = None
+    prep: Prepared, task: str, split: str, prompt: str | None = None, max_len: int | None = None
 ) -> tuple[list[Encoded], pd.DataFrame]:
-    """Token sequences of a task's samples in one split, each cut strictly before its prediction time."""
+    """Token sequences of a task's samples in one split, each cut strictly before its prediction time.
+
+    `prompt` puts the task token where the model pools (MPF): "first" replaces [CLS] (encoders), "last"
+    replaces the final [REG] (causal models).
+    """
     df = prep.labels[task]
     df = df[df["split"] == split].reset_index(drop=True)
     index = prep.timelines.index()
     tok = prep.tokenizer
-    first = tok.task_token_id(task) if first_token == "task" else 2
     if max_len is not None:
         tok = copy.copy(tok)
         tok.params = dataclasses.replace(tok.params, max_len=max_len)
+    task_id = tok.task_token_id(task)
+    first = task_id if prompt == "first" else CLS
     items = [
         tok.encode(prep.timelines, index[int(s)], int(t), first)
         for s, t in zip(df[SUBJECT], df["prediction_time"])
     ]
+    if prompt == "last":
+        for e in items:
+            e.input_ids[-1] = task_id
     return items, df
 
 
@@ -170,13 +191,63 @@ def pretrain_samples(prep: Prepared) -> list[Encoded]:
     return [prep.tokenizer.encode(prep.timelines, index[int(s)]) for s in ids]
 
 
-def model_kwargs(params: RunParams, name: str, vocab_size: int) -> dict[str, Any]:
-    """Build arguments of a neural model: the params' size block plus what the tokenizer fixes."""
+def model_kwargs(params: RunParams, name: str) -> dict[str, Any]:
+    """Build arguments of a backbone: the params' size block plus what the tokenizer fixes."""
     kw = dict(params.model_sizes.get(name, {}))
     kw.update(n_types=N_TOKEN_TYPES, max_visits=params.tokenizer.max_visits)
-    if name == "cehr_bert":
+    if name in LENGTH_BOUND:
         kw.setdefault("max_len", params.tokenizer.max_len)
     return kw
+
+
+LENGTH_BOUND = ("cehr_bert", "bigbird", "transformer")
+
+
+def long_predictions(df: pd.DataFrame, scores: np.ndarray) -> pd.DataFrame:
+    """One row per (sample, label column): subject_id, split, target, label, score (+ true_prob)."""
+    cols = label_columns(df)
+    frames = []
+    for j, col in enumerate(cols):
+        target = col.removeprefix(LABEL_PREFIX) if col != "label" else "label"
+        f = pd.DataFrame(
+            {
+                SUBJECT: df[SUBJECT].to_numpy(),
+                "split": df["split"].to_numpy(),
+                "target": target,
+                "label": df[col].to_numpy().astype(np.int64),
+                "score": scores[:, j],
+            }
+        )
+        tp = "true_prob" if col == "label" else f"true_prob::{target}"
+        if tp in df:
+            f["true_prob"] = df[tp].to_numpy()
+        frames.append(f)
+    out = pd.concat(frames, ignore_index=True)
+    return out.sort_values([SUBJECT, "target"], kind="stable").reset_index(drop=True)
+
+
+def mpf_dataset(
+    samples: dict[str, tuple[list[Encoded], pd.DataFrame]],
+) -> tuple[SequenceDataset, dict[str, slice]]:
+    """Pooled (patient, task) samples for MPF: one label row over every task's outputs, masked to its own task.
+
+    Returns the dataset and each task's column span in the shared head.
+    """
+    spans, start = {}, 0
+    for task, (_, df) in samples.items():
+        k = len(label_columns(df))
+        spans[task] = slice(start, start + k)
+        start += k
+    items, labels, masks = [], [], []
+    for task, (it, df) in samples.items():
+        y = np.zeros((len(it), start), np.float32)
+        m = np.zeros_like(y)
+        y[:, spans[task]] = df[label_columns(df)].to_numpy()
+        m[:, spans[task]] = 1.0
+        items += it
+        labels.append(y)
+        masks.append(m)
+    return SequenceDataset(items, np.concatenate(labels), np.concatenate(masks)), spans
 
 
 @dataclass
@@ -186,81 +257,132 @@ class ModelRun:
     model: str
     task: str
     seed: int
-    predictions: pd.DataFrame  # subject_id, split, label, score (+ true_prob when known)
+    predictions: pd.DataFrame  # subject_id, split, target, label, score (+ true_prob when known)
     n_params: int
     kernel_path: str
     pretrain: TrainResult | None
     finetune: TrainResult | None
     seconds: float
+    mode: str = "single-task"  # or "MPF"
 
 
 class Trainer:
-    """Trains each neural model once per seed (pretraining), then finetunes per task; caches the pretrained weights."""
+    """Pretrains each neural model once per seed, then finetunes it per task (single-task) or on all tasks at once
+    (MPF); caches pretrained weights and encoded samples. Other backbones are matched to EHRMamba's
+    parameter count when the params ask for it.
+    """
 
     def __init__(self, prep: Prepared, work_dir: str | Path, progress: bool = True) -> None:
         self.prep = prep
         self.work_dir = resolve(work_dir)
         self.device = resolve_device(prep.params.device)
         self.progress = progress
-        self._pretrained: dict[tuple[str, int], tuple[dict, TrainResult]] = {}
-        self._data: dict[tuple[str, str], tuple[list[Encoded], pd.DataFrame]] = {}
+        self._pretrained: dict[tuple[str, int], tuple[dict, TrainResult | None]] = {}
+        self._data: dict[tuple, tuple[list[Encoded], pd.DataFrame]] = {}
+        self._kwargs: dict[str, dict[str, Any]] = {}
+        self._mpf: dict[tuple[str, int], dict[str, ModelRun]] = {}
         if prep.params.train.num_threads:
             torch.set_num_threads(prep.params.train.num_threads)
 
-    def _samples(self, task: str, split: str) -> tuple[list[Encoded], pd.DataFrame]:
-        key = (task, split)
+    def _samples(
+        self, task: str, split: str, prompt: str | None = None
+    ) -> tuple[list[Encoded], pd.DataFrame]:
+        key = (task, split, prompt)
         if key not in self._data:
-            self._data[key] = encode_samples(self.prep, task, split)
+            self._data[key] = encode_samples(self.prep, task, split, prompt)
         return self._data[key]
+
+    def build_kwargs(self, name: str) -> dict[str, Any]:
+        """The backbone's build arguments; matched to EHRMamba's parameter count when params.match_params."""
+        if name not in self._kwargs:
+            from repro.models.registry import build_model, match_params
+
+            kw = model_kwargs(self.prep.params, name)
+            vocab = self.prep.tokenizer.vocab_size
+            if self.prep.params.match_params and name != "ehrmamba":
+                target = build_model("ehrmamba", vocab, **self.build_kwargs("ehrmamba")).n_params()
+                # attention head sizes in multiples of 8 keep the fused attention kernels usable
+                kw = match_params(name, target, vocab, step=8 * int(kw.get("n_heads", 1)), **kw)
+            self._kwargs[name] = kw
+        return self._kwargs[name]
 
     def _build(self, name: str):
         from repro.models.registry import build_model
 
-        return build_model(
-            name,
-            self.prep.tokenizer.vocab_size,
-            **model_kwargs(self.prep.params, name, self.prep.tokenizer.vocab_size),
-        )
+        return build_model(name, self.prep.tokenizer.vocab_size, **self.build_kwargs(name))
 
     def pretrained(self, name: str, seed: int):
-        """Model `name` after CLM (causal) or MLM (encoder) pretraining on the train split."""
+        """Backbone `name` after its pretraining objective (CLM causal, MLM encoders, none for the LSTM)."""
         key = (name, seed)
         if key not in self._pretrained:
             torch.manual_seed(seed)
             model = self._build(name)
-            objective = "clm" if model.causal else "mlm"
+            objective = getattr(model.backbone, "pretrain_objective", "clm" if model.causal else "mlm")
+            res = None
             tp = self.prep.params.train
-            res = fit(
-                model,
-                SequenceDataset(pretrain_samples(self.prep)),
-                tp,
-                objective,
-                tp.pretrain_steps,
-                tp.lr,
-                seed,
-                self.device,
-                checkpoint=self.work_dir / f"{name}-seed{seed}-pretrain.pt",
-                spec={
-                    "name": name,
-                    "vocab_size": self.prep.tokenizer.vocab_size,
-                    **model_kwargs(self.prep.params, name, self.prep.tokenizer.vocab_size),
-                },
-                progress=self.progress,
-                desc=f"pretrain {name} s{seed}",
-            )
+            if objective and tp.pretrain_steps:
+                res = fit(
+                    model,
+                    SequenceDataset(pretrain_samples(self.prep)),
+                    tp,
+                    objective,
+                    tp.pretrain_steps,
+                    tp.lr,
+                    seed,
+                    self.device,
+                    checkpoint=self.work_dir / f"{name}-seed{seed}-pretrain.pt",
+                    spec={
+                        "name": name,
+                        "vocab_size": self.prep.tokenizer.vocab_size,
+                        **self.build_kwargs(name),
+                    },
+                    progress=self.progress,
+                    desc=f"pretrain {name} s{seed}",
+                )
             self._pretrained[key] = (
                 {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
                 res,
             )
         state, res = self._pretrained[key]
+        torch.manual_seed(seed)
         model = self._build(name)
         model.load_state_dict(state)
         return model, res
 
+    def run_job(self, job: tuple[str, str, int]):
+        """A (model, task, seed) job; task "mpf" returns the model's multitask runs (dict by task)."""
+        name, task, seed = job
+        return self.run_mpf(name, seed) if task == "mpf" else self.run(name, task, seed)
+
+    def _cached(self, key: str, compute):
+        """Load a finished run from work/runs/ (same params hash) or compute and store it atomically.
+
+        Notebooks of one run share work/, so a model trained for H1 is not trained again for H3.
+        """
+        path = self.work_dir / "runs" / f"{key}.pkl"
+        if path.is_file():
+            with open(path, "rb") as f:
+                blob = pickle.load(f)
+            if blob.get("params_hash") == self.prep.params.hash():
+                return blob["value"]
+        value = compute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            pickle.dump({"params_hash": self.prep.params.hash(), "value": value}, f)
+        os.replace(tmp, path)
+        return value
+
     def run(self, name: str, task: str, seed: int) -> ModelRun:
-        """Train model `name` on `task` with `seed`; score tuning and held_out."""
+        """Train model `name` on `task` with `seed`; score tuning and held_out. "multibird" is BigBird + MPF."""
+        if name == "multibird":
+            return dataclasses.replace(self.run_mpf("bigbird", seed)[task], model="multibird")
+        return self._cached(f"{name}-{task}-seed{seed}", lambda: self._run(name, task, seed))
+
+    def _run(self, name: str, task: str, seed: int) -> ModelRun:
         t0 = time.perf_counter()
         tr_items, tr_df = self._samples(task, meds.train_split)
+        cols = label_columns(tr_df)
         frames = []
         if name == "count_lr":
             from repro.models.baselines import CountLogistic
@@ -268,20 +390,24 @@ class Trainer:
             full = self.prep.params.tokenizer.max_len * 1000
             tr_full, _ = encode_samples(self.prep, task, meds.train_split, max_len=full)
             tu_full, tu_df = encode_samples(self.prep, task, meds.tuning_split, max_len=full)
-            model = CountLogistic(self.prep.tokenizer.vocab_size, seed=seed)
-            model.fit(tr_full, tr_df["label"].to_numpy(), tu_full, tu_df["label"].to_numpy())
-            for split in (meds.tuning_split, meds.held_out_split):
-                items, df = encode_samples(self.prep, task, split, max_len=full)
-                frames.append(df.assign(score=model.predict(items)))
+            scored = [(tu_full, tu_df), encode_samples(self.prep, task, meds.held_out_split, max_len=full)]
+            fitted = [
+                CountLogistic(self.prep.tokenizer.vocab_size, seed=seed).fit(
+                    tr_full, tr_df[c].to_numpy(), tu_full, tu_df[c].to_numpy()
+                )
+                for c in cols
+            ]
+            for items, df in scored:
+                frames.append(long_predictions(df, np.column_stack([m.predict(items) for m in fitted])))
             pre = ft = None
-            n_params, kernel = model.n_params(), "sklearn"
-        elif name in NEURAL_MODELS:
+            n_params, kernel = sum(m.n_params() for m in fitted), "sklearn"
+        else:
             model, pre = self.pretrained(name, seed)
-            model.set_n_outputs(1)
+            model.set_n_outputs(len(cols))
             tp = self.prep.params.train
             ft = fit(
                 model,
-                SequenceDataset(tr_items, tr_df["label"].to_numpy()),
+                SequenceDataset(tr_items, tr_df[cols].to_numpy()),
                 tp,
                 "classify",
                 tp.finetune_steps,
@@ -295,14 +421,116 @@ class Trainer:
             for split in (meds.tuning_split, meds.held_out_split):
                 items, df = self._samples(task, split)
                 frames.append(
-                    df.assign(score=predict(model, SequenceDataset(items), self.device, tp.eval_batch_size))
+                    long_predictions(
+                        df, predict(model, SequenceDataset(items), self.device, tp.eval_batch_size)
+                    )
                 )
             n_params, kernel = model.n_params(), model.kernel_path
-        else:
-            raise ValueError(f"unknown model {name!r}")
         preds = pd.concat(frames, ignore_index=True)
-        keep = [c for c in (SUBJECT, "split", "label", "score", "true_prob") if c in preds.columns]
-        return ModelRun(name, task, seed, preds[keep], n_params, kernel, pre, ft, time.perf_counter() - t0)
+        return ModelRun(name, task, seed, preds, n_params, kernel, pre, ft, time.perf_counter() - t0)
+
+    def run_mpf(self, name: str, seed: int) -> dict[str, ModelRun]:
+        """Multitask prompted finetuning: one run over pooled (patient, task) samples of every task.
+
+        The task token replaces [CLS] (encoders) or the final [REG] (causal models); one head holds every
+        task's outputs and each sample's loss covers its own task's columns only. The run gets as many
+        steps as the single-task runs together, so the comparison is at equal compute.
+        """
+        key = (name, seed)
+        if key not in self._mpf:
+            self._mpf[key] = self._cached(f"{name}-mpf-seed{seed}", lambda: self._run_mpf(name, seed))
+        return self._mpf[key]
+
+    def _run_mpf(self, name: str, seed: int) -> dict[str, ModelRun]:
+        t0 = time.perf_counter()
+        model, pre = self.pretrained(name, seed)
+        prompt = "last" if model.causal else "first"
+        tasks = self.prep.params.tasks
+        data, spans = mpf_dataset({t: self._samples(t, meds.train_split, prompt) for t in tasks})
+        model.set_n_outputs(data.labels.shape[1])
+        tp = self.prep.params.train
+        steps = tp.finetune_steps * len(tasks)
+        ft = fit(
+            model,
+            data,
+            tp,
+            "classify",
+            steps,
+            tp.finetune_lr,
+            seed + 2000,
+            self.device,
+            checkpoint=self.work_dir / f"{name}-seed{seed}-mpf.pt",
+            progress=self.progress,
+            desc=f"MPF {name} s{seed}",
+        )
+        out = {}
+        for task in tasks:
+            frames = []
+            for split in (meds.tuning_split, meds.held_out_split):
+                it, df = self._samples(task, split, prompt)
+                p = predict(model, SequenceDataset(it), self.device, tp.eval_batch_size)[:, spans[task]]
+                frames.append(long_predictions(df, p))
+            out[task] = ModelRun(
+                name,
+                task,
+                seed,
+                pd.concat(frames, ignore_index=True),
+                model.n_params(),
+                model.kernel_path,
+                pre,
+                ft,
+                time.perf_counter() - t0,
+                mode="MPF",
+            )
+        return out
+
+
+def _backbone(model: str) -> str:
+    return "bigbird" if model == "multibird" else model
+
+
+_WORKER_PREP: dict[tuple[str, str], Prepared] = {}
+
+
+def _train_group(params_dict: dict, meds_dir: str, work_dir: str, jobs: list[tuple[str, str, int]]) -> None:
+    """Worker process: rebuild the prepared data, train a group of jobs, leave results in work/runs/."""
+    params = from_dict(params_dict)
+    key = (params.hash(), meds_dir)
+    if key not in _WORKER_PREP:  # a worker process serves many groups: prepare the data once
+        _WORKER_PREP.clear()
+        _WORKER_PREP[key] = prepare(params, meds_dir)
+    trainer = Trainer(_WORKER_PREP[key], work_dir, progress=False)
+    torch.set_num_threads(1)  # after Trainer, which applies params.train.num_threads
+    for job in jobs:
+        trainer.run_job(job)
+
+
+def run_all(prep: Prepared, work_dir: str | Path, jobs: list[tuple[str, str, int]], workers: int = 1) -> list:
+    """Train every (model, task, seed) job (task "mpf": the model's multitask run) and return the runs.
+
+    With workers > 1, groups of jobs that share a pretrained backbone (same backbone and seed) run in
+    parallel processes with one torch thread each, which uses small CPUs better than threads inside one
+    small model; results go through work/runs/, so the order and the numbers do not depend on `workers`.
+    """
+    from tqdm import tqdm
+
+    groups: dict[tuple[str, int], list] = {}
+    for job in jobs:
+        groups.setdefault((_backbone(job[0]), job[2]), []).append(job)
+    if workers > 1 and len(groups) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        ctx = mp.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            futures = [
+                pool.submit(_train_group, prep.params.to_dict(), str(prep.meds_dir), str(work_dir), g)
+                for g in groups.values()
+            ]
+            for f in tqdm(as_completed(futures), total=len(futures), desc="training (backbone x seed)"):
+                f.result()
+    trainer = Trainer(prep, work_dir, progress=False)
+    return [trainer.run_job(job) for job in tqdm(jobs, desc="models x tasks x seeds")]
 
 
 def git_sha(root: Path | None = None) -> str | None:

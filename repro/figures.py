@@ -46,10 +46,13 @@ def token_length_figure(lengths: pd.DataFrame, max_len: int) -> plt.Figure:
 def forest_figure(df: pd.DataFrame, metric: str = "AUROC", oracle: float | None = None) -> plt.Figure:
     """Point estimates with 95 % CIs per model and task; the oracle ceiling as a dashed line."""
     tasks = list(dict.fromkeys(df["task"]))
-    fig, axes = plt.subplots(
-        1, len(tasks), figsize=(3.6 * len(tasks), 0.55 * df["model"].nunique() + 1.4), sharey=True
-    )
-    axes = np.atleast_1d(axes)
+    ncols = min(3, len(tasks))
+    nrows = -(-len(tasks) // ncols)
+    height = 0.3 * df["model"].nunique() + 1.3
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, height * nrows), sharey=True, squeeze=False)
+    axes = axes.ravel()
+    for ax in axes[len(tasks) :]:
+        ax.set_visible(False)
     for ax, task in zip(axes, tasks):
         g = df[df["task"] == task].reset_index(drop=True)
         y = np.arange(len(g))[::-1]
@@ -67,15 +70,47 @@ def forest_figure(df: pd.DataFrame, metric: str = "AUROC", oracle: float | None 
     return fig
 
 
-def loss_figure(curves: pd.DataFrame) -> plt.Figure:
-    """Training loss per step for each model and phase."""
+def delta_figure(comparisons: pd.DataFrame, xlabel: str) -> plt.Figure:
+    """Paired differences with CIs, one row per comparison and task, zero marked; verdicts as colours."""
+    fig, ax = plt.subplots(figsize=(7.0, 0.32 * max(len(comparisons), 1) + 1.2))
+    if comparisons.empty:
+        ax.text(0.5, 0.5, "no comparison was run", ha="center", va="center", transform=ax.transAxes)
+        return fig
+    g = comparisons.reset_index(drop=True)
+    y = np.arange(len(g))[::-1]
+    colours = {"supported": "tab:green", "not supported": "tab:red", "inconclusive": "tab:grey"}
+    for yi, (_, r) in zip(y, g.iterrows()):
+        c = colours.get(r["verdict"], "tab:grey")
+        ax.errorbar(
+            r["ΔAUROC"],
+            yi,
+            xerr=[[r["ΔAUROC"] - r["lo"]], [r["hi"] - r["ΔAUROC"]]],
+            fmt="o",
+            color=c,
+            capsize=3,
+        )
+    ax.axvline(0, color="black", linewidth=1)
+    ax.set_yticks(y, [f"{r['comparison']} · {r['task']}" for _, r in g.iterrows()], fontsize=8)
+    ax.set_xlabel(xlabel)
+    handles = [plt.Line2D([], [], marker="o", linestyle="", color=c, label=v) for v, c in colours.items()]
+    ax.legend(handles=handles, frameon=False, fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def loss_figure(curves: pd.DataFrame, window: int = 10) -> plt.Figure:
+    """Training loss per step (rolling mean over `window` steps), one panel per phase, averaged over runs."""
+    curves = curves.copy()
+    curves["loss"] = curves.groupby(["model", "run", "seed"], sort=False)["loss"].transform(
+        lambda x: x.rolling(window, min_periods=1).mean()
+    )
     phases = list(dict.fromkeys(curves["phase"]))
-    fig, axes = plt.subplots(1, len(phases), figsize=(3.6 * len(phases), 3.0))
+    fig, axes = plt.subplots(1, len(phases), figsize=(5.0 * len(phases), 3.4))
     axes = np.atleast_1d(axes)
     for ax, phase in zip(axes, phases):
         g = curves[curves["phase"] == phase]
-        sns.lineplot(data=g, x="step", y="loss", hue="model", ax=ax, errorbar=None)
-        ax.set_title(phase, fontsize=10)
-        ax.legend(frameon=False, fontsize=8)
+        sns.lineplot(data=g, x="step", y="loss", hue="model", ax=ax, errorbar=None, linewidth=1.2)
+        ax.set_title(f"{phase} (rolling mean of {window} steps)", fontsize=10)
+        ax.legend(frameon=False, fontsize=7, ncol=2)
     fig.tight_layout()
     return fig

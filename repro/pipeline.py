@@ -20,7 +20,7 @@ from tqdm import tqdm
 from repro.config import ParamsError, load_params
 from repro.experiment import environment, git_sha, project_root, save_json
 
-NOTEBOOKS = ("00_cohort", "01_accuracy")
+NOTEBOOKS = ("00_cohort", "01_accuracy", "03_mpf")
 REPORT_FILES = ("report.qmd", "_quarto.yml")
 
 
@@ -160,11 +160,13 @@ def run(
             }
         manifest["seconds_total"] = round(time.perf_counter() - t_run, 1)
         save_json(manifest, staging / "manifest.json")
-    except BaseException:
+    except BaseException as exc:
         failed = outputs / f"{name}.failed"
         shutil.rmtree(failed, ignore_errors=True)
         if staging.exists():
             os.replace(staging, failed)
+        if isinstance(exc, RunError):  # point at where the partial notebook now lies
+            raise RunError(str(exc).replace(str(staging), str(failed))) from None
         raise
     if final.exists():
         trash = outputs / f".trash-{name}-{os.getpid()}"

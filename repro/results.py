@@ -17,21 +17,66 @@ from repro.evaluate import binary_metrics, evaluate_predictions, metrics_table, 
 from repro.experiment import ModelRun
 from repro.stats import VERDICT_RULE, aggregate_seeds, benjamini_hochberg, paired_bootstrap, verdict
 
-MODEL_LABELS = {"ehrmamba": "EHRMamba", "cehr_bert": "CEHR-BERT", "count_lr": "Counts + LR"}
+__all__ = [
+    "VERDICT_RULE",
+    "OVERALL_RULE",
+    "label",
+    "predictions_frame",
+    "evaluate_all",
+    "task_table",
+    "all_tasks_table",
+    "forest_frame",
+    "paired_comparisons",
+    "comparison_table",
+    "h1_comparisons",
+    "mpf_comparisons",
+    "overall_verdict",
+    "loss_curves",
+    "training_table",
+    "h1_verdict",
+]
+
+MODEL_LABELS = {
+    "ehrmamba": "EHRMamba",
+    "cehr_bert": "CEHR-BERT",
+    "bigbird": "BigBird",
+    "multibird": "MultiBird",
+    "transformer": "Transformer (SDPA)",
+    "mamba2": "Mamba2",
+    "hybrid": "Hybrid (HyMaTE)",
+    "lstm": "BiLSTM",
+    "count_lr": "Counts + LR",
+}
 ORACLE = "Oracle (true probability)"
+MPF = "+mpf"
+
+
+def label(model: str) -> str:
+    """Display name; `name+mpf` is that model finetuned with multitask prompts."""
+    if model.endswith(MPF):
+        return f"{MODEL_LABELS.get(model.removesuffix(MPF), model)} (MPF)"
+    return MODEL_LABELS.get(model, model)
+
+
+def run_key(r: ModelRun) -> str:
+    """The model name a run's predictions carry: `name+mpf` for MPF runs (MultiBird keeps its name)."""
+    return r.model if r.mode != "MPF" or r.model == "multibird" else r.model + MPF
 
 
 def predictions_frame(runs: Sequence[ModelRun]) -> pd.DataFrame:
-    """Long frame of every run's predictions: model, task, seed, subject_id, split, label, score (+ true_prob)."""
-    return pd.concat(
-        [r.predictions.assign(model=r.model, task=r.task, seed=r.seed) for r in runs], ignore_index=True
-    )
+    """Long frame of every run's predictions: model, task, seed, subject_id, split, target, label, score
+    (+ true_prob). MPF runs of a backbone appear as model `name+mpf` (MultiBird keeps its own name)."""
+    frames = [r.predictions.assign(model=run_key(r), task=r.task, seed=r.seed) for r in runs]
+    return pd.concat(frames, ignore_index=True)
 
 
 def seed_ensemble(preds: pd.DataFrame) -> pd.DataFrame:
-    """Average each subject's score over seeds, per model, task and split."""
-    keys = ["model", "task", "split", "subject_id", "label"] + (["true_prob"] if "true_prob" in preds else [])
-    return preds.groupby(keys, sort=False, dropna=False)["score"].mean().reset_index()
+    """Average each row's score over seeds, per model, task, split, subject and target; `row_id` pairs models."""
+    keys = ["model", "task", "split", "subject_id", "target", "label"]
+    keys += ["true_prob"] if "true_prob" in preds else []
+    out = preds.groupby(keys, sort=False, dropna=False)["score"].mean().reset_index()
+    out["row_id"] = out["subject_id"].astype(str) + "|" + out["target"].astype(str)
+    return out
 
 
 def seed_spread(preds: pd.DataFrame) -> pd.DataFrame:
@@ -63,14 +108,15 @@ def evaluate_all(preds: pd.DataFrame, n_boot: int, ci: float) -> dict[str, dict[
         res = {}
         for model in dict.fromkeys(t["model"]):
             g = t[t["model"] == model]
-            res[MODEL_LABELS.get(model, model)] = evaluate_predictions(
+            res[label(model)] = evaluate_predictions(
                 g[g["split"] == meds.tuning_split],
                 g[g["split"] == meds.held_out_split],
                 n_boot=n_boot,
                 seed=0,
                 ci=ci,
             )
-        test = t[t["split"] == meds.held_out_split].drop_duplicates("subject_id")
+        first = t[t["model"] == t["model"].iloc[0]]
+        test = first[first["split"] == meds.held_out_split]
         if "true_prob" in test and test["true_prob"].notna().all() and len(test):
             res[ORACLE] = oracle_metrics(test, n_boot=n_boot, seed=0, ci=ci)
         out[task] = res
@@ -84,11 +130,11 @@ def task_table(
     spread = seed_spread(preds[preds["task"] == task]).set_index("model")
     info = {}
     for r in runs:
-        if r.task != task or MODEL_LABELS.get(r.model, r.model) in info:
+        if r.task != task or label(run_key(r)) in info:
             continue
-        s = spread.loc[r.model]
+        s = spread.loc[run_key(r)]
         sd = 0.0 if np.isnan(s["sd"]) else s["sd"]
-        info[MODEL_LABELS.get(r.model, r.model)] = {
+        info[label(run_key(r))] = {
             "parameters": f"{r.n_params:,}",
             "seeds: AUROC mean ± sd [min, max]": f"{s['mean']:.3f} ± {sd:.3f} [{s['min']:.3f}, {s['max']:.3f}]",
         }
@@ -97,6 +143,21 @@ def task_table(
     table = metrics_table(evaluated[task])
     text_cols = [c for c in table.columns if c.startswith(("AUROC", "AUPRC", "F1"))]
     return table[text_cols].join(pd.DataFrame(info).T).rename_axis("model").reset_index()
+
+
+def all_tasks_table(evaluated: dict[str, dict[str, dict]], tasks: Sequence[str]) -> pd.DataFrame:
+    """AUROC / AUPRC / F1 with CIs for several tasks in one long table (task, model)."""
+    frames = []
+    for task in tasks:
+        if task not in evaluated:
+            continue
+        t = metrics_table(evaluated[task])
+        cols = [c for c in t.columns if c.startswith(("AUROC", "AUPRC", "F1"))]
+        frames.append(t[cols].rename_axis("model").reset_index().assign(task=task))
+    if not frames:
+        return pd.DataFrame()
+    out = pd.concat(frames, ignore_index=True)
+    return out[["task", "model", *[c for c in out.columns if c not in ("task", "model")]]]
 
 
 def forest_frame(evaluated: dict[str, dict[str, dict]]) -> pd.DataFrame:
@@ -120,25 +181,27 @@ def forest_frame(evaluated: dict[str, dict[str, dict]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def h1_comparisons(
-    preds: pd.DataFrame, new: str, baselines: Sequence[str], n_boot: int, ci: float, alpha: float = 0.05
+def paired_comparisons(
+    preds: pd.DataFrame, pairs: Sequence[tuple[str, str]], n_boot: int, ci: float, alpha: float = 0.05
 ) -> pd.DataFrame:
-    """EHRMamba minus each baseline, AUROC on held_out, per task; BH across this notebook's comparisons; verdicts."""
+    """new − baseline in held-out AUROC per task for each (new, baseline) pair, on the same resampled patients;
+    Benjamini-Hochberg across every comparison in the frame (one notebook's family); computed verdicts."""
     ens = seed_ensemble(preds[preds["split"] == meds.held_out_split])
     rows = []
     for task in dict.fromkeys(ens["task"]):
         t = ens[ens["task"] == task]
-        present = [m for m in [new, *baselines] if m in set(t["model"])]
-        if new not in present or len(present) < 2:
-            continue
-        res = paired_bootstrap(
-            t, present, "auroc", n_boot=n_boot, seed=0, ci=ci, pairs=[(new, b) for b in present if b != new]
-        )
-        for _, r in res[res["kind"] == "difference"].iterrows():
+        present = set(t["model"])
+        for new, base in pairs:
+            if new not in present or base not in present:
+                continue
+            res = paired_bootstrap(t, [new, base], "auroc", n_boot=n_boot, seed=0, ci=ci, pairs=[(new, base)])
+            r = res[res["kind"] == "difference"].iloc[0]
             rows.append(
                 {
                     "task": task,
-                    "comparison": f"{MODEL_LABELS.get(new, new)} − {MODEL_LABELS.get(r['versus'], r['versus'])}",
+                    "new": new,
+                    "baseline": base,
+                    "comparison": f"{label(new)} − {label(base)}",
                     "ΔAUROC": r["estimate"],
                     "lo": r["lo"],
                     "hi": r["hi"],
@@ -155,83 +218,109 @@ def h1_comparisons(
     out[f"ΔAUROC ({ci * 100:g}% CI)"] = [
         f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in zip(out["ΔAUROC"], out["lo"], out["hi"])
     ]
-    return out[["task", "comparison", f"ΔAUROC ({ci * 100:g}% CI)", "p", "p (BH)", "verdict"]]
+    return out
+
+
+def comparison_table(comparisons: pd.DataFrame, ci: float) -> pd.DataFrame:
+    """The columns the report shows."""
+    if comparisons.empty:
+        return comparisons
+    return comparisons[["task", "comparison", f"ΔAUROC ({ci * 100:g}% CI)", "p", "p (BH)", "verdict"]]
+
+
+def h1_comparisons(
+    preds: pd.DataFrame, new: str, baselines: Sequence[str], n_boot: int, ci: float
+) -> pd.DataFrame:
+    """EHRMamba minus each baseline, AUROC on held_out, per task (BH across all of them)."""
+    return paired_comparisons(preds, [(new, b) for b in baselines if b != new], n_boot, ci)
+
+
+def mpf_comparisons(preds: pd.DataFrame, backbones: Sequence[str], n_boot: int, ci: float) -> pd.DataFrame:
+    """H3: each backbone finetuned with MPF minus the same backbone finetuned per task."""
+    pairs = [
+        ("multibird" if b == "bigbird" and "multibird" in set(preds["model"]) else b + MPF, b)
+        for b in backbones
+    ]
+    return paired_comparisons(preds, pairs, n_boot, ci)
+
+
+def overall_verdict(verdicts: Sequence[str]) -> str:
+    """A hypothesis over several tasks: supported when some task supports it and none contradicts it; not
+    supported when some task contradicts it and none supports it; otherwise inconclusive."""
+    v = set(verdicts)
+    if "supported" in v and "not supported" not in v:
+        return "supported"
+    if "not supported" in v and "supported" not in v:
+        return "not supported"
+    return "inconclusive"
+
+
+OVERALL_RULE = (
+    "Across tasks, a hypothesis is supported when at least one task's comparison is supported and none is "
+    "not supported, not supported when at least one is not supported and none is supported, and inconclusive "
+    "otherwise (including mixed results)."
+)
+
+
+def _phases(runs: Sequence[ModelRun]) -> list[tuple[ModelRun, str, object]]:
+    """(run, phase name, TrainResult or None), each training run once: pretraining is shared by a backbone's
+    tasks and its MPF run, and one MPF run serves every task."""
+    out, seen = [], set()
+    for r in runs:
+        backbone = "bigbird" if r.model == "multibird" else r.model
+        if r.pretrain is not None and ("pretrain", backbone, r.seed) not in seen:
+            seen.add(("pretrain", backbone, r.seed))
+            out.append((r, f"pretrain ({r.pretrain.objective.upper()})", r.pretrain))
+        if r.finetune is None:
+            out.append((r, f"fit {r.task}", None))
+        elif r.mode != "MPF":
+            out.append((r, f"finetune {r.task}", r.finetune))
+        elif ("mpf", backbone, r.seed) not in seen:
+            seen.add(("mpf", backbone, r.seed))
+            out.append((r, "finetune MPF (all tasks)", r.finetune))
+    return out
 
 
 def loss_curves(runs: Sequence[ModelRun]) -> pd.DataFrame:
-    """Per-step losses of pretraining (once per model and seed) and finetuning (per task)."""
-    rows, seen = [], set()
-    for r in runs:
-        if r.pretrain is not None and (r.model, r.seed) not in seen:
-            seen.add((r.model, r.seed))
+    """Per-step training losses of every pretraining and finetuning run."""
+    rows = []
+    for r, phase, res in _phases(runs):
+        if res is not None:
+            model = (
+                "BigBird" if phase.startswith("pretrain") and r.model == "multibird" else label(run_key(r))
+            )
+            kind = "pretraining" if phase.startswith("pretrain") else "finetuning"
             rows += [
-                {
-                    "model": MODEL_LABELS.get(r.model, r.model),
-                    "phase": f"pretraining ({r.pretrain.objective.upper()})",
-                    "step": i,
-                    "loss": v,
-                    "seed": r.seed,
-                }
-                for i, v in enumerate(r.pretrain.losses)
-            ]
-        if r.finetune is not None:
-            rows += [
-                {
-                    "model": MODEL_LABELS.get(r.model, r.model),
-                    "phase": f"finetuning: {r.task}",
-                    "step": i,
-                    "loss": v,
-                    "seed": r.seed,
-                }
-                for i, v in enumerate(r.finetune.losses)
+                {"model": model, "phase": kind, "run": phase, "step": i, "loss": v, "seed": r.seed}
+                for i, v in enumerate(res.losses)
             ]
     return pd.DataFrame(rows)
 
 
 def training_table(runs: Sequence[ModelRun]) -> pd.DataFrame:
-    """How each model was trained, one row per phase: parameters, kernel path, steps, wall time, tokens/s.
-
-    Pretraining is shared by a model's tasks, so it appears once per model and seed.
-    """
-    rows, seen = [], set()
-    for r in runs:
-        phases = []
-        if r.pretrain is not None and (r.model, r.seed) not in seen:
-            seen.add((r.model, r.seed))
-            phases.append((f"pretrain ({r.pretrain.objective.upper()})", r.pretrain))
-        phases.append((f"finetune {r.task}" if r.finetune is not None else f"fit {r.task}", r.finetune))
-        for phase, res in phases:
-            rows.append(
-                {
-                    "model": MODEL_LABELS.get(r.model, r.model),
-                    "phase": phase,
-                    "seed": r.seed,
-                    "parameters": r.n_params,
-                    "kernel path": r.kernel_path,
-                    "steps": 0 if res is None else len(res.losses),
-                    "seconds": round(r.seconds if res is None else res.seconds, 1),
-                    "tokens/s": f"{res.tokens / res.seconds:,.0f}"
-                    if res is not None and res.seconds
-                    else "-",
-                }
-            )
+    """How each model was trained, one row per training run: parameters, kernel path, steps, time, tokens/s."""
+    rows = []
+    for r, phase, res in _phases(runs):
+        rows.append(
+            {
+                "model": "BigBird"
+                if phase.startswith("pretrain") and r.model == "multibird"
+                else label(run_key(r)),
+                "phase": phase,
+                "seed": r.seed,
+                "parameters": r.n_params,
+                "kernel path": r.kernel_path,
+                "steps": 0 if res is None else len(res.losses),
+                "seconds": round(r.seconds if res is None else res.seconds, 1),
+                "tokens/s": f"{res.tokens / res.seconds:,.0f}" if res is not None and res.seconds else "-",
+            }
+        )
     return pd.DataFrame(rows)
 
 
-def h1_verdict(comparisons: pd.DataFrame, task: str = "mortality_1m", baseline: str = "CEHR-BERT") -> str:
+def h1_verdict(comparisons: pd.DataFrame, task: str = "mortality_1m", baseline: str = "cehr_bert") -> str:
     """The H1 headline: EHRMamba vs CEHR-BERT on mortality, from the computed comparison row."""
-    row = comparisons[(comparisons["task"] == task) & comparisons["comparison"].str.endswith(baseline)]
+    if comparisons.empty:
+        return "inconclusive (comparison not run)"
+    row = comparisons[(comparisons["task"] == task) & (comparisons["baseline"] == baseline)]
     return "inconclusive (comparison not run)" if row.empty else str(row["verdict"].iloc[0])
-
-
-__all__ = [
-    "VERDICT_RULE",
-    "predictions_frame",
-    "task_table",
-    "forest_frame",
-    "h1_comparisons",
-    "loss_curves",
-    "training_table",
-    "h1_verdict",
-    "seed_spread",
-]

@@ -33,8 +33,8 @@ VERDICT_RULE = (
     "[lo, hi] and its Benjamini-Hochberg adjusted p-value p_adj. "
     "Supported: lo > margin and p_adj < alpha (the whole CI shows an improvement larger than the margin, "
     "and the improvement survives the multiple-comparison correction). "
-    "Not supported: hi < margin (the CI rules out an improvement as large as the margin; with margin 0 this "
-    "means the baseline is significantly better). "
+    "Not supported: hi < margin and, when the margin is 0, p_adj < alpha (the CI rules out an improvement as "
+    "large as the margin; with margin 0 the baseline is significantly better after the same correction). "
     "Inconclusive: anything else, including missing values."
 )
 
@@ -517,9 +517,9 @@ def verdict(
     Let d = new - baseline (for metrics where lower is better, baseline - new), with its paired bootstrap CI
     [lo, hi] and its Benjamini-Hochberg adjusted p-value p_adj. Supported: lo > margin and p_adj < alpha (the
     whole CI shows an improvement larger than the margin, and the improvement survives the multiple-comparison
-    correction). Not supported: hi < margin (the CI rules out an improvement as large as the margin; with
-    margin 0 this means the baseline is significantly better). Inconclusive: anything else, including missing
-    values.
+    correction). Not supported: hi < margin and, when the margin is 0, p_adj < alpha (the CI rules out an
+    improvement as large as the margin; with margin 0 the baseline is significantly better after the same
+    correction). Inconclusive: anything else, including missing values.
 
     Pass diff_lo/diff_hi of new - baseline as computed; higher_is_better=False flips the sign (Brier, ECE).
     The same text is in VERDICT_RULE for the report.
@@ -538,6 +538,6 @@ def verdict(
         return "inconclusive"
     if lo > margin and p_adj is not None and not np.isnan(p_adj) and p_adj < alpha:
         return "supported"
-    if hi < margin:
+    if hi < margin and (margin > 0 or (p_adj is not None and not np.isnan(p_adj) and p_adj < alpha)):
         return "not supported"
     return "inconclusive"

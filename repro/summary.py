@@ -7,10 +7,9 @@ hold counts, rates and quantiles, never rows; on non-synthetic data any count be
 
 from __future__ import annotations
 
-import meds
 import pandas as pd
 
-from repro.data.meds import SUBJECT
+from repro.data.tasks import label_columns
 from repro.experiment import SPLITS, Prepared, encode_samples
 
 MIN_CELL = 10
@@ -47,9 +46,16 @@ def cohort_table(prep: Prepared, lengths: pd.DataFrame) -> pd.DataFrame:
         }
         for task, df in prep.labels.items():
             d = df[df["split"] == split]
-            pos = int(d["label"].sum())
+            cols = label_columns(d)
             col[f"{task}: samples"] = _count(len(d), suppress)
-            col[f"{task}: positives (%)"] = f"{_count(pos, suppress)} ({100 * pos / max(len(d), 1):.1f} %)"
+            if cols == ["label"]:
+                pos = int(d["label"].sum())
+                col[f"{task}: positives (%)"] = (
+                    f"{_count(pos, suppress)} ({100 * pos / max(len(d), 1):.1f} %)"
+                )
+            else:
+                rate = d[cols].to_numpy().mean() if len(d) else float("nan")
+                col[f"{task}: label rate over {len(cols)} groups"] = f"{100 * rate:.1f} %"
         t = lengths.loc[lengths["split"] == split, "tokens"]
         if len(t):
             col["tokens, median [p90, max]"] = f"{t.median():.0f} [{t.quantile(0.9):.0f}, {t.max():.0f}]"
@@ -86,27 +92,6 @@ def tokenizer_table(prep: Prepared) -> pd.DataFrame:
 def split_sizes(prep: Prepared) -> dict[str, int]:
     """Subjects per split, for the manifest."""
     return {k: int(v) for k, v in prep.dataset.splits["split"].value_counts().items()}
-
-
-def truth_summary(prep: Prepared) -> pd.DataFrame | None:
-    """Oracle: mean true probability and label rate per task on held_out (synthetic data only)."""
-    if not prep.synthetic:
-        return None
-    rows = []
-    for task, df in prep.labels.items():
-        d = df[df["split"] == meds.held_out_split]
-        if "true_prob" not in d:
-            continue
-        rows.append(
-            {
-                "task": task,
-                "n": len(d),
-                "label rate": d["label"].mean(),
-                "mean true probability": d["true_prob"].mean(),
-                "subjects": d[SUBJECT].nunique(),
-            }
-        )
-    return pd.DataFrame(rows) if rows else None
 
 
 def run_table(params, env: dict, sha: str | None) -> pd.DataFrame:

@@ -105,8 +105,13 @@ def _loss(
             logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE
         )
     if objective == "classify":
-        logits = model.classify(batch).squeeze(-1).float()
-        return F.binary_cross_entropy_with_logits(logits, batch["labels"].to(logits.device))
+        logits = model.classify(batch).float()
+        labels = batch["labels"].to(logits.device)
+        if "label_mask" not in batch:
+            return F.binary_cross_entropy_with_logits(logits, labels)
+        mask = batch["label_mask"].to(logits.device)  # MPF: only the columns of each sample's task count
+        loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+        return (loss * mask).sum() / mask.sum().clamp_min(1.0)
     raise ValueError(f"unknown objective {objective!r}")
 
 
@@ -209,15 +214,15 @@ def fit(
 def predict(
     model: torch.nn.Module, data: SequenceDataset, device: torch.device, batch_size: int = 64
 ) -> np.ndarray:
-    """Probabilities for every sample, batching by length so padding stays small."""
+    """Probabilities [n, n_outputs] for every sample, batching by length so padding stays small."""
     model.to(device).eval()
     order = np.argsort(data.lengths(), kind="stable")
-    out = np.empty(len(data), dtype=np.float64)
+    out = np.empty((len(data), model.n_outputs), dtype=np.float64)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        batch = _to(collate([data[int(i)] for i in idx]), device)
+        batch = _to(collate([data[int(i)][:1] for i in idx]), device)
         with _autocast(device):
-            logits = model.classify(batch).squeeze(-1).float()
+            logits = model.classify(batch).float()
         out[idx] = torch.sigmoid(logits).cpu().numpy()
     model.train()
     return out

@@ -280,6 +280,7 @@ def test_aggregate_seeds():
         (0.01, 0.05, 0.01, 0.02, "inconclusive"),  # CI not wholly above the margin
         (0.03, 0.05, 0.01, 0.02, "supported"),
         (-0.05, -0.01, 0.01, 0.0, "not supported"),  # baseline better
+        (-0.05, -0.01, 0.30, 0.0, "inconclusive"),  # baseline better before, not after the BH correction
         (-0.01, 0.01, 0.50, 0.02, "not supported"),  # within the margin: no meaningful gain
         (-0.01, 0.03, 0.50, 0.02, "inconclusive"),
         (np.nan, np.nan, np.nan, 0.0, "inconclusive"),

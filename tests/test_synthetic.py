@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
@@ -78,3 +79,27 @@ def test_leakage_traps_present(cohort):
     assert any(c.startswith("DIAGNOSIS//ICD//10//") for c in codes)
     deaths = ev[ev["code"] == "MEDS_DEATH"]
     assert (deaths["time"] % 86_400_000_000 == 0).any()  # out-of-hospital: date only
+
+
+def test_truth_of_the_other_tasks_matches_their_labels(cohort):
+    ds = load_meds(cohort)
+    ev = read_events(ds)
+    truth = pq.read_table(cohort / "truth" / "last_admission.parquet").to_pandas().set_index("subject_id")
+    probs = {k: v for k, v in true_probabilities(truth.reset_index()).items() if k != "conditions"}
+    p = pd.DataFrame(probs, index=truth.index)
+    readm = build_task("readmission_1m", ev, CodePatterns()).set_index("subject_id")
+    # The task's prediction time is the generator's previous discharge, and only multi-admission subjects have it.
+    prev = truth["previous_discharge_time"].dropna().astype("int64")
+    assert (readm["prediction_time"] == prev.reindex(readm.index)).all()
+    for task in ("readmission_1m", "los_1w"):
+        lab = build_task(task, ev, CodePatterns()).set_index("subject_id")["label"]
+        q = p.loc[lab.index, task]
+        assert abs(lab.mean() - q.mean()) < 0.04, task  # calibrated on average
+        assert lab[q > q.quantile(0.75)].mean() > 1.5 * lab[q < q.quantile(0.25)].mean(), task
+    cond = build_task("conditions", ev, CodePatterns(), train_subjects=ds.subjects("train")).set_index(
+        "subject_id"
+    )
+    tp = true_probabilities(truth.reset_index())["conditions"]["I50"]
+    hf = cond["label::10//I50"]
+    q = pd.Series(tp, index=truth.index).reindex(hf.index)
+    assert abs(hf.mean() - q.mean()) < 0.04

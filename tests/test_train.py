@@ -46,7 +46,7 @@ def test_clm_loss_ignores_padding():
     model = _model().eval()
     data = _data()
     short = collate([data[0], data[1]])
-    long_ = collate([data[0], data[1], (_enc(np.random.default_rng(9), 30), 0.0)])
+    long_ = collate([data[0], data[1], (_enc(np.random.default_rng(9), 30), np.zeros(1, np.float32))])
     gen = torch.Generator().manual_seed(0)
     # The same two sequences, padded to 30 instead of their own max: per-token loss must not change.
     two_of_long = {k: v[:2] for k, v in long_.items()}
@@ -107,11 +107,11 @@ def test_predict_keeps_order_and_range():
     model.set_n_outputs(1)
     data = _data()
     p = train_mod.predict(model, data, torch.device("cpu"), batch_size=5)
-    assert p.shape == (len(data),) and ((p > 0) & (p < 1)).all()
+    assert p.shape == (len(data), 1) and ((p > 0) & (p < 1)).all()
     single = [
         train_mod.predict(model, SequenceDataset([data.items[i]]), torch.device("cpu"))[0] for i in (0, 7)
     ]
-    np.testing.assert_allclose(p[[0, 7]], single, atol=1e-5)
+    np.testing.assert_allclose(p[[0, 7], 0], np.ravel(single), atol=1e-5)
 
 
 def test_cuda_request_without_cuda_is_an_error():

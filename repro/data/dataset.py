@@ -19,28 +19,43 @@ SIDE = ("input_ids", "type_ids", "ages", "times", "segments", "visit_orders")
 
 
 class SequenceDataset(Dataset):
-    """Encoded sequences with optional labels (one row per prediction sample or pretraining subject)."""
+    """Encoded sequences with optional labels [n, K] and label masks [n, K].
 
-    def __init__(self, items: Sequence[Encoded], labels: np.ndarray | None = None) -> None:
-        if labels is not None and len(labels) != len(items):
-            raise ValueError(f"{len(items)} sequences but {len(labels)} labels")
+    K is 1 for a binary task, the number of groups for a multi-label task, and the total of all tasks'
+    outputs for multitask prompted finetuning, where the mask marks the columns of each sample's task.
+    """
+
+    def __init__(
+        self, items: Sequence[Encoded], labels: np.ndarray | None = None, mask: np.ndarray | None = None
+    ) -> None:
         self.items = list(items)
-        self.labels = None if labels is None else np.asarray(labels, dtype=np.float32)
+        self.labels = None
+        self.mask = None
+        if labels is not None:
+            labels = np.asarray(labels, dtype=np.float32)
+            self.labels = labels[:, None] if labels.ndim == 1 else labels
+            if len(self.labels) != len(self.items):
+                raise ValueError(f"{len(self.items)} sequences but {len(self.labels)} labels")
+        if mask is not None:
+            if self.labels is None or np.shape(mask) != self.labels.shape:
+                raise ValueError("a label mask needs labels of the same shape")
+            self.mask = np.asarray(mask, dtype=np.float32)
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[Encoded, float | None]:
-        return self.items[i], None if self.labels is None else float(self.labels[i])
+    def __getitem__(self, i: int) -> tuple[Encoded, np.ndarray | None, np.ndarray | None]:
+        label = None if self.labels is None else self.labels[i]
+        return self.items[i], label, None if self.mask is None else self.mask[i]
 
     def lengths(self) -> np.ndarray:
         return np.array([len(e) for e in self.items])
 
 
-def collate(batch: Sequence[tuple[Encoded, float | None]]) -> dict[str, torch.Tensor]:
-    """Right-pad a list of samples into the model batch contract."""
+def collate(batch: Sequence[tuple]) -> dict[str, torch.Tensor]:
+    """Right-pad a list of samples into the model batch contract (plus `labels` / `label_mask` when given)."""
     n = len(batch)
-    length = max(len(e) for e, _ in batch)
+    length = max(len(b[0]) for b in batch)
     out = {
         "input_ids": np.full((n, length), PAD, dtype=np.int64),
         "type_ids": np.zeros((n, length), dtype=np.int64),
@@ -50,14 +65,17 @@ def collate(batch: Sequence[tuple[Encoded, float | None]]) -> dict[str, torch.Te
         "visit_orders": np.zeros((n, length), dtype=np.int64),
         "attention_mask": np.zeros((n, length), dtype=np.int64),
     }
-    for i, (e, _) in enumerate(batch):
+    for i, b in enumerate(batch):
+        e = b[0]
         k = len(e)
         for name in SIDE:
             out[name][i, :k] = getattr(e, name)
         out["attention_mask"][i, :k] = 1
     tensors = {k: torch.from_numpy(v) for k, v in out.items()}
-    if batch[0][1] is not None:
-        tensors["labels"] = torch.tensor([y for _, y in batch], dtype=torch.float32)
+    if len(batch[0]) > 1 and batch[0][1] is not None:
+        tensors["labels"] = torch.from_numpy(np.stack([b[1] for b in batch]).astype(np.float32))
+    if len(batch[0]) > 2 and batch[0][2] is not None:
+        tensors["label_mask"] = torch.from_numpy(np.stack([b[2] for b in batch]).astype(np.float32))
     return tensors
 
 

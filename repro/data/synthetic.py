@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+GENERATOR_VERSION = 2  # bump when the generated data change, so cached cohorts are not reused
 US_PER_HOUR = 3_600_000_000
 US_PER_DAY = 24 * US_PER_HOUR
 EPOCH_2130_US = int(np.datetime64("2130-01-01T00:00:00", "us").astype(np.int64))
@@ -53,6 +54,7 @@ LABS = {  # code: (normal mean, sd) -- itemids and units as MIMIC-IV hosp/labeve
     "bicarbonate": ("LAB//50882//mEq/L", 25.0, 2.5),
 }
 FUROSEMIDE = "MEDICATION//Furosemide//Administered//63323028002"
+HEMOGLOBIN_DROP_ANEMIC = 3.0  # g/dL lower in an admission with anaemia (a readmission signal)
 INSULIN = "MEDICATION//Insulin (Regular)//Administered//00002821501"
 NOISE_MEDS = [
     "MEDICATION//Acetaminophen//Administered//00904198861",
@@ -62,7 +64,7 @@ NOISE_MEDS = [
     "MEDICATION//Docusate Sodium//Administered//00904224461",
     "MEDICATION//Senna//Administered//00536355101",
     "MEDICATION//Metoprolol Tartrate//Administered//51079025520",
-    "MEDICATION//Atorvastatin//Administered//00071015523",
+    "MEDICATION//Magnesium Sulfate//Administered//00409672903",
 ]
 NOISE_PROCS = [
     "PROCEDURE//START//225792",  # invasive ventilation
@@ -71,7 +73,38 @@ NOISE_PROCS = [
     "PROCEDURE//START//229351",  # PICC line
     "INFUSION_START//225158",  # NaCl 0.9 %
 ]
-NOISE_DX = ["E119", "I10", "E785", "K219", "F329", "J449", "N390", "D649", "Z794", "E039"]
+# Chronic conditions (ICD-10 3-character groups): a latent per-subject state, diagnosed at an
+# admission's discharge with probability 0.7 when present (0.03 otherwise) and treated during the stay
+# by a marker medication with probability 0.6 (0.05 otherwise). Heart failure (I50) is special: its
+# marker, furosemide, is given in the FIRST admission only, many admissions before the outcome.
+CONDITIONS = [  # (group, full code, prevalence, marker drug)
+    ("I50", "I509", 0.25, "Furosemide"),
+    ("E11", "E119", 0.22, "Metformin"),
+    ("I10", "I10", 0.35, "Amlodipine"),
+    ("E78", "E785", 0.30, "Atorvastatin"),
+    ("K21", "K219", 0.18, "Omeprazole"),
+    ("F32", "F329", 0.15, "Sertraline"),
+    ("J44", "J449", 0.12, "Tiotropium"),
+    ("N39", "N390", 0.08, "Nitrofurantoin"),
+    ("D64", "D649", 0.14, "Ferrous Sulfate"),
+    ("E03", "E039", 0.10, "Levothyroxine"),
+    ("I48", "I4891", 0.12, "Apixaban"),
+    ("N18", "N189", 0.10, "Calcitriol"),
+    ("I25", "I2510", 0.14, "Clopidogrel"),
+    ("G47", "G4733", 0.09, "Melatonin"),
+    ("F41", "F419", 0.11, "Buspirone"),
+    ("M81", "M810", 0.06, "Alendronate"),
+    ("J45", "J45909", 0.07, "Albuterol"),
+    ("G89", "G8929", 0.09, "Gabapentin"),
+    ("E87", "E871", 0.08, "Sodium Chloride Tab"),
+    ("K59", "K5900", 0.10, "Polyethylene Glycol"),
+    ("F17", "F17210", 0.13, "Nicotine Patch"),
+    ("E66", "E6601", 0.09, "Orlistat"),
+    ("M19", "M1990", 0.08, "Meloxicam"),
+    ("R53", "R531", 0.05, "Modafinil"),
+]
+P_DX_PRESENT, P_DX_ABSENT = 0.7, 0.03
+P_MARKER_PRESENT, P_MARKER_ABSENT = 0.6, 0.05
 ADMISSION_TYPES = [
     "HOSPITAL_ADMISSION//EW EMER.//EMERGENCY ROOM",
     "HOSPITAL_ADMISSION//URGENT//TRANSFER FROM HOSPITAL",
@@ -99,7 +132,7 @@ STATIC = {
 
 # Planted effects on the logit of death at the last admission. b0 is set so that mortality_1m
 # prevalence is near 10 % (checked by tests/test_synthetic.py).
-B0 = -5.3
+B0 = -5.5
 EFFECTS = {
     "chronic_hf": 2.0,
     "creatinine_slope_per_day": 3.5,  # times max(slope, 0) in mg/dL per day
@@ -123,6 +156,10 @@ class SubjectTruth:
     died_in_hospital: bool
     death_us: int | None
     features: dict[str, float]
+    p_los_7d: float = float("nan")
+    previous_discharge_us: int | None = None
+    p_readmit_30d: float = float("nan")
+    p_conditions: np.ndarray | None = None
 
 
 def _sigmoid(x: float) -> float:
@@ -131,6 +168,19 @@ def _sigmoid(x: float) -> float:
 
 def _subject_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, index]))
+
+
+MARKERS = [FUROSEMIDE] + [
+    f"MEDICATION//{drug}//Administered//{i:011d}"
+    for i, (_, _, _, drug) in enumerate(CONDITIONS)
+    if drug != "Furosemide"
+]
+
+
+def _normal_cdf(x: float) -> float:
+    from math import erf, sqrt
+
+    return 0.5 * (1.0 + erf(x / sqrt(2.0)))
 
 
 def generate_subject(seed: int, index: int) -> tuple[dict[str, np.ndarray], SubjectTruth]:
@@ -146,6 +196,9 @@ def generate_subject(seed: int, index: int) -> tuple[dict[str, np.ndarray], Subj
         codes.append(code)
         values.append(value)
 
+    def within(admit: int, discharge: int, n: int) -> np.ndarray:
+        return np.sort(rng.uniform(admit + US_PER_HOUR / 2, discharge - US_PER_HOUR / 4, n)).astype(np.int64)
+
     # Static facts (time null) and birth.
     for options in STATIC.values():
         add(None, options[rng.integers(len(options))])
@@ -154,30 +207,46 @@ def generate_subject(seed: int, index: int) -> tuple[dict[str, np.ndarray], Subj
     birth = first_admit - int(age_at_first * 365.25 * US_PER_DAY)
     add(birth - birth % US_PER_DAY, meds.birth_code)
 
-    # Long-tailed number of admissions, drawn before any outcome.
+    # Latent state, all drawn before any outcome: number of admissions (long-tailed), chronic
+    # conditions, frailty (shorter gaps and longer stays).
     n_adm = 1 + min(int(rng.lognormal(mean=0.6, sigma=1.1)), 300)
-    chronic = bool(rng.random() < 0.25)
-    frail = float(rng.normal())  # shortens gaps and lengthens stays; acts on risk only through counts
-
-    admits = [first_admit]
-    for _ in range(n_adm - 1):
-        mean_gap = 240.0 * np.exp(-0.5 * frail)
-        gap_days = 2.0 + rng.exponential(mean_gap)
-        admits.append(admits[-1] + int(gap_days * US_PER_DAY))  # discharge added below
-    admits_arr = np.array(admits, dtype=np.int64)
+    conds = rng.random(len(CONDITIONS)) < np.array([c[2] for c in CONDITIONS])
+    chronic = bool(conds[0])
+    frail = float(rng.normal())
+    p_conditions = np.where(conds, P_DX_PRESENT, P_DX_ABSENT)
 
     truth: SubjectTruth | None = None
-    cursor = 0
+    admit = first_admit
+    admits: list[int] = []
+    prev_discharge: int | None = None
+    p_readmit = float("nan")
     for k in range(n_adm):
         last = k == n_adm - 1
-        admit = max(int(admits_arr[k]), cursor + int(1 * US_PER_DAY))
+        admits.append(admit)
         age = (admit - birth) / (365.25 * US_PER_DAY)
-        los_h = max(6.0, rng.lognormal(np.log(80.0) + 0.2 * frail, 0.8))
+        anemic = bool(rng.random() < 0.2)
         feats: dict[str, float] = {}
         if last:
-            recent = int(np.sum(admits_arr[:k] >= admit - 365 * US_PER_DAY))
-            feats = {"chronic_hf": float(chronic), "recent_admissions": float(min(recent, 5)), "age": age}
-            los_h = max(30.0 if rng.random() < 0.85 else 8.0, los_h)
+            slope = float(rng.normal(0.0, 0.35))  # creatinine, mg/dL per day
+            hyperk = bool(rng.random() < 0.35)
+            insulin = bool(rng.random() < 0.5)
+            after = bool(hyperk and insulin and rng.random() < 0.5)
+            # Length of stay: 24 h plus a log-normal excess whose mean depends on what is visible at 24 h.
+            mu_los = np.log(60.0) + 0.25 * frail + 1.2 * max(slope, 0.0) + 0.5 * (hyperk and not after)
+            los_h = 24.0 + float(rng.lognormal(mu_los, 0.9))
+            p_los = 1.0 - _normal_cdf((np.log(168.0 - 24.0) - mu_los) / 0.9)
+            recent = sum(a >= admit - 365 * US_PER_DAY for a in admits[:-1])
+            feats = {
+                "chronic_hf": float(chronic),
+                "recent_admissions": float(min(recent, 5)),
+                "age": age,
+                "creatinine_slope": slope,
+                "hyperkalemia": float(hyperk),
+                "treated_after": float(after),
+            }
+        else:
+            slope, hyperk, insulin, after = 0.0, False, False, False
+            los_h = max(6.0, float(rng.lognormal(np.log(80.0) + 0.2 * frail, 0.8)))
         discharge = admit + int(los_h * US_PER_HOUR)
         add(admit, ADMISSION_TYPES[rng.integers(len(ADMISSION_TYPES))])
         add(admit, "TRANSFER_TO//admit//Emergency Department")
@@ -187,8 +256,7 @@ def generate_subject(seed: int, index: int) -> tuple[dict[str, np.ndarray], Subj
                 "ICU_ADMISSION//Medical Intensive Care Unit (MICU)",
             )
 
-        # Lab panels every 6-12 h; creatinine drift and potassium story only in the last stay.
-        slope = float(rng.normal(0.0, 0.35)) if last else 0.0  # mg/dL per day
+        # Lab panels every 6-12 h. Creatinine drifts in the last stay; haemoglobin is low when anaemic.
         base_cr = float(rng.normal(1.0, 0.2))
         t = admit + int(rng.uniform(0.5, 2) * US_PER_HOUR)
         while t < discharge - US_PER_HOUR:
@@ -198,34 +266,34 @@ def generate_subject(seed: int, index: int) -> tuple[dict[str, np.ndarray], Subj
                     continue
                 if name == "creatinine":
                     v = base_cr + slope * days + rng.normal(0, 0.05)
-                elif name == "potassium":
-                    v = rng.normal(mean, sd)
+                elif name == "hemoglobin":
+                    v = rng.normal(mean - HEMOGLOBIN_DROP_ANEMIC * anemic, sd * 0.6)
                 else:
                     v = rng.normal(mean, sd)
                 add(t, code, float(np.round(max(v, 0.05 * mean), 2)))
             t += int(rng.uniform(6, 12) * US_PER_HOUR)
 
-        # Distractor medications and procedures.
-        n_med = rng.poisson(2.0 + los_h / 24.0)
-        for tm in np.sort(rng.uniform(admit + US_PER_HOUR, discharge - US_PER_HOUR / 2, n_med)):
+        # Distractor medications and procedures, then the condition markers.
+        for tm in within(admit, discharge, rng.poisson(2.0 + los_h / 24.0)):
             add(int(tm), NOISE_MEDS[rng.integers(len(NOISE_MEDS))])
-        for tm in np.sort(rng.uniform(admit + US_PER_HOUR, discharge - US_PER_HOUR / 2, rng.poisson(1.0))):
+        for tm in within(admit, discharge, rng.poisson(1.0)):
             add(int(tm), NOISE_PROCS[rng.integers(len(NOISE_PROCS))])
-        if chronic and k == 0:
-            for tm in np.sort(rng.uniform(admit + US_PER_HOUR, discharge - US_PER_HOUR / 2, 2)):
-                add(int(tm), FUROSEMIDE)
+        for j, present in enumerate(conds):
+            if j == 0:  # heart failure: furosemide in the first admission only (long-range memory)
+                if present and k == 0:
+                    for tm in within(admit, discharge, 2):
+                        add(int(tm), FUROSEMIDE)
+                continue
+            if rng.random() < (P_MARKER_PRESENT if present else P_MARKER_ABSENT):
+                add(int(within(admit, discharge, 1)[0]), MARKERS[j])
 
         if last:
-            hyperk = bool(rng.random() < 0.35)
-            insulin = bool(rng.random() < 0.5)
-            after = False
-            # Keep the story inside the stay: a short stay compresses it, order preserved.
+            # Keep the potassium story inside the first 20 h of the stay, order preserved.
             span_h = min(los_h - 0.5, 20.0)
             if hyperk:
                 t_k = admit + int(rng.uniform(0.3, 0.6) * span_h * US_PER_HOUR)
                 add(t_k, LABS["potassium"][0], float(np.round(rng.uniform(6.0, 7.2), 2)))
                 if insulin:
-                    after = bool(rng.random() < 0.5)
                     room_h = (
                         (admit + span_h * US_PER_HOUR - t_k) / US_PER_HOUR
                         if after
@@ -235,11 +303,6 @@ def generate_subject(seed: int, index: int) -> tuple[dict[str, np.ndarray], Subj
                     add(t_k + int(dt_h * US_PER_HOUR), INSULIN)
             elif insulin:
                 add(admit + int(rng.uniform(0.1, 1.0) * span_h * US_PER_HOUR), INSULIN)
-            feats.update(
-                creatinine_slope=slope,
-                hyperkalemia=float(hyperk),
-                treated_after=float(hyperk and insulin and after),
-            )
             logit = (
                 B0
                 + EFFECTS["chronic_hf"] * feats["chronic_hf"]
@@ -261,21 +324,37 @@ def generate_subject(seed: int, index: int) -> tuple[dict[str, np.ndarray], Subj
             elif rng.random() < 0.05:
                 day = discharge + int(rng.uniform(35, 400) * US_PER_DAY)
                 death_us = day - day % US_PER_DAY
-            truth = SubjectTruth(sid, admit, discharge, p_in, p_post, died_in, death_us, feats)
+            truth = SubjectTruth(
+                sid,
+                admit,
+                discharge,
+                p_in,
+                p_post,
+                died_in,
+                death_us,
+                feats,
+                p_los_7d=p_los,
+                previous_discharge_us=prev_discharge,
+                p_readmit_30d=p_readmit,
+                p_conditions=p_conditions,
+            )
 
         # Stamped at discharge (leakage traps): diagnoses, DRG, disposition.
-        dx = list(rng.choice(NOISE_DX, size=rng.integers(1, 4), replace=False))
-        if chronic:
-            dx.append("I509")
-        for c in dx:
-            add(discharge, f"DIAGNOSIS//ICD//10//{c}")
+        dx_draw = rng.random(len(CONDITIONS)) < np.where(conds, P_DX_PRESENT, P_DX_ABSENT)
+        for j in np.flatnonzero(dx_draw):
+            add(discharge, f"DIAGNOSIS//ICD//10//{CONDITIONS[j][1]}")
         add(discharge, f"DRG//HCFA//{int(rng.integers(100, 999))}//DRG DESCRIPTION")
         if last and truth is not None and truth.died_in_hospital:
             add(discharge, DIED)
             add(discharge, meds.death_code)
         else:
             add(discharge, DISCHARGE_ALIVE[rng.integers(len(DISCHARGE_ALIVE))])
-        cursor = discharge
+        if not last:
+            # Readmission: the gap to the next admission is shorter for frail, heart-failure and anaemic stays.
+            mean_gap = 200.0 * np.exp(-0.5 * frail - 0.8 * chronic - 0.9 * anemic)
+            p_readmit = 1.0 - float(np.exp(-29.0 / mean_gap))
+            prev_discharge = discharge
+            admit = discharge + int((1.0 + rng.exponential(mean_gap)) * US_PER_DAY)
     assert truth is not None
     if truth.death_us is not None and not truth.died_in_hospital:
         add(truth.death_us, meds.death_code)
@@ -398,7 +477,7 @@ def write_synthetic_meds(
             "dataset_name": "repro-synthetic-mimic-iv-like",
             "dataset_version": f"seed{seed}-n{n_subjects}",
             "etl_name": "repro.data.synthetic",
-            "etl_version": "1",
+            "etl_version": str(GENERATOR_VERSION),
             "meds_version": meds.__version__,
         }
         (tmp_root / meds.dataset_metadata_filepath).write_text(json.dumps(meta, indent=2))
@@ -412,6 +491,15 @@ def write_synthetic_meds(
                 ),
                 "p_in_hospital": pa.array([r.p_in_hospital for r in truths], pa.float64()),
                 "p_post_30d": pa.array([r.p_post_30d for r in truths], pa.float64()),
+                "p_los_7d": pa.array([r.p_los_7d for r in truths], pa.float64()),
+                "previous_discharge_time": pa.array(
+                    [r.previous_discharge_us for r in truths], pa.int64()
+                ).cast(pa.timestamp("us")),
+                "p_readmission_30d": pa.array([r.p_readmit_30d for r in truths], pa.float64()),
+                **{
+                    f"p_condition_{g}": pa.array([float(r.p_conditions[j]) for r in truths], pa.float64())
+                    for j, (g, _, _, _) in enumerate(CONDITIONS)
+                },
                 **{
                     f"feature_{k}": pa.array([r.features[k] for r in truths], pa.float64())
                     for k in truths[0].features
@@ -432,7 +520,9 @@ def true_probabilities(truth: pa.Table | object) -> dict[str, np.ndarray]:
     """True label probabilities per task from the truth table (aligned with its subject_id column).
 
     mortality_1m = P(die in stay) + P(survive stay) * P(die within 30 d after);
-    inhospital_mortality_24h = P(die in stay).
+    inhospital_mortality_24h = P(die in stay); los_1w = P(stay > 7 days); readmission_1m = P(next
+    admission within 30 days of the second-to-last discharge) (NaN with one admission);
+    conditions = {group: P(group diagnosed in the last admission)}.
     """
     df = truth.to_pandas() if hasattr(truth, "to_pandas") else truth
     p_in = df["p_in_hospital"].to_numpy()
@@ -440,4 +530,7 @@ def true_probabilities(truth: pa.Table | object) -> dict[str, np.ndarray]:
     return {
         "mortality_1m": p_in + (1.0 - p_in) * p_post,
         "inhospital_mortality_24h": p_in,
+        "los_1w": df["p_los_7d"].to_numpy(),
+        "readmission_1m": df["p_readmission_30d"].to_numpy(),
+        "conditions": {g: df[f"p_condition_{g}"].to_numpy() for g, _, _, _ in CONDITIONS},
     }

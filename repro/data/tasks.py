@@ -119,15 +119,128 @@ def inhospital_mortality_24h(visits: pd.DataFrame, deaths: pd.Series) -> pd.Data
     )
 
 
-TASKS = {"mortality_1m": mortality_1m, "inhospital_mortality_24h": inhospital_mortality_24h}
+def los_1w(visits: pd.DataFrame, deaths: pd.Series) -> pd.DataFrame:
+    """Stay longer than 7 days (measured in hours, not tokens), last admission of >= 24 h; predicted at 24 h.
+
+    The original EHRMamba code measured length of stay in tokens (DESIGN.md section 11).
+    """
+    last = _last_visits(visits)
+    stay_h = (last["discharge"] - last["admit"]) / US_PER_HOUR
+    last = last[stay_h >= 24].reset_index(drop=True)
+    stay_h = (last["discharge"] - last["admit"]) / US_PER_HOUR
+    return pd.DataFrame(
+        {
+            SUBJECT: last[SUBJECT].to_numpy(),
+            "prediction_time": (last["admit"] + 24 * US_PER_HOUR).to_numpy(),
+            "admit": last["admit"].to_numpy(),
+            "discharge": last["discharge"].to_numpy(),
+            "label": (stay_h > 7 * 24).to_numpy().astype(np.int64),
+        }
+    )
+
+
+def _second_to_last(visits: pd.DataFrame) -> pd.DataFrame:
+    """Each subject's second-to-last admission, with the next admission's start."""
+    v = visits.copy()
+    v["next_admit"] = v.groupby(SUBJECT)["admit"].shift(-1)
+    n = v.groupby(SUBJECT)["admit"].transform("size")
+    rank = v.groupby(SUBJECT).cumcount()
+    return v[(n >= 2) & (rank == n - 2)].reset_index(drop=True)
+
+
+def readmission_1m(visits: pd.DataFrame, deaths: pd.Series) -> pd.DataFrame:
+    """Next admission within 30 days of the second-to-last discharge; predicted at that discharge.
+
+    The window is (discharge, discharge + 30 days], in microseconds: no 28-29 day hole.
+    """
+    prev = _second_to_last(visits)
+    gap = prev["next_admit"] - prev["discharge"]
+    return pd.DataFrame(
+        {
+            SUBJECT: prev[SUBJECT].to_numpy(),
+            "prediction_time": prev["discharge"].to_numpy(),
+            "admit": prev["admit"].to_numpy(),
+            "discharge": prev["discharge"].to_numpy(),
+            "label": (gap <= 30 * US_PER_DAY).to_numpy().astype(np.int64),
+        }
+    )
+
+
+def condition_groups(events: pd.DataFrame, visits: pd.DataFrame, patterns: CodePatterns) -> pd.DataFrame:
+    """Diagnosis groups (the pattern's capture group) recorded in each subject's last admission."""
+    last = _last_visits(visits)[[SUBJECT, "admit", "discharge"]]
+    groups = events[CODE].str.extract(re.compile(patterns.diagnosis_group), expand=False)
+    dx = events.loc[groups.notna(), [SUBJECT, TIME]].assign(group=groups[groups.notna()])
+    dx = dx.merge(last, on=SUBJECT)
+    dx = dx[(dx[TIME] >= dx["admit"]) & (dx[TIME] <= dx["discharge"])]
+    return dx[[SUBJECT, "group"]].drop_duplicates()
+
+
+def conditions(
+    visits: pd.DataFrame,
+    deaths: pd.Series,
+    events: pd.DataFrame,
+    patterns: CodePatterns,
+    train_subjects: np.ndarray,
+    n_groups: int = 20,
+) -> pd.DataFrame:
+    """Multi-hot of the `n_groups` most frequent diagnosis groups (chosen on train) in the last admission,
+    predicted at the discharge of the second-to-last admission. Columns `label::<group>`.
+    """
+    prev = _second_to_last(visits)
+    present = condition_groups(events, visits, patterns)
+    train_present = present[present[SUBJECT].isin(set(int(s) for s in train_subjects))]
+    counts = train_present["group"].value_counts()
+    chosen = sorted(counts.index[:n_groups], key=lambda g: (-counts[g], g))
+    out = pd.DataFrame(
+        {
+            SUBJECT: prev[SUBJECT].to_numpy(),
+            "prediction_time": prev["discharge"].to_numpy(),
+            "admit": prev["admit"].to_numpy(),
+            "discharge": prev["discharge"].to_numpy(),
+        }
+    )
+    hit = set(zip(present[SUBJECT].astype(int), present["group"]))
+    for g in chosen:
+        out[f"{LABEL_PREFIX}{g}"] = [int((int(s), g) in hit) for s in out[SUBJECT]]
+    return out
+
+
+LABEL_PREFIX = "label::"
+
+
+def label_columns(df: pd.DataFrame) -> list[str]:
+    """The label column(s) of a task frame: ["label"] for binary tasks, ["label::<group>", ...] for conditions."""
+    multi = [c for c in df.columns if c.startswith(LABEL_PREFIX)]
+    return multi or ["label"]
+
+
+TASKS = {
+    "mortality_1m": mortality_1m,
+    "inhospital_mortality_24h": inhospital_mortality_24h,
+    "los_1w": los_1w,
+    "readmission_1m": readmission_1m,
+}
 
 
 def build_task(
-    name: str, events: pd.DataFrame, patterns: CodePatterns, visits: pd.DataFrame | None = None
+    name: str,
+    events: pd.DataFrame,
+    patterns: CodePatterns,
+    visits: pd.DataFrame | None = None,
+    train_subjects: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """Labels of task `name`: subject_id, prediction_time (exclusive, int64 us), admit, discharge, label."""
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known: {sorted(TASKS)}")
+    """Labels of task `name`: subject_id, prediction_time (exclusive, int64 us), admit, discharge, label(s).
+
+    `conditions` needs `train_subjects`: its groups are chosen on the train split only.
+    """
+    if name not in TASKS and name != "conditions":
+        raise ValueError(f"unknown task {name!r}; known: {sorted([*TASKS, 'conditions'])}")
     if visits is None:
         visits = find_visits(events, patterns)
-    return TASKS[name](visits, death_times(events, patterns))
+    deaths = death_times(events, patterns)
+    if name == "conditions":
+        if train_subjects is None:
+            raise ValueError("task conditions: train_subjects is required (groups are chosen on train)")
+        return conditions(visits, deaths, events, patterns, train_subjects)
+    return TASKS[name](visits, deaths)

@@ -34,6 +34,7 @@ class CEHRBert(nn.Module):
     """CEHR embeddings + learned absolute positions -> ``n_layers`` encoder layers -> LayerNorm."""
 
     causal = False
+    pretrain_objective = "mlm"
     kernel_path = "sdpa"
 
     def __init__(

@@ -368,6 +368,7 @@ class EHRMamba(nn.Module):
     """CEHR embeddings -> ``n_layers`` Mamba blocks -> RMSNorm. Causal: position t sees tokens <= t."""
 
     causal = True
+    pretrain_objective = "clm"
 
     def __init__(
         self,

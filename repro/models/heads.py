@@ -1,7 +1,8 @@
 """Heads shared by every backbone (DESIGN.md section 7) and ``EHRModel``, the one object training sees.
 
 A backbone is any module with ``embedding`` (a ``CEHREmbedding``), ``d_model``, ``causal``,
-``kernel_path`` and ``forward(batch) -> [B, L, D]``.
+``kernel_path``, ``pretrain_objective`` ("clm", "mlm" or None) and ``forward(batch) -> [B, L, D]``;
+optionally ``pool = "mean"`` for masked-mean classification pooling.
 """
 
 from __future__ import annotations
@@ -36,17 +37,25 @@ class LMHead(nn.Module):
         return self.proj(hidden)
 
 
-def pool(hidden: Tensor, attention_mask: Tensor, causal: bool) -> Tensor:
+def pool(hidden: Tensor, attention_mask: Tensor, causal: bool, mode: str | None = None) -> Tensor:
     """One vector per sequence: the last real token for causal models, position 0 ([CLS]) for encoders.
 
-    Assumes right padding (CONTRACTS.md).
+    ``mode="mean"`` (a backbone's ``pool`` attribute, e.g. the BiLSTM's) takes the mean over real tokens
+    instead. Assumes right padding (CONTRACTS.md).
 
     >>> h = torch.arange(6.0).view(1, 3, 2)
     >>> pool(h, torch.tensor([[1, 1, 0]]), causal=True).tolist()
     [[2.0, 3.0]]
     >>> pool(h, torch.tensor([[1, 1, 0]]), causal=False).tolist()
     [[0.0, 1.0]]
+    >>> pool(h, torch.tensor([[1, 1, 0]]), causal=False, mode="mean").tolist()
+    [[1.0, 2.0]]
     """
+    if mode == "mean":
+        m = attention_mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+    if mode is not None:
+        raise ValueError(f"unknown pool mode {mode!r}; expected None or 'mean'")
     if not causal:
         return hidden[:, 0]
     last = (attention_mask.sum(1) - 1).clamp(min=0)
@@ -96,6 +105,16 @@ class EHRModel(nn.Module):
         return bool(self.backbone.causal)
 
     @property
+    def pool_mode(self) -> str | None:
+        """The backbone's ``pool`` attribute: None (last token / [CLS] by causality) or "mean"."""
+        return getattr(self.backbone, "pool", None)
+
+    @property
+    def pretrain_objective(self) -> str | None:
+        """The backbone's pretraining objective: "clm", "mlm", or None when trained from scratch (BiLSTM)."""
+        return self.backbone.pretrain_objective
+
+    @property
     def kernel_path(self) -> str | None:
         """Sequence-mixing kernel the last forward used (recorded per run, DESIGN.md section 9)."""
         return self.backbone.kernel_path
@@ -126,7 +145,8 @@ class EHRModel(nn.Module):
 
     def classify(self, batch: Mapping[str, Tensor]) -> Tensor:
         """[B, n_out] logits from the pooled hidden state."""
-        return self.cls_head(pool(self.backbone(batch), batch["attention_mask"], self.causal))
+        hidden = self.backbone(batch)
+        return self.cls_head(pool(hidden, batch["attention_mask"], self.causal, self.pool_mode))
 
     def forward(self, batch: Mapping[str, Tensor], head: str = "cls") -> Tensor:
         if head == "cls":

@@ -1,0 +1,66 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # H3: does multitask prompted finetuning (MPF) beat single-task finetuning?
+#
+# MPF finetunes one copy of a pretrained backbone on the pooled (patient, task) samples of every task:
+# a reserved task token replaces `[CLS]` (encoders) or the final `[REG]` (causal models), one head holds
+# every task's outputs, and each sample's loss covers its own task only. It gets as many steps as the
+# single-task runs together. Single-task runs are the ones from H1 (reused from this run's work folder).
+
+# %% tags=["parameters"]
+params_file = "params/smoke.yaml"
+run_dir = "outputs/interactive"  # repro run passes its own run folder
+data_dir = ""
+
+# %%
+from repro import experiment as ex
+from repro import figures, results
+
+figures.style()
+params = ex.load_run_params(params_file, data_dir or None)
+prep = ex.prepare(params, data_dir or None)
+jobs = [(m, t, s) for s in params.seeds for m in params.mpf_models for t in [*params.tasks, "mpf"]]
+done = ex.run_all(prep, f"{run_dir}/work", jobs, workers=params.train.workers)
+runs = [r for d in done for r in (d.values() if isinstance(d, dict) else [d])]
+preds = results.predictions_frame(runs)
+n_boot, ci = params.eval.n_bootstrap, params.eval.ci
+comparisons = results.mpf_comparisons(preds, params.mpf_models, n_boot, ci)
+
+# %%
+#| label: tbl-mpf
+#| tbl-cap: "H3: MPF minus single-task finetuning of the same backbone, held-out AUROC per task, with paired bootstrap 95 % CIs, Benjamini-Hochberg adjusted p-values across this notebook's comparisons, and computed verdicts."
+figures.show_table(results.comparison_table(comparisons, ci))
+verdicts = {
+    b: results.overall_verdict(comparisons.loc[comparisons["baseline"] == b, "verdict"])
+    for b in params.mpf_models
+}
+for b, v in verdicts.items():
+    print(f"H3 for {results.label(b)} (MPF beats single-task across tasks): {v}")
+print("Rule:", results.OVERALL_RULE)
+
+# %%
+#| label: fig-mpf
+#| fig-cap: "MPF minus single-task AUROC per task and backbone with 95 % CIs; right of zero favours MPF."
+fig = figures.delta_figure(comparisons, "ΔAUROC (MPF − single-task)")
+
+# %%
+ex.save_json(
+    {
+        "h3_verdicts": verdicts,
+        "comparisons": results.comparison_table(comparisons, ci).to_dict(orient="records"),
+        "kernel_paths": sorted({r.kernel_path for r in runs}),
+    },
+    f"{run_dir}/results/03_mpf.json",
+)

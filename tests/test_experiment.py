@@ -1,0 +1,85 @@
+"""Experiment steps on a small synthetic cohort: prompts, MPF batches, all tasks through a real model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from repro.config import TASK_NAMES, load_params
+from repro.data.dataset import collate
+from repro.data.synthetic import write_synthetic_meds
+from repro.data.tokenizer import CLS, REG
+from repro.experiment import Trainer, encode_samples, mpf_dataset, prepare
+
+
+@pytest.fixture(scope="module")
+def prep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exp") / "meds"
+    write_synthetic_meds(root, 240, seed=5, shard_size=100)
+    params = load_params(
+        "params/smoke.yaml",
+        {
+            "models": ["ehrmamba", "count_lr"],
+            "seeds": [0],
+            "train.pretrain_steps": 2,
+            "train.finetune_steps": 2,
+            "eval.n_bootstrap": 20,
+            "tasks": list(TASK_NAMES),
+        },
+    )
+    return prepare(params, data_dir=root)
+
+
+def test_every_task_has_labels_and_truth(prep):
+    assert set(prep.labels) == {
+        "mortality_1m",
+        "inhospital_mortality_24h",
+        "los_1w",
+        "readmission_1m",
+        "conditions",
+    }
+    for task, df in prep.labels.items():
+        assert df["split"].notna().all(), task
+        assert df.filter(like="true_prob").notna().all().all(), task
+    assert len([c for c in prep.labels["conditions"] if c.startswith("label::")]) == 20
+
+
+@pytest.mark.parametrize("prompt,pos", [("first", 0), ("last", -1)])
+def test_prompt_puts_the_task_token_where_the_model_pools(prep, prompt, pos):
+    items, _ = encode_samples(prep, "los_1w", "train", prompt=prompt)
+    plain, _ = encode_samples(prep, "los_1w", "train")
+    tid = prep.tokenizer.task_token_id("los_1w")
+    assert all(e.input_ids[pos] == tid for e in items)
+    assert all(e.input_ids[0] == CLS and e.input_ids[-1] == REG for e in plain)
+    assert all(
+        np.array_equal(np.delete(a.input_ids, pos), np.delete(b.input_ids, pos)) for a, b in zip(items, plain)
+    )
+
+
+def test_mpf_batches_carry_the_right_task_token_and_label(prep):
+    tasks = ["mortality_1m", "conditions"]
+    samples = {t: encode_samples(prep, t, "train", prompt="first") for t in tasks}
+    data, spans = mpf_dataset(samples)
+    assert spans == {"mortality_1m": slice(0, 1), "conditions": slice(1, 21)}
+    n_mort = len(samples["mortality_1m"][0])
+    batch = collate([data[0], data[n_mort]])
+    assert batch["input_ids"][0, 0] == prep.tokenizer.task_token_id("mortality_1m")
+    assert batch["input_ids"][1, 0] == prep.tokenizer.task_token_id("conditions")
+    assert batch["label_mask"][0].tolist() == [1.0] + [0.0] * 20
+    assert batch["label_mask"][1].tolist() == [0.0] + [1.0] * 20
+    assert batch["labels"][0, 0] == samples["mortality_1m"][1]["label"].iloc[0]
+    cond = samples["conditions"][1].filter(like="label::").iloc[0].to_numpy(np.float32)
+    assert torch.equal(batch["labels"][1, 1:], torch.from_numpy(cond))
+
+
+def test_trainer_runs_every_task_and_caches(prep, tmp_path):
+    trainer = Trainer(prep, tmp_path / "work", progress=False)
+    run = trainer.run("count_lr", "conditions", 0)
+    assert set(run.predictions["split"]) == {"tuning", "held_out"}
+    assert run.predictions["target"].nunique() == 20
+    again = Trainer(prep, tmp_path / "work", progress=False).run("count_lr", "conditions", 0)
+    assert again.predictions.equals(run.predictions)  # loaded from work/runs, not retrained
+    mpf = trainer.run_mpf("ehrmamba", 0)
+    assert set(mpf) == set(prep.params.tasks) and mpf["conditions"].mode == "MPF"
+    assert mpf["conditions"].predictions["target"].nunique() == 20
