@@ -1,6 +1,11 @@
 """Benchmarks that print what they measured in one run.
 
-`python -m repro.bench zoo --params params/default.yaml --steps 300` trains every backbone of a params
+- `python -m repro.bench data --events 20000000 --workers 2`: the MEDS data path (validation, labelling,
+  tokenizer fit, tokenization) with events/s per worker, wall time, peak RSS and an extrapolation to
+  500M events (repro.bench_data).
+- `python -m repro.bench step --lengths 2048 16384`: our EHRMamba train step against a bare mamba_ssm
+  MambaLMHeadModel of the same size, as a ratio, on one GPU (repro.bench_step).
+- `python -m repro.bench zoo --params params/default.yaml --steps 300` trains every backbone of a params
 file at its size on the synthetic cohort: pretraining with its own objective, then finetuning on one
 task, printing the loss every few steps (a window mean), the time per step, tokens/s, the kernel path and
 the parameter count actually built. It is the check that every model learns on the device at hand.
@@ -118,8 +123,19 @@ def zoo(params_file: str, steps: int, task: str, every: int, n_subjects: int | N
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "data":
+        from repro.bench_data import main as data_main
+
+        return data_main(argv[1:])
+    if argv and argv[0] == "step":
+        from repro.bench_step import main as step_main
+
+        return step_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m repro.bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("data", help="the MEDS data path at scale (see python -m repro.bench data --help)")
+    sub.add_parser("step", help="EHRMamba vs bare mamba_ssm train step on one GPU (see ... step --help)")
     p = sub.add_parser("zoo", help="train every backbone a few hundred steps and print its losses")
     p.add_argument("--params", default="params/default.yaml")
     p.add_argument("--steps", type=int, default=300)

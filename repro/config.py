@@ -150,6 +150,71 @@ class EvalParams:
 
 
 @dataclass
+class EfficiencyParams:
+    """H2 / H4 (repro.profiling): length sweeps, timing, the out-of-memory boundary and the long-history runs.
+
+    Sweeps time one pretraining step (CLM or MLM) of each model at matched size on synthetic batches;
+    ``allow_reference_on_cuda`` lets a model whose sequence mixer falls back to the pure-PyTorch reference on
+    CUDA be timed (its rows are then labelled "reference (slow path)"); otherwise it is refused, because that
+    path made an earlier reproduction's Mamba epochs 18x slower (DESIGN.md section 11).
+    """
+
+    models: list[str] = field(
+        default_factory=lambda: ["ehrmamba", "mamba2", "hybrid", "cehr_bert", "transformer", "bigbird"]
+    )
+    lengths: list[int] = field(default_factory=lambda: [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536])
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    warmup_steps: int = 2
+    timed_steps: int = 5
+    time_budget_s: float = 900.0  # per sweep; rows past it are recorded as skipped
+    allow_reference_on_cuda: bool = False
+    boundary_lengths: list[int] = field(
+        default_factory=lambda: [4096, 8192, 16384, 32768, 65536, 131072]
+    )  # H4: longest length each model trains at (batch boundary_batch_size)
+    boundary_batch_size: int = 1
+    long_models: list[str] = field(
+        default_factory=lambda: ["ehrmamba", "cehr_bert", "bigbird", "transformer"]
+    )
+    long_lengths: list[int] = field(default_factory=lambda: [2048, 8192, 16384])
+    long_task: str = "mortality_1m"
+    long_history_tokens: int = 1024  # the long-history subgroup: full history before prediction > this
+    long_batch_size: int = 8
+    long_pretrain_steps: int = 0
+    long_finetune_steps: int = 200
+    long_seed: int = 0
+    cpu_threads: int = 0  # torch threads for sweeps and H4 runs on a CPU; 0 keeps train.num_threads
+
+    def __post_init__(self) -> None:
+        for name in ("models", "long_models"):
+            bad = [m for m in getattr(self, name) if m not in BACKBONES]
+            if bad or not getattr(self, name):
+                raise ParamsError(f"efficiency.{name} has unknown entries {bad}; known: {list(BACKBONES)}")
+        for name in ("lengths", "batch_sizes", "boundary_lengths", "long_lengths"):
+            values = getattr(self, name)
+            low = {"batch_sizes": 1, "long_lengths": 4}.get(name, 2)  # long_lengths become tokenizer.max_len
+            if not values or min(values) < low or len(set(values)) != len(values):
+                raise ParamsError(f"efficiency.{name} must list distinct integers >= {low}, got {values}")
+        for name in ("warmup_steps", "timed_steps", "boundary_batch_size", "long_batch_size"):
+            if getattr(self, name) < 1:
+                raise ParamsError(f"efficiency.{name} must be >= 1, got {getattr(self, name)}")
+        if self.long_finetune_steps < 1 or self.long_pretrain_steps < 0:
+            raise ParamsError(
+                "efficiency.long_finetune_steps must be >= 1 and efficiency.long_pretrain_steps >= 0, got "
+                f"{self.long_finetune_steps}, {self.long_pretrain_steps}"
+            )
+        if not self.time_budget_s > 0:
+            raise ParamsError(f"efficiency.time_budget_s must be > 0, got {self.time_budget_s}")
+        if self.long_task not in TASK_NAMES:
+            raise ParamsError(
+                f"efficiency.long_task must be one of {list(TASK_NAMES)}, got {self.long_task!r}"
+            )
+        if self.cpu_threads < 0:
+            raise ParamsError(f"efficiency.cpu_threads must be >= 0, got {self.cpu_threads}")
+        if self.long_history_tokens < 1:
+            raise ParamsError(f"efficiency.long_history_tokens must be >= 1, got {self.long_history_tokens}")
+
+
+@dataclass
 class RunParams:
     """One named run: everything a notebook needs to reproduce its numbers."""
 
@@ -165,6 +230,7 @@ class RunParams:
     tokenizer: TokenizerParams = field(default_factory=TokenizerParams)
     train: TrainParams = field(default_factory=TrainParams)
     eval: EvalParams = field(default_factory=EvalParams)
+    efficiency: EfficiencyParams = field(default_factory=EfficiencyParams)
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
@@ -183,6 +249,10 @@ class RunParams:
         bad = [m for m in self.mpf_models if m not in BACKBONES]
         if bad:
             raise ParamsError(f"mpf_models has unknown backbones {bad}; known: {list(BACKBONES)}")
+        if self.efficiency.long_task not in self.tasks:
+            raise ParamsError(
+                f"efficiency.long_task {self.efficiency.long_task!r} must be one of tasks {self.tasks}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict, the inverse of `from_dict`."""

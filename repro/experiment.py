@@ -28,9 +28,9 @@ import torch
 
 from repro.config import RunParams, from_dict, load_params
 from repro.data.dataset import SequenceDataset
-from repro.data.meds import SUBJECT, MedsDataset, load_meds, read_events
+from repro.data.meds import SUBJECT, MedsDataset, load_meds
 from repro.data.synthetic import GENERATOR_VERSION, true_probabilities, write_synthetic_meds
-from repro.data.tasks import LABEL_PREFIX, build_task, find_visits, label_columns
+from repro.data.tasks import LABEL_PREFIX, label_columns
 from repro.data.tokenizer import CLS, N_TOKEN_TYPES, Encoded, Timelines, Tokenizer
 from repro.train import TrainResult, fit, predict, resolve_device
 
@@ -66,6 +66,7 @@ class Prepared:
     n_visits: pd.Series
     n_events: int
     seconds: dict[str, float] = field(default_factory=dict)
+    cache_dir: Path | None = None  # where the tokenized data are cached (None: built in memory)
 
     @property
     def synthetic(self) -> bool:
@@ -88,8 +89,16 @@ def ensure_meds(params: RunParams, data_dir: str | Path | None = None) -> Path:
     out = synthetic_dir(params)
     if not out.is_dir():
         d = params.data
+        # Shards in parallel processes for large cohorts (the data do not depend on the worker count).
+        workers = data_workers() or (min(os.cpu_count() or 1, 8) if d.n_subjects >= 10_000 else 1)
         write_synthetic_meds(
-            out, d.n_subjects, d.generator_seed, d.shard_size, d.split_fractions, progress=True
+            out,
+            d.n_subjects,
+            d.generator_seed,
+            d.shard_size,
+            d.split_fractions,
+            progress=True,
+            workers=workers,
         )
     return out
 
@@ -103,20 +112,41 @@ def load_run_params(params_file: str | Path, data_dir: str | None = None) -> Run
     return params
 
 
-def prepare(params: RunParams, data_dir: str | Path | None = None) -> Prepared:
-    """Validate the MEDS data, fit the tokenizer on train, build timelines and task labels."""
+def data_workers() -> int | None:
+    """Worker processes for the data path: `REPRO_DATA_WORKERS` if set, else chosen from the data size."""
+    v = os.environ.get("REPRO_DATA_WORKERS")
+    return int(v) if v else None
+
+
+def prepare(
+    params: RunParams,
+    data_dir: str | Path | None = None,
+    workers: int | None = None,
+    cache: bool = True,
+    progress: bool = True,
+) -> Prepared:
+    """Validate the MEDS data, fit the tokenizer on train, build timelines and task labels.
+
+    Streams shard by shard in worker processes (`repro.data.stream`), so memory is bounded by the
+    largest shard; the result is cached under outputs/.cache/tokenized-<key>/ (key: the data files'
+    path, size and mtime, tokenizer fit parameters, code patterns, tasks), and a second call with the
+    same data and parameters memory-maps it instead of recomputing.
+    """
+    from repro.data.stream import prepare_data
+
     t0 = time.perf_counter()
     root = ensure_meds(params, data_dir)
     dataset = load_meds(root)
-    events = read_events(dataset)
-    t1 = time.perf_counter()
+    data = prepare_data(
+        dataset,
+        params.tokenizer,
+        params.data.codes,
+        list(params.tasks),
+        cache_root=resolve("outputs/.cache") if cache else None,
+        workers=data_workers() if workers is None else workers,
+        progress=progress,
+    )
     split_of = dict(zip(dataset.splits[SUBJECT].astype(int), dataset.splits["split"]))
-    train_ids = dataset.subjects(meds.train_split)
-    train_events = events[events[SUBJECT].isin(train_ids)]
-    tok = Tokenizer.fit(train_events, params.tokenizer, params.data.codes)
-    timelines = tok.timelines(events)
-    t2 = time.perf_counter()
-    visits = find_visits(events, params.data.codes)
     labels = {}
     truth = None
     truth_path = root / "truth" / "last_admission.parquet"
@@ -124,23 +154,25 @@ def prepare(params: RunParams, data_dir: str | Path | None = None) -> Prepared:
         truth = pq.read_table(truth_path).to_pandas()
         probs = true_probabilities(truth)
     for task in params.tasks:
-        df = build_task(task, events, params.data.codes, visits, train_subjects=train_ids)
+        df = data.labels[task].copy()
         df["split"] = df[SUBJECT].map(split_of)
         if truth is not None:
             _attach_truth(df, task, truth, probs)
         labels[task] = df.reset_index(drop=True)
-    t3 = time.perf_counter()
+    seconds = dict(data.seconds)
+    seconds["prepare_total"] = time.perf_counter() - t0
     return Prepared(
         params=params,
         meds_dir=root,
         dataset=dataset,
-        tokenizer=tok,
-        timelines=timelines,
+        tokenizer=data.tokenizer,
+        timelines=data.timelines,
         split_of=split_of,
         labels=labels,
-        n_visits=visits.groupby(SUBJECT).size(),
-        n_events=len(events),
-        seconds={"read_validate": t1 - t0, "tokenize": t2 - t1, "label": t3 - t2},
+        n_visits=data.n_visits,
+        n_events=data.n_events,
+        seconds=seconds,
+        cache_dir=data.cache_dir,
     )
 
 

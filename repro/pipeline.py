@@ -20,7 +20,7 @@ from tqdm import tqdm
 from repro.config import ParamsError, load_params
 from repro.experiment import environment, git_sha, project_root, save_json
 
-NOTEBOOKS = ("00_cohort", "01_accuracy", "03_mpf")
+NOTEBOOKS = ("00_cohort", "01_accuracy", "02_efficiency", "03_mpf", "04_long_sequences")
 REPORT_FILES = ("report.qmd", "_quarto.yml")
 
 

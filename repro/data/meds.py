@@ -100,14 +100,38 @@ def _with_optional_value(schema: pa.Schema) -> pa.Schema:
     return schema
 
 
-def read_shard(path: Path) -> pd.DataFrame:
+@dataclass
+class ShardArrays:
+    """One validated shard as flat arrays; codes stay dictionary-encoded (an index into `dictionary`).
+
+    Why: a shard of a million events holds a few thousand distinct codes, so code-level work (regular
+    expressions, vocabulary look-ups) runs once per distinct code and is mapped to events by index.
+    """
+
+    path: Path
+    subject_id: np.ndarray  # [N] int64
+    time: np.ndarray  # [N] int64 microseconds, -1 for null (static)
+    code: np.ndarray  # [N] int32 index into `dictionary`
+    dictionary: list[str]
+    numeric_value: np.ndarray  # [N] float32, NaN when null
+
+    def __len__(self) -> int:
+        return len(self.subject_id)
+
+    def codes(self) -> np.ndarray:
+        """The code strings as an object array (what `read_shard` returns)."""
+        return np.asarray(self.dictionary, dtype=object)[self.code] if len(self) else np.empty(0, object)
+
+
+def read_shard_arrays(path: Path) -> ShardArrays:
     """Read one shard's core columns and check what the schema cannot: nulls, order, contiguity.
 
-    Returns a DataFrame with subject_id (int64), time (int64 microseconds, -1 for null/static),
-    code (str) and numeric_value (float32, NaN when null).
+    Vectorised over the shard (no per-event Python); `read_shard` is the DataFrame view of the same.
     """
+    path = Path(path)
     try:
-        table = pq.read_table(path, columns=[c for c in COLUMNS if c in pq.read_schema(path).names])
+        names = pq.read_schema(path).names
+        table = pq.read_table(path, columns=[c for c in COLUMNS if c in names], read_dictionary=[CODE])
     except Exception as exc:  # noqa: BLE001
         raise MedsError(f"{path}: not a readable parquet file ({exc})") from exc
     n = table.num_rows
@@ -115,10 +139,19 @@ def read_shard(path: Path) -> pd.DataFrame:
         raise MedsError(f"{path}: column {SUBJECT} has {table.column(SUBJECT).null_count} null values")
     if table.column(CODE).null_count:
         raise MedsError(f"{path}: column {CODE} has {table.column(CODE).null_count} null values")
-    sid = table.column(SUBJECT).to_numpy()
-    time = pc.cast(table.column(TIME), pa.int64()).fill_null(-1).to_numpy()
+    table = table.unify_dictionaries().combine_chunks()
+    code_col = table.column(CODE)
+    if not pa.types.is_dictionary(code_col.type):
+        code_col = pc.dictionary_encode(code_col)
+    code_arr = (
+        code_col.chunk(0) if code_col.num_chunks else pa.array([], pa.dictionary(pa.int32(), pa.string()))
+    )
+    codes = code_arr.indices.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+    dictionary = [str(c) for c in code_arr.dictionary.to_pylist()]
+    sid = table.column(SUBJECT).to_numpy().astype(np.int64, copy=False)
+    time = pc.cast(table.column(TIME), pa.int64()).fill_null(-1).to_numpy().astype(np.int64, copy=False)
     if VALUE in table.column_names:
-        value = table.column(VALUE).to_numpy(zero_copy_only=False).astype(np.float32)
+        value = table.column(VALUE).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
     else:
         value = np.full(n, np.nan, dtype=np.float32)
     if n:
@@ -143,12 +176,22 @@ def read_shard(path: Path) -> pd.DataFrame:
                 f"{path}: times of subject {int(sid[i])} are not sorted (row {i}); MEDS needs each subject's "
                 "rows sorted by time with null-time rows first"
             )
+    return ShardArrays(path, sid, time, codes, dictionary, value)
+
+
+def read_shard(path: Path) -> pd.DataFrame:
+    """Read one shard's core columns and check what the schema cannot: nulls, order, contiguity.
+
+    Returns a DataFrame with subject_id (int64), time (int64 microseconds, -1 for null/static),
+    code (str) and numeric_value (float32, NaN when null).
+    """
+    sh = read_shard_arrays(path)
     return pd.DataFrame(
         {
-            SUBJECT: sid.astype(np.int64),
-            TIME: time.astype(np.int64),
-            CODE: table.column(CODE).to_pandas().astype(object).to_numpy(),
-            VALUE: value,
+            SUBJECT: sh.subject_id,
+            TIME: sh.time,
+            CODE: sh.codes(),
+            VALUE: sh.numeric_value,
         }
     )
 

@@ -414,6 +414,50 @@ def assign_splits(n: int, seed: int, fractions: list[float]) -> np.ndarray:
     return splits
 
 
+def _truth_table(truths: list[SubjectTruth]) -> pa.Table:
+    """The planted truth of some subjects as a table (one row per subject, in the given order)."""
+    return pa.table(
+        {
+            "subject_id": pa.array([r.subject_id for r in truths], pa.int64()),
+            "admit_time": pa.array([r.admit_us for r in truths], pa.int64()).cast(pa.timestamp("us")),
+            "discharge_time": pa.array([r.discharge_us for r in truths], pa.int64()).cast(pa.timestamp("us")),
+            "p_in_hospital": pa.array([r.p_in_hospital for r in truths], pa.float64()),
+            "p_post_30d": pa.array([r.p_post_30d for r in truths], pa.float64()),
+            "p_los_7d": pa.array([r.p_los_7d for r in truths], pa.float64()),
+            "previous_discharge_time": pa.array([r.previous_discharge_us for r in truths], pa.int64()).cast(
+                pa.timestamp("us")
+            ),
+            "p_readmission_30d": pa.array([r.p_readmit_30d for r in truths], pa.float64()),
+            **{
+                f"p_condition_{g}": pa.array([float(r.p_conditions[j]) for r in truths], pa.float64())
+                for j, (g, _, _, _) in enumerate(CONDITIONS)
+            },
+            **{
+                f"feature_{k}": pa.array([r.features[k] for r in truths], pa.float64())
+                for k in truths[0].features
+            },
+        }
+    )
+
+
+def _write_shard(seed: int, indices: np.ndarray, path: Path) -> tuple[set[str], pa.Table]:
+    """Generate and write one shard (atomically); return its codes and its subjects' truth rows.
+
+    A subject's events depend only on (seed, subject index), so shards can be written in any order or
+    in parallel processes and the dataset is the same.
+    """
+    parts, truths, codes = [], [], set()
+    for i in indices:
+        cols, truth = generate_subject(seed, int(i))
+        parts.append(cols)
+        truths.append(truth)
+        codes.update(cols["code"].tolist())
+    table = _events_table(parts)
+    meds.DataSchema.validate(table)
+    _atomic_write_parquet(table, path)
+    return codes, _truth_table(truths)
+
+
 def write_synthetic_meds(
     out_dir: str | Path,
     n_subjects: int,
@@ -421,10 +465,13 @@ def write_synthetic_meds(
     shard_size: int = 250,
     split_fractions: list[float] | None = None,
     progress: bool = False,
+    workers: int = 1,
 ) -> Path:
     """Write a MEDS v0.4 dataset of `n_subjects` synthetic subjects plus `truth/last_admission.parquet`.
 
-    Shards are `data/{split}/{i}.parquet`; each subject lives in one shard. The directory is built
+    Shards are `data/{split}/{i}.parquet`; each subject lives in one shard. Shards are generated one at
+    a time (in `workers` processes), so memory is bounded by the shard size and a 100M-event dataset
+    can be written on a small machine; the output does not depend on `workers`. The directory is built
     in a temporary sibling and renamed into place, so a failure never leaves a half-written dataset.
     """
     from tqdm import tqdm
@@ -437,24 +484,33 @@ def write_synthetic_meds(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_root = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:
-        truths: list[SubjectTruth] = []
-        all_codes: set[str] = set()
+        jobs = []
         for split in (meds.train_split, meds.tuning_split, meds.held_out_split):
             idx = np.flatnonzero(splits == split)
             for shard_no, start in enumerate(range(0, len(idx), shard_size)):
-                parts = []
-                chunk = idx[start : start + shard_size]
-                it = tqdm(chunk, desc=f"synthetic {split}/{shard_no}", disable=not progress, leave=False)
-                for i in it:
-                    cols, truth = generate_subject(seed, int(i))
-                    parts.append(cols)
-                    truths.append(truth)
-                    all_codes.update(cols["code"].tolist())
-                table = _events_table(parts)
-                meds.DataSchema.validate(table)
-                _atomic_write_parquet(
-                    table, tmp_root / meds.data_subdirectory / split / f"{shard_no}.parquet"
-                )
+                path = tmp_root / meds.data_subdirectory / split / f"{shard_no}.parquet"
+                jobs.append((idx[start : start + shard_size], path))
+        bar = tqdm(total=n_subjects, desc="synthetic MEDS", unit="subject", disable=not progress)
+        all_codes: set[str] = set()
+        truth_parts: list[pa.Table] = []
+        if workers > 1 and len(jobs) > 1:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+                futures = [pool.submit(_write_shard, seed, chunk, path) for chunk, path in jobs]
+                for f, (chunk, _) in zip(futures, jobs):
+                    codes, truth = f.result()
+                    all_codes |= codes
+                    truth_parts.append(truth)
+                    bar.update(len(chunk))
+        else:
+            for chunk, path in jobs:
+                codes, truth = _write_shard(seed, chunk, path)
+                all_codes |= codes
+                truth_parts.append(truth)
+                bar.update(len(chunk))
+        bar.close()
         split_table = pa.table(
             {
                 "subject_id": pa.array(10_000_000 + np.arange(n_subjects), pa.int64()),
@@ -481,31 +537,8 @@ def write_synthetic_meds(
             "meds_version": meds.__version__,
         }
         (tmp_root / meds.dataset_metadata_filepath).write_text(json.dumps(meta, indent=2))
-        truths.sort(key=lambda r: r.subject_id)
-        truth_table = pa.table(
-            {
-                "subject_id": pa.array([r.subject_id for r in truths], pa.int64()),
-                "admit_time": pa.array([r.admit_us for r in truths], pa.int64()).cast(pa.timestamp("us")),
-                "discharge_time": pa.array([r.discharge_us for r in truths], pa.int64()).cast(
-                    pa.timestamp("us")
-                ),
-                "p_in_hospital": pa.array([r.p_in_hospital for r in truths], pa.float64()),
-                "p_post_30d": pa.array([r.p_post_30d for r in truths], pa.float64()),
-                "p_los_7d": pa.array([r.p_los_7d for r in truths], pa.float64()),
-                "previous_discharge_time": pa.array(
-                    [r.previous_discharge_us for r in truths], pa.int64()
-                ).cast(pa.timestamp("us")),
-                "p_readmission_30d": pa.array([r.p_readmit_30d for r in truths], pa.float64()),
-                **{
-                    f"p_condition_{g}": pa.array([float(r.p_conditions[j]) for r in truths], pa.float64())
-                    for j, (g, _, _, _) in enumerate(CONDITIONS)
-                },
-                **{
-                    f"feature_{k}": pa.array([r.features[k] for r in truths], pa.float64())
-                    for k in truths[0].features
-                },
-            }
-        )
+        truth_table = pa.concat_tables(truth_parts).sort_by("subject_id").combine_chunks()
+        del truth_parts
         _atomic_write_parquet(truth_table, tmp_root / "truth" / "last_admission.parquet")
         os.replace(tmp_root, out_dir)
     except BaseException:

@@ -83,6 +83,43 @@ def quantile_edges(values: np.ndarray, n_bins: int) -> np.ndarray:
     return np.quantile(values.astype(np.float64), np.arange(1, n_bins) / n_bins)
 
 
+def quantile_edges_from_counts(values: np.ndarray, counts: np.ndarray, n_bins: int) -> np.ndarray:
+    """`quantile_edges` of the multiset {values[i] repeated counts[i] times}, bit for bit.
+
+    Why: a streaming fit keeps each lab code's distinct values with their counts (lab values are
+    recorded at fixed precision, so that is far smaller than the events), and must give exactly the
+    edges `np.quantile` gives on the expanded array (a zero edge may differ in sign only: -0.0 == 0.0).
+    `values` must be sorted ascending, without NaN.
+    This is numpy's default ('linear', Hyndman-Fan 7) rule: virtual index (n - 1) q, then numpy's
+    two-sided lerp between the neighbouring order statistics.
+
+    >>> v = np.array([1.0, 2.0, 2.0, 7.0, 7.0, 7.0, 9.0])
+    >>> u, c = np.unique(v, return_counts=True)
+    >>> bool(np.array_equal(quantile_edges_from_counts(u, c, 5), quantile_edges(v, 5)))
+    True
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    n = int(counts.sum())
+    if n == 0 or n_bins < 2:
+        return np.empty(0, dtype=np.float64)
+    values = np.asarray(values, dtype=np.float64)
+    q = np.arange(1, n_bins) / n_bins
+    virtual = (n - 1) * q
+    prev = np.floor(virtual)
+    above = virtual >= n - 1
+    prev_i = np.where(above, n - 1, prev).astype(np.int64)
+    next_i = np.where(above, n - 1, prev + 1).astype(np.int64)
+    gamma = virtual - np.where(above, -1.0, prev)  # numpy's gamma uses the index -1 above the bounds
+    cum = np.cumsum(counts)
+    a = values[np.searchsorted(cum, prev_i, side="right")]
+    b = values[np.searchsorted(cum, next_i, side="right")]
+    with np.errstate(invalid="ignore"):  # inf values give NaN edges, as np.quantile does
+        diff = b - a
+        out = a + diff * gamma
+        np.subtract(b, diff * (1 - gamma), out=out, where=gamma >= 0.5)
+    return out
+
+
 def assign_bins(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     """0-based bin of each value; values above every edge (the maximum included) go to the top bin.
 
@@ -200,6 +237,10 @@ class Tokenizer:
                     break
             self._type_cache[code] = t
         return t
+
+    def code_types(self, codes: list[str]) -> np.ndarray:
+        """Token type of each code (int8), for a shard's code dictionary: one regex pass per distinct code."""
+        return np.fromiter((self._code_type(c) for c in codes), dtype=np.int8, count=len(codes))
 
     def _families(self) -> set[int]:
         fams = set(self.params.families)

@@ -1,0 +1,93 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # H2: does EHRMamba use less training time and memory than Transformers as length grows?
+#
+# Each model is built at the run's size, matched to EHRMamba's parameter count as in H1 (CEHR-BERT's
+# learned position table grows with the length it must read; the parameter column shows the count
+# actually built). One training step is timed per length and batch size: a pretraining step (next-token
+# loss for causal models, masked-token loss for encoders), AdamW and gradient clipping, bf16 autocast on a
+# GPU, on synthetic batches of random code tokens with valid side arrays and no padding (the content of a
+# batch does not change its cost). Warm-up steps run first; then each step is timed with CUDA events on a
+# GPU or the wall clock on a CPU (the `timer` column says which), and peak memory is
+# `torch.cuda.max_memory_allocated` over the timed steps (not measured on a CPU). Out-of-memory errors are
+# recorded as data points and the sweep goes on. A model whose sequence mixer would run the slow
+# pure-PyTorch reference on a GPU is refused unless the parameters ask to time it, and then its kernel
+# path says so. CPU numbers (the smoke run) show the pipeline works; they say nothing about a GPU.
+
+# %% tags=["parameters"]
+params_file = "params/smoke.yaml"
+run_dir = "outputs/interactive"  # repro run passes its own run folder
+data_dir = ""
+
+# %%
+from repro import efficiency_figures as ef
+from repro import experiment as ex
+from repro import figures, profiling, results
+
+figures.style()
+params = ex.load_run_params(params_file, data_dir or None)
+prep = ex.prepare(params, data_dir or None)
+rows = profiling.efficiency_sweep(prep, progress=False)
+slopes = profiling.scaling_slopes(rows)
+samples = ex.pretrain_samples(prep)
+epoch_rows = profiling.efficiency_sweep(
+    prep, [params.tokenizer.max_len], [params.train.batch_size], progress=False
+)
+epochs = profiling.epoch_estimates(epoch_rows, len(samples), sum(len(s) for s in samples))
+comparisons = profiling.h2_comparisons(rows)
+print("devices:", ", ".join(sorted(set(rows["device"]))), "| timers:", ", ".join(sorted(set(rows["timer"]))))
+print("row status counts:", rows["status"].value_counts().to_dict())
+
+# %%
+#| label: fig-efficiency-scaling
+#| fig-cap: "Time per training step and peak memory against sequence length (log-log), per batch size, at matched parameter counts. Dashed lines: power laws fitted on each model's longest successful lengths (slope in the legend: 1 is linear, 2 quadratic); crosses: out of memory. On a CPU the right panel shows tokens per second, because memory is not measured there."
+fig = ef.scaling_figure(rows)
+
+# %%
+#| label: tbl-efficiency-slopes
+#| tbl-cap: "Fitted log-log slopes of time per step and peak memory against length, per model and batch size, over each model's four longest successful lengths, with the kernel path the rows ran."
+figures.show_table(ef.slope_table(slopes), floatfmt=".2f")
+
+# %%
+#| label: tbl-efficiency-sweep
+#| tbl-cap: "Every row of the sweep: median time per training step (tokens per second, peak GiB where measured) per batch size, or why the row has no time (OOM, skipped, error), with the kernel path, device and timer of the row."
+figures.show_table(ef.sweep_table(rows))
+
+# %%
+#| label: tbl-efficiency-epoch
+#| tbl-cap: "One pretraining epoch on this run's train split, estimated from the step time measured at the run's batch size and max_len: ceil(samples / batch) steps, each counted as padded to max_len (an upper bound), and the real (unpadded) tokens per second that implies."
+figures.show_table(ef.epoch_table(epochs))
+
+# %%
+#| label: tbl-h2
+#| tbl-cap: "H2 comparisons: EHRMamba against each Transformer per batch size at the longest length both trained at (time and memory ratios EHRMamba / Transformer), or the length where one ran out of memory, and the computed verdict."
+figures.show_table(ef.comparison_table(comparisons), floatfmt=".2f")
+h2 = results.overall_verdict(comparisons["verdict"]) if len(comparisons) else "inconclusive"
+print(f"H2 (EHRMamba uses less training time and memory than the Transformers as length grows): {h2}")
+print("Rule per comparison:", profiling.H2_RULE)
+print("Rule across comparisons:", results.OVERALL_RULE)
+
+# %%
+ex.save_json(
+    {
+        "h2_verdict": h2,
+        "comparisons": comparisons.to_dict(orient="records"),
+        "slopes": slopes.to_dict(orient="records"),
+        "epochs": epochs.to_dict(orient="records"),
+        "rows": rows.to_dict(orient="records"),
+        "kernel_paths": sorted(set(rows["kernel_path"]) - {"-"}),
+    },
+    f"{run_dir}/results/02_efficiency.json",
+)

@@ -1,0 +1,104 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # H4: does EHRMamba handle long histories where Transformers run out of memory?
+#
+# Two measurements. First, the out-of-memory boundary: every model, at the run's size matched to
+# EHRMamba's parameter count, takes training steps at growing lengths (batch size from the parameters);
+# each length is attempted once and an out-of-memory error is recorded, not assumed. Second, accuracy on
+# long histories: EHRMamba and the Transformers are finetuned on one task with `max_len` set to each
+# allowed length (same task, seed, steps and batch size at every length, so only the context a model may
+# read changes; a run that runs out of memory is recorded as such) and scored on the held-out subjects
+# whose full history before the prediction time is longer than the subgroup threshold. Every run is scored
+# on the same bootstrap resamples of patients, so CIs compare directly.
+
+# %% tags=["parameters"]
+params_file = "params/smoke.yaml"
+run_dir = "outputs/interactive"  # repro run passes its own run folder
+data_dir = ""
+
+# %%
+from repro import efficiency_figures as ef
+from repro import experiment as ex
+from repro import figures, profiling, results
+
+figures.style()
+params = ex.load_run_params(params_file, data_dir or None)
+prep = ex.prepare(params, data_dir or None)
+eff = params.efficiency
+n_boot, ci = params.eval.n_bootstrap, params.eval.ci
+bounds = profiling.efficiency_sweep(prep, eff.boundary_lengths, [eff.boundary_batch_size], progress=False)
+boundary = profiling.oom_boundary(bounds)
+memory = profiling.h4_memory_comparisons(bounds)
+runs = profiling.long_history_runs(prep, f"{run_dir}/work/long-history")
+history = profiling.history_tokens(prep, eff.long_task)
+table = profiling.long_history_auroc(runs, history, eff.long_history_tokens, n_boot, ci, eff.long_task)
+comparisons = profiling.h4_accuracy_comparisons(
+    runs, history, eff.long_history_tokens, n_boot, ci, eff.long_task
+)
+sub = table.attrs["subgroup"]
+print(
+    f"long-history subgroup ({eff.long_task}, held_out): history > {sub['threshold']} tokens, "
+    f"{sub['n_subjects']} of {len(history)} subjects, {sub.get('n_positive', 'n/a')} positive"
+)
+
+# %%
+#| label: tbl-long-boundary
+#| tbl-cap: "The out-of-memory boundary on this run's device: per model, the longest length at which a training step ran (with its peak memory) and the first length that failed and why, from measured steps only; kernel path and device of the rows."
+figures.show_table(ef.boundary_table(boundary))
+
+# %%
+#| label: tbl-h4-memory
+#| tbl-cap: "H4, memory: EHRMamba against each Transformer on the boundary sweep (the length where one of the two ran out of memory while the other trained) and the computed verdict."
+figures.show_table(ef.comparison_table(memory))
+h4_memory = results.overall_verdict(memory["verdict"]) if len(memory) else "inconclusive"
+print(f"H4 memory (Transformers run out of memory where EHRMamba trains): {h4_memory}")
+print("Rule:", profiling.H4_MEMORY_RULE)
+
+# %%
+#| label: fig-long-history
+#| fig-cap: "Held-out AUROC (95 % CI) on the long-history subgroup against the number of tokens each model may read; crosses on the 0.5 line mark runs that ran out of memory."
+fig = ef.long_history_figure(table)
+
+# %%
+#| label: tbl-long-history
+#| tbl-cap: "Each (model, allowed length) run: status, kernel path, parameters, held-out AUROC with patient-clustered bootstrap 95 % CIs on the long-history subgroup and on all held-out subjects, training plus scoring time and peak memory."
+figures.show_table(ef.long_history_table(table, ci))
+
+# %%
+#| label: tbl-h4
+#| tbl-cap: "H4, accuracy: EHRMamba at the longest length it trained at minus each Transformer at the longest length it trained at, held-out AUROC on the long-history subgroup (same resampled patients), Benjamini-Hochberg adjusted p-values, and the computed verdict."
+figures.show_table(results.comparison_table(comparisons, ci))
+h4_accuracy = profiling.headline(comparisons, table)
+h4_all = results.overall_verdict(comparisons["verdict"]) if len(comparisons) else "inconclusive"
+print(f"H4 accuracy headline (EHRMamba beats the best Transformer run on long histories): {h4_accuracy}")
+print(f"H4 accuracy across Transformers: {h4_all}")
+print("Rule per comparison:", results.VERDICT_RULE)
+
+# %%
+ex.save_json(
+    {
+        "h4_memory_verdict": h4_memory,
+        "h4_accuracy_verdict": h4_accuracy,
+        "h4_accuracy_overall": h4_all,
+        "subgroup": sub,
+        "boundary": boundary.to_dict(orient="records"),
+        "memory_comparisons": memory.to_dict(orient="records"),
+        "accuracy_comparisons": results.comparison_table(comparisons, ci).to_dict(orient="records"),
+        "runs": table.drop(columns=["key"]).to_dict(orient="records"),
+        "boundary_rows": bounds.to_dict(orient="records"),
+        "kernel_paths": sorted((set(bounds["kernel_path"]) | set(table["kernel_path"])) - {"-"}),
+    },
+    f"{run_dir}/results/04_long_sequences.json",
+)

@@ -1,0 +1,407 @@
+"""Profiling (H2, H4) on the CPU: the timing helper, OOM rows, the reference-path refusal, slopes, verdicts,
+the long-history runs on a tiny cohort, and the mamba_ssm benchmark's CPU behaviour."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from repro import bench_step, profiling
+from repro.config import ParamsError, load_params
+from repro.data.synthetic import write_synthetic_meds
+from repro.experiment import prepare
+from repro.models.registry import build_model
+
+CPU = torch.device("cpu")
+VOCAB = 40
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: tiny models, and no OpenMP barrier stalls on a shared 2-core CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(name: str = "ehrmamba"):
+    kw = {"d_model": 16, "n_layers": 1}
+    if name in ("cehr_bert", "transformer", "bigbird"):
+        kw["n_heads"] = 2
+    return lambda length: build_model(
+        name, VOCAB, **kw, **({"max_len": length} if name != "ehrmamba" else {})
+    )
+
+
+def test_measure_times_a_real_step_on_cpu():
+    row = profiling.measure("ehrmamba", tiny(), 32, 2, device=CPU, warmup=1, steps=2)
+    assert list(row) == list(profiling.ROW_COLUMNS)
+    assert row["status"] == "ok" and row["timer"] == "wall-clock" and row["dtype"] == "fp32"
+    assert row["kernel_path"] == "reference-chunked" and row["device"].startswith("cpu (")
+    assert row["params"] > 0 and row["ms_per_step"] > 0
+    assert row["tokens_per_s"] == pytest.approx(2 * 32 / (row["ms_per_step"] / 1000))
+    assert np.isnan(row["peak_mem_gib"]) and row["mem_source"] == "not measured (CPU)"
+
+
+@pytest.mark.parametrize("name", ["cehr_bert", "bigbird", "transformer"])
+def test_encoders_and_decoders_take_their_pretraining_step(name):
+    row = profiling.measure(name, tiny(name), 48, 2, device=CPU, warmup=1, steps=1)
+    assert row["status"] == "ok", row["status"]
+    assert row["kernel_path"] != "-"
+
+
+def test_time_step_runs_warmup_then_timed_steps():
+    calls = []
+    t = profiling.time_step(lambda: calls.append(1), CPU, warmup=2, steps=3)
+    assert len(calls) == 5 and len(t.ms_steps) == 3 and t.ms_per_step == pytest.approx(np.median(t.ms_steps))
+
+
+def _raising(exc_at: dict[int, BaseException]):
+    """A step factory whose step raises the given error at the given lengths."""
+
+    def factory(model, batch, device):
+        L = batch["input_ids"].shape[1]
+
+        def step():
+            if L in exc_at:
+                raise exc_at[L]
+
+        return step
+
+    return factory
+
+
+@pytest.mark.parametrize(
+    "exc,status",
+    [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB"), "oom"),
+        (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), "oom"),
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1e12 bytes"), "oom"),
+        (ValueError("shapes do not match"), "error: ValueError: shapes do not match"),
+    ],
+)
+def test_out_of_memory_is_a_data_point_and_the_sweep_goes_on(exc, status):
+    rows = profiling.sweep(
+        {"ehrmamba": tiny()},
+        [32, 16, 64],
+        [2],
+        device=CPU,
+        warmup=1,
+        steps=1,
+        step_factory=_raising({32: exc}),
+        progress=False,
+    )
+    assert rows["length"].tolist() == [16, 32, 64]  # shortest first, each length attempted once
+    assert rows["status"].tolist() == ["ok", status, "ok"]
+    failed = rows.iloc[1]
+    assert np.isnan(failed["ms_per_step"]) and failed["kernel_path"] == "reference-chunked"
+
+
+def test_time_budget_records_the_rest_as_skipped():
+    rows = profiling.sweep(
+        {"ehrmamba": tiny()}, [16, 32], [1], device=CPU, warmup=1, steps=1, time_budget_s=1e-9, progress=False
+    )
+    assert rows["status"].str.startswith(profiling.SKIP_BUDGET).all()
+
+
+class _FakeCudaModel(nn.Module):
+    """Stands for a model on CUDA whose mixer fell back to the reference path (no GPU needed)."""
+
+    vocab_size = VOCAB
+    causal = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernel_path = "reference-chunked"
+
+    def n_params(self) -> int:
+        return 7
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    monkeypatch.setattr(profiling, "device_name", lambda d: "cuda (fake)")
+    monkeypatch.setattr(profiling, "free_memory", lambda d: None)
+    monkeypatch.setattr(profiling, "probe_kernel_path", lambda m, d: m.kernel_path)
+    monkeypatch.setattr(profiling, "synthetic_batch", lambda *a, **k: {})
+    timing = profiling.Timing(12.0, [12.0], profiling.TIMER_CUDA, 1.5, profiling.MEM_CUDA)
+    monkeypatch.setattr(profiling, "time_step", lambda *a, **k: timing)
+
+
+def test_reference_path_on_cuda_is_refused(fake_cuda):
+    row = profiling.measure(
+        "ehrmamba", lambda L: _FakeCudaModel(), 2048, 1, device="cuda", step_factory=lambda *a: lambda: None
+    )
+    assert row["status"] == "skipped: reference path on CUDA"
+    assert row["kernel_path"] == "reference-chunked" and np.isnan(row["ms_per_step"])
+    assert row["timer"] == "cuda-events" and row["dtype"] == "bf16 autocast"
+
+
+def test_reference_path_on_cuda_is_labelled_when_allowed(fake_cuda):
+    row = profiling.measure(
+        "ehrmamba",
+        lambda L: _FakeCudaModel(),
+        2048,
+        4,
+        device="cuda",
+        allow_reference=True,
+        step_factory=lambda *a: lambda: None,
+    )
+    assert row["status"] == "ok" and row["kernel_path"] == "reference-chunked [reference (slow path)]"
+    assert row["ms_per_step"] == 12.0 and row["tokens_per_s"] == pytest.approx(4 * 2048 / 0.012)
+    assert row["peak_mem_gib"] == 1.5 and row["mem_source"] == "torch.cuda.max_memory_allocated"
+
+
+def test_fused_path_on_cuda_is_timed(fake_cuda):
+    model = _FakeCudaModel()
+    model.kernel_path = "mamba_ssm.selective_scan_cuda"
+    row = profiling.measure(
+        "ehrmamba", lambda L: model, 2048, 1, device="cuda", step_factory=lambda *a: lambda: None
+    )
+    assert row["status"] == "ok" and row["kernel_path"] == "mamba_ssm.selective_scan_cuda"
+
+
+def _rows(spec):
+    """Rows from (model, length, batch, ms, gib, status) tuples."""
+    cols = ["model", "length", "batch", "ms_per_step", "peak_mem_gib", "status"]
+    df = pd.DataFrame(spec, columns=cols)
+    df["kernel_path"] = "k"
+    df["device"] = "cuda (fake)"
+    df["timer"] = "cuda-events"
+    df["tokens_per_s"] = df["batch"] * df["length"] / df["ms_per_step"] * 1000
+    return df
+
+
+def test_slopes_recover_power_laws():
+    L = np.array([512, 1024, 2048, 4096, 8192, 16384])
+    rng = np.random.default_rng(0)
+    spec = [("ehrmamba", x, 1, 0.01 * x * rng.lognormal(0, 0.02), 1e-4 * x, "ok") for x in L]
+    spec += [("transformer", x, 1, 1e-6 * x**2 * rng.lognormal(0, 0.02), 1e-4 * x, "ok") for x in L]
+    spec += [("transformer", 32768, 1, np.nan, np.nan, "oom")]
+    slopes = profiling.scaling_slopes(_rows(spec), last=4).set_index("model")
+    assert slopes.loc["ehrmamba", "time slope"] == pytest.approx(1.0, abs=0.05)
+    assert slopes.loc["transformer", "time slope"] == pytest.approx(2.0, abs=0.05)
+    assert slopes.loc["transformer", "memory slope"] == pytest.approx(1.0, abs=1e-6)
+    assert slopes.loc["ehrmamba", "lengths fitted"] == "2048-16384 (4)"
+
+
+def test_h2_verdicts_follow_the_rule():
+    spec = [
+        ("ehrmamba", 1024, 1, 10.0, 1.0, "ok"),
+        ("ehrmamba", 4096, 1, 40.0, 4.0, "ok"),
+        ("cehr_bert", 1024, 1, 20.0, 8.0, "ok"),
+        ("cehr_bert", 4096, 1, np.nan, np.nan, "oom"),
+        ("transformer", 1024, 1, 8.0, 1.0, "ok"),
+        ("transformer", 4096, 1, 60.0, 6.0, "ok"),
+        ("bigbird", 1024, 1, 5.0, 1.0, "ok"),
+        ("bigbird", 4096, 1, 20.0, 4.1, "ok"),
+    ]
+    cmp = profiling.h2_comparisons(_rows(spec)).set_index("baseline")
+    assert cmp.loc["cehr_bert", "verdict"] == "supported" and cmp.loc["cehr_bert", "length"] == 4096
+    assert cmp.loc["transformer", "verdict"] == "supported"
+    assert cmp.loc["transformer", "time ratio"] == pytest.approx(40 / 60)
+    assert cmp.loc["bigbird", "verdict"] == "not supported"  # twice as slow at 4096
+
+
+def test_h2_on_cpu_rests_on_time_alone():
+    spec = [("ehrmamba", 256, 4, 10.0, np.nan, "ok"), ("transformer", 256, 4, 10.5, np.nan, "ok")]
+    cmp = profiling.h2_comparisons(_rows(spec))
+    assert cmp["verdict"].tolist() == ["inconclusive"] and "time only" in cmp["why"].iloc[0]
+
+
+def test_oom_boundary_and_h4_memory_come_from_measured_rows():
+    spec = [
+        ("ehrmamba", 16384, 1, 10.0, 2.0, "ok"),
+        ("ehrmamba", 65536, 1, 40.0, 8.0, "ok"),
+        ("cehr_bert", 16384, 1, 30.0, 20.0, "ok"),
+        ("cehr_bert", 65536, 1, np.nan, np.nan, "oom"),
+        ("transformer", 16384, 1, 9.0, 2.0, "ok"),
+        ("transformer", 65536, 1, 90.0, 8.0, "ok"),
+    ]
+    rows = _rows(spec)
+    b = profiling.oom_boundary(rows).set_index("model")
+    assert (
+        b.loc["ehrmamba", "longest length trained"] == 65536
+        and b.loc["ehrmamba", "failure"] == "none up to 65536"
+    )
+    assert b.loc["cehr_bert", "longest length trained"] == 16384
+    assert b.loc["cehr_bert", "first length that failed"] == 65536 and b.loc["cehr_bert", "failure"] == "oom"
+    mem = profiling.h4_memory_comparisons(rows).set_index("baseline")
+    assert mem.loc["cehr_bert", "verdict"] == "supported"
+    assert mem.loc["transformer", "verdict"] == "inconclusive"
+
+
+def test_epoch_estimate_counts_steps():
+    rows = _rows([("ehrmamba", 256, 16, 100.0, np.nan, "ok"), ("bigbird", 256, 16, np.nan, np.nan, "oom")])
+    e = profiling.epoch_estimates(rows, n_samples=33, n_tokens=6000).set_index("model")
+    assert e.loc["ehrmamba", "steps per epoch"] == 3
+    assert e.loc["ehrmamba", "epoch seconds (upper bound)"] == pytest.approx(0.3)
+    assert e.loc["ehrmamba", "real tokens/s"] == pytest.approx(20000)
+    assert np.isnan(e.loc["bigbird", "epoch seconds (upper bound)"])
+
+
+def test_efficiency_params_validate_and_name_the_parameter():
+    p = load_params("params/smoke.yaml")
+    assert p.efficiency.lengths == [64, 128, 256] and p.efficiency.cpu_threads == 1
+    for key, value, match in [
+        ("efficiency.models", ["mamba3"], "efficiency.models"),
+        ("efficiency.lengths", [512, 512], "efficiency.lengths"),
+        ("efficiency.warmup_steps", 0, "efficiency.warmup_steps"),
+        ("efficiency.time_budget_s", 0, "efficiency.time_budget_s"),
+        ("efficiency.allow_reference_on_cuda", "yes", "efficiency.allow_reference_on_cuda"),
+        ("efficiency.long_task", "los_1w", "efficiency.long_task"),
+    ]:
+        overrides = {key: value} | ({"tasks": ["mortality_1m"]} if key == "efficiency.long_task" else {})
+        with pytest.raises(ParamsError, match=match):
+            load_params("params/smoke.yaml", overrides)
+    assert load_params("params/default.yaml").efficiency.lengths[-1] == 65536
+
+
+# --------------------------------------------------------------------------------------------------------
+# the notebook helpers on a tiny cohort
+# --------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def prep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eff") / "meds"
+    write_synthetic_meds(root, 150, seed=3, shard_size=150)
+    params = load_params(
+        "params/smoke.yaml",
+        {
+            "tasks": ["mortality_1m"],
+            "model_sizes": {
+                "ehrmamba": {"d_model": 16, "n_layers": 1},
+                "transformer": {"n_layers": 1, "n_heads": 2},
+            },
+            "efficiency.long_models": ["ehrmamba", "transformer"],
+            "efficiency.long_lengths": [16, 64],
+            "efficiency.long_finetune_steps": 2,
+            "efficiency.long_batch_size": 4,
+            "efficiency.long_history_tokens": 32,
+            "eval.n_bootstrap": 20,
+        },
+    )
+    return prepare(params, data_dir=root)
+
+
+@pytest.fixture
+def keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_efficiency_sweep_uses_matched_sizes(prep, keep_threads):
+    torch.set_num_threads(2)
+    rows = profiling.efficiency_sweep(prep, [16, 32], [2], ["ehrmamba", "transformer"], progress=False)
+    assert (rows["status"] == "ok").all()
+    n = rows.groupby("model")["params"].first()
+    assert abs(n["transformer"] - n["ehrmamba"]) <= 0.1 * n["ehrmamba"]
+    assert torch.get_num_threads() == 1  # efficiency.cpu_threads of the smoke params
+
+
+def test_long_history_runs_score_every_length(prep, tmp_path, keep_threads):
+    view = profiling.at_length(prep, 64)
+    assert view.params.tokenizer.max_len == 64 and view.tokenizer.params.max_len == 64
+    assert prep.params.tokenizer.max_len == 256  # the run's own view is untouched
+    runs = profiling.long_history_runs(prep, tmp_path)
+    assert [(r.model, r.length, r.status) for r in runs] == [
+        ("ehrmamba", 16, "ok"),
+        ("transformer", 16, "ok"),
+        ("ehrmamba", 64, "ok"),
+        ("transformer", 64, "ok"),
+    ]
+    held_out = prep.labels["mortality_1m"]
+    assert all(len(r.predictions) == (held_out["split"] == "held_out").sum() for r in runs)
+    history = profiling.history_tokens(prep, "mortality_1m")
+    table = profiling.long_history_auroc(runs, history, 32, 20, 0.95, "mortality_1m")
+    assert table["key"].tolist() == [
+        "EHRMamba @ 16",
+        "Transformer (SDPA) @ 16",
+        "EHRMamba @ 64",
+        "Transformer (SDPA) @ 64",
+    ]
+    assert table["auroc_all"].between(0, 1).all()
+    cmp = profiling.h4_accuracy_comparisons(runs, history, 32, 20, 0.95, "mortality_1m")
+    assert cmp["comparison"].tolist() == ["EHRMamba @ 64 − Transformer (SDPA) @ 64"]
+    assert profiling.headline(cmp, table) in {"supported", "not supported", "inconclusive"}
+
+
+# --------------------------------------------------------------------------------------------------------
+# the mamba_ssm benchmark
+# --------------------------------------------------------------------------------------------------------
+def test_bench_step_says_why_it_cannot_run_on_cpu(capsys):
+    assert bench_step.main([]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "needs a CUDA GPU" in err and "Traceback" not in err
+
+
+def test_bench_step_names_missing_mamba_ssm(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    try:
+        import mamba_ssm  # noqa: F401
+
+        pytest.skip("mamba_ssm is installed here")
+    except ImportError:
+        pass
+    assert "mamba_ssm" in bench_step.requirements()
+
+
+def test_bench_step_sizes_come_from_params_and_flags():
+    args = bench_step.parse_args(["--n-layers", "2", "--lengths", "64", "128"])
+    assert bench_step.sizes(args) == {"d_model": 256, "n_layers": 2, "d_state": 16, "d_conv": 4, "expand": 2}
+    with pytest.raises(SystemExit):
+        bench_step.parse_args(["--vocab", "1001"])
+
+
+class _TinyLM(nn.Module):
+    """Stands for MambaLMHeadModel: ``model(ids).logits``."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, 8)
+        self.head = nn.Linear(8, vocab)
+
+    def forward(self, ids):
+        return type("Out", (), {"logits": self.head(self.emb(ids))})()
+
+
+def test_bench_step_run_and_summary_on_cpu(monkeypatch):
+    monkeypatch.setattr(bench_step, "bare_model", lambda s, vocab, device: (_TinyLM(vocab), "fake"))
+    args = bench_step.parse_args(
+        [
+            "--lengths",
+            "32",
+            "64",
+            "--scaling-length",
+            "128",
+            "--long-length",
+            "256",
+            "--batch",
+            "2",
+            "--vocab",
+            "48",
+        ]
+        + ["--d-model", "16", "--n-layers", "1", "--warmup", "1", "--steps", "1"]
+    )
+    rows = bench_step.run(args, device="cpu")
+    assert (
+        rows[["length", "batch"]].values.tolist()
+        == [[32, 2]] * 2 + [[64, 2]] * 2 + [[128, 2]] * 2 + [[256, 1]] * 2
+    )
+    assert (rows["status"] == "ok").all() and set(rows["model"]) == {bench_step.OURS, bench_step.BARE}
+    lines = bench_step.summary(rows, args.lengths, args.scaling_length, args.long_length, args.batch)
+    assert [line.split(":")[0] for line in lines] == [
+        "ours / bare tokens/s at L=32, batch 2",
+        "ours / bare tokens/s at L=64, batch 2",
+        "EHRMamba tokens/s at L=128 / at L=32, batch 2",
+        "EHRMamba at L=256, batch 1",
+    ]
+    rows.loc[rows["model"] == bench_step.BARE, "status"] = "oom"
+    assert (
+        "n/a" in bench_step.summary(rows, [32], 0, 0, 2)[0]
+        and "bare: oom" in bench_step.summary(rows, [32], 0, 0, 2)[0]
+    )
