@@ -348,8 +348,9 @@ class MambaBlock(nn.Module):
         return x + self.dropout(self.mixer(self.norm(x)))
 
 
-def _init_weights(module: nn.Module, n_layers: int) -> None:
-    """mamba_ssm's ``_init_weights``: zero biases (not dt), N(0, 0.02) embeddings, rescaled out_proj."""
+def init_mamba_weights(module: nn.Module, n_layers: int, mixers: tuple[type, ...] | None = None) -> None:
+    """mamba_ssm's ``_init_weights``: zero biases (not dt), N(0, 0.02) embeddings, out_proj of each mixer
+    (instances of ``mixers``, default MambaMixer) rescaled by 1/sqrt(n_layers). Mamba2 shares it."""
     if isinstance(module, nn.Linear) and module.bias is not None:
         if not getattr(module.bias, "_no_reinit", False):
             nn.init.zeros_(module.bias)
@@ -358,7 +359,7 @@ def _init_weights(module: nn.Module, n_layers: int) -> None:
         if module.padding_idx is not None:
             with torch.no_grad():
                 module.weight[module.padding_idx].zero_()
-    if isinstance(module, MambaMixer):
+    if isinstance(module, mixers or (MambaMixer,)):
         nn.init.kaiming_uniform_(module.out_proj.weight, a=math.sqrt(5))
         with torch.no_grad():
             module.out_proj.weight /= math.sqrt(n_layers)
@@ -393,7 +394,7 @@ class EHRMamba(nn.Module):
             for _ in range(n_layers)
         )
         self.norm_f = nn.RMSNorm(d_model, eps=1e-5)
-        self.apply(partial(_init_weights, n_layers=n_layers))
+        self.apply(partial(init_mamba_weights, n_layers=n_layers))
 
     @property
     def kernel_path(self) -> str | None:

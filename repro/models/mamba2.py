@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from repro.models.ehrmamba import init_mamba_weights
 from repro.models.embeddings import CEHREmbedding
 from repro.models.transformer import check_sizes
 
@@ -238,21 +239,6 @@ class Mamba2Block(nn.Module):
         return x + self.dropout(self.mixer(self.norm(x)))
 
 
-def _init_weights(module: nn.Module, n_layers: int) -> None:
-    """mamba_ssm's ``_init_weights``: zero Linear biases, N(0, 0.02) embeddings, out_proj / sqrt(n_layers)."""
-    if isinstance(module, nn.Linear) and module.bias is not None:
-        nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Embedding):
-        nn.init.normal_(module.weight, std=0.02)
-        if module.padding_idx is not None:
-            with torch.no_grad():
-                module.weight[module.padding_idx].zero_()
-    if isinstance(module, Mamba2Mixer):
-        nn.init.kaiming_uniform_(module.out_proj.weight, a=math.sqrt(5))
-        with torch.no_grad():
-            module.out_proj.weight /= math.sqrt(n_layers)
-
-
 class EHRMamba2(nn.Module):
     """CEHR embeddings -> ``n_layers`` Mamba-2 blocks -> RMSNorm. Causal; pretrained with CLM."""
 
@@ -280,7 +266,7 @@ class EHRMamba2(nn.Module):
         mixer = dict(d_state=d_state, d_conv=d_conv, expand=expand, headdim=headdim, chunk_size=chunk_size)
         self.layers = nn.ModuleList(Mamba2Block(d_model, dropout, **mixer) for _ in range(n_layers))
         self.norm_f = nn.RMSNorm(d_model, eps=1e-5)
-        self.apply(partial(_init_weights, n_layers=n_layers))
+        self.apply(partial(init_mamba_weights, n_layers=n_layers, mixers=(Mamba2Mixer,)))
 
     @property
     def kernel_path(self) -> str | None:
