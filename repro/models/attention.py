@@ -8,24 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import torch
 from torch import Tensor, nn
 
-from repro.models.embeddings import CEHREmbedding
+from repro.models.embeddings import CEHREmbedding, check_sizes, init_normal
 
 
 def _init_bert(module: nn.Module) -> None:
     """BERT init: N(0, 0.02) weights, zero biases, pad embedding row zero."""
-    if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Embedding):
-        nn.init.normal_(module.weight, std=0.02)
-        if module.padding_idx is not None:
-            with torch.no_grad():
-                module.weight[module.padding_idx].zero_()
-    elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+    init_normal(module)
+    if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
         nn.init.normal_(module.in_proj_weight, std=0.02)
         nn.init.zeros_(module.in_proj_bias)
 
@@ -50,9 +41,7 @@ class CEHRBert(nn.Module):
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
-        for key, val in {"vocab_size": vocab_size, "d_model": d_model, "n_layers": n_layers}.items():
-            if val < 1:
-                raise ValueError(f"CEHRBert {key} must be >= 1, got {val}")
+        check_sizes("CEHRBert", vocab_size=vocab_size, d_model=d_model, n_layers=n_layers)
         if d_model % n_heads:
             raise ValueError(f"CEHRBert d_model={d_model} is not divisible by n_heads={n_heads}")
         self.d_model, self.max_len = d_model, max_len

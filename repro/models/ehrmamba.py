@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from repro.models.embeddings import CEHREmbedding
+from repro.models.embeddings import CEHREmbedding, check_sizes
 
 try:
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
@@ -384,9 +384,7 @@ class EHRMamba(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        for key, val in {"vocab_size": vocab_size, "d_model": d_model, "n_layers": n_layers}.items():
-            if val < 1:
-                raise ValueError(f"EHRMamba {key} must be >= 1, got {val}")
+        check_sizes("EHRMamba", vocab_size=vocab_size, d_model=d_model, n_layers=n_layers)
         self.d_model = d_model
         self.embedding = CEHREmbedding(vocab_size, d_model, n_types, max_visits, dropout=dropout)
         self.layers = nn.ModuleList(

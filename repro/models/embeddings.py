@@ -81,3 +81,23 @@ class CEHREmbedding(nn.Module):
             + self.segment_emb(batch["segments"])
         )
         return self.dropout(self.norm(x))
+
+
+def check_sizes(owner: str, **sizes: int) -> None:
+    """Raise ValueError naming the first size below 1 (every backbone's constructor checks its sizes)."""
+    for key, val in sizes.items():
+        if val < 1:
+            raise ValueError(f"{owner} {key} must be >= 1, got {val}")
+
+
+def init_normal(module: nn.Module) -> None:
+    """N(0, 0.02) Linear weights with zero biases and N(0, 0.02) embeddings with a zero pad row (BERT / GPT-2)."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()

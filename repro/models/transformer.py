@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from repro.models.embeddings import CEHREmbedding
+from repro.models.embeddings import CEHREmbedding, check_sizes, init_normal
 
 
 class Rotary(nn.Module):
@@ -139,25 +139,10 @@ class TransformerBlock(nn.Module):
 
 def init_gpt(module: nn.Module, n_layers: int) -> None:
     """GPT-2 init: N(0, 0.02) weights, zero biases, residual projections scaled by 1/sqrt(2 n_layers)."""
-    if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Embedding):
-        nn.init.normal_(module.weight, std=0.02)
-        if module.padding_idx is not None:
-            with torch.no_grad():
-                module.weight[module.padding_idx].zero_()
+    init_normal(module)
     if isinstance(module, SelfAttention | MLP):
         out = module.out_proj if isinstance(module, SelfAttention) else module.fc2
         nn.init.normal_(out.weight, std=0.02 / math.sqrt(2 * n_layers))
-
-
-def check_sizes(owner: str, **sizes: int) -> None:
-    """Raise ValueError naming the first size below 1."""
-    for key, val in sizes.items():
-        if val < 1:
-            raise ValueError(f"{owner} {key} must be >= 1, got {val}")
 
 
 class Transformer(nn.Module):
