@@ -59,6 +59,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--json", default=None, help="also write the rows and ratios as JSON here")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="L",
+        help="instead of timing: torch.profiler's top CUDA kernels of both models at length L",
+    )
     args = p.parse_args(argv)
     if args.vocab % 8 or args.vocab <= 8:
         p.error(f"--vocab must be a multiple of 8 above 8 (mamba_ssm pads to 8), got {args.vocab}")
@@ -182,6 +189,55 @@ def our_row(s: dict[str, int], vocab: int, length: int, batch: int, args, device
     )
 
 
+def _model_and_step(which: str, s: dict[str, int], vocab: int, length: int, batch: int, device):
+    """(model, step) of ours or the bare model on the benchmark's batch."""
+    if which == BARE:
+        model, _ = bare_model(s, vocab, device)
+        return model, bare_step(model, profiling.synthetic_batch(vocab, batch, length, device), device)
+    from repro.models.registry import build_model
+
+    model = build_model("ehrmamba", vocab, **s).to(device)
+    return model, profiling.pretrain_step(
+        model, profiling.synthetic_batch(vocab, batch, length, device), device
+    )
+
+
+def profile(args: argparse.Namespace, device: torch.device | str = "cuda", top: int = 25) -> list[str]:
+    """Top CUDA kernels (self time per step) of ours and the bare model at ``args.profile`` tokens.
+
+    Where the ratio falls short, this says which kernels take the difference.
+    """
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    device = torch.device(device)
+    s, length = sizes(args), args.profile
+    out = []
+    for which in (OURS, BARE):
+        torch.manual_seed(0)
+        model, step = _model_and_step(which, s, args.vocab, length, args.batch, device)
+        for _ in range(args.warmup):
+            step()
+        torch.cuda.synchronize(device)
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.steps):
+                step()
+            torch.cuda.synchronize(device)
+        events = prof.key_averages()
+        key = (
+            "self_device_time_total"
+            if hasattr(events[0], "self_device_time_total")
+            else "self_cuda_time_total"
+        )
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]  # not their ops too
+        total_ms = sum(getattr(e, key) for e in kernels) / 1000 / args.steps
+        out.append(f"== {which}, L={length}, batch {args.batch}: {total_ms:.1f} ms of CUDA kernels per step")
+        out.append(events.table(sort_by=key, row_limit=top, max_name_column_width=70))
+        del model, step, prof
+        profiling.free_memory(device)
+    return out
+
+
 def _tps(rows: pd.DataFrame, model: str, length: int, batch: int) -> tuple[float, str]:
     r = rows[(rows["model"] == model) & (rows["length"] == length) & (rows["batch"] == batch)]
     if r.empty:
@@ -266,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         f"(median, CUDA events)",
         flush=True,
     )
+    if args.profile:
+        print("\n".join(profile(args)))
+        return 0
     rows = run(args)
     show = rows[
         [

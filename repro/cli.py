@@ -37,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--force", action="store_true", help="replace an existing run of the same name")
     p_run.add_argument("--no-render", action="store_true", help="execute notebooks only")
     p_run.add_argument(
+        "--notebooks",
+        nargs="+",
+        metavar="NB",
+        help="run only these notebooks (names or number prefixes, e.g. 02 04); implies --no-render",
+    )
+    p_run.add_argument(
         "--engine",
         choices=["auto", "quarto", "offline"],
         default="auto",
@@ -56,15 +62,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
-            from repro.pipeline import run
+            from repro.pipeline import NOTEBOOKS, run, select_notebooks
 
+            notebooks = select_notebooks(args.notebooks) if args.notebooks else NOTEBOOKS
             out = run(
                 args.params,
                 data_dir=args.data,
                 name=args.name,
                 force=args.force,
-                render=not args.no_render,
+                render=not args.no_render and notebooks == NOTEBOOKS,
                 engine=args.engine,
+                notebooks=notebooks,
             )
             print(f"run written to {out}")
             for f in ("report.html", "report.pdf"):

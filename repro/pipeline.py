@@ -28,6 +28,25 @@ class RunError(RuntimeError):
     """A run failed; the message names the notebook and cell, or the input at fault."""
 
 
+def select_notebooks(wanted: list[str]) -> tuple[str, ...]:
+    """Notebook names from full names or unique prefixes, in run order.
+
+    >>> select_notebooks(["04", "02_efficiency"])
+    ('02_efficiency', '04_long_sequences')
+    >>> select_notebooks(["9"])
+    Traceback (most recent call last):
+    repro.config.ParamsError: --notebooks: '9' names no notebook; choose from 00_cohort, 01_accuracy, 02_efficiency, 03_mpf, 04_long_sequences
+    """
+    chosen = set()
+    for w in wanted:
+        hits = [nb for nb in NOTEBOOKS if nb == w or nb.startswith(w)]
+        if len(hits) != 1:
+            why = "names no notebook" if not hits else f"is ambiguous ({', '.join(hits)})"
+            raise ParamsError(f"--notebooks: {w!r} {why}; choose from {', '.join(NOTEBOOKS)}")
+        chosen.add(hits[0])
+    return tuple(nb for nb in NOTEBOOKS if nb in chosen)
+
+
 def _notebook_json(py_path: Path, out_path: Path) -> None:
     """Convert a py:percent notebook to .ipynb (jupytext) for papermill."""
     import jupytext

@@ -103,6 +103,13 @@ def test_existing_run_is_not_overwritten_without_force(capsys, outputs_guard):
     assert (outputs_guard / "marker.txt").read_text() == "keep me"
 
 
+def test_unknown_notebook_is_a_one_line_error(capsys, outputs_guard):
+    code = main(["run", "params/smoke.yaml", "--name", "pytest-existing", "--force", "--notebooks", "07"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--notebooks: '07' names no notebook" in err and "\n" not in err
+    assert (outputs_guard / "marker.txt").read_text() == "keep me"
+
+
 @pytest.mark.e2e
 def test_smoke_report_end_to_end():
     """The README's `make report` path: every notebook runs on params/smoke.yaml and the report renders."""
