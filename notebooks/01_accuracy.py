@@ -37,6 +37,7 @@ jobs = [(m, t, s) for s in params.seeds for m in params.models for t in params.t
 runs = ex.run_all(prep, f"{run_dir}/work", jobs, workers=params.train.workers)
 preds = results.predictions_frame(runs)
 n_boot, ci = params.eval.n_bootstrap, params.eval.ci
+stat_kw = {"alpha": params.eval.alpha, "n_perm": params.eval.n_permutations}
 evaluated = results.evaluate_all(preds, n_boot, ci)
 
 # %%
@@ -60,9 +61,19 @@ figures.show_table(results.paper_table(evaluated, prep.synthetic))
 fig = figures.forest_figure(results.forest_frame(evaluated))
 
 # %%
+#| label: tbl-calibration
+#| tbl-cap: "Calibration on held_out: Brier score and expected calibration error (ECE, 10 equal-width probability bins, weighted by rows) with patient-clustered bootstrap 95 % CIs; lower is better. The oracle scores the true risk: its Brier score is the floor, its ECE what sampling noise alone gives. ECE is biased upward on small samples (sparse bins), so its percentile interval can lie above the estimate."
+figures.show_table(results.calibration_table(evaluated, params.tasks))
+
+# %%
+#| label: fig-calibration
+#| fig-cap: "Reliability of the mortality_1m probabilities on held_out (seed-ensembled): observed death rate against mean predicted probability in 10 equal-width bins, marker area by patients in the bin; the diagonal is perfect calibration."
+fig = figures.reliability_figure(results.reliability_frame(preds, "mortality_1m"), "mortality_1m")
+
+# %%
 #| label: tbl-h1
-#| tbl-cap: "H1 comparisons: EHRMamba minus each other model in held-out AUROC (same resampled patients for both), bootstrap p-values adjusted by Benjamini-Hochberg across all comparisons of this notebook, and the computed verdict."
-comparisons = results.h1_comparisons(preds, "ehrmamba", params.models, n_boot, ci)
+#| tbl-cap: "H1 comparisons: EHRMamba minus each other model in held-out AUROC with a paired bootstrap 95 % CI (same resampled patients for both), a paired permutation p-value (patient-level swaps), that p adjusted by Benjamini-Hochberg across all comparisons of this notebook, and the computed verdict."
+comparisons = results.h1_comparisons(preds, "ehrmamba", params.models, n_boot, ci, **stat_kw)
 figures.show_table(results.comparison_table(comparisons, ci))
 h1 = results.h1_verdict(comparisons)
 h1_all = results.overall_verdict(comparisons["verdict"]) if len(comparisons) else "inconclusive"

@@ -36,11 +36,12 @@ done = ex.run_all(prep, f"{run_dir}/work", jobs, workers=params.train.workers)
 runs = [r for d in done for r in (d.values() if isinstance(d, dict) else [d])]
 preds = results.predictions_frame(runs)
 n_boot, ci = params.eval.n_bootstrap, params.eval.ci
-comparisons = results.mpf_comparisons(preds, params.mpf_models, n_boot, ci)
+stat_kw = {"alpha": params.eval.alpha, "n_perm": params.eval.n_permutations}
+comparisons = results.mpf_comparisons(preds, params.mpf_models, n_boot, ci, **stat_kw)
 
 # %%
 #| label: tbl-mpf
-#| tbl-cap: "H3: MPF minus single-task finetuning of the same backbone, held-out AUROC per task, with paired bootstrap 95 % CIs, Benjamini-Hochberg adjusted p-values across this notebook's comparisons, and computed verdicts."
+#| tbl-cap: "H3: MPF minus single-task finetuning of the same backbone, held-out AUROC per task, with paired bootstrap 95 % CIs, paired permutation p-values and their Benjamini-Hochberg adjustment across this notebook's comparisons, and computed verdicts."
 figures.show_table(results.comparison_table(comparisons, ci))
 verdicts = {
     b: results.overall_verdict(comparisons.loc[comparisons["baseline"] == b, "verdict"])

@@ -45,7 +45,14 @@ runs = profiling.long_history_runs(prep, f"{run_dir}/work/long-history")
 history = profiling.history_tokens(prep, eff.long_task)
 table = profiling.long_history_auroc(runs, history, eff.long_history_tokens, n_boot, ci, eff.long_task)
 comparisons = profiling.h4_accuracy_comparisons(
-    runs, history, eff.long_history_tokens, n_boot, ci, eff.long_task
+    runs,
+    history,
+    eff.long_history_tokens,
+    n_boot,
+    ci,
+    eff.long_task,
+    alpha=params.eval.alpha,
+    n_perm=params.eval.n_permutations,
 )
 sub = table.attrs["subgroup"]
 print(
@@ -78,7 +85,7 @@ figures.show_table(ef.long_history_table(table, ci))
 
 # %%
 #| label: tbl-h4
-#| tbl-cap: "H4, accuracy: EHRMamba at the longest length it trained at minus each Transformer at the longest length it trained at, held-out AUROC on the long-history subgroup (same resampled patients), Benjamini-Hochberg adjusted p-values, and the computed verdict."
+#| tbl-cap: "H4, accuracy: EHRMamba at the longest length it trained at minus each Transformer at the longest length it trained at, held-out AUROC on the long-history subgroup (same resampled patients), paired permutation p-values with their Benjamini-Hochberg adjustment, and the computed verdict."
 figures.show_table(results.comparison_table(comparisons, ci))
 h4_accuracy = profiling.headline(comparisons, table)
 h4_all = results.overall_verdict(comparisons["verdict"]) if len(comparisons) else "inconclusive"

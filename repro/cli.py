@@ -1,4 +1,4 @@
-"""Command line: `repro run PARAMS`, `repro render RUN_DIR`, `repro synth OUT_DIR`.
+"""Command line: `repro run PARAMS`, `repro render RUN_DIR`, `repro doctor`, `repro synth OUT_DIR`.
 
 A user's mistake (bad params, bad MEDS input, an existing run) prints one line naming the file,
 column or parameter and exits with status 2; a bug still shows its traceback.
@@ -7,6 +7,7 @@ column or parameter and exits with status 2; a bug still shows its traceback.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -26,6 +27,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _terminated(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="repro", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -36,6 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--name", help="run name, the folder under outputs/ (default: the params file's name)")
     p_run.add_argument("--force", action="store_true", help="replace an existing run of the same name")
     p_run.add_argument("--no-render", action="store_true", help="execute notebooks only")
+    p_run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue outputs/<name>.failed/, re-running only unfinished notebooks",
+    )
+    p_run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check params, data and notebooks in seconds; train and write nothing",
+    )
     p_run.add_argument(
         "--notebooks",
         nargs="+",
@@ -53,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     p_render.add_argument("run_dir")
     p_render.add_argument("--engine", choices=["auto", "quarto", "offline"], default="auto")
 
+    p_doc = sub.add_parser("doctor", help="report CUDA, mamba_ssm kernels and each model's kernel path")
+    p_doc.add_argument(
+        "--params", default="params/default.yaml", help="params whose models and device to check"
+    )
+    p_doc.add_argument("--device", choices=["cpu", "cuda"], help="override the params' device")
+
     p_synth = sub.add_parser("synth", help="write the synthetic MEDS cohort to a directory")
     p_synth.add_argument("out_dir")
     p_synth.add_argument("--n", type=int, default=1000, help="subjects")
@@ -65,6 +86,13 @@ def main(argv: list[str] | None = None) -> int:
             from repro.pipeline import NOTEBOOKS, run, select_notebooks
 
             notebooks = select_notebooks(args.notebooks) if args.notebooks else NOTEBOOKS
+            if args.dry_run:
+                from repro.pipeline import dry_run
+
+                for line in dry_run(args.params, args.data, args.name, args.force, notebooks):
+                    print(line)
+                return 0
+            signal.signal(signal.SIGTERM, _terminated)  # a killed batch job still leaves <name>.failed/
             out = run(
                 args.params,
                 data_dir=args.data,
@@ -73,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 render=not args.no_render and notebooks == NOTEBOOKS,
                 engine=args.engine,
                 notebooks=notebooks,
+                resume=args.resume,
             )
             print(f"run written to {out}")
             for f in ("report.html", "report.pdf"):
@@ -85,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
             written = render_report(run_dir / "report.qmd", run_dir, engine=args.engine)
             for p in written.values():
                 print(p)
+        elif args.command == "doctor":
+            from repro.doctor import main as doctor
+
+            return doctor(args.params, args.device)
         elif args.command == "synth":
             from repro.config import ParamsError
             from repro.data.synthetic import write_synthetic_meds

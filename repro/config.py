@@ -141,10 +141,17 @@ class EvalParams:
 
     n_bootstrap: int = 2000
     ci: float = 0.95
+    n_permutations: int = 2000
+    alpha: float = 0.05  # significance level of the BH-adjusted p-values behind every verdict
 
     def __post_init__(self) -> None:
         if self.n_bootstrap < 10:
             raise ParamsError(f"eval.n_bootstrap must be >= 10, got {self.n_bootstrap}")
+        if self.n_permutations < 10:
+            raise ParamsError(f"eval.n_permutations must be >= 10, got {self.n_permutations}")
+        if not 0 < self.alpha < 0.5:
+            raise ParamsError(f"eval.alpha must be in (0, 0.5), got {self.alpha}")
+
         if not 0.5 < self.ci < 1:
             raise ParamsError(f"eval.ci must be in (0.5, 1), got {self.ci}")
 

@@ -122,16 +122,16 @@ def evaluate_predictions(
 
 
 def oracle_metrics(test: pd.DataFrame, n_boot: int = 2000, seed: int = 0, ci: float = 0.95) -> dict:
-    """The ceiling: AUROC, AUPRC and Brier of the synthetic generator's true probability on the test rows.
+    """The ceiling: AUROC, AUPRC, Brier and ECE of the synthetic generator's true probability on the test rows.
 
     Frame columns label, true_prob (and subject_id to cluster the bootstrap; without it rows are independent).
-    Same output shape as evaluate_predictions, for auroc, auprc and brier.
+    Same output shape as evaluate_predictions, for auroc, auprc, brier and ece.
     """
     _check_frame(test, {"label", "true_prob"}, "test")
     y, s = check_binary_inputs(test["label"], test["true_prob"])
     point = binary_metrics(y, s)
     clusters = test["subject_id"].to_numpy() if "subject_id" in test.columns else None
-    names = ("auroc", "auprc", "brier")
+    names = ("auroc", "auprc", "brier", "ece")
     boots = bootstrap_metrics(y, {"oracle": s}, clusters, names, n_boot, seed)["oracle"]
     return _with_cis(point, boots, ci)
 

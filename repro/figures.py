@@ -98,6 +98,39 @@ def delta_figure(comparisons: pd.DataFrame, xlabel: str) -> plt.Figure:
     return fig
 
 
+def reliability_figure(frame: pd.DataFrame, task: str, max_panels: int = 9) -> plt.Figure:
+    """Reliability diagram: one small panel per model (observed rate against mean predicted probability per
+    bin, marker area by rows in the bin), the diagonal as perfect calibration."""
+    models = list(dict.fromkeys(frame["model"]))[:max_panels]
+    ncols = min(3, max(len(models), 1))
+    nrows = max(-(-len(models) // ncols), 1)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(2.6 * ncols, 2.5 * nrows), sharex=True, sharey=True, squeeze=False
+    )
+    axes = axes.ravel()
+    for ax in axes[len(models) :]:
+        ax.set_visible(False)
+    if not models:
+        axes[0].set_visible(True)
+        axes[0].text(0.5, 0.5, "no model with probability scores", ha="center", va="center")
+    top = max(float(frame["n"].max()), 1.0) if len(frame) else 1.0
+    for ax, model in zip(axes, models):
+        g = frame[frame["model"] == model]
+        ax.plot([0, 1], [0, 1], color="lightgrey", linewidth=1)
+        ax.plot(g["predicted"], g["observed"], color="tab:blue", linewidth=1)
+        ax.scatter(g["predicted"], g["observed"], s=8 + 60 * g["n"] / top, color="tab:blue", zorder=3)
+        ax.set_title(model, fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+    for ax in axes[(nrows - 1) * ncols :]:
+        ax.set_xlabel("mean predicted")
+    for ax in axes[::ncols]:
+        ax.set_ylabel("observed rate")
+    fig.suptitle(task, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def loss_figure(curves: pd.DataFrame, window: int = 10) -> plt.Figure:
     """Training loss per step (rolling mean over `window` steps), one panel per phase, averaged over runs."""
     curves = curves.copy()

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from repro.config import ParamsError, load_params
 from repro.experiment import environment, git_sha, project_root, save_json
 
-NOTEBOOKS = ("00_cohort", "01_accuracy", "02_efficiency", "03_mpf", "04_long_sequences")
+NOTEBOOKS = ("00_cohort", "01_accuracy", "02_efficiency", "03_mpf", "04_long_sequences", "90_verdicts")
 REPORT_FILES = ("report.qmd", "_quarto.yml")
 
 
@@ -33,9 +33,9 @@ def select_notebooks(wanted: list[str]) -> tuple[str, ...]:
 
     >>> select_notebooks(["04", "02_efficiency"])
     ('02_efficiency', '04_long_sequences')
-    >>> select_notebooks(["9"])
+    >>> select_notebooks(["7"])
     Traceback (most recent call last):
-    repro.config.ParamsError: --notebooks: '9' names no notebook; choose from 00_cohort, 01_accuracy, 02_efficiency, 03_mpf, 04_long_sequences
+    repro.config.ParamsError: --notebooks: '7' names no notebook; choose from 00_cohort, 01_accuracy, 02_efficiency, 03_mpf, 04_long_sequences, 90_verdicts
     """
     chosen = set()
     for w in wanted:
@@ -93,14 +93,93 @@ def _kernel_paths(results_dir: Path) -> list[str]:
     return sorted(paths)
 
 
-def check_data(data_dir: str | None) -> None:
-    """Validate a user MEDS directory before anything is written (fail early, name the file)."""
-    if data_dir:
-        from repro.data.meds import load_meds, read_shard
+def check_data(data_dir: str | None) -> int:
+    """Validate a user MEDS directory before anything is written (fail early, name the file).
 
-        ds = load_meds(data_dir)
-        for shard in ds.shards:
-            read_shard(shard)
+    Every shard is read and checked in parallel worker processes (``stream.validate_dataset``), with the
+    cross-shard rules (one shard per subject, split file agreement). Returns the number of events.
+    """
+    if not data_dir:
+        return 0
+    from repro.data.meds import load_meds
+    from repro.data.stream import ShardRunner, default_workers, validate_dataset
+
+    ds = load_meds(data_dir)
+    with ShardRunner(default_workers(ds), progress=False) as runner:
+        return validate_dataset(ds, runner).n_events
+
+
+PARAMETERS = ("params_file", "run_dir", "data_dir")
+
+
+def dry_run(
+    params_file: str,
+    data_dir: str | None = None,
+    name: str | None = None,
+    force: bool = False,
+    notebooks: tuple[str, ...] = NOTEBOOKS,
+) -> list[str]:
+    """Check everything a run needs without training or writing a run: params, run name, data, device, and
+    each notebook (converted and given its parameters by papermill's prepare-only mode, in a temp folder).
+    Returns the lines to print; raises the same one-line errors a real run would."""
+    import tempfile
+
+    import papermill as pm
+
+    root = project_root()
+    params_path = Path(params_file).resolve()
+    params = load_params(params_path)
+    name = _run_name(name, params_path)
+    final = root / "outputs" / name
+    lines = [f"params: {params_path} (hash {params.hash()}), run name {name!r}"]
+    if final.exists() and not force:
+        raise RunError(f"{final} exists; pass --force to replace it or --name to write another run")
+    lines.append(f"output: {final}" + (" (exists; --force will replace it)" if final.exists() else ""))
+    if data_dir:
+        n = check_data(str(Path(data_dir).resolve()))
+        lines.append(f"data: {data_dir}: every shard valid, {n:,} events")
+    else:
+        lines.append(
+            f"data: synthetic cohort of {params.data.n_subjects:,} subjects (generated or reused from cache)"
+        )
+    _check_device(params, params_path)
+    lines.append(f"device: {params.device}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for nb in notebooks:
+            src, nb_in = root / "notebooks" / f"{nb}.py", Path(tmp) / f"{nb}.ipynb"
+            _notebook_json(src, nb_in)
+            found = set(pm.inspect_notebook(str(nb_in)))
+            missing = [k for k in PARAMETERS if k not in found]
+            if missing:
+                raise RunError(f"{src}: its parameters cell lacks {', '.join(missing)}")
+            parameters = {"params_file": str(params_path), "run_dir": tmp, "data_dir": data_dir or ""}
+            pm.execute_notebook(
+                str(nb_in),
+                str(Path(tmp) / f"{nb}.out.ipynb"),
+                parameters=parameters,
+                prepare_only=True,
+                kernel_name="python3",
+                language="python",
+                progress_bar=False,
+            )
+            lines.append(f"notebook {nb}: parameters injected (papermill prepare-only)")
+    lines.append("dry run passed: nothing was trained or written")
+    return lines
+
+
+def _run_name(name: str | None, params_path: Path) -> str:
+    name = name or params_path.stem
+    if not name or "/" in name or name.startswith("."):
+        raise ParamsError(f"--name must be a plain folder name, got {name!r}")
+    return name
+
+
+def _check_device(params, params_path: Path) -> None:
+    if params.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ParamsError(f"{params_path}: device is cuda but no CUDA device is available")
 
 
 def run(
@@ -111,35 +190,51 @@ def run(
     render: bool = True,
     engine: str = "auto",
     notebooks: tuple[str, ...] = NOTEBOOKS,
+    resume: bool = False,
 ) -> Path:
-    """Execute the notebooks for `params_file` into outputs/<name>/ and render the report there."""
+    """Execute the notebooks for `params_file` into outputs/<name>/ and render the report there.
+
+    ``resume``: continue ``outputs/<name>.failed/`` (same params and data), skipping the notebooks that
+    finished there and reusing its training cache."""
     root = project_root()
     params_path = Path(params_file)
     params_path = params_path if params_path.is_absolute() else (Path.cwd() / params_path).resolve()
     params = load_params(params_path)
     if data_dir:
         data_dir = str(Path(data_dir).resolve())
-    name = name or params_path.stem
-    if not name or "/" in name or name.startswith("."):
-        raise ParamsError(f"--name must be a plain folder name, got {name!r}")
+    name = _run_name(name, params_path)
     outputs = root / "outputs"
     final = outputs / name
+    failed = outputs / f"{name}.failed"
     if final.exists() and not force:
         raise RunError(f"{final} exists; pass --force to replace it or --name to write another run")
+    if resume and not (failed / "manifest.json").exists():
+        raise RunError(f"--resume: no failed run to resume at {failed}")
+    _check_device(params, params_path)
     check_data(data_dir)
     if not data_dir and params.data.synthetic and not params.data.meds_dir:
         from repro.experiment import ensure_meds
 
         ensure_meds(params)  # generate the synthetic cohort once, with a progress bar in the terminal
-    if params.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ParamsError(f"{params_path}: device is cuda but no CUDA device is available")
 
     staging = outputs / f".staging-{name}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    (staging / "notebooks").mkdir(parents=True)
+    done: dict[str, dict] = {}
+    if resume:
+        import json
+
+        before = json.loads((failed / "manifest.json").read_text())
+        if before.get("params_hash") != params.hash() or before.get("data_dir") != (data_dir or "synthetic"):
+            raise RunError(
+                f"--resume: {failed} was run with other parameters or data; rerun without --resume"
+            )
+        os.replace(failed, staging)  # finished notebooks, their results and the training cache come along
+        done = {
+            nb: info
+            for nb, info in before.get("notebooks", {}).items()
+            if (staging / "notebooks" / f"{nb}.ipynb").exists()
+        }
+    (staging / "notebooks").mkdir(parents=True, exist_ok=True)
     manifest = {
         "run": name,
         "params_file": str(
@@ -151,18 +246,22 @@ def run(
         "git_sha": git_sha(root),
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "environment": environment(),
-        "notebooks": {},
+        "notebooks": dict(done),
     }
     parameters = {"params_file": str(params_path), "run_dir": str(staging), "data_dir": data_dir or ""}
     t_run = time.perf_counter()
     try:
         bar = tqdm(notebooks, desc=f"repro run {name}", unit="notebook", file=sys.stderr)
         for nb in bar:
+            if nb in done:
+                bar.set_postfix_str(f"{nb} (done before --resume)")
+                continue
             bar.set_postfix_str(nb)
             seconds = _execute(
                 nb, root / "notebooks" / f"{nb}.py", staging / "notebooks" / f"{nb}.ipynb", parameters, root
             )
             manifest["notebooks"][nb] = {"seconds": round(seconds, 1)}
+            save_json(manifest, staging / "manifest.json")  # what --resume may skip
         manifest["seconds_notebooks"] = round(time.perf_counter() - t_run, 1)
         manifest["kernel_paths"] = _kernel_paths(staging / "results")
         save_json(manifest, staging / "manifest.json")
@@ -180,7 +279,6 @@ def run(
         manifest["seconds_total"] = round(time.perf_counter() - t_run, 1)
         save_json(manifest, staging / "manifest.json")
     except BaseException as exc:
-        failed = outputs / f"{name}.failed"
         shutil.rmtree(failed, ignore_errors=True)
         if staging.exists():
             os.replace(staging, failed)

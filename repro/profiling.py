@@ -863,6 +863,7 @@ def h4_accuracy_comparisons(
     task: str,
     new: str = "ehrmamba",
     baselines: Sequence[str] = ATTENTION_MODELS,
+    **kw: float,
 ) -> pd.DataFrame:
     """EHRMamba at the longest length it trained at minus each Transformer at the longest length it trained
     at, held-out AUROC on the long-history subgroup; paired bootstrap, BH across these comparisons, and the
@@ -883,7 +884,7 @@ def h4_accuracy_comparisons(
     )
     if sub.empty:
         return pd.DataFrame()
-    return paired_comparisons(sub, pairs, n_boot, ci)
+    return paired_comparisons(sub, pairs, n_boot, ci, **kw)
 
 
 def headline(comparisons: pd.DataFrame, table: pd.DataFrame) -> str:

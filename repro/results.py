@@ -15,7 +15,16 @@ import pandas as pd
 
 from repro.evaluate import binary_metrics, evaluate_predictions, metrics_table, oracle_metrics
 from repro.experiment import ModelRun
-from repro.stats import VERDICT_RULE, aggregate_seeds, benjamini_hochberg, paired_bootstrap, verdict
+from repro.stats import (
+    ECE_BINS,
+    VERDICT_RULE,
+    aggregate_seeds,
+    benjamini_hochberg,
+    paired_bootstrap,
+    paired_permutation_test,
+    paired_scores,
+    verdict,
+)
 
 __all__ = [
     "VERDICT_RULE",
@@ -188,6 +197,47 @@ def paper_table(evaluated: dict[str, dict[str, dict]], synthetic: bool) -> pd.Da
     return out
 
 
+def calibration_table(evaluated: dict[str, dict[str, dict]], tasks: Sequence[str]) -> pd.DataFrame:
+    """Brier score and ECE (equal-width bins, stats.ECE_BINS) with CIs per task and model, and the oracle's:
+    the true risk's Brier is the floor, its ECE what sampling noise alone gives."""
+    frames = []
+    for task in tasks:
+        if task not in evaluated:
+            continue
+        t = metrics_table(evaluated[task])
+        cols = [c for c in t.columns if c.startswith(("Brier", "ECE"))]
+        frames.append(t[cols].rename_axis("model").reset_index().assign(task=task))
+    if not frames:
+        return pd.DataFrame()
+    out = pd.concat(frames, ignore_index=True)
+    return out[["task", "model", *[c for c in out.columns if c not in ("task", "model")]]]
+
+
+def reliability_frame(preds: pd.DataFrame, task: str, bins: int = ECE_BINS) -> pd.DataFrame:
+    """Held-out reliability curve per model (seed-ensembled scores): mean predicted probability against the
+    observed rate in each of ``bins`` equal-width bins (the ECE's bins), with the bin's row count."""
+    from sklearn.calibration import calibration_curve
+
+    ens = seed_ensemble(preds[(preds["task"] == task) & (preds["split"] == meds.held_out_split)])
+    edges = np.linspace(0, 1, bins + 1)
+    rows = []
+    for model, g in ens.groupby("model", sort=False):
+        s = g["score"].to_numpy()
+        if not ((s >= 0) & (s <= 1)).all() or g["label"].nunique() < 2:
+            continue
+        observed, predicted = calibration_curve(g["label"], s, n_bins=bins, strategy="uniform")
+        counts = np.bincount(np.clip(np.searchsorted(edges[1:-1], s), 0, bins - 1), minlength=bins)
+        counts = counts[counts > 0]
+        rows.append(
+            pd.DataFrame({"model": label(model), "predicted": predicted, "observed": observed, "n": counts})
+        )
+    return (
+        pd.concat(rows, ignore_index=True)
+        if rows
+        else pd.DataFrame(columns=["model", "predicted", "observed", "n"])
+    )
+
+
 def forest_frame(evaluated: dict[str, dict[str, dict]]) -> pd.DataFrame:
     """AUROC with CI per model and task, with the oracle AUROC when known, for the forest plot."""
     rows = []
@@ -210,10 +260,16 @@ def forest_frame(evaluated: dict[str, dict[str, dict]]) -> pd.DataFrame:
 
 
 def paired_comparisons(
-    preds: pd.DataFrame, pairs: Sequence[tuple[str, str]], n_boot: int, ci: float, alpha: float = 0.05
+    preds: pd.DataFrame,
+    pairs: Sequence[tuple[str, str]],
+    n_boot: int,
+    ci: float,
+    alpha: float = 0.05,
+    n_perm: int = 2000,
 ) -> pd.DataFrame:
-    """new − baseline in held-out AUROC per task for each (new, baseline) pair, on the same resampled patients;
-    Benjamini-Hochberg across every comparison in the frame (one notebook's family); computed verdicts."""
+    """new − baseline in held-out AUROC per task for each (new, baseline) pair: bootstrap CI on the same
+    resampled patients, a paired permutation p-value (patient-level swaps), Benjamini-Hochberg across every
+    comparison in the frame (one notebook's family), and the verdict of VERDICT_RULE."""
     ens = seed_ensemble(preds[preds["split"] == meds.held_out_split])
     rows = []
     for task in dict.fromkeys(ens["task"]):
@@ -224,6 +280,8 @@ def paired_comparisons(
                 continue
             res = paired_bootstrap(t, [new, base], "auroc", n_boot=n_boot, seed=0, ci=ci, pairs=[(new, base)])
             r = res[res["kind"] == "difference"].iloc[0]
+            y, subjects, scores = paired_scores(t, [new, base])
+            p_perm = paired_permutation_test(y, scores[new], scores[base], "auroc", n_perm, 0, subjects)
             rows.append(
                 {
                     "task": task,
@@ -233,13 +291,14 @@ def paired_comparisons(
                     "ΔAUROC": r["estimate"],
                     "lo": r["lo"],
                     "hi": r["hi"],
-                    "p": r["p_value"],
+                    "p (bootstrap)": r["p_value"],
+                    "p (perm.)": p_perm,
                 }
             )
     out = pd.DataFrame(rows)
     if out.empty:
         return out
-    out["p (BH)"] = benjamini_hochberg(out["p"].to_numpy())
+    out["p (BH)"] = benjamini_hochberg(out["p (perm.)"].to_numpy())
     out["verdict"] = [
         verdict(lo, hi, p, alpha=alpha) for lo, hi, p in zip(out["lo"], out["hi"], out["p (BH)"])
     ]
@@ -253,23 +312,25 @@ def comparison_table(comparisons: pd.DataFrame, ci: float) -> pd.DataFrame:
     """The columns the report shows."""
     if comparisons.empty:
         return comparisons
-    return comparisons[["task", "comparison", f"ΔAUROC ({ci * 100:g}% CI)", "p", "p (BH)", "verdict"]]
+    return comparisons[["task", "comparison", f"ΔAUROC ({ci * 100:g}% CI)", "p (perm.)", "p (BH)", "verdict"]]
 
 
 def h1_comparisons(
-    preds: pd.DataFrame, new: str, baselines: Sequence[str], n_boot: int, ci: float
+    preds: pd.DataFrame, new: str, baselines: Sequence[str], n_boot: int, ci: float, **kw: float
 ) -> pd.DataFrame:
-    """EHRMamba minus each baseline, AUROC on held_out, per task (BH across all of them)."""
-    return paired_comparisons(preds, [(new, b) for b in baselines if b != new], n_boot, ci)
+    """EHRMamba minus each baseline, AUROC on held_out, per task (BH across all of them); ``kw``: alpha, n_perm."""
+    return paired_comparisons(preds, [(new, b) for b in baselines if b != new], n_boot, ci, **kw)
 
 
-def mpf_comparisons(preds: pd.DataFrame, backbones: Sequence[str], n_boot: int, ci: float) -> pd.DataFrame:
+def mpf_comparisons(
+    preds: pd.DataFrame, backbones: Sequence[str], n_boot: int, ci: float, **kw: float
+) -> pd.DataFrame:
     """H3: each backbone finetuned with MPF minus the same backbone finetuned per task."""
     pairs = [
         ("multibird" if b == "bigbird" and "multibird" in set(preds["model"]) else b + MPF, b)
         for b in backbones
     ]
-    return paired_comparisons(preds, pairs, n_boot, ci)
+    return paired_comparisons(preds, pairs, n_boot, ci, **kw)
 
 
 def overall_verdict(verdicts: Sequence[str]) -> str:

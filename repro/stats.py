@@ -30,7 +30,8 @@ _MAX_CELLS = 1_000_000
 
 VERDICT_RULE = (
     "Let d = new - baseline (for metrics where lower is better, baseline - new), with its paired bootstrap CI "
-    "[lo, hi] and its Benjamini-Hochberg adjusted p-value p_adj. "
+    "[lo, hi] (patients resampled) and p_adj, the Benjamini-Hochberg adjusted p-value of a paired permutation "
+    "test (the two models' scores swapped within a random half of the patients). "
     "Supported: lo > margin and p_adj < alpha (the whole CI shows an improvement larger than the margin, "
     "and the improvement survives the multiple-comparison correction). "
     "Not supported: hi < margin and, when the margin is 0, p_adj < alpha (the CI rules out an improvement as "
@@ -371,6 +372,13 @@ def _wide(df: pd.DataFrame, models: Sequence[str]) -> tuple[np.ndarray, np.ndarr
     return y, ref["subject_id"].to_numpy(), scores
 
 
+def paired_scores(
+    df: pd.DataFrame, models: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Labels, subject ids and aligned scores of ``models`` from a long frame (pairing as paired_bootstrap)."""
+    return _wide(df, models)
+
+
 def paired_bootstrap(
     df: pd.DataFrame,
     models: list[str],
@@ -515,7 +523,8 @@ def verdict(
     """Verdict on 'new beats baseline' from the CI of d = new - baseline and its adjusted p-value.
 
     Let d = new - baseline (for metrics where lower is better, baseline - new), with its paired bootstrap CI
-    [lo, hi] and its Benjamini-Hochberg adjusted p-value p_adj. Supported: lo > margin and p_adj < alpha (the
+    [lo, hi] (patients resampled) and p_adj, the Benjamini-Hochberg adjusted p-value of a paired permutation
+    test (the two models' scores swapped within a random half of the patients). Supported: lo > margin and p_adj < alpha (the
     whole CI shows an improvement larger than the margin, and the improvement survives the multiple-comparison
     correction). Not supported: hi < margin and, when the margin is 0, p_adj < alpha (the CI rules out an
     improvement as large as the margin; with margin 0 the baseline is significantly better after the same

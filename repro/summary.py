@@ -112,5 +112,11 @@ def run_table(params, env: dict, sha: str | None) -> pd.DataFrame:
         ),
         ("seeds", ", ".join(map(str, params.seeds))),
         ("bootstrap resamples", f"{params.eval.n_bootstrap:,}"),
+        ("permutations per test", f"{params.eval.n_permutations:,}"),
+        ("alpha (after Benjamini-Hochberg)", f"{params.eval.alpha:g}"),
+        (
+            "max_len / pretraining / finetuning steps",
+            f"{params.tokenizer.max_len} / {params.train.pretrain_steps} / {params.train.finetune_steps}",
+        ),
     ]
     return pd.DataFrame(rows, columns=["item", "value"])

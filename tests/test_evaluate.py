@@ -127,9 +127,10 @@ def test_missing_columns_raise():
 def test_oracle_is_a_ceiling_on_average():
     df = _frame(n=2000, seed=4, signal=0.5)
     oracle = oracle_metrics(df, n_boot=N_BOOT, seed=0)
-    assert set(oracle) == {"auroc", "auprc", "brier"}
+    assert set(oracle) == {"auroc", "auprc", "brier", "ece"}
     model = evaluate_predictions(df, df, n_boot=N_BOOT, seed=0)
     assert oracle["auroc"]["estimate"] > model["auroc"]["estimate"]
+    assert oracle["ece"]["estimate"] < 0.05  # the true risk is calibrated up to sampling noise
     assert oracle["auroc"]["lo"] <= oracle["auroc"]["estimate"] <= oracle["auroc"]["hi"]
 
 

@@ -85,3 +85,24 @@ def test_subject_without_split(tmp_path):
     write_meds(root, hand_events(), {1: "train", 2: "train"})
     with pytest.raises(MedsError, match="1 subjects in the data have no split"):
         read_events(load_meds(root))
+
+
+def test_infinite_value_is_an_error_and_nan_reads_as_missing(tmp_path):
+    ev = hand_events()
+    lab = ev.index[ev["numeric_value"].notna()][0]
+    ev.loc[lab, "numeric_value"] = float("nan")
+    root = tmp_path / "nan"
+    write_meds(root, ev, HAND_SPLITS)
+    shard = root / "data" / "0.parquet"
+    t = pq.read_table(shard)
+    i = t.schema.get_field_index("numeric_value")
+    values = t.column(i).to_numpy(zero_copy_only=False)
+    pq.write_table(t.set_column(i, t.schema.field(i), pa.array(values, pa.float32())), shard)  # NaN, not null
+    assert pq.read_table(shard).column("numeric_value").null_count == 0
+    df = read_shard(shard)
+    assert df["numeric_value"].isna().sum() == ev["numeric_value"].isna().sum()  # NaN reads as MEDS null
+    ev.loc[lab, "numeric_value"] = float("inf")
+    root = tmp_path / "inf"
+    write_meds(root, ev, HAND_SPLITS)
+    with pytest.raises(MedsError, match=r"0.parquet: column numeric_value has 1 infinite values"):
+        read_shard(root / "data" / "0.parquet")

@@ -48,6 +48,20 @@ def test_report_embeds_exist():
             assert f"notebooks/{name}.ipynb#{label}" in qmd, f"report.qmd does not embed {name}#{label}"
 
 
+def test_report_states_the_rules_the_code_applies():
+    from repro.profiling import H2_RULE, H4_MEMORY_RULE
+    from repro.results import OVERALL_RULE, VERDICT_RULE
+
+    text = " ".join((ROOT / "report.qmd").read_text().split())
+    for name, rule in [
+        ("VERDICT_RULE", VERDICT_RULE),
+        ("OVERALL_RULE", OVERALL_RULE),
+        ("H2_RULE", H2_RULE),
+        ("H4_MEMORY_RULE", H4_MEMORY_RULE),
+    ]:
+        assert " ".join(rule.split()) in text, f"report.qmd does not state {name} as the code has it"
+
+
 @pytest.fixture
 def outputs_guard():
     """Protect an existing outputs/ run dir used by the error-path tests."""
@@ -124,3 +138,53 @@ def test_smoke_report_end_to_end():
     manifest = json.loads((out / "manifest.json").read_text())
     assert set(manifest["notebooks"]) == set(NOTEBOOKS)
     assert "reference-chunked" in manifest["kernel_paths"]  # CPU: EHRMamba's PyTorch scan, recorded
+
+
+def test_dry_run_checks_everything_and_writes_nothing(capsys):
+    before = sorted(p.name for p in (ROOT / "outputs").iterdir()) if (ROOT / "outputs").exists() else []
+    assert main(["run", "params/smoke.yaml", "--dry-run", "--name", "pytest-dry"]) == 0
+    out = capsys.readouterr().out
+    assert "notebook 90_verdicts: parameters injected" in out and out.strip().endswith(
+        "nothing was trained or written"
+    )
+    assert sorted(p.name for p in (ROOT / "outputs").iterdir()) == before
+
+
+def _tiny_project(root, fail_flag, counter):
+    (root / "notebooks").mkdir(parents=True)
+    head = 'params_file = ""\nrun_dir = ""\ndata_dir = ""\n'
+    cell = '# %% tags=["parameters"]\n' + head
+    (root / "notebooks" / "a.py").write_text(
+        cell + f"# %%\nwith open({str(counter)!r}, 'a') as f:\n    f.write('a')\n"
+    )
+    (root / "notebooks" / "b.py").write_text(
+        cell + f"# %%\nimport os\nassert not os.path.exists({str(fail_flag)!r}), 'planted failure'\n"
+    )
+    for f in ("report.qmd", "_quarto.yml"):
+        (root / f).write_text("")
+    params = root / "tiny.yaml"
+    params.write_text(f"name: tiny\ndevice: cpu\ndata:\n  synthetic: true\n  meds_dir: {root / 'no-data'}\n")
+    return params
+
+
+def test_resume_reruns_only_the_notebook_that_failed(tmp_path, monkeypatch):
+    from repro import pipeline
+
+    fail_flag, counter = tmp_path / "fail", tmp_path / "count.txt"
+    params = _tiny_project(tmp_path, fail_flag, counter)
+    monkeypatch.setattr(pipeline, "project_root", lambda: tmp_path)
+    fail_flag.write_text("x")
+    with pytest.raises(
+        pipeline.RunError, match=r"notebook b failed in cell 3 \(AssertionError: planted failure\)"
+    ):
+        pipeline.run(str(params), render=False, notebooks=("a", "b"))
+    failed = tmp_path / "outputs" / "tiny.failed"
+    assert (failed / "notebooks" / "b.ipynb").exists()  # the partial executed copy is kept
+    assert list(json.loads((failed / "manifest.json").read_text())["notebooks"]) == ["a"]
+    fail_flag.unlink()
+    out = pipeline.run(str(params), render=False, notebooks=("a", "b"), resume=True)
+    assert counter.read_text() == "a"  # a ran once, before the failure
+    assert sorted(json.loads((out / "manifest.json").read_text())["notebooks"]) == ["a", "b"]
+    assert not failed.exists()
+    with pytest.raises(pipeline.RunError, match="no failed run to resume"):
+        pipeline.run(str(params), render=False, notebooks=("a", "b"), resume=True, force=True)

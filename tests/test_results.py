@@ -53,6 +53,29 @@ def test_better_model_is_supported_and_worse_is_not():
     assert results.overall_verdict(["not supported", "inconclusive"]) == "not supported"
 
 
+def test_same_model_twice_has_permutation_p_one_and_is_inconclusive():
+    p = _preds(np.random.default_rng(2), ["a"], n=200)
+    twin = p.assign(model="b")
+    c = results.paired_comparisons(pd.concat([p, twin]), [("a", "b")], n_boot=200, ci=0.95, n_perm=199)
+    row = c.iloc[0]
+    assert row["ΔAUROC"] == 0 and row["p (perm.)"] == 1.0 and row["p (BH)"] == 1.0
+    assert row["verdict"] == "inconclusive"
+
+
+def test_permutation_p_is_small_for_a_clearly_better_model_and_bh_is_applied():
+    p = _preds(np.random.default_rng(3), ["good", "bad", "also_bad"], n=400)
+    pairs = [("good", "bad"), ("good", "also_bad"), ("bad", "also_bad")]
+    c = results.paired_comparisons(p, pairs, n_boot=200, ci=0.95, n_perm=199).set_index("baseline")
+    assert c.loc["bad", "p (perm.)"] == 1 / 200  # no permutation reaches the observed difference
+    expected = results.benjamini_hochberg(c["p (perm.)"].to_numpy())
+    assert np.allclose(c["p (BH)"].to_numpy(), expected)
+    assert list(results.comparison_table(c.reset_index(), 0.95).columns)[-3:] == [
+        "p (perm.)",
+        "p (BH)",
+        "verdict",
+    ]
+
+
 def test_paper_table_layout_without_transcribed_numbers():
     p = _preds(np.random.default_rng(2), ["ehrmamba", "cehr_bert"])
     ev = results.evaluate_all(p, n_boot=50, ci=0.95)
@@ -60,3 +83,22 @@ def test_paper_table_layout_without_transcribed_numbers():
     assert list(t["model"]) == ["CEHR-BERT (paper: CEHR-BERT)", "EHRMamba (paper: EHRMamba)"]
     assert (t["AUROC paper"] == "—").all()  # nothing transcribed: never a made-up number
     assert (t["data"] == "ours: synthetic; paper: MIMIC-IV").all()
+
+
+def test_reliability_frame_counts_every_held_out_row_and_tracks_a_calibrated_model():
+    rng = np.random.default_rng(5)
+    n = 4000
+    risk = rng.uniform(0, 1, n)
+    y = (rng.random(n) < risk).astype(int)
+    base = {"subject_id": np.arange(n), "target": "label", "label": y, "task": "mortality_1m", "seed": 0}
+    preds = pd.concat(
+        [
+            pd.DataFrame(base | {"split": split, "score": risk, "model": "calibrated"})
+            for split in ("tuning", "held_out")
+        ]
+    )
+    f = results.reliability_frame(preds, "mortality_1m", bins=10)
+    assert f["n"].sum() == n and len(f) == 10
+    assert np.abs(f["observed"] - f["predicted"]).max() < 0.06
+    table = results.calibration_table(results.evaluate_all(preds, 50, 0.95), ["mortality_1m"])
+    assert list(table.columns) == ["task", "model", "Brier (95% CI)", "ECE (95% CI)"]

@@ -154,6 +154,9 @@ def read_shard_arrays(path: Path) -> ShardArrays:
         value = table.column(VALUE).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
     else:
         value = np.full(n, np.nan, dtype=np.float32)
+    n_inf = int(np.isinf(value).sum())
+    if n_inf:  # NaN is read as a missing value (MEDS null); an infinite lab value is a broken extraction
+        raise MedsError(f"{path}: column {VALUE} has {n_inf} infinite values")
     if n:
         change = np.flatnonzero(sid[1:] != sid[:-1]) + 1
         starts = np.concatenate([[0], change])

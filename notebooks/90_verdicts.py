@@ -1,0 +1,42 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Verdicts of this run
+#
+# Runs last and only collects what notebooks 01-04 computed and saved under `results/`: one verdict per
+# hypothesis with the evidence line behind it. A notebook that did not run shows "not run".
+
+# %% tags=["parameters"]
+params_file = "params/smoke.yaml"
+run_dir = "outputs/interactive"  # repro run passes its own run folder
+data_dir = ""
+
+# %%
+from repro import experiment as ex
+from repro import figures, verdicts
+
+params = ex.load_run_params(params_file, data_dir or None)
+table = verdicts.verdict_table(verdicts.load_results(f"{run_dir}/results"))
+print(verdicts.abstract_line(table))
+
+# %%
+#| label: tbl-verdicts
+#| tbl-cap: "The verdict on each hypothesis, as computed by the notebook of the named section, with the evidence behind it (paired difference with its 95 % CI and BH-adjusted p for H1; time and memory ratios for H2; per-backbone verdicts for H3; the longest trained length per model and the long-history subgroup for H4)."
+figures.show_table(table.drop(columns=["section"]))
+
+# %%
+ex.save_json(
+    {"verdicts": table.to_dict(orient="records"), "params_hash": params.hash()},
+    f"{run_dir}/results/90_verdicts.json",
+)

@@ -1,0 +1,105 @@
+"""`repro doctor`: what this machine will run, before a long batch job finds out the hard way.
+
+Reports Python, torch, CUDA and the GPU, whether mamba_ssm's CUDA kernels and causal-conv1d import, and
+the kernel path each model of a params file actually takes in a tiny forward pass on the params' device.
+Exit status 1 when the params ask for CUDA and a model would fall back to a slow reference path (the
+path that made an earlier reproduction's Mamba epochs 18x slower), or CUDA is missing; 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+
+from repro import profiling
+from repro.config import load_params
+from repro.experiment import resolve
+
+TINY_VOCAB = 64
+
+
+def _import(name: str, attr: str | None = None) -> str:
+    """'version' when ``name`` (and ``attr`` in it) imports, else 'missing: <why>'."""
+    try:
+        mod = importlib.import_module(name)
+        if attr:
+            getattr(mod, attr)
+    except Exception as exc:  # noqa: BLE001 - a broken build raises anything from ImportError to OSError
+        return f"missing ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})"
+    return str(getattr(mod, "__version__", "installed"))
+
+
+def packages() -> list[tuple[str, str]]:
+    """(item, status) for the runtime and the optional kernels."""
+    cuda = torch.cuda.is_available()
+    rows = [
+        ("torch", f"{torch.__version__} (CUDA build {torch.version.cuda or 'none'})"),
+        ("CUDA device", torch.cuda.get_device_name(0) if cuda else "none visible"),
+    ]
+    if cuda:
+        major, minor = torch.cuda.get_device_capability(0)
+        free, total = torch.cuda.mem_get_info(0)
+        rows.append(
+            (
+                "GPU capability / memory",
+                f"sm_{major}{minor} / {free / 2**30:.1f} of {total / 2**30:.1f} GiB free",
+            )
+        )
+    rows += [
+        ("mamba_ssm", _import("mamba_ssm")),
+        (
+            "mamba_ssm selective scan (CUDA)",
+            _import("selective_scan_cuda") if cuda else "not checked (no GPU)",
+        ),
+        ("causal_conv1d (optional)", _import("causal_conv1d")),
+        ("triton", _import("triton")),
+    ]
+    return rows
+
+
+def kernel_paths(params_file: str, device: str | None = None) -> list[dict[str, Any]]:
+    """The kernel path each neural model of the params takes in one tiny forward pass on the device."""
+    from repro.models.registry import build_model
+
+    params = load_params(resolve(params_file))
+    dev = torch.device(device or params.device)
+    names = [m for m in dict.fromkeys([*params.models, *params.efficiency.models]) if m not in ("count_lr",)]
+    rows = []
+    for name in names:
+        backbone = "bigbird" if name == "multibird" else name
+        row: dict[str, Any] = {"model": name, "device": str(dev)}
+        try:
+            model = build_model(backbone, TINY_VOCAB, **params.model_sizes.get(backbone, {})).to(dev)
+            path = profiling.probe_kernel_path(model, dev) or "-"
+            row["kernel_path"] = path
+            slow = dev.type == "cuda" and profiling.is_reference(path)
+            row["status"] = "SLOW reference path on CUDA" if slow else "ok"
+        except Exception as exc:  # noqa: BLE001 - report every model, then decide
+            row["kernel_path"] = "-"
+            row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+        rows.append(row)
+    return rows
+
+
+def main(params_file: str, device: str | None = None) -> int:
+    """Print the report; 1 when the params' device cannot run every model on its fast path."""
+    params = load_params(resolve(params_file))
+    want = device or params.device
+    width = 32
+    print(f"repro doctor for {params_file} (device: {want})")
+    for item, status in packages():
+        print(f"  {item:<{width}} {status}")
+    if want == "cuda" and not torch.cuda.is_available():
+        print(f"  {'verdict':<{width}} FAIL: the params ask for cuda and no CUDA device is visible")
+        return 1
+    rows = kernel_paths(params_file, want)
+    for r in rows:
+        print(f"  {r['model']:<{width}} {r['kernel_path']}  [{r['status']}]")
+    bad = [r["model"] for r in rows if r["status"] != "ok"]
+    if bad:
+        print(f"  {'verdict':<{width}} FAIL: {', '.join(bad)} would not run on the fast path (see above)")
+        return 1
+    print(f"  {'verdict':<{width}} ok: every model runs on the path shown")
+    return 0
