@@ -106,7 +106,7 @@ def check_data(data_dir: str | None) -> int:
 
     ds = load_meds(data_dir)
     with ShardRunner(default_workers(ds), progress=False) as runner:
-        return validate_dataset(ds, runner).n_events
+        return validate_dataset(ds, runner).events
 
 
 PARAMETERS = ("params_file", "run_dir", "data_dir")

@@ -188,3 +188,9 @@ def test_resume_reruns_only_the_notebook_that_failed(tmp_path, monkeypatch):
     assert not failed.exists()
     with pytest.raises(pipeline.RunError, match="no failed run to resume"):
         pipeline.run(str(params), render=False, notebooks=("a", "b"), resume=True, force=True)
+
+
+def test_check_data_reads_every_shard_of_a_valid_directory(meds_dir):
+    from repro.pipeline import check_data
+
+    assert check_data(str(meds_dir)) == len(hand_events())
