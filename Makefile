@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PARAMS ?= params/smoke.yaml
 BIN := $(VENV)/bin
 
-.PHONY: install report test unit e2e lint clean
+.PHONY: install etl-venv report test unit e2e lint clean
 
 install: $(VENV)/.installed
 
@@ -23,7 +23,11 @@ report: install
 unit: install
 	$(BIN)/python -m pytest -q
 
-e2e: install
+# The MIMIC-IV chain test (tests/test_mimic_raw.py) runs the ETL from its own venv, .venv-etl.
+etl-venv:
+	PYTHON=$(PYTHON) bash etl/run_mimic_etl.sh --install
+
+e2e: install etl-venv
 	$(BIN)/python -m pytest -q -m e2e
 
 test: unit e2e

@@ -79,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     p_synth.add_argument("--n", type=int, default=1000, help="subjects")
     p_synth.add_argument("--seed", type=int, default=7)
     p_synth.add_argument("--shard-size", type=int, default=1000)
+    p_synth.add_argument(
+        "--mimic-raw",
+        metavar="RAW_DIR",
+        help="also write the cohort as raw MIMIC-IV tables (hosp/, icu/) for the MIMIC_IV_MEDS ETL",
+    )
 
     args = parser.parse_args(argv)
     try:
@@ -124,7 +129,13 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.n < 1:
                 raise ParamsError(f"--n must be >= 1, got {args.n}")
-            print(write_synthetic_meds(args.out_dir, args.n, args.seed, args.shard_size, progress=True))
+            out = write_synthetic_meds(args.out_dir, args.n, args.seed, args.shard_size, progress=True)
+            print(out)
+            if args.mimic_raw:
+                from repro.data.mimic_raw import write_mimic_raw
+
+                rows = write_mimic_raw(out, args.mimic_raw)
+                print(f"{args.mimic_raw}: {len(rows)} MIMIC-IV tables, {sum(rows.values()):,} rows")
     except _user_errors() as exc:
         print(f"repro: error: {exc}", file=sys.stderr)
         return 2

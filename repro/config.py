@@ -68,8 +68,6 @@ class DataParams:
             raise ParamsError(
                 f"data.split_fractions must be 3 numbers summing to 1, got {self.split_fractions}"
             )
-        if not self.synthetic and not self.meds_dir:
-            raise ParamsError("data.meds_dir is required when data.synthetic is false")
 
 
 @dataclass

@@ -26,7 +26,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
-from repro.config import RunParams, from_dict, load_params
+from repro.config import ParamsError, RunParams, from_dict, load_params
 from repro.data.dataset import SequenceDataset
 from repro.data.meds import SUBJECT, MedsDataset, load_meds
 from repro.data.synthetic import GENERATOR_VERSION, true_probabilities, write_synthetic_meds
@@ -73,6 +73,28 @@ class Prepared:
         return self.params.data.synthetic and not self.params.data.meds_dir
 
 
+def check_cohort(prep: Prepared) -> str:
+    """One line on subjects without a visit (they are dropped from every task); a ParamsError naming the
+    task, the split and the code patterns when a task of the run has no sample left in a split."""
+    n_subjects = len(prep.split_of)
+    with_visit = int((prep.n_visits.reindex(list(prep.split_of), fill_value=0) > 0).sum())
+    codes = prep.params.data.codes
+    for task in prep.params.tasks:
+        df = prep.labels.get(task)
+        for split in (meds.train_split, meds.held_out_split):
+            n = 0 if df is None else int(df["subject_id"].map(prep.split_of).eq(split).sum())
+            if n == 0:
+                raise ParamsError(
+                    f"task {task}: no sample in the {split} split after its filters ({with_visit} of "
+                    f"{n_subjects} subjects have a visit from data.codes.visit_start={codes.visit_start!r} to "
+                    f"visit_end={codes.visit_end!r}); fix data.codes or remove {task} from tasks"
+                )
+    return (
+        f"{n_subjects - with_visit:,} of {n_subjects:,} subjects have no visit ({codes.visit_start!r} ... "
+        f"{codes.visit_end!r}) and are dropped from every task"
+    )
+
+
 def synthetic_dir(params: RunParams) -> Path:
     """Where the embedded synthetic cohort of these parameters lives (shared by runs, deterministic)."""
     d = params.data
@@ -109,6 +131,10 @@ def load_run_params(params_file: str | Path, data_dir: str | None = None) -> Run
     if data_dir:
         params.data.synthetic = False
         params.data.meds_dir = str(data_dir)
+    if not params.data.synthetic and not params.data.meds_dir:
+        raise ParamsError(
+            f"{params_file}: data.synthetic is false but data.meds_dir is not set; pass --data MEDS_DIR"
+        )
     return params
 
 

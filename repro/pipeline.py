@@ -17,8 +17,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from repro.config import ParamsError, load_params
-from repro.experiment import environment, git_sha, project_root, save_json
+from repro.config import ParamsError
+from repro.experiment import environment, git_sha, load_run_params, project_root, save_json
 
 NOTEBOOKS = ("00_cohort", "01_accuracy", "02_efficiency", "03_mpf", "04_long_sequences", "90_verdicts")
 REPORT_FILES = ("report.qmd", "_quarto.yml")
@@ -128,16 +128,17 @@ def dry_run(
 
     root = project_root()
     params_path = Path(params_file).resolve()
-    params = load_params(params_path)
+    params = load_run_params(params_path, data_dir)
     name = _run_name(name, params_path)
     final = root / "outputs" / name
     lines = [f"params: {params_path} (hash {params.hash()}), run name {name!r}"]
     if final.exists() and not force:
         raise RunError(f"{final} exists; pass --force to replace it or --name to write another run")
     lines.append(f"output: {final}" + (" (exists; --force will replace it)" if final.exists() else ""))
-    if data_dir:
-        n = check_data(str(Path(data_dir).resolve()))
-        lines.append(f"data: {data_dir}: every shard valid, {n:,} events")
+    if not params.data.synthetic:
+        where = data_dir or params.data.meds_dir
+        n = check_data(str(Path(where).resolve()))
+        lines.append(f"data: {where}: every shard valid, {n:,} events")
     else:
         lines.append(
             f"data: synthetic cohort of {params.data.n_subjects:,} subjects (generated or reused from cache)"
@@ -174,6 +175,18 @@ def _run_name(name: str | None, params_path: Path) -> str:
     return name
 
 
+def _check_cohort(params, data_dir: str | None) -> None:
+    """Label and tokenize once, before any notebook (they reuse the cache), and stop on an empty task."""
+    import gc
+
+    from repro.experiment import check_cohort, prepare
+
+    prep = prepare(params, data_dir)
+    print(f"cohort: {check_cohort(prep)}", file=sys.stderr)
+    del prep
+    gc.collect()
+
+
 def _check_device(params, params_path: Path) -> None:
     if params.device == "cuda":
         import torch
@@ -199,7 +212,7 @@ def run(
     root = project_root()
     params_path = Path(params_file)
     params_path = params_path if params_path.is_absolute() else (Path.cwd() / params_path).resolve()
-    params = load_params(params_path)
+    params = load_run_params(params_path, data_dir)
     if data_dir:
         data_dir = str(Path(data_dir).resolve())
     name = _run_name(name, params_path)
@@ -211,11 +224,12 @@ def run(
     if resume and not (failed / "manifest.json").exists():
         raise RunError(f"--resume: no failed run to resume at {failed}")
     _check_device(params, params_path)
-    check_data(data_dir)
+    check_data(data_dir or (None if params.data.synthetic else params.data.meds_dir))
     if not data_dir and params.data.synthetic and not params.data.meds_dir:
         from repro.experiment import ensure_meds
 
         ensure_meds(params)  # generate the synthetic cohort once, with a progress bar in the terminal
+    _check_cohort(params, data_dir)
 
     staging = outputs / f".staging-{name}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)

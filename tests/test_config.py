@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from repro.config import ParamsError, from_dict, load_params
@@ -11,6 +13,11 @@ def test_smoke_params_load():
     p = load_params("params/smoke.yaml")
     assert p.name == "smoke" and p.tokenizer.max_len > 0
     assert len(p.hash()) == 16
+
+
+@pytest.mark.parametrize("path", sorted(Path("params").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_params_file_loads(path):
+    assert load_params(path).name == path.stem
 
 
 def test_unknown_key_is_rejected():

@@ -173,6 +173,7 @@ def test_resume_reruns_only_the_notebook_that_failed(tmp_path, monkeypatch):
     fail_flag, counter = tmp_path / "fail", tmp_path / "count.txt"
     params = _tiny_project(tmp_path, fail_flag, counter)
     monkeypatch.setattr(pipeline, "project_root", lambda: tmp_path)
+    monkeypatch.setattr(pipeline, "_check_cohort", lambda params, data_dir: None)  # no data in this project
     fail_flag.write_text("x")
     with pytest.raises(
         pipeline.RunError, match=r"notebook b failed in cell 3 \(AssertionError: planted failure\)"
@@ -194,3 +195,12 @@ def test_check_data_reads_every_shard_of_a_valid_directory(meds_dir):
     from repro.pipeline import check_data
 
     assert check_data(str(meds_dir)) == len(hand_events())
+
+
+def test_real_data_params_without_data_stop_early(capsys):
+    assert main(["run", "params/mimic-iv.yaml", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        "data.synthetic is false but data.meds_dir is not set; pass --data MEDS_DIR" in err
+        and "\n" not in err
+    )

@@ -1,0 +1,70 @@
+"""MEDS written by other tools: the meds-testing-helpers sample datasets, extra columns, static rows,
+codes outside MIMIC's vocabulary (read through params' code patterns), and cohorts the filters empty."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import HAND_SPLITS, hand_events, write_meds
+
+from repro import experiment as ex
+from repro.config import CodePatterns, ParamsError
+from repro.data import meds
+
+pytest.importorskip("meds_testing_helpers")  # test-only dependency (dev extra); brings the fixtures below
+
+# The sample datasets' vocabulary: ADMISSION//<dept> ... DISCHARGE, vitals HR / TEMP, static EYE_COLOR.
+SAMPLE_CODES = CodePatterns(
+    visit_start=r"^ADMISSION//",
+    visit_end=r"^DISCHARGE$",
+    lab=r"^(HR|TEMP|HEIGHT)$",
+    demographic=r"^EYE_COLOR//",
+)
+
+
+def _prepare(data_dir, tasks, codes=SAMPLE_CODES):
+    params = ex.load_run_params("params/smoke.yaml", str(data_dir))
+    params.data.codes, params.tasks = codes, tasks
+    return ex.prepare(params, str(data_dir), cache=False)
+
+
+def test_sample_dataset_with_static_rows_reads_through_code_patterns(simple_static_MEDS):
+    events = meds.read_events(meds.load_meds(simple_static_MEDS))
+    assert (events["time"] == -1).any()  # static rows (null time) are kept as static
+    prep = _prepare(simple_static_MEDS, ["mortality_1m"])
+    assert ex.check_cohort(prep).startswith("0 of 6 subjects have no visit")
+    vocab = set(prep.tokenizer.itos)
+    assert {"HR//Q1", "TEMP//Q1"} <= vocab  # foreign vitals read as labs: quantile-binned tokens
+    assert not any(v.startswith(("ADMISSION//", "DISCHARGE")) for v in vocab)  # visits became [VS] / [VE]
+
+
+def test_a_task_its_filters_empty_is_a_one_line_error(simple_static_MEDS):
+    prep = _prepare(simple_static_MEDS, ["mortality_1m", "los_1w"])  # every stay is a few hours
+    with pytest.raises(ParamsError, match=r"task los_1w: no sample in the train split after its filters"):
+        ex.check_cohort(prep)
+
+
+def test_subjects_without_admissions_are_counted(generated_sample_MEDS):
+    prep = _prepare(generated_sample_MEDS, ["mortality_1m"])
+    with pytest.raises(ParamsError, match=r"\(0 of \d+ subjects have a visit from data.codes.visit_start="):
+        ex.check_cohort(prep)
+
+
+def test_extra_columns_and_text_values_do_not_change_the_tokens(tmp_path):
+    plain, extra = tmp_path / "plain", tmp_path / "extra"
+    write_meds(plain, hand_events(), HAND_SPLITS)
+    write_meds(extra, hand_events(), HAND_SPLITS)
+    shard = extra / "data" / "0.parquet"
+    t = pq.read_table(shard)
+    n = t.num_rows
+    t = t.append_column(
+        "text_value", pa.array(np.where(np.arange(n) % 3 == 0, "NEG", None), pa.large_string())
+    )
+    t = t.append_column("hadm_id", pa.array(np.arange(n), pa.int64()))
+    pq.write_table(t, shard)
+    a = _prepare(plain, ["mortality_1m"], CodePatterns())
+    b = _prepare(extra, ["mortality_1m"], CodePatterns())
+    assert a.tokenizer.itos == b.tokenizer.itos
+    assert np.array_equal(a.timelines.token_ids, b.timelines.token_ids) and len(a.timelines.token_ids) > 0
