@@ -102,6 +102,57 @@ def test_resume_after_interruption_gives_the_same_model(tmp_path, monkeypatch, o
         assert torch.allclose(a, b, atol=1e-6), k
 
 
+_KILLED_CHILD = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import torch
+import repro.train as train_mod
+from repro.config import TrainParams
+from test_train import _data, _model
+
+real = train_mod.batch_indices
+def slow(n, bs, seed, step):  # after the first checkpoint, slow enough to be killed mid-run
+    if step >= 4:
+        time.sleep(0.5)
+    return real(n, bs, seed, step)
+train_mod.batch_indices = slow
+m = _model("ehrmamba")
+m.set_n_outputs(1)
+params = TrainParams(batch_size=4, checkpoint_every=3, warmup_frac=0.2)
+train_mod.fit(m, _data(), params, "clm", 7, 1e-3, 0, torch.device("cpu"), Path({ckpt!r}), progress=False)
+"""
+
+
+def test_a_process_killed_by_sigkill_resumes_from_its_checkpoint(tmp_path):
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    params = TrainParams(batch_size=4, checkpoint_every=3, warmup_frac=0.2)
+    ref = _model("ehrmamba")
+    ref.set_n_outputs(1)
+    train_mod.fit(
+        ref, _data(), params, "clm", 7, 1e-3, 0, torch.device("cpu"), tmp_path / "ref.pt", progress=False
+    )
+    ckpt = tmp_path / "run.pt"
+    code = _KILLED_CHILD.format(tests=str(Path(__file__).parent), ckpt=str(ckpt))
+    child = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 120
+    while not ckpt.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child.kill()  # SIGKILL: no handler, no cleanup
+    child.wait()
+    assert ckpt.exists() and child.returncode == -9, "the child must die after writing its first checkpoint"
+    second = _model("ehrmamba")
+    second.set_n_outputs(1)
+    res = train_mod.fit(second, _data(), params, "clm", 7, 1e-3, 0, torch.device("cpu"), ckpt, progress=False)
+    assert res.resumed_from == 3 and res.steps_run == 4
+    for (k, a), b in zip(ref.state_dict().items(), second.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), k
+
+
 def test_predict_keeps_order_and_range():
     model = _model("cehr_bert")
     model.set_n_outputs(1)
