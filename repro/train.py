@@ -3,6 +3,14 @@
 Each step's batch is a pure function of (seed, step) and the checkpoint carries the optimiser,
 scheduler and torch RNG states, so a run killed at step k and resumed ends where an uninterrupted run
 ends. AdamW, linear warmup then linear decay, gradient clipping, bf16 autocast on CUDA.
+
+Under torchrun (a process group of N ranks) `fit` trains with PyTorch's DistributedDataParallel: every
+rank draws the same global batch, keeps its rows ``rank::N``, and the loss is the global batch's sum over
+tokens (or outputs) divided by their global count, so N processes take the same steps as one process with
+the same global batch (tests/test_ddp.py; with dropout, masks are drawn per rank, so runs agree in
+distribution rather than to rounding). Rank 0 alone logs and writes checkpoints; every rank resumes
+from them. `python -m repro.train` pretrains one backbone this way (`torchrun --nproc_per_node=N -m
+repro.train --params ... --model ehrmamba --out ckpt.pt`).
 """
 
 from __future__ import annotations
@@ -45,6 +53,20 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed process group, (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _all_sum(x: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+    return x
+
+
 def _schedule(total: int, warmup_frac: float):
     warmup = max(1, int(total * warmup_frac))
 
@@ -78,41 +100,49 @@ def _save(path: Path, state: dict[str, Any]) -> None:
         raise
 
 
-def _loss(
-    model: torch.nn.Module,
-    batch: dict[str, torch.Tensor],
-    objective: str,
-    vocab_size: int,
-    gen: torch.Generator,
-    mlm_probability: float,
-) -> torch.Tensor:
+def _loss_sum(
+    net: torch.nn.Module, batch: dict[str, torch.Tensor], objective: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the per-token / per-output losses, their count) of this process's rows.
+
+    Sums, not means, so that ranks holding different numbers of tokens still give the global batch's mean
+    once divided by the global count. The model is called through ``forward(batch, head)`` (DDP's hook).
+    """
     if objective == "clm":
-        logits = model.lm_logits(batch)
-        labels = clm_labels(batch["input_ids"], batch["attention_mask"])
-        return F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-            labels[:, 1:].reshape(-1),
-            ignore_index=IGNORE,
+        logits = net(batch, head="lm")
+        labels = clm_labels(batch["input_ids"], batch["attention_mask"])[:, 1:].reshape(-1)
+        loss = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels, ignore_index=IGNORE, reduction="sum"
         )
+        return loss, (labels != IGNORE).sum()
     if objective == "mlm":
-        corrupted, labels = mlm_mask(batch["input_ids"].cpu(), vocab_size, mlm_probability, gen)
-        batch = {**batch, "input_ids": corrupted.to(batch["input_ids"].device)}
-        logits = model.lm_logits(batch)
-        labels = labels.to(logits.device)
-        if (labels != IGNORE).sum() == 0:
-            return logits.sum() * 0.0
-        return F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE
+        logits = net(batch, head="lm")
+        labels = batch["mlm_labels"].reshape(-1)
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), labels, ignore_index=IGNORE, reduction="sum"
         )
+        return loss + logits.sum() * 0.0, (
+            labels != IGNORE
+        ).sum()  # the zero term keeps every output in the graph
     if objective == "classify":
-        logits = model.classify(batch).float()
-        labels = batch["labels"].to(logits.device)
-        if "label_mask" not in batch:
-            return F.binary_cross_entropy_with_logits(logits, labels)
-        mask = batch["label_mask"].to(logits.device)  # MPF: only the columns of each sample's task count
+        logits = net(batch, head="cls").float()
+        labels = batch["labels"]
         loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
-        return (loss * mask).sum() / mask.sum().clamp_min(1.0)
+        if "label_mask" not in batch:
+            return loss.sum(), torch.tensor(loss.numel(), device=loss.device)
+        mask = batch["label_mask"]  # MPF: only the columns of each sample's task count
+        return (loss * mask).sum(), mask.sum()
     raise ValueError(f"unknown objective {objective!r}")
+
+
+def _global_batch(
+    data: SequenceDataset, idx: np.ndarray, objective: str, vocab_size: int, gen: torch.Generator, p: float
+) -> dict[str, torch.Tensor]:
+    """The step's whole batch on the CPU, MLM corruption drawn on all of it (so it does not depend on N)."""
+    batch = collate([data[int(i)] for i in idx])
+    if objective == "mlm":
+        batch["input_ids"], batch["mlm_labels"] = mlm_mask(batch["input_ids"], vocab_size, p, gen)
+    return batch
 
 
 def fit(
@@ -135,6 +165,12 @@ def fit(
     """
     if len(data) == 0:
         raise ValueError(f"{desc or objective}: no training samples")
+    rank, world = dist_info()
+    if min(params.batch_size, len(data)) < world:
+        raise ValueError(
+            f"{desc or objective}: a global batch of {min(params.batch_size, len(data))} rows "
+            f"cannot feed {world} processes"
+        )
     model.to(device)
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
@@ -161,34 +197,47 @@ def fit(
             result.losses = list(state["losses"])
             result.resumed_from = start
     vocab_size = int(getattr(model, "vocab_size", 0) or 0)
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # the heads not on this objective's path (the LM head while finetuning, the classifier while
+        # pretraining) get no gradient: DDP must be told, or it waits for them
+        net = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+        )
     model.train()
     t0 = time.perf_counter()
     bar = tqdm(
         range(start, steps),
         desc=desc or objective,
-        disable=not progress,
+        disable=not progress or rank != 0,
         leave=False,
         initial=start,
         total=steps,
     )
     for step in bar:
         idx = batch_indices(len(data), params.batch_size, seed, step)
-        batch = _to(collate([data[int(i)] for i in idx]), device)
+        full = _global_batch(data, idx, objective, vocab_size, gen, params.mlm_probability)
+        batch = _to({k: v[rank::world] for k, v in full.items()}, device)
         with _autocast(device):
-            loss = _loss(model, batch, objective, vocab_size, gen, params.mlm_probability)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"{desc or objective}: loss is {loss.item()} at step {step}")
+            loss_sum, count = _loss_sum(net, batch, objective)
+        n_global = _all_sum(count.detach().float(), world).clamp_min(1.0)
+        loss = loss_sum * world / n_global  # DDP averages gradients over ranks: this makes them global means
+        logged = float(_all_sum(loss_sum.detach().float(), world) / n_global)
+        if not math.isfinite(logged):
+            raise FloatingPointError(f"{desc or objective}: loss is {logged} at step {step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
         opt.step()
         sched.step()
-        result.losses.append(float(loss.item()))
-        result.tokens += int(batch["attention_mask"].sum().item())
+        result.losses.append(logged)
+        result.tokens += int(full["attention_mask"].sum())  # the global batch's tokens
         result.steps_run += 1
         bar.set_postfix(loss=f"{result.losses[-1]:.3f}")
         done = step + 1
-        if checkpoint is not None and (done % params.checkpoint_every == 0 or done == steps):
+        if rank == 0 and checkpoint is not None and (done % params.checkpoint_every == 0 or done == steps):
             _save(
                 checkpoint,
                 {
@@ -226,3 +275,82 @@ def predict(
         out[idx] = torch.sigmoid(logits).cpu().numpy()
     model.train()
     return out
+
+
+def _init_distributed() -> tuple[int, int, torch.device]:
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs); (rank, world, this rank's device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if world > 1:
+        if cuda and local >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPU(s) are visible")
+        if cuda:
+            torch.cuda.set_device(local)
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return int(os.environ.get("RANK", "0")), world, torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`torchrun --nproc_per_node=N -m repro.train --params P --model M --out CKPT`: pretrain one backbone.
+
+    Rank 0 prepares (and caches) the data first, the other ranks then read the cache; the global batch is
+    ``train.batch_size`` whatever N is. A rerun with the same --out resumes from its last checkpoint.
+    """
+    import argparse
+    import json
+
+    from repro.experiment import Trainer, load_run_params, prepare, pretrain_samples
+
+    p = argparse.ArgumentParser(prog="python -m repro.train", description=main.__doc__.splitlines()[0])
+    p.add_argument("--params", required=True)
+    p.add_argument("--model", default="ehrmamba")
+    p.add_argument("--out", required=True, help="checkpoint path (resumed from when it exists)")
+    p.add_argument("--data", default=None, help="a MEDS directory (default: the params' cohort)")
+    p.add_argument("--steps", type=int, default=None, help="default: train.pretrain_steps")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    rank, world, device = _init_distributed()
+    try:
+        params = load_run_params(args.params, args.data)
+        if rank == 0:
+            prep = prepare(params, args.data)
+        if world > 1:
+            torch.distributed.barrier()
+        if rank != 0:
+            prep = prepare(params, args.data)  # a cache hit: rank 0 wrote it
+        trainer = Trainer(prep, Path(args.out).parent, progress=False)
+        torch.manual_seed(args.seed)
+        model = trainer._build(args.model)
+        objective = getattr(model.backbone, "pretrain_objective", "clm" if model.causal else "mlm")
+        steps = args.steps or params.train.pretrain_steps
+        data = SequenceDataset(pretrain_samples(prep))
+        spec = {
+            "name": args.model,
+            "vocab_size": prep.tokenizer.vocab_size,
+            **trainer.build_kwargs(args.model),
+        }
+        res = fit(model, data, params.train, objective, steps, params.train.lr, args.seed, device,
+                  checkpoint=Path(args.out), spec=spec, progress=rank == 0, desc=f"{objective} {args.model}")  # fmt: skip
+        if rank == 0:
+            summary = {
+                "model": args.model,
+                "objective": objective,
+                "processes": world,
+                "device": str(device),
+                "global_batch": params.train.batch_size,
+                "steps_run": res.steps_run,
+                "resumed_from": res.resumed_from,
+                "seconds": round(res.seconds, 2),
+                "tokens_per_s": round(res.tokens / res.seconds) if res.seconds else None,
+                "final_loss": res.losses[-1] if res.losses else None,
+            }
+            print(json.dumps(summary))
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
