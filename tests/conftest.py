@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+# Console scripts of test-only tools (meds-testing-helpers' build_sample_MEDS_dataset, aces-cli) live
+# beside this interpreter; `make test` runs `.venv/bin/python -m pytest` without activating the venv.
+os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
 
 
 def ts(s: str) -> int:
