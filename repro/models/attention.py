@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
-from repro.models.embeddings import CEHREmbedding, check_sizes, init_normal
+from repro.models.embeddings import CEHREmbedding, check_heads, check_length, check_sizes, init_normal
 
 
 def _init_bert(module: nn.Module) -> None:
@@ -42,8 +42,7 @@ class CEHRBert(nn.Module):
     ) -> None:
         super().__init__()
         check_sizes("CEHRBert", vocab_size=vocab_size, d_model=d_model, n_layers=n_layers)
-        if d_model % n_heads:
-            raise ValueError(f"CEHRBert d_model={d_model} is not divisible by n_heads={n_heads}")
+        check_heads("CEHRBert", d_model, n_heads)
         self.d_model, self.max_len = d_model, max_len
         self.embedding = CEHREmbedding(vocab_size, d_model, n_types, max_visits, dropout=dropout)
         self.position = nn.Embedding(max_len, d_model)
@@ -64,8 +63,7 @@ class CEHRBert(nn.Module):
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         """Batch dict (CONTRACTS.md) -> hidden states [B, L, D]; pad positions attend but are never attended."""
         L = batch["input_ids"].shape[1]
-        if L > self.max_len:
-            raise ValueError(f"CEHRBert got sequence length {L} > max_len={self.max_len}")
+        check_length("CEHRBert", L, self.max_len)
         x = self.embedding(batch) + self.position.weight[:L]
         pad = batch["attention_mask"] == 0
         pad[:, 0] = False  # keep [CLS] attendable so an all-pad row cannot turn the softmax into NaN

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from repro.models.embeddings import CEHREmbedding
+from repro.models.embeddings import CEHREmbedding, check_heads, check_length
 from repro.models.transformer import MLP, Rotary, SelfAttention, check_sizes, init_gpt, key_padding_mask
 
 N_FIXED = 5  # key blocks every middle query block gets besides the random ones: first, last, i-1, i, i+1
@@ -186,8 +186,7 @@ class BigBird(nn.Module):
         super().__init__()
         check_sizes("BigBird", vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads)
         check_sizes("BigBird", block_size=block_size, num_random_blocks=num_random_blocks + 1)
-        if d_model % n_heads:
-            raise ValueError(f"BigBird d_model={d_model} is not divisible by n_heads={n_heads}")
+        check_heads("BigBird", d_model, n_heads)
         self.d_model, self.max_len = d_model, max_len
         self.block_size, self.num_random_blocks = block_size, num_random_blocks
         self.kernel_path: str | None = None
@@ -203,8 +202,7 @@ class BigBird(nn.Module):
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         """Batch dict (CONTRACTS.md) -> hidden states [B, L, D]; pad keys are never attended."""
         L = batch["input_ids"].shape[1]
-        if L > self.max_len:
-            raise ValueError(f"BigBird got sequence length {L} > max_len={self.max_len}")
+        check_length("BigBird", L, self.max_len)
         x = self.embedding(batch)
         pad = -L % self.block_size
         mask = batch["attention_mask"]

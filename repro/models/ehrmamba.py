@@ -346,12 +346,21 @@ class MambaMixer(nn.Module):
 
 
 class MambaBlock(nn.Module):
-    """Pre-norm residual block ``x + mixer(norm(x))``, the math of mamba_ssm's ``Block`` (same names)."""
+    """Pre-norm residual block ``x + mixer(norm(x))``, the math of mamba_ssm's ``Block`` (same names).
 
-    def __init__(self, d_model: int, dropout: float = 0.0, **mixer_kwargs: int) -> None:
+    ``mixer_cls`` is MambaMixer for EHRMamba and the hybrid, Mamba2Mixer for Mamba2.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        dropout: float = 0.0,
+        mixer_cls: type[nn.Module] | None = None,
+        **mixer_kwargs: int,
+    ) -> None:
         super().__init__()
         self.norm = nn.RMSNorm(d_model, eps=1e-5)
-        self.mixer = MambaMixer(d_model, **mixer_kwargs)
+        self.mixer = (mixer_cls or MambaMixer)(d_model, **mixer_kwargs)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -370,9 +379,14 @@ def init_mamba_weights(module: nn.Module, n_layers: int, mixers: tuple[type, ...
             with torch.no_grad():
                 module.weight[module.padding_idx].zero_()
     if isinstance(module, mixers or (MambaMixer,)):
-        nn.init.kaiming_uniform_(module.out_proj.weight, a=math.sqrt(5))
-        with torch.no_grad():
-            module.out_proj.weight /= math.sqrt(n_layers)
+        rescale_out_proj(module, n_layers)
+
+
+def rescale_out_proj(mixer: nn.Module, n_layers: int) -> None:
+    """mamba_ssm's residual scaling: the mixer's out_proj re-drawn (Kaiming uniform) and scaled by 1/sqrt(n_layers)."""
+    nn.init.kaiming_uniform_(mixer.out_proj.weight, a=math.sqrt(5))
+    with torch.no_grad():
+        mixer.out_proj.weight /= math.sqrt(n_layers)
 
 
 class EHRMamba(nn.Module):

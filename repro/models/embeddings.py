@@ -90,6 +90,18 @@ def check_sizes(owner: str, **sizes: int) -> None:
             raise ValueError(f"{owner} {key} must be >= 1, got {val}")
 
 
+def check_heads(owner: str, d_model: int, n_heads: int) -> None:
+    """Raise ValueError when attention heads cannot split the width evenly."""
+    if d_model % n_heads:
+        raise ValueError(f"{owner} d_model={d_model} is not divisible by n_heads={n_heads}")
+
+
+def check_length(owner: str, length: int, max_len: int) -> None:
+    """Raise ValueError for a sequence longer than a length-bound backbone was built for."""
+    if length > max_len:
+        raise ValueError(f"{owner} got sequence length {length} > max_len={max_len}")
+
+
 def init_normal(module: nn.Module) -> None:
     """N(0, 0.02) Linear weights with zero biases and N(0, 0.02) embeddings with a zero pad row (BERT / GPT-2)."""
     if isinstance(module, nn.Linear):

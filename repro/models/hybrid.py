@@ -9,23 +9,19 @@ encode order (as in Jamba). ``kernel_path`` joins the two paths, e.g. "reference
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
-import torch
 from torch import Tensor, nn
 
-from repro.models.ehrmamba import MambaBlock, MambaMixer
-from repro.models.embeddings import CEHREmbedding
+from repro.models.ehrmamba import MambaBlock, MambaMixer, rescale_out_proj
+from repro.models.embeddings import CEHREmbedding, check_heads
 from repro.models.transformer import TransformerBlock, check_sizes, init_gpt
 
 
 def _init_weights(module: nn.Module, n_layers: int) -> None:
     """GPT-2 init for attention / MLP / embeddings; Mamba mixers keep mamba_ssm's dt and A init."""
     if isinstance(module, MambaMixer):
-        nn.init.kaiming_uniform_(module.out_proj.weight, a=math.sqrt(5))
-        with torch.no_grad():
-            module.out_proj.weight /= math.sqrt(n_layers)
+        rescale_out_proj(module, n_layers)
     elif isinstance(module, TransformerBlock | CEHREmbedding):
         module.apply(lambda m: init_gpt(m, n_layers))
 
@@ -55,8 +51,7 @@ class Hybrid(nn.Module):
         check_sizes(
             "Hybrid", vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, attn_every=attn_every
         )
-        if d_model % n_heads:
-            raise ValueError(f"Hybrid d_model={d_model} is not divisible by n_heads={n_heads}")
+        check_heads("Hybrid", d_model, n_heads)
         if not 2 <= attn_every <= n_layers:
             raise ValueError(
                 f"Hybrid needs 2 <= attn_every <= n_layers (a Mamba and an attention layer), got "

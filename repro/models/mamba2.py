@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from repro.models.ehrmamba import init_mamba_weights
+from repro.models.ehrmamba import MambaBlock, init_mamba_weights
 from repro.models.embeddings import CEHREmbedding
 from repro.models.transformer import check_sizes
 
@@ -226,19 +226,6 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(self.norm(y.reshape(b, L, self.d_inner), z))
 
 
-class Mamba2Block(nn.Module):
-    """Pre-norm residual block ``x + mixer(norm(x))`` (mamba_ssm's ``Block`` without an MLP)."""
-
-    def __init__(self, d_model: int, dropout: float = 0.0, **mixer_kwargs: int) -> None:
-        super().__init__()
-        self.norm = nn.RMSNorm(d_model, eps=1e-5)
-        self.mixer = Mamba2Mixer(d_model, **mixer_kwargs)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.dropout(self.mixer(self.norm(x)))
-
-
 class EHRMamba2(nn.Module):
     """CEHR embeddings -> ``n_layers`` Mamba-2 blocks -> RMSNorm. Causal; pretrained with CLM."""
 
@@ -264,7 +251,9 @@ class EHRMamba2(nn.Module):
         self.d_model = d_model
         self.embedding = CEHREmbedding(vocab_size, d_model, n_types, max_visits, dropout=dropout)
         mixer = dict(d_state=d_state, d_conv=d_conv, expand=expand, headdim=headdim, chunk_size=chunk_size)
-        self.layers = nn.ModuleList(Mamba2Block(d_model, dropout, **mixer) for _ in range(n_layers))
+        self.layers = nn.ModuleList(
+            MambaBlock(d_model, dropout, mixer_cls=Mamba2Mixer, **mixer) for _ in range(n_layers)
+        )
         self.norm_f = nn.RMSNorm(d_model, eps=1e-5)
         self.apply(partial(init_mamba_weights, n_layers=n_layers, mixers=(Mamba2Mixer,)))
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from repro.models.embeddings import CEHREmbedding, check_sizes, init_normal
+from repro.models.embeddings import CEHREmbedding, check_heads, check_length, check_sizes, init_normal
 
 
 class Rotary(nn.Module):
@@ -168,8 +168,7 @@ class Transformer(nn.Module):
     ) -> None:
         super().__init__()
         check_sizes("Transformer", vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads)
-        if d_model % n_heads:
-            raise ValueError(f"Transformer d_model={d_model} is not divisible by n_heads={n_heads}")
+        check_heads("Transformer", d_model, n_heads)
         self.d_model, self.max_len, self.causal = d_model, max_len, bool(causal)
         self.pretrain_objective = "clm" if self.causal else "mlm"
         self.kernel_path: str | None = None
@@ -184,8 +183,7 @@ class Transformer(nn.Module):
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         """Batch dict (CONTRACTS.md) -> hidden states [B, L, D]."""
         L = batch["input_ids"].shape[1]
-        if L > self.max_len:
-            raise ValueError(f"Transformer got sequence length {L} > max_len={self.max_len}")
+        check_length("Transformer", L, self.max_len)
         x = self.embedding(batch)
         rope = self.rotary(L, x.device)
         mask = None if self.causal else key_padding_mask(batch["attention_mask"])
