@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from repro import profiling
-from repro.config import load_params
+from repro.config import RunParams, load_params
 from repro.experiment import resolve
 
 TINY_VOCAB = 64
@@ -59,11 +59,10 @@ def packages() -> list[tuple[str, str]]:
     return rows
 
 
-def kernel_paths(params_file: str, device: str | None = None) -> list[dict[str, Any]]:
+def kernel_paths(params: RunParams, device: str | None = None) -> list[dict[str, Any]]:
     """The kernel path each neural model of the params takes in one tiny forward pass on the device."""
     from repro.models.registry import build_model
 
-    params = load_params(resolve(params_file))
     dev = torch.device(device or params.device)
     names = [m for m in dict.fromkeys([*params.models, *params.efficiency.models]) if m not in ("count_lr",)]
     rows = []
@@ -94,7 +93,7 @@ def main(params_file: str, device: str | None = None) -> int:
     if want == "cuda" and not torch.cuda.is_available():
         print(f"  {'verdict':<{width}} FAIL: the params ask for cuda and no CUDA device is visible")
         return 1
-    rows = kernel_paths(params_file, want)
+    rows = kernel_paths(params, want)
     for r in rows:
         print(f"  {r['model']:<{width}} {r['kernel_path']}  [{r['status']}]")
     bad = [r["model"] for r in rows if r["status"] != "ok"]

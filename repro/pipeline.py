@@ -132,13 +132,11 @@ def dry_run(
     name = _run_name(name, params_path)
     final = root / "outputs" / name
     lines = [f"params: {params_path} (hash {params.hash()}), run name {name!r}"]
-    if final.exists() and not force:
-        raise RunError(f"{final} exists; pass --force to replace it or --name to write another run")
+    _check_target(final, force)
     lines.append(f"output: {final}" + (" (exists; --force will replace it)" if final.exists() else ""))
-    if not params.data.synthetic:
-        where = data_dir or params.data.meds_dir
-        n = check_data(str(Path(where).resolve()))
-        lines.append(f"data: {where}: every shard valid, {n:,} events")
+    if not params.data.synthetic:  # load_run_params put --data there
+        n = check_data(str(Path(params.data.meds_dir).resolve()))
+        lines.append(f"data: {params.data.meds_dir}: every shard valid, {n:,} events")
     else:
         lines.append(
             f"data: synthetic cohort of {params.data.n_subjects:,} subjects (generated or reused from cache)"
@@ -187,6 +185,11 @@ def _check_cohort(params, data_dir: str | None) -> None:
     gc.collect()
 
 
+def _check_target(final: Path, force: bool) -> None:
+    if final.exists() and not force:
+        raise RunError(f"{final} exists; pass --force to replace it or --name to write another run")
+
+
 def _check_device(params, params_path: Path) -> None:
     if params.device == "cuda":
         import torch
@@ -219,12 +222,11 @@ def run(
     outputs = root / "outputs"
     final = outputs / name
     failed = outputs / f"{name}.failed"
-    if final.exists() and not force:
-        raise RunError(f"{final} exists; pass --force to replace it or --name to write another run")
+    _check_target(final, force)
     if resume and not (failed / "manifest.json").exists():
         raise RunError(f"--resume: no failed run to resume at {failed}")
     _check_device(params, params_path)
-    check_data(data_dir or (None if params.data.synthetic else params.data.meds_dir))
+    check_data(None if params.data.synthetic else params.data.meds_dir)  # load_run_params put --data there
     if not data_dir and params.data.synthetic and not params.data.meds_dir:
         from repro.experiment import ensure_meds
 

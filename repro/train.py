@@ -222,9 +222,11 @@ def fit(
         batch = _to({k: v[rank::world] for k, v in full.items()}, device)
         with _autocast(device):
             loss_sum, count = _loss_sum(net, batch, objective)
-        n_global = _all_sum(count.detach().float(), world).clamp_min(1.0)
+        # one collective per step carries the global loss sum (for the log) and the global count
+        sum_global, n_global = _all_sum(torch.stack([loss_sum.detach().float(), count.float()]), world)
+        n_global = n_global.clamp_min(1.0)
         loss = loss_sum * world / n_global  # DDP averages gradients over ranks: this makes them global means
-        logged = float(_all_sum(loss_sum.detach().float(), world) / n_global)
+        logged = float(sum_global / n_global)
         if not math.isfinite(logged):
             raise FloatingPointError(f"{desc or objective}: loss is {logged} at step {step}")
         opt.zero_grad(set_to_none=True)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from repro.results import OVERALL_RULE, label
+from repro.results import OVERALL_RULE, label, overall_verdict
 
 NOT_RUN = "not run"
 QUESTIONS = {
@@ -86,7 +86,7 @@ def verdict_table(res: Mapping[str, dict[str, Any]]) -> pd.DataFrame:
         add("H2", None, "", "@sec-efficiency")
     if mpf:
         per = mpf.get("h3_verdicts", {})
-        overall = _overall(list(per.values()))
+        overall = overall_verdict(list(per.values()))
         add("H3", overall, "; ".join(f"{label(b)}: {v}" for b, v in per.items()), "@sec-mpf")
     else:
         add("H3", None, "", "@sec-mpf")
@@ -113,12 +113,6 @@ def _boundary(rows: list[dict]) -> str:
     if len({what for _, what in each}) == 1 and len(each) > 1:
         return f"all {len(each)} models: {each[0][1]}"
     return "; ".join(f"{m}: {what}" for m, what in each)
-
-
-def _overall(verdicts: list[str]) -> str:
-    from repro.results import overall_verdict
-
-    return overall_verdict(verdicts) if verdicts else "inconclusive"
 
 
 def abstract_line(table: pd.DataFrame) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_train import VOCAB, _data
+from test_train import _data, _model
 
 import repro.train as train_mod
 from repro.config import TrainParams
@@ -32,19 +32,9 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _model(name: str):
-    """No dropout anywhere: dropout masks are drawn per process, so only dropout-free runs match exactly."""
-    from repro.models.registry import build_model
-
-    torch.manual_seed(0)
-    kw = {"d_model": 16, "n_layers": 1, "n_types": 10, "max_visits": 8, "cls_dropout": 0.0}
-    if name == "cehr_bert":
-        kw.update(n_heads=2, max_len=32, dropout=0.0)
-    return build_model(name, VOCAB, **kw)
-
-
 def _fit(objective: str, name: str, checkpoint: Path | None = None):
-    model = _model(name)
+    # no dropout anywhere: masks are drawn per process, so only dropout-free runs match exactly
+    model = _model(name, cls_dropout=0.0)
     model.set_n_outputs(1)
     res = train_mod.fit(model, _data(), PARAMS, objective, STEPS, 1e-3, 0, CPU, checkpoint, progress=False)
     return model, res

@@ -34,9 +34,9 @@ def _data(n=24, seed=0):
     return SequenceDataset(items, (rng.random(n) < 0.4).astype(np.float32))
 
 
-def _model(name="ehrmamba"):
+def _model(name="ehrmamba", **extra):
     torch.manual_seed(0)
-    kw = {"d_model": 16, "n_layers": 1, "n_types": 10, "max_visits": 8}
+    kw = {"d_model": 16, "n_layers": 1, "n_types": 10, "max_visits": 8, **extra}
     if name == "cehr_bert":
         kw.update(n_heads=2, max_len=32, dropout=0.0)
     return build_model(name, VOCAB, **kw)
