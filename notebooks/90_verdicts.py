@@ -36,6 +36,18 @@ print(verdicts.abstract_line(table))
 figures.show_table(table.drop(columns=["section"]))
 
 # %%
+#| label: tbl-timing
+#| tbl-cap: "Wall time of each notebook of this run and, on a GPU node, the GPU-busy share: the mean of `nvidia-smi`'s utilization (the share of each 0.5 s sample with a kernel running, over every process) while the notebook ran. Busy is not full: a small kernel counts as busy. The verdicts notebook and the render are not included."
+import json
+from pathlib import Path
+
+from repro import summary
+
+manifest_path = Path(run_dir) / "manifest.json"
+manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+figures.show_table(summary.timing_table(manifest))
+
+# %%
 ex.save_json(
     {"verdicts": table.to_dict(orient="records"), "params_hash": params.hash()},
     f"{run_dir}/results/90_verdicts.json",

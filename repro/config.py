@@ -112,7 +112,7 @@ class TrainParams:
     mlm_probability: float = 0.15
     checkpoint_every: int = 50
     num_threads: int = 0
-    workers: int = 1  # parallel training processes (CPU runs); 1 on a GPU
+    workers: int = 1  # parallel training processes (on a GPU they share it: small models leave it idle)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "eval_batch_size"):

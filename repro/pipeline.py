@@ -56,23 +56,28 @@ def _notebook_json(py_path: Path, out_path: Path) -> None:
     jupytext.write(nb, out_path, fmt="ipynb")
 
 
-def _execute(name: str, src: Path, out: Path, parameters: dict, cwd: Path) -> float:
+def _execute(name: str, src: Path, out: Path, parameters: dict, cwd: Path) -> dict:
+    """Run one notebook; returns its wall seconds and, on a GPU node, how busy the GPU was meanwhile."""
     import papermill as pm
+
+    from repro.gpu_monitor import GpuMonitor
 
     tmp_in = out.with_name(f".{name}.input.ipynb")
     _notebook_json(src, tmp_in)
     t0 = time.perf_counter()
+    monitor = GpuMonitor()
     try:
-        pm.execute_notebook(
-            str(tmp_in),
-            str(out),
-            parameters=parameters,
-            kernel_name="python3",
-            language="python",
-            cwd=str(cwd),
-            progress_bar=False,
-            log_output=False,
-        )
+        with monitor:
+            pm.execute_notebook(
+                str(tmp_in),
+                str(out),
+                parameters=parameters,
+                kernel_name="python3",
+                language="python",
+                cwd=str(cwd),
+                progress_bar=False,
+                log_output=False,
+            )
     except pm.PapermillExecutionError as exc:
         raise RunError(
             f"notebook {name} failed in cell {exc.exec_count} ({exc.ename}: {exc.evalue}); "
@@ -80,7 +85,7 @@ def _execute(name: str, src: Path, out: Path, parameters: dict, cwd: Path) -> fl
         ) from None
     finally:
         tmp_in.unlink(missing_ok=True)
-    return time.perf_counter() - t0
+    return {"seconds": round(time.perf_counter() - t0, 1), **(monitor.summary() or {})}
 
 
 def _kernel_paths(results_dir: Path) -> list[str]:
@@ -273,10 +278,9 @@ def run(
                 bar.set_postfix_str(f"{nb} (done before --resume)")
                 continue
             bar.set_postfix_str(nb)
-            seconds = _execute(
+            manifest["notebooks"][nb] = _execute(
                 nb, root / "notebooks" / f"{nb}.py", staging / "notebooks" / f"{nb}.ipynb", parameters, root
             )
-            manifest["notebooks"][nb] = {"seconds": round(seconds, 1)}
             save_json(manifest, staging / "manifest.json")  # what --resume may skip
         manifest["seconds_notebooks"] = round(time.perf_counter() - t_run, 1)
         manifest["kernel_paths"] = _kernel_paths(staging / "results")

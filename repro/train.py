@@ -78,8 +78,29 @@ def _schedule(total: int, warmup_frac: float):
     return f
 
 
+# On CUDA, batches are padded to a multiple of this: a few distinct shapes instead of one per batch, so
+# kernels tuned or compiled per shape (Triton autotuning in Mamba2's SSD, cuDNN / cuBLAS heuristics) are
+# chosen once. Padding is masked everywhere, so results do not depend on it.
+CUDA_PAD_MULTIPLE = 64
+# Losses stay on the GPU and are read back (one host sync) every this many steps, at checkpoints and at
+# the end: a per-step `float(loss)` makes the CPU wait for the GPU before it can collate the next batch.
+LOSS_READ_EVERY = 25
+
+
+def _padding(model: torch.nn.Module, device: torch.device) -> dict[str, int | None]:
+    """collate's padding arguments: a multiple on CUDA, capped by a length-bound backbone's max_len."""
+    if device.type != "cuda":
+        return {"pad_to": 1, "max_length": None}
+    return {
+        "pad_to": CUDA_PAD_MULTIPLE,
+        "max_length": getattr(getattr(model, "backbone", model), "max_len", None),
+    }
+
+
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if device.type == "cuda":  # pinned host memory makes the copy asynchronous
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def _autocast(device: torch.device):
@@ -136,10 +157,16 @@ def _loss_sum(
 
 
 def _global_batch(
-    data: SequenceDataset, idx: np.ndarray, objective: str, vocab_size: int, gen: torch.Generator, p: float
+    data: SequenceDataset,
+    idx: np.ndarray,
+    objective: str,
+    vocab_size: int,
+    gen: torch.Generator,
+    p: float,
+    padding: dict[str, int | None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The step's whole batch on the CPU, MLM corruption drawn on all of it (so it does not depend on N)."""
-    batch = collate([data[int(i)] for i in idx])
+    batch = collate([data[int(i)] for i in idx], **(padding or {}))
     if objective == "mlm":
         batch["input_ids"], batch["mlm_labels"] = mlm_mask(batch["input_ids"], vocab_size, p, gen)
     return batch
@@ -216,9 +243,26 @@ def fit(
         initial=start,
         total=steps,
     )
+    pending: list[torch.Tensor] = []  # logged losses not yet read back from the device
+
+    def read_losses() -> None:
+        if not pending:
+            return
+        values = torch.stack(pending).tolist()
+        first = len(result.losses)
+        pending.clear()
+        result.losses.extend(values)
+        bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+        if bad:
+            raise FloatingPointError(
+                f"{desc or objective}: loss is {values[bad[0]]} at step {first + bad[0]}"
+            )
+        bar.set_postfix(loss=f"{values[-1]:.3f}")
+
+    padding = _padding(model, device)
     for step in bar:
         idx = batch_indices(len(data), params.batch_size, seed, step)
-        full = _global_batch(data, idx, objective, vocab_size, gen, params.mlm_probability)
+        full = _global_batch(data, idx, objective, vocab_size, gen, params.mlm_probability, padding)
         batch = _to({k: v[rank::world] for k, v in full.items()}, device)
         with _autocast(device):
             loss_sum, count = _loss_sum(net, batch, objective)
@@ -226,20 +270,19 @@ def fit(
         sum_global, n_global = _all_sum(torch.stack([loss_sum.detach().float(), count.float()]), world)
         n_global = n_global.clamp_min(1.0)
         loss = loss_sum * world / n_global  # DDP averages gradients over ranks: this makes them global means
-        logged = float(sum_global / n_global)
-        if not math.isfinite(logged):
-            raise FloatingPointError(f"{desc or objective}: loss is {logged} at step {step}")
+        pending.append(sum_global / n_global)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
         opt.step()
         sched.step()
-        result.losses.append(logged)
         result.tokens += int(full["attention_mask"].sum())  # the global batch's tokens
         result.steps_run += 1
-        bar.set_postfix(loss=f"{result.losses[-1]:.3f}")
         done = step + 1
-        if rank == 0 and checkpoint is not None and (done % params.checkpoint_every == 0 or done == steps):
+        save = rank == 0 and checkpoint is not None and (done % params.checkpoint_every == 0 or done == steps)
+        if save or done % LOSS_READ_EVERY == 0 or done == steps:
+            read_losses()
+        if save:
             _save(
                 checkpoint,
                 {
@@ -269,9 +312,10 @@ def predict(
     model.to(device).eval()
     order = np.argsort(data.lengths(), kind="stable")
     out = np.empty((len(data), model.n_outputs), dtype=np.float64)
+    padding = _padding(model, device)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        batch = _to(collate([data[int(i)][:1] for i in idx]), device)
+        batch = _to(collate([data[int(i)][:1] for i in idx], **padding), device)
         with _autocast(device):
             logits = model.classify(batch).float()
         out[idx] = torch.sigmoid(logits).cpu().numpy()

@@ -52,10 +52,19 @@ class SequenceDataset(Dataset):
         return np.array([len(e) for e in self.items])
 
 
-def collate(batch: Sequence[tuple]) -> dict[str, torch.Tensor]:
-    """Right-pad a list of samples into the model batch contract (plus `labels` / `label_mask` when given)."""
+def collate(
+    batch: Sequence[tuple], pad_to: int = 1, max_length: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Right-pad a list of samples into the model batch contract (plus `labels` / `label_mask` when given).
+
+    The length is the longest sample's, rounded up to a multiple of `pad_to` but not past `max_length`
+    (a length-bound model's table).
+    """
     n = len(batch)
-    length = max(len(b[0]) for b in batch)
+    longest = max(len(b[0]) for b in batch)
+    length = -(-longest // pad_to) * pad_to
+    if max_length is not None:
+        length = max(longest, min(length, max_length))
     out = {
         "input_ids": np.full((n, length), PAD, dtype=np.int64),
         "type_ids": np.zeros((n, length), dtype=np.int64),
