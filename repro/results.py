@@ -7,6 +7,7 @@ beside it (mean, sd, min-max of the per-seed AUROC).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import meds
@@ -104,31 +105,64 @@ def seed_spread(preds: pd.DataFrame) -> pd.DataFrame:
     return aggregate_seeds(pd.DataFrame(rows), ["model", "task"])
 
 
+# Statistics worth a process pool: rows x (bootstrap + permutation) resamples summed over the jobs. Below it
+# (the smoke run) the work is done in this process, where a pool would cost more to start than it saves.
+PARALLEL_WORK = 2e8
+
+
+def parallel_map(fn, items: Sequence, work: float = 0.0) -> list:
+    """`[fn(x) for x in items]`, in one spawned process per core when `work` exceeds PARALLEL_WORK.
+
+    Why: each item's bootstrap and permutation statistics are sorts of [resamples, rows] arrays; on a GPU
+    node they ran one after another for minutes (threads did not help: too much of each is under the GIL)
+    while the GPU sat idle. Each item seeds its own generator, so results do not depend on the pool.
+    """
+    workers = min(len(items), os.cpu_count() or 1)
+    if workers <= 1 or work < PARALLEL_WORK:
+        return [fn(x) for x in items]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        return list(pool.map(fn, items))
+
+
+def _evaluate_job(job: tuple) -> dict | None:
+    """One model's metrics on one task (model None: the oracle's, where the true probability is known)."""
+    t, model, n_boot, ci = job
+    if model is None:
+        first = t[t["model"] == t["model"].iloc[0]]
+        test = first[first["split"] == meds.held_out_split]
+        if "true_prob" in test and test["true_prob"].notna().all() and len(test):
+            return oracle_metrics(test, n_boot=n_boot, seed=0, ci=ci)
+        return None
+    g = t[t["model"] == model]
+    return evaluate_predictions(
+        g[g["split"] == meds.tuning_split], g[g["split"] == meds.held_out_split], n_boot=n_boot, seed=0, ci=ci
+    )
+
+
 def evaluate_all(preds: pd.DataFrame, n_boot: int, ci: float) -> dict[str, dict[str, dict]]:
     """Metrics with CIs for every task and model (seed ensemble), plus the oracle where the truth is known.
 
     Returns {task: {model label: evaluate_predictions(...) or oracle_metrics(...)}}; computed once and
     shared by the tables and the forest plot.
     """
-    out: dict[str, dict[str, dict]] = {}
     ens = seed_ensemble(preds)
-    for task in dict.fromkeys(ens["task"]):
-        t = ens[ens["task"] == task]
-        res = {}
-        for model in dict.fromkeys(t["model"]):
-            g = t[t["model"] == model]
-            res[label(model)] = evaluate_predictions(
-                g[g["split"] == meds.tuning_split],
-                g[g["split"] == meds.held_out_split],
-                n_boot=n_boot,
-                seed=0,
-                ci=ci,
-            )
-        first = t[t["model"] == t["model"].iloc[0]]
-        test = first[first["split"] == meds.held_out_split]
-        if "true_prob" in test and test["true_prob"].notna().all() and len(test):
-            res[ORACLE] = oracle_metrics(test, n_boot=n_boot, seed=0, ci=ci)
-        out[task] = res
+    tasks = {task: ens[ens["task"] == task] for task in dict.fromkeys(ens["task"])}
+    keys = [(task, model) for task, t in tasks.items() for model in t["model"].unique()]
+    keys += [(task, None) for task in tasks]  # None: the oracle
+    jobs = [
+        (tasks[task] if model is None else tasks[task][tasks[task]["model"] == model], model, n_boot, ci)
+        for task, model in keys
+    ]
+    work = float(len(ens)) * n_boot
+    out: dict[str, dict[str, dict]] = {task: {} for task in tasks}
+    for (task, model), res in zip(keys, parallel_map(_evaluate_job, jobs, work)):
+        if model is not None:
+            out[task][label(model)] = res
+        elif res is not None:
+            out[task][ORACLE] = res
     return out
 
 
@@ -259,6 +293,26 @@ def forest_frame(evaluated: dict[str, dict[str, dict]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _compare_job(job: tuple) -> dict:
+    """new - baseline on one task: paired bootstrap CI and paired permutation p-value."""
+    task, t, new, base, n_boot, ci, n_perm = job
+    res = paired_bootstrap(t, [new, base], "auroc", n_boot=n_boot, seed=0, ci=ci, pairs=[(new, base)])
+    r = res[res["kind"] == "difference"].iloc[0]
+    y, subjects, scores = paired_scores(t, [new, base])
+    p_perm = paired_permutation_test(y, scores[new], scores[base], "auroc", n_perm, 0, subjects)
+    return {
+        "task": task,
+        "new": new,
+        "baseline": base,
+        "comparison": f"{label(new)} − {label(base)}",
+        "ΔAUROC": r["estimate"],
+        "lo": r["lo"],
+        "hi": r["hi"],
+        "p (bootstrap)": r["p_value"],
+        "p (perm.)": p_perm,
+    }
+
+
 def paired_comparisons(
     preds: pd.DataFrame,
     pairs: Sequence[tuple[str, str]],
@@ -271,30 +325,18 @@ def paired_comparisons(
     resampled patients, a paired permutation p-value (patient-level swaps), Benjamini-Hochberg across every
     comparison in the frame (one notebook's family), and the verdict of VERDICT_RULE."""
     ens = seed_ensemble(preds[preds["split"] == meds.held_out_split])
-    rows = []
+    jobs = []
     for task in dict.fromkeys(ens["task"]):
         t = ens[ens["task"] == task]
-        present = set(t["model"])
-        for new, base in pairs:
-            if new not in present or base not in present:
-                continue
-            res = paired_bootstrap(t, [new, base], "auroc", n_boot=n_boot, seed=0, ci=ci, pairs=[(new, base)])
-            r = res[res["kind"] == "difference"].iloc[0]
-            y, subjects, scores = paired_scores(t, [new, base])
-            p_perm = paired_permutation_test(y, scores[new], scores[base], "auroc", n_perm, 0, subjects)
-            rows.append(
-                {
-                    "task": task,
-                    "new": new,
-                    "baseline": base,
-                    "comparison": f"{label(new)} − {label(base)}",
-                    "ΔAUROC": r["estimate"],
-                    "lo": r["lo"],
-                    "hi": r["hi"],
-                    "p (bootstrap)": r["p_value"],
-                    "p (perm.)": p_perm,
-                }
-            )
+        present = set(t["model"].unique())
+        jobs += [
+            (task, t[t["model"].isin([new, base])], new, base)
+            for new, base in pairs
+            if new in present and base in present
+        ]
+
+    work = float(sum(len(j[1]) for j in jobs)) * (n_boot + n_perm) / 2  # two models per job
+    rows = parallel_map(_compare_job, [(*j, n_boot, ci, n_perm) for j in jobs], work)
     out = pd.DataFrame(rows)
     if out.empty:
         return out

@@ -254,6 +254,21 @@ def test_permutation_test_callable_matches_named():
     assert p_named == pytest.approx(p_call)
 
 
+@pytest.mark.parametrize("metric", ["auroc", "auprc"])
+def test_permutation_test_rank_metrics_equal_sklearn_on_tied_scores(metric):
+    # the named rank metrics weight 2n stacked scores instead of sorting each permutation: same p as sklearn's
+    rng = np.random.default_rng(3)
+    n = 300
+    y = (rng.random(n) < 0.3).astype(int)
+    a = np.round(rng.random(n) * 0.5 + 0.3 * y, 2)  # two decimals: many ties, within and across models
+    b = np.round(a + rng.normal(0, 0.08, n), 2)
+    clusters = rng.integers(0, 120, n)
+    fn = {"auroc": roc_auc_score, "auprc": average_precision_score}[metric]
+    p_named = paired_permutation_test(y, a, b, metric, n_perm=300, seed=4, clusters=clusters)
+    p_call = paired_permutation_test(y, a, b, fn, n_perm=300, seed=4, clusters=clusters)
+    assert p_named == p_call and 1 / 301 < p_named < 1  # not at either end: the comparison is not trivial
+
+
 # ---------------------------------------------------------------- BH, seeds, verdicts
 def test_benjamini_hochberg_hand_example():
     # sorted p: 0.005, 0.01, 0.03, 0.04 -> p*m/rank = 0.02, 0.02, 0.04, 0.04 (already monotone)
