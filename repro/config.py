@@ -70,9 +70,23 @@ class DataParams:
             )
 
 
+TOKEN_VALUES = ("fused", "unfused", "soft", "xval")
+TOKEN_BINS = ("quantile", "clinical")
+TIME_TOKENS = ("ehrmamba", "fixed13")
+
+
 @dataclass
 class TokenizerParams:
-    """EHRMamba token stream options (DESIGN.md section 6)."""
+    """EHRMamba token stream options (DESIGN.md section 6); the defaults are the paper's tokens.
+
+    values: how a lab value enters the stream (repro.data.tokenizer): "fused" `CODE//Q{k}`; "unfused"
+    `CODE` then a shared `[Q{k}]`; "soft" the fused token plus a mix with the neighbouring bin
+    (`mix_ids` / `mix_w`); "xval" `CODE` plus its train z-score (`values` / `value_mask`).
+    bins: "quantile" (n_bins per code, fit on train) or "clinical" (low / normal / high from the
+    reference range in metadata/codes.parquet where it exists, quantile bins otherwise).
+    time_tokens: "ehrmamba" interval tokens between visits, or "fixed13" ETHOS-style `[GAP_k]` tokens
+    before any token 5 minutes or more after the previous one.
+    """
 
     max_len: int = 256
     n_bins: int = 5
@@ -80,8 +94,16 @@ class TokenizerParams:
     include_diagnoses: bool = False
     min_count: int = 1
     max_visits: int = 64
+    values: str = "fused"
+    bins: str = "quantile"
+    time_tokens: str = "ehrmamba"
 
     def __post_init__(self) -> None:
+        for name, allowed in (("values", TOKEN_VALUES), ("bins", TOKEN_BINS), ("time_tokens", TIME_TOKENS)):
+            if getattr(self, name) not in allowed:
+                raise ParamsError(
+                    f"tokenizer.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}"
+                )
         if self.max_len < 4:
             raise ParamsError(f"tokenizer.max_len must be >= 4, got {self.max_len}")
         if not 1 <= self.n_bins <= 100:

@@ -12,6 +12,7 @@ import hashlib
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import HAND_SPLITS, hand_events, write_meds
@@ -20,13 +21,44 @@ from hypothesis import strategies as st
 
 from repro.config import TASK_NAMES, CodePatterns, TokenizerParams, load_params
 from repro.data import stream
-from repro.data.meds import MedsError, load_meds, read_events
+from repro.data.meds import MedsError, load_meds, read_events, read_reference_ranges
 from repro.data.synthetic import write_synthetic_meds
 from repro.data.tasks import build_task, find_visits
 from repro.data.tokenizer import Tokenizer, quantile_edges, quantile_edges_from_counts
 
 P = CodePatterns()
 ARRAYS = ("token_ids", "types", "kinds", "avail_us", "ages")
+VALUE_ARRAYS = ("values", "mix_ids", "mix_w")
+# One parameter set per representation option (and a few combinations), for the equality tests.
+REPRESENTATIONS = [
+    {"values": "unfused"},
+    {"values": "soft"},
+    {"values": "soft", "min_count": 2},
+    {"values": "xval"},
+    {"bins": "clinical"},
+    {"bins": "clinical", "values": "unfused"},
+    {"bins": "clinical", "values": "soft"},
+    {"time_tokens": "fixed13"},
+    {"time_tokens": "fixed13", "values": "unfused", "bins": "clinical"},
+    {"time_tokens": "fixed13", "values": "xval", "include_diagnoses": True},
+]
+
+
+def write_ranges(root, ranges: dict[str, tuple[float, float]]) -> None:
+    """A MEDS code metadata file whose reference-range columns hold `ranges` (other codes: null)."""
+    codes = [*ranges, "MEDICATION//X//Administered//1"]
+    pq.write_table(
+        pa.table(
+            {
+                "code": pa.array(codes, pa.string()),
+                "description": pa.array([None] * len(codes), pa.string()),
+                "parent_codes": pa.array([None] * len(codes), pa.list_(pa.string())),
+                "ref_range_lower": pa.array([ranges.get(c, (None,))[0] for c in codes], pa.float64()),
+                "ref_range_upper": pa.array([ranges.get(c, (None, None))[1] for c in codes], pa.float64()),
+            }
+        ),
+        root / "metadata" / "codes.parquet",
+    )
 
 
 def reference(root, params: TokenizerParams, tasks=TASK_NAMES):
@@ -34,7 +66,7 @@ def reference(root, params: TokenizerParams, tasks=TASK_NAMES):
     ds = load_meds(root)
     ev = read_events(ds)
     train = ds.subjects("train")
-    tok = Tokenizer.fit(ev[ev["subject_id"].isin(train)], params, P)
+    tok = Tokenizer.fit(ev[ev["subject_id"].isin(train)], params, P, read_reference_ranges(root))
     visits = find_visits(ev, P)
     labels = {t: build_task(t, ev, P, visits, train_subjects=train) for t in tasks}
     return tok, tok.timelines(ev), labels, visits.groupby("subject_id").size()
@@ -43,18 +75,23 @@ def reference(root, params: TokenizerParams, tasks=TASK_NAMES):
 def assert_same(ref, got: stream.PreparedData) -> None:
     tok, tl, labels, n_visits = ref
     assert got.tokenizer.itos == tok.itos
-    assert list(got.tokenizer.bins) == list(tok.bins)
-    for code, edges in tok.bins.items():
-        np.testing.assert_array_equal(got.tokenizer.bins[code], edges)
+    for state in ("bins", "limits", "moments"):
+        want, have = getattr(tok, state), getattr(got.tokenizer, state)
+        assert list(have) == list(want), state
+        for code, x in want.items():
+            np.testing.assert_array_equal(have[code], x)
+    assert got.tokenizer.clinical == tok.clinical
     assert got.timelines.stats == tl.stats
     a, b = tl.index(), got.timelines.index()
     assert set(a) == set(b)
+    present = [k for k in VALUE_ARRAYS if getattr(tl, k) is not None]
+    assert present == [k for k in VALUE_ARRAYS if getattr(got.timelines, k) is not None]
     for s, i in a.items():
         j = b[s]
-        for k in ARRAYS:
+        for k in (*ARRAYS, *present):
             x = getattr(tl, k)[tl.offsets[i] : tl.offsets[i + 1]]
             y = getattr(got.timelines, k)[got.timelines.offsets[j] : got.timelines.offsets[j + 1]]
-            assert x.dtype == y.dtype and np.array_equal(x, y), (s, k)
+            assert x.dtype == y.dtype and np.array_equal(x, y, equal_nan=k == "values"), (s, k)
     for t, df in labels.items():
         pd.testing.assert_frame_equal(got.labels[t], df, check_index_type=False)
     pd.testing.assert_series_equal(got.n_visits, n_visits)
@@ -76,10 +113,15 @@ def two_shards(tmp_path, events=None, splits=HAND_SPLITS):
         {"n_bins": 1},
         {"n_bins": 3, "min_count": 2},
         {"n_bins": 2, "families": ["lab", "medication", "procedure", "demographic"]},
+        {"n_bins": 10},
+        {"n_bins": 20},
+        *({"n_bins": 2, **r} for r in REPRESENTATIONS),
+        {"n_bins": 20, "values": "soft", "bins": "clinical", "time_tokens": "fixed13"},
     ],
 )
 def test_hand_events_in_two_shards_equal_the_reference(tmp_path, kw):
     root = two_shards(tmp_path)
+    write_ranges(root, {"LAB//A//u": (2.0, 5.0)})  # train values 1..6 sit on both limits
     params = TokenizerParams(**kw)
     got = stream.prepare_data(load_meds(root), params, P, list(TASK_NAMES), progress=False)
     assert_same(reference(root, params), got)
@@ -144,12 +186,14 @@ def random_events(seed: int, n_subjects: int = 60) -> tuple[pd.DataFrame, dict[i
     return ev, dict(zip(ids, split.tolist()))
 
 
+@pytest.mark.parametrize("kw", [{}, {"n_bins": 10}, *REPRESENTATIONS])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_random_edge_cases_equal_the_reference(tmp_path, seed):
+def test_random_edge_cases_equal_the_reference(tmp_path, seed, kw):
     ev, splits = random_events(seed)
     root = tmp_path / "meds"
     write_meds(root, ev, splits, shard_of=lambda s: str(s % 3))
-    params = TokenizerParams(n_bins=3)
+    write_ranges(root, {"LAB//A//u": (2.0, 3.0)})  # LAB//B//mg has no range: quantile bins
+    params = TokenizerParams(**{"n_bins": 3, **kw})
     got = stream.prepare_data(load_meds(root), params, P, list(TASK_NAMES), progress=False)
     assert_same(reference(root, params), got)
 
@@ -220,6 +264,64 @@ def test_cache_is_reused_and_an_interrupted_run_resumes(smoke, tmp_path):
         ds, dataclasses.replace(params.tokenizer, n_bins=3), P, tasks, tmp_path, progress=False
     )
     assert other.cache_dir != first.cache_dir and not other.cache_hit
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"values": "soft", "bins": "clinical", "time_tokens": "fixed13"},
+        {"values": "xval", "time_tokens": "fixed13", "n_bins": 10},
+        {"values": "unfused", "bins": "clinical", "n_bins": 20},
+    ],
+)
+def test_smoke_cohort_representations_equal_the_reference(smoke, kw):
+    """The synthetic cohort (reference ranges in its code metadata) under combined representation options."""
+    root, params = smoke
+    tp = dataclasses.replace(params.tokenizer, **kw)
+    got = stream.prepare_data(load_meds(root), tp, P, ["mortality_1m"], workers=1, progress=False)
+    ref = reference(root, tp, ["mortality_1m"])
+    assert_same(ref, got)
+    tok = ref[0]
+    if tp.bins == "clinical":
+        assert len(tok.clinical) == 8  # every synthetic lab has a range
+    if tp.values == "soft":
+        assert (got.timelines.mix_w > 0).mean() > 0.1
+    if tp.values == "xval":
+        assert np.isfinite(got.timelines.values).sum() > 1000
+
+
+@pytest.mark.parametrize("kw", [{"values": "soft", "time_tokens": "fixed13"}, {"values": "xval"}, {}])
+def test_cache_round_trips_the_value_arrays(tmp_path, kw):
+    root = two_shards(tmp_path)
+    ds = load_meds(root)
+    params = TokenizerParams(n_bins=2, **kw)
+    first = stream.prepare_data(ds, params, P, ["mortality_1m"], tmp_path / "cache", progress=False)
+    again = stream.prepare_data(ds, params, P, ["mortality_1m"], tmp_path / "cache", progress=False)
+    assert again.cache_hit and not first.cache_hit
+    for k in (*ARRAYS, *VALUE_ARRAYS):
+        x, y = getattr(first.timelines, k), getattr(again.timelines, k)
+        assert (x is None) == (y is None) == (not _mode_has(params, k)), k
+        if x is not None:
+            assert isinstance(y, np.memmap) and np.array_equal(x, y, equal_nan=True), k
+    for state in ("itos", "clinical"):
+        assert getattr(again.tokenizer, state) == getattr(first.tokenizer, state)
+    for state in ("bins", "limits", "moments"):
+        a, b = getattr(again.tokenizer, state), getattr(first.tokenizer, state)
+        assert list(a) == list(b) and all(np.array_equal(a[c], b[c]) for c in a)
+    other = dataclasses.replace(
+        params, time_tokens="fixed13" if params.time_tokens == "ehrmamba" else "ehrmamba"
+    )
+    assert stream.cache_key(ds, other, P, ["mortality_1m"]) != stream.cache_key(
+        ds, params, P, ["mortality_1m"]
+    )
+
+
+def _mode_has(params: TokenizerParams, k: str) -> bool:
+    return (
+        k in ARRAYS
+        or (k == "values" and params.values == "xval")
+        or (k in ("mix_ids", "mix_w") and params.values == "soft")
+    )
 
 
 def test_two_workers_give_the_same_result(smoke):

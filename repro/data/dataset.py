@@ -1,7 +1,11 @@
 """Torch datasets, collate and the pretraining objectives' input corruption.
 
 Batches follow the model batch contract: right-padded [B, L] tensors `input_ids`, `type_ids`, `ages`,
-`times`, `segments`, `visit_orders`, `attention_mask` (and `labels` when finetuning).
+`times`, `segments`, `visit_orders`, `attention_mask` (and `labels` when finetuning), and always the
+value side arrays of the token representations (repro.data.tokenizer), neutral where a token has no
+value and on padding: `values` float32 (xval z-score, 0), `value_mask` float32 (1 on tokens with a
+value, 0), `mix_ids` int64 (soft: the neighbouring bin's token; equal to `input_ids` wherever
+`mix_w` is 0), `mix_w` float32 (its weight in [0, 0.5], 0).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from repro.data.tokenizer import MASK, PAD, SPECIALS, Encoded
 
 IGNORE = -100
 SIDE = ("input_ids", "type_ids", "ages", "times", "segments", "visit_orders")
+VALUE_SIDE = ("values", "value_mask", "mix_ids", "mix_w")
 
 
 class SequenceDataset(Dataset):
@@ -73,6 +78,10 @@ def collate(
         "segments": np.zeros((n, length), dtype=np.int64),
         "visit_orders": np.zeros((n, length), dtype=np.int64),
         "attention_mask": np.zeros((n, length), dtype=np.int64),
+        "values": np.zeros((n, length), dtype=np.float32),
+        "value_mask": np.zeros((n, length), dtype=np.float32),
+        "mix_ids": np.full((n, length), PAD, dtype=np.int64),
+        "mix_w": np.zeros((n, length), dtype=np.float32),
     }
     for i, b in enumerate(batch):
         e = b[0]
@@ -80,6 +89,13 @@ def collate(
         for name in SIDE:
             out[name][i, :k] = getattr(e, name)
         out["attention_mask"][i, :k] = 1
+        for name in VALUE_SIDE:  # None on a hand-built Encoded: the neutral values stay
+            a = getattr(e, name, None)
+            if a is not None:
+                out[name][i, :k] = a
+    # Where the weight is 0 the neighbour is the token itself, also after a caller changed input_ids
+    # (a task token put in place of the last [REG]).
+    out["mix_ids"] = np.where(out["mix_w"] > 0, out["mix_ids"], out["input_ids"])
     tensors = {k: torch.from_numpy(v) for k, v in out.items()}
     if len(batch[0]) > 1 and batch[0][1] is not None:
         tensors["labels"] = torch.from_numpy(np.stack([b[1] for b in batch]).astype(np.float32))

@@ -226,3 +226,38 @@ def read_events(dataset: MedsDataset, subjects: np.ndarray | None = None) -> pd.
             f"(e.g. {int(unknown[0])})"
         )
     return events
+
+
+REF_LOWER, REF_UPPER = "ref_range_lower", "ref_range_upper"  # MIMIC-IV hosp/labevents column names
+
+
+def read_reference_ranges(root: str | Path) -> dict[str, tuple[float, float]]:
+    """Clinical reference ranges per code from the optional columns of `metadata/codes.parquet`.
+
+    The ranges come from the data's own code metadata (MIMIC-IV labevents' `ref_range_lower` /
+    `ref_range_upper`; the synthetic generator writes them for its labs), not from any split, so
+    using them leaks nothing. A missing file or missing columns mean no ranges; rows with a null,
+    non-finite or inverted range are skipped; a code listed twice keeps its first usable row.
+
+    >>> read_reference_ranges("/nonexistent")
+    {}
+    """
+    path = Path(root) / meds.code_metadata_filepath
+    if not path.is_file():
+        return {}
+    try:
+        names = pq.read_schema(path).names
+    except Exception as exc:  # noqa: BLE001
+        raise MedsError(f"{path}: not a readable parquet file ({exc})") from exc
+    if CODE not in names or REF_LOWER not in names or REF_UPPER not in names:
+        return {}
+    t = pq.read_table(path, columns=[CODE, REF_LOWER, REF_UPPER])
+    codes = t.column(CODE).to_pylist()
+    lo = pc.cast(t.column(REF_LOWER), pa.float64()).to_numpy(zero_copy_only=False)
+    hi = pc.cast(t.column(REF_UPPER), pa.float64()).to_numpy(zero_copy_only=False)
+    out: dict[str, tuple[float, float]] = {}
+    for c, a, b in zip(codes, lo, hi):
+        if c is None or c in out or not (np.isfinite(a) and np.isfinite(b) and a <= b):
+            continue
+        out[c] = (float(a), float(b))
+    return out

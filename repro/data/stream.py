@@ -15,7 +15,9 @@ Passes (`prepare_data`):
 1. every shard: validate, label (visits, deaths, task rows), and for train subjects collect the fit
    summary: per-code plain token counts and each lab code's distinct values with their counts;
 2. merge: exact quantile bins (`quantile_edges_from_counts`, bit for bit `np.quantile` on the expanded
-   values), the vocabulary, the `conditions` groups (counts on train, as `build_task`);
+   values), clinical bins from `metadata/codes.parquet` when asked for, each lab code's value statistics
+   (`value_summary` on the same (value, count) pairs: train min, max, mean, std), the vocabulary, the
+   `conditions` groups (counts on train, as `build_task`);
 3. every shard: tokenize with the fitted tokenizer, written atomically to `shards/<i>.npz`;
 4. assemble the shard files into one memory-mapped `Timelines` (shard by shard, subjects sorted within
    a shard); each subject's tokens and side arrays are identical to `Tokenizer.timelines` on all events.
@@ -53,7 +55,15 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from repro.config import CodePatterns, TokenizerParams
-from repro.data.meds import SUBJECT, TIME, MedsDataset, MedsError, ShardArrays, read_shard_arrays
+from repro.data.meds import (
+    SUBJECT,
+    TIME,
+    MedsDataset,
+    MedsError,
+    ShardArrays,
+    read_reference_ranges,
+    read_shard_arrays,
+)
 from repro.data.tasks import LABEL_PREFIX, TASKS, conditions
 from repro.data.tokenizer import (
     INTERVALS,
@@ -63,7 +73,6 @@ from repro.data.tokenizer import (
     K_VE,
     K_VS,
     REG,
-    RESERVED,
     T_INTERVAL,
     T_LAB,
     T_SPECIAL,
@@ -71,17 +80,34 @@ from repro.data.tokenizer import (
     UNK,
     US_PER_DAY,
     US_PER_YEAR,
+    VALUE_ARRAYS,
     VE,
     VS,
     Timelines,
     Tokenizer,
     TokenizerStats,
+    bin_token,
+    clinical_edges,
+    insert_gap_tokens,
     quantile_edges_from_counts,
+    soft_weights,
+    value_summary,
+    zscores,
 )
 
-STREAM_VERSION = 1  # bump when the cached outputs of this module change
+STREAM_VERSION = 2  # bump when the cached outputs of this module change
 N_CONDITION_GROUPS = inspect.signature(conditions).parameters["n_groups"].default
 TIMELINE_ARRAYS = ("token_ids", "types", "kinds", "avail_us", "ages")
+ARRAY_DTYPES = {
+    "token_ids": np.int32,
+    "types": np.int8,
+    "kinds": np.int8,
+    "avail_us": np.int64,
+    "ages": np.float32,
+    "values": np.float32,  # xval only
+    "mix_ids": np.int32,  # soft only
+    "mix_w": np.float32,  # soft only
+}
 SMALL_DATA_BYTES = 16 * 2**20  # below this much parquet, worker processes cost more than they save
 
 
@@ -438,8 +464,16 @@ class FitAccumulator:
         self._compact()
         return len(self.keys)
 
-    def tokenizer(self, params: TokenizerParams, patterns: CodePatterns) -> Tokenizer:
-        """Bins and vocabulary as `Tokenizer.fit` on all train events: same vocabulary, same edges."""
+    def tokenizer(
+        self,
+        params: TokenizerParams,
+        patterns: CodePatterns,
+        ref_ranges: dict[str, tuple[float, float]] | None = None,
+    ) -> Tokenizer:
+        """Bins, value statistics and vocabulary as `Tokenizer.fit` on all train events: the same state.
+
+        `ref_ranges` (from `read_reference_ranges`) give clinical bins when `params.bins == "clinical"`.
+        """
         self._compact()
         plain = np.zeros(len(self.names), np.int64)
         plain[: len(self.plain)] = self.plain
@@ -448,8 +482,12 @@ class FitAccumulator:
         bounds = np.flatnonzero(np.diff(gids)) + 1
         starts = np.concatenate([[0], bounds]).astype(np.int64)
         ends = np.concatenate([bounds, [len(gids)]]).astype(np.int64)
+        ranges = (ref_ranges or {}) if params.bins == "clinical" else {}
         counts: Counter[str] = Counter()
         bins: dict[str, np.ndarray] = {}
+        clinical: dict[str, tuple[float, float]] = {}
+        limits: dict[str, np.ndarray] = {}
+        moments: dict[str, np.ndarray] = {}
         for lo, hi in zip(starts.tolist(), ends.tolist()):
             if lo == hi:
                 continue
@@ -457,20 +495,36 @@ class FitAccumulator:
             name = self.names[g]
             u = values[lo:hi].astype(np.float64)
             c = self.counts[lo:hi]
-            edges = quantile_edges_from_counts(u, c, params.n_bins)
+            limits[name], moments[name] = value_summary(u, c)
+            edges = np.empty(0)
+            if params.values != "xval":
+                if name in ranges:
+                    clinical[name] = ranges[name]
+                    edges = clinical_edges(*ranges[name])
+                else:
+                    edges = quantile_edges_from_counts(u, c, params.n_bins)
             if len(edges):
                 bins[name] = edges
                 per_bin = np.bincount(np.searchsorted(edges, u, side="right"), weights=c)
                 for b in np.flatnonzero(per_bin):
-                    counts[f"{name}//Q{b + 1}"] += int(per_bin[b])
+                    key = bin_token(b + 1) if params.values == "unfused" else f"{name}//Q{b + 1}"
+                    counts[key] += int(per_bin[b])
+                if params.values == "unfused":
+                    counts[name] += int(c.sum())
             else:
                 plain[g] += int(c.sum())
         for g in np.flatnonzero(plain):
             counts[self.names[g]] += int(plain[g])
-        vocab = list(RESERVED) + sorted(
-            t for t, c in counts.items() if c >= params.min_count and t not in RESERVED
+        tok = Tokenizer(params, patterns)
+        return Tokenizer(
+            params,
+            patterns,
+            tok._vocabulary(counts),
+            {k: bins[k] for k in sorted(bins)},
+            clinical={k: clinical[k] for k in sorted(clinical)},
+            limits={k: limits[k] for k in sorted(limits)},
+            moments={k: moments[k] for k in sorted(moments)},
         )
-        return Tokenizer(params, patterns, vocab, {k: bins[k] for k in sorted(bins)})
 
 
 # -- tokenization ------------------------------------------------------------------------------------------
@@ -482,6 +536,10 @@ class _Lookup:
     has_bins: np.ndarray  # bool
     edges: np.ndarray  # [n_dict, max_edges] float64, NaN padded
     bin_ids: np.ndarray  # [n_dict, max_edges + 1] int32 token id of code//Q{b+1}
+    n_bins: np.ndarray  # int64 bins of each code (0 without bins)
+    bounds: np.ndarray  # soft: [n_dict, max_edges + 2] float64 train min, inner edges, train max
+    moments: np.ndarray  # xval: [n_dict, 2] float64 train mean and std, NaN without
+    q_ids: np.ndarray  # unfused: int32 token id of [Q{b+1}]
 
 
 def _lookup(dictionary: list[str], tok: Tokenizer) -> _Lookup:
@@ -491,14 +549,26 @@ def _lookup(dictionary: list[str], tok: Tokenizer) -> _Lookup:
     edges = np.full((n, width), np.nan)
     bin_ids = np.full((n, width + 1), UNK, dtype=np.int32)
     has = np.zeros(n, dtype=bool)
+    n_bins = np.zeros(n, dtype=np.int64)
+    soft = tok.params.values == "soft"
+    bounds = np.full((n, width + 2), np.nan)
+    moments = np.full((n, 2), np.nan)
     for i, c in enumerate(dictionary):
+        m = tok.moments.get(c)
+        if m is not None:
+            moments[i] = m
         e = tok.bins.get(c)
         if e is None:
             continue
         has[i] = True
+        n_bins[i] = len(e) + 1
         edges[i, : len(e)] = e
         bin_ids[i, : len(e) + 1] = [tok.stoi.get(f"{c}//Q{b + 1}", UNK) for b in range(len(e) + 1)]
-    return _Lookup(plain, has, edges, bin_ids)
+        if soft:
+            lim = tok.limits[c]
+            bounds[i, : len(e) + 2] = np.concatenate([[lim[0]], e, [lim[1]]])
+    q_ids = np.array([tok.stoi.get(bin_token(b + 1), UNK) for b in range(width + 1)], dtype=np.int32)
+    return _Lookup(plain, has, edges, bin_ids, n_bins, bounds, moments, q_ids)
 
 
 def _interval_ids(days: np.ndarray, tok: Tokenizer) -> np.ndarray:
@@ -526,29 +596,52 @@ def tokenize_shard(
     stats.events_other_family = n - n_family
     stats.events_outside_visits = n_family - len(rows)
     stats.event_tokens = len(rows)
+    mode = tok.params.values
     lut = _lookup(sh.dictionary, tok)
     code = sh.code[rows]
     ev_types = ct.types[code]
     ids = lut.plain[code]
     val = sh.numeric_value[rows]
-    lab = (ev_types == T_LAB) & ~np.isnan(val) & lut.has_bins[code]
-    if lab.any():
+    n_rows = len(rows)
+    extra = np.full(n_rows, -1, np.int32)  # unfused: the bin token after the event (-1: none)
+    mix = ids.copy() if mode == "soft" else None
+    mix_w = np.zeros(n_rows, np.float64) if mode == "soft" else None
+    z = np.full(n_rows, np.nan, np.float64) if mode == "xval" else None
+    valued = (ev_types == T_LAB) & ~np.isnan(val)
+    if mode == "xval":
+        zi = np.flatnonzero(valued & ~np.isnan(lut.moments[code, 0]))
+        m = lut.moments[code[zi]]
+        z[zi] = zscores(val[zi].astype(np.float64), m[:, 0], m[:, 1])
+    lab = valued & lut.has_bins[code]
+    if lab.any() and mode != "xval":
         li = np.flatnonzero(lab)
         c = code[li]
         x = val[li].astype(np.float64)
         b = np.zeros(len(li), dtype=np.int64)
         for j in range(lut.edges.shape[1]):
             b += lut.edges[c, j] <= x  # searchsorted(edges, x, "right"); NaN padding never counts
-        ids[li] = lut.bin_ids[c, b]
-    stats.unk_tokens = int((ids == UNK).sum())
+        if mode == "unfused":
+            extra[li] = lut.q_ids[b]
+        else:
+            ids[li] = lut.bin_ids[c, b]
+        if mode == "soft":
+            nb, w = soft_weights(x, b, lut.bounds[c, b], lut.bounds[c, b + 1], lut.n_bins[c])
+            m_ids = lut.bin_ids[c, nb]
+            none = (m_ids == UNK) | (ids[li] == UNK) | (w <= 0)
+            mix[li] = np.where(none, ids[li], m_ids)
+            mix_w[li] = np.where(none, 0.0, w)
+    has_extra = extra >= 0
+    stats.unk_tokens = int((ids == UNK).sum()) + int((extra[has_extra] == UNK).sum())
     stats.subjects_without_visits = int(len(subjects) - len(np.unique(v.subject)))
     birth = _first_time_per_subject(sh, ct.birth)
     stats.subjects_without_birth = int(len(np.setdiff1d(subjects, birth.index.to_numpy())))
 
     nv = len(v.rows)
-    n_ev = np.bincount(vi, minlength=nv)
+    width = 1 + has_extra.astype(np.int64)  # token slots of each event
+    n_ev = np.bincount(vi, weights=width, minlength=nv).astype(np.int64)
     has_gap = np.zeros(nv, dtype=bool)
-    has_gap[1:] = v.subject[1:] == v.subject[:-1]
+    if tok.params.time_tokens == "ehrmamba":  # fixed13: gap tokens are inserted at the end
+        has_gap[1:] = v.subject[1:] == v.subject[:-1]
     prev_dis = np.full(nv, np.nan)
     prev_dis[1:] = np.where(has_gap[1:], v.discharge[:-1].astype(np.float64), np.nan)
     gap_ids = np.zeros(nv, dtype=np.int32)
@@ -573,8 +666,13 @@ def tokenize_shard(
     g = np.flatnonzero(has_gap)
     put(vstart[g], gap_ids[g], T_INTERVAL, K_INTERVAL, v.admit[g])
     put(vstart + gap, VS, T_VISIT, K_VS, v.admit)
-    rank = _run_position(vi)  # vi is non-decreasing: events of a visit are consecutive rows
-    put(vstart[vi] + gap[vi] + 1 + rank, ids, ev_types, K_EVENT, sh.time[rows])
+    # Slot of each event within its visit (events of a visit are consecutive rows: vi is non-decreasing).
+    before = np.cumsum(width) - width
+    first = np.arange(n_rows) - _run_position(vi)
+    ev_pos = vstart[vi] + gap[vi] + 1 + before - before[first]
+    put(ev_pos, ids, ev_types, K_EVENT, sh.time[rows])
+    xi = np.flatnonzero(has_extra)
+    put(ev_pos[xi] + 1, extra[xi], T_LAB, K_EVENT, sh.time[rows[xi]])
     put(vstart + gap + 1 + n_ev, VE, T_VISIT, K_VE, v.discharge)
     put(vstart + gap + 2 + n_ev, REG, T_SPECIAL, K_REG, v.discharge)
 
@@ -582,7 +680,7 @@ def tokenize_shard(
     b = np.repeat(birth_v[vorder], ntok[vorder])
     ages = np.where(np.isnan(b), 0.0, (avail - np.nan_to_num(b)) / US_PER_YEAR).astype(np.float32)
     per_subject = np.bincount(rank_v, weights=ntok, minlength=len(subjects)).astype(np.int64)
-    return Timelines(
+    tl = Timelines(
         subject_ids=subjects.astype(np.int64),
         offsets=np.concatenate([[0], np.cumsum(per_subject)]).astype(np.int64),
         token_ids=token_ids,
@@ -592,6 +690,17 @@ def tokenize_shard(
         ages=ages,
         stats=stats,
     )
+    if mode == "soft":
+        tl.mix_ids = token_ids.copy()
+        tl.mix_ids[ev_pos] = mix
+        tl.mix_w = np.zeros(total, np.float32)
+        tl.mix_w[ev_pos] = mix_w
+    elif mode == "xval":
+        tl.values = np.full(total, np.nan, np.float32)
+        tl.values[ev_pos] = z
+    if tok.params.time_tokens == "fixed13":
+        tl = insert_gap_tokens(tl, tok.gap_ids())
+    return tl
 
 
 # -- per-shard jobs (run in worker processes) ------------------------------------------------------------
@@ -672,12 +781,17 @@ def save_timelines(tl: Timelines, path: Path) -> None:
                 subject_ids=tl.subject_ids,
                 offsets=tl.offsets,
                 stats=np.array([getattr(tl.stats, k.name) for k in fields(TokenizerStats)], np.int64),
-                **{k: getattr(tl, k) for k in TIMELINE_ARRAYS},
+                **{k: getattr(tl, k) for k in _arrays_of(tl)},
             )
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _arrays_of(tl: Timelines) -> list[str]:
+    """The per-token arrays a timelines object holds: the core ones and the value arrays of its mode."""
+    return [*TIMELINE_ARRAYS, *(k for k in VALUE_ARRAYS if getattr(tl, k) is not None)]
 
 
 def load_timelines(path: Path) -> Timelines:
@@ -688,7 +802,7 @@ def load_timelines(path: Path) -> Timelines:
             subject_ids=z["subject_ids"],
             offsets=z["offsets"],
             stats=stats,
-            **{k: z[k] for k in TIMELINE_ARRAYS},
+            **{k: z[k] for k in (*TIMELINE_ARRAYS, *VALUE_ARRAYS) if k in z.files},
         )
 
 
@@ -848,6 +962,11 @@ def train_shards(dataset: MedsDataset) -> list[Path]:
     return out
 
 
+def _ranges(dataset: MedsDataset, params: TokenizerParams) -> dict[str, tuple[float, float]]:
+    """Reference ranges from the dataset's code metadata, read only when clinical bins are asked for."""
+    return read_reference_ranges(dataset.root) if params.bins == "clinical" else {}
+
+
 def fit_tokenizer(
     dataset: MedsDataset, params: TokenizerParams, patterns: CodePatterns, runner: ShardRunner
 ) -> tuple[Tokenizer, StageResult, int]:
@@ -859,7 +978,7 @@ def fit_tokenizer(
     acc = FitAccumulator()
     for r in res:
         acc.add(r["fit"])
-    tok = acc.tokenizer(params, patterns)
+    tok = acc.tokenizer(params, patterns, _ranges(dataset, params))
     stage = StageResult("fit", sum(r["n"] for r in res), time.perf_counter() - t0, runner.workers, _busy(res))
     return tok, stage, acc.distinct_values
 
@@ -895,18 +1014,20 @@ def assemble_timelines(files: list[Path], out_dir: Path | None = None) -> Timeli
     Written sequentially, one shard in memory at a time, so memory does not grow with the dataset.
     """
     heads = []
+    optional: set[str] | None = None
     for f in files:
         with np.load(f) as z:
             heads.append((len(z["subject_ids"]), int(z["offsets"][-1])))
+            present = {k for k in VALUE_ARRAYS if k in z.files}
+        if optional is not None and present != optional:
+            raise ValueError(
+                f"{f}: value arrays {sorted(present)} differ from other shards' {sorted(optional)}"
+            )
+        optional = present
     n_subjects = sum(h[0] for h in heads)
     n_tokens = sum(h[1] for h in heads)
-    dtypes = {
-        "token_ids": np.int32,
-        "types": np.int8,
-        "kinds": np.int8,
-        "avail_us": np.int64,
-        "ages": np.float32,
-    }
+    names = [*TIMELINE_ARRAYS, *(k for k in VALUE_ARRAYS if k in (optional or set()))]
+    dtypes = {k: ARRAY_DTYPES[k] for k in names}
     subject_ids = np.empty(n_subjects, np.int64)
     offsets = np.zeros(n_subjects + 1, np.int64)
     stats = TokenizerStats()
@@ -956,11 +1077,12 @@ def assemble_timelines(files: list[Path], out_dir: Path | None = None) -> Timeli
 def open_timelines(d: Path) -> Timelines:
     """Memory-map an assembled timelines directory (pages load on use; nothing is read up front)."""
     stats = TokenizerStats(**json.loads((d / "stats.json").read_text()))
+    names = [*TIMELINE_ARRAYS, *(k for k in VALUE_ARRAYS if (d / f"{k}.npy").is_file())]
     return Timelines(
         subject_ids=np.load(d / "subject_ids.npy"),
         offsets=np.load(d / "offsets.npy"),
         stats=stats,
-        **{k: np.load(d / f"{k}.npy", mmap_mode="r") for k in TIMELINE_ARRAYS},
+        **{k: np.load(d / f"{k}.npy", mmap_mode="r") for k in names},
     )
 
 
@@ -981,12 +1103,18 @@ class PreparedData:
     cache_hit: bool = False
 
 
-FIT_FIELDS = ("n_bins", "families", "include_diagnoses", "min_count")  # max_len etc. act at encode time
+# max_len and max_visits act at encode time; everything else changes the fit or the timelines.
+FIT_FIELDS = ("n_bins", "families", "include_diagnoses", "min_count", "values", "bins", "time_tokens")
 
 
 def cache_key(dataset: MedsDataset, params: TokenizerParams, patterns: CodePatterns, tasks: list[str]) -> str:
-    """Hash of the data files (path, size, mtime), the fit parameters, code patterns, tasks and code version."""
+    """Hash of the data files (path, size, mtime), the fit parameters, code patterns, tasks and code version.
+
+    The code metadata file counts when it exists: clinical bins read their reference ranges from it.
+    """
     files = [*dataset.shards, dataset.root / meds.subject_splits_filepath]
+    if (dataset.root / meds.code_metadata_filepath).is_file():
+        files.append(dataset.root / meds.code_metadata_filepath)
     blob = {
         "version": STREAM_VERSION,
         "root": str(Path(dataset.root).resolve()),
@@ -1013,8 +1141,7 @@ def _save_frame(df: pd.DataFrame, path: Path) -> None:
 def _load_cached(d: Path, params: TokenizerParams, patterns: CodePatterns, tasks: list[str]) -> PreparedData:
     t0 = time.perf_counter()
     done = json.loads((d / "done.json").read_text())
-    saved = Tokenizer.load(d / "shards" / "tokenizer.json")
-    tok = Tokenizer(params, patterns, saved.itos, {k: v.tolist() for k, v in saved.bins.items()})
+    tok = Tokenizer.load(d / "shards" / "tokenizer.json").with_params(params, patterns)
     labels = {t: pd.read_parquet(d / "labels" / f"{t}.parquet") for t in tasks}
     nv = pd.read_parquet(d / "labels" / "n_visits.parquet")
     n_visits = pd.Series(
@@ -1072,7 +1199,7 @@ def prepare_data(
         acc = FitAccumulator()
         for r in res:
             acc.add(r.pop("fit"))
-        tok = acc.tokenizer(params, patterns)
+        tok = acc.tokenizer(params, patterns, _ranges(dataset, params))
         labels = finish_labels([r["labels"] for r in res], tasks, dataset.subjects(meds.train_split))
         n_visits = _n_visits(res)
         n_events = sum(r["n"] for r in res)

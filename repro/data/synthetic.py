@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-GENERATOR_VERSION = 2  # bump when the generated data change, so cached cohorts are not reused
+GENERATOR_VERSION = 3  # bump when the generated data change, so cached cohorts are not reused
 US_PER_HOUR = 3_600_000_000
 US_PER_DAY = 24 * US_PER_HOUR
 EPOCH_2130_US = int(np.datetime64("2130-01-01T00:00:00", "us").astype(np.int64))
@@ -53,6 +53,9 @@ LABS = {  # code: (normal mean, sd) -- itemids and units as MIMIC-IV hosp/labeve
     "platelets": ("LAB//51265//K/uL", 230.0, 60.0),
     "bicarbonate": ("LAB//50882//mEq/L", 25.0, 2.5),
 }
+# Reference ranges written to metadata/codes.parquet (ref_range_lower / ref_range_upper, as MIMIC-IV
+# labevents names them) for the clinically anchored bins: the normal distribution's mean +- 2 sd.
+REFERENCE_RANGES = {code: (round(m - 2 * sd, 2), round(m + 2 * sd, 2)) for code, m, sd in LABS.values()}
 FUROSEMIDE = "MEDICATION//Furosemide//Administered//63323028002"
 HEMOGLOBIN_DROP_ANEMIC = 3.0  # g/dL lower in an admission with anaemia (a readmission signal)
 INSULIN = "MEDICATION//Insulin (Regular)//Administered//00002821501"
@@ -520,11 +523,15 @@ def write_synthetic_meds(
         meds.SubjectSplitSchema.validate(split_table)
         _atomic_write_parquet(split_table, tmp_root / meds.subject_splits_filepath)
         codes_sorted = sorted(all_codes)
+        ranges = [REFERENCE_RANGES.get(c) for c in codes_sorted]
         code_table = pa.table(
             {
                 "code": pa.array(codes_sorted, pa.string()),
                 "description": pa.array([None] * len(codes_sorted), pa.string()),
                 "parent_codes": pa.array([None] * len(codes_sorted), pa.list_(pa.string())),
+                # Extra columns are allowed by CodeMetadataSchema; null for codes without a range.
+                "ref_range_lower": pa.array([r and r[0] for r in ranges], pa.float64()),
+                "ref_range_upper": pa.array([r and r[1] for r in ranges], pa.float64()),
             }
         )
         meds.CodeMetadataSchema.validate(code_table)

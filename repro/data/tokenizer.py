@@ -8,6 +8,30 @@ Interval tokens sit between a discharge and the next admission (< 28 d `W_{days/
 `[UNK]` and are counted. Side arrays per token: type, age (years), time (weeks since 1970), visit
 segment (1/2 alternating, 0 outside visits) and visit order.
 
+Representation options (`TokenizerParams.values / bins / time_tokens`; the defaults are the above).
+They apply to lab events with a numeric value; other events are their plain code.
+
+| option | tokens | side arrays |
+|---|---|---|
+| values: fused | `CODE//Q{k}` | - |
+| values: unfused | `CODE` then `[Q{k}]` (same time, visit, type lab) | - |
+| values: soft | `CODE//Q{k}` | `mix_ids`: the neighbouring bin's token, `mix_w` in [0, 0.5] |
+| values: xval | `CODE` | `values`: train z-score clipped to [-5, 5], `value_mask` 1 |
+| bins: clinical | bins 1/2/3 = below / inside (inclusive) / above the code's reference range | - |
+| time_tokens: fixed13 | `[GAP_k]` before a token >= 5 min after the previous one | - |
+
+Soft discretization (`soft_mix`): bin k spans [lo_k, hi_k], the outer bins ending at the code's train
+minimum and maximum; with t = (v - lo_k) / (hi_k - lo_k) clipped to [0, 1], the neighbour is bin k-1
+with weight 0.5 - t below the middle, bin k+1 with t - 0.5 above it, and none (weight 0, `mix_ids` the
+token itself) past the outermost bins, in a single or zero-width bin, or when either token is not in
+the vocabulary. The model embeds (1 - w) E[id] + w E[mix_id], continuous in v across bin edges.
+
+Time tokens `fixed13` (`GAP_EDGES_US`, the 13 bins of ETHOS): a `[GAP_k]` goes before every token whose
+time is 5 minutes or more after the previous token of the subject's timeline. Between visits it
+replaces the interval token (kind `K_INTERVAL`, a truncation boundary); inside a visit it has kind
+`K_GAP`. Its availability time is that of the token after it: the gap is only known then. The 13
+tokens sit right after `RESERVED` in a fixed13 vocabulary (ids `len(RESERVED) + k - 1`), always present.
+
 Work is vectorised per batch of subjects (pandas / numpy): a subject's full timeline is built once
 and stored as flat arrays with offsets; a prediction at time T takes the prefix of tokens available
 strictly before T, closes an open visit with `[VE] [REG]`, then truncates to the most recent tokens,
@@ -42,6 +66,7 @@ TASK_TOKENS = [
     "[TASK_conditions]",
 ]
 RESERVED = SPECIALS + INTERVALS + TASK_TOKENS
+GAP_TOKENS = [f"[GAP_{k}]" for k in range(1, 14)]  # fixed13 only: right after RESERVED in the vocabulary
 
 # Token types (CONTRACTS: 0 pad, 1 special, 2 visit, 3 interval, 4 lab, 5 med, 6 proc, 7 dx, 8 other, 9 demo)
 T_PAD, T_SPECIAL, T_VISIT, T_INTERVAL, T_LAB, T_MED, T_PROC, T_DX, T_OTHER, T_DEMO = range(10)
@@ -54,12 +79,54 @@ FAMILY_TYPE = {
     "demographic": T_DEMO,
 }
 
-# Token kinds inside a stored timeline.
-K_EVENT, K_INTERVAL, K_VS, K_VE, K_REG = 0, 1, 2, 3, 4
+# Token kinds inside a stored timeline (K_GAP: a fixed13 gap token inside a visit).
+K_EVENT, K_INTERVAL, K_VS, K_VE, K_REG, K_GAP = 0, 1, 2, 3, 4, 5
 
+US_PER_MINUTE = 60_000_000
+US_PER_HOUR = 60 * US_PER_MINUTE
 US_PER_DAY = 86_400_000_000
 US_PER_WEEK = 7 * US_PER_DAY
 US_PER_YEAR = 365.25 * US_PER_DAY
+# Lower edges of the 13 ETHOS gap bins: [5 min, 15 min), [15 min, 1 h), ..., [3 months, 6 months), >= 6 months
+# (a month is 30 days). A gap below 5 minutes gives no token.
+GAP_EDGES_US = np.array(
+    [
+        5 * US_PER_MINUTE,
+        15 * US_PER_MINUTE,
+        US_PER_HOUR,
+        2 * US_PER_HOUR,
+        6 * US_PER_HOUR,
+        12 * US_PER_HOUR,
+        US_PER_DAY,
+        3 * US_PER_DAY,
+        7 * US_PER_DAY,
+        14 * US_PER_DAY,
+        30 * US_PER_DAY,
+        90 * US_PER_DAY,
+        180 * US_PER_DAY,
+    ],
+    dtype=np.int64,
+)
+Z_CLIP = 5.0  # xval: z-scores are clipped to [-Z_CLIP, Z_CLIP]
+
+
+def gap_bin(gap_us: np.ndarray) -> np.ndarray:
+    """1-based fixed13 gap bin of each gap in microseconds; 0 for a gap under 5 minutes (no token).
+
+    >>> m = 60_000_000
+    >>> gap_bin(np.array([5 * m - 1, 5 * m, 15 * m, 180 * 24 * 60 * m - 1, 180 * 24 * 60 * m])).tolist()
+    [0, 1, 2, 12, 13]
+    """
+    return np.searchsorted(GAP_EDGES_US, np.asarray(gap_us, dtype=np.int64), side="right")
+
+
+def bin_token(k: int) -> str:
+    """The shared bin token of an unfused value (1-based bin).
+
+    >>> bin_token(3)
+    '[Q3]'
+    """
+    return f"[Q{k}]"
 
 
 def interval_token(days: float) -> str:
@@ -129,6 +196,90 @@ def assign_bins(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return np.searchsorted(edges, values, side="right")
 
 
+def clinical_edges(lower: float, upper: float) -> np.ndarray:
+    """Inner edges that make `assign_bins` give 0 below `lower`, 1 in [lower, upper] (inclusive), 2 above.
+
+    The limits are compared at float32 precision, MEDS' numeric_value type, so a value written as the
+    limit itself is inside the range; `assign_bins` puts a value equal to an edge above it, so the
+    upper edge is the next float64 after the upper limit.
+
+    >>> assign_bins(np.array([3.4, 3.5, 5.0, 5.01]), clinical_edges(3.5, 5.0))
+    array([0, 1, 1, 2])
+    """
+    lo = float(np.float32(lower))
+    hi = float(np.float32(upper))
+    return np.array([lo, np.nextafter(hi, np.inf)], dtype=np.float64)
+
+
+def value_summary(values: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """([min, max], [mean, std]) of the multiset {values[i] repeated counts[i] times}; std is ddof 0.
+
+    Both fits call this on a code's distinct train values (sorted, float64) and their counts, so the
+    streaming and the in-memory tokenizer hold the same numbers.
+
+    >>> lim, mom = value_summary(np.array([1.0, 3.0]), np.array([3, 1]))
+    >>> lim.tolist(), np.round(mom, 4).tolist()
+    ([1.0, 3.0], [1.5, 0.866])
+    """
+    values = np.asarray(values, dtype=np.float64)
+    c = np.asarray(counts, dtype=np.float64)
+    n = c.sum()
+    mean = (values * c).sum() / n
+    std = np.sqrt((((values - mean) ** 2) * c).sum() / n)
+    return np.array([values.min(), values.max()]), np.array([mean, std])
+
+
+def soft_weights(
+    x: np.ndarray, b: np.ndarray, lo: np.ndarray, hi: np.ndarray, n_bins: np.ndarray | int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Neighbouring bin (0-based) and its weight for values `x` in bins `b` spanning [lo, hi].
+
+    t = (x - lo) / (hi - lo) clipped to [0, 1]; below the middle the neighbour is b - 1 with weight
+    0.5 - t, else b + 1 with t - 0.5. No neighbour (outside the outermost bins, a zero-width bin, a
+    weight of 0) gives the bin itself and weight 0.
+
+    >>> nb, w = soft_weights(np.array([1.0, 1.9, 2.0, 2.5]), np.array([0, 0, 1, 1]),
+    ...                      np.array([1.0, 1.0, 2.0, 2.0]), np.array([2.0, 2.0, 3.0, 3.0]), 2)
+    >>> nb.tolist(), np.round(w, 6).tolist()
+    ([0, 1, 0, 1], [0.0, 0.4, 0.5, 0.0])
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.clip((x - lo) / (hi - lo), 0.0, 1.0)
+    down = t < 0.5
+    nb = np.where(down, b - 1, b + 1)
+    w = np.where(down, 0.5 - t, t - 0.5)
+    ok = (hi > lo) & (nb >= 0) & (nb < n_bins) & (w > 0)
+    return np.where(ok, nb, b), np.where(ok, w, 0.0)
+
+
+def soft_mix(
+    values: np.ndarray, edges: np.ndarray, vmin: float, vmax: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(bin, neighbouring bin, weight) of one code's values; the outer bins end at the train min and max.
+
+    >>> b, nb, w = soft_mix(np.array([0.0, 4.0, 5.0, 10.0]), np.array([5.0]), 0.0, 10.0)
+    >>> b.tolist(), nb.tolist(), np.round(w, 6).tolist()
+    ([0, 0, 1, 1], [0, 1, 0, 1], [0.0, 0.3, 0.5, 0.0])
+    """
+    values = np.asarray(values, dtype=np.float64)
+    b = assign_bins(values, edges)
+    bounds = np.concatenate([[vmin], edges, [vmax]]).astype(np.float64)
+    nb, w = soft_weights(values, b, bounds[b], bounds[b + 1], len(edges) + 1)
+    return b, nb, w
+
+
+def zscores(x: np.ndarray, mean: np.ndarray | float, std: np.ndarray | float) -> np.ndarray:
+    """xval value: (x - mean) / std clipped to [-5, 5], 0 where std is 0 (float32).
+
+    >>> zscores(np.array([1.0, 3.0, 100.0]), 2.0, 1.0).tolist()
+    [-1.0, 1.0, 5.0]
+    """
+    std = np.asarray(std, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(std > 0, (np.asarray(x, dtype=np.float64) - mean) / std, 0.0)
+    return np.clip(z, -Z_CLIP, Z_CLIP).astype(np.float32)
+
+
 @dataclass
 class TokenizerStats:
     """Counts a researcher should see: what was dropped or unknown, and why."""
@@ -148,7 +299,11 @@ class TokenizerStats:
 
 @dataclass
 class Timelines:
-    """Full token timelines of many subjects as flat arrays with per-subject offsets (CSR layout)."""
+    """Full token timelines of many subjects as flat arrays with per-subject offsets (CSR layout).
+
+    The value arrays exist only in the modes that need them (memory: a timeline can hold tens of
+    millions of tokens): `values` for xval, `mix_ids` / `mix_w` for soft; None otherwise.
+    """
 
     subject_ids: np.ndarray  # [S]
     offsets: np.ndarray  # [S + 1]
@@ -158,14 +313,75 @@ class Timelines:
     avail_us: np.ndarray  # [N] int64: the token is known from this time on
     ages: np.ndarray  # [N] float32 years
     stats: TokenizerStats = field(default_factory=TokenizerStats)
+    values: np.ndarray | None = None  # [N] float32 xval z-score, NaN on tokens without a value
+    mix_ids: np.ndarray | None = None  # [N] int32 soft: neighbouring bin's token (the token itself if none)
+    mix_w: np.ndarray | None = None  # [N] float32 soft: its weight in [0, 0.5]
 
     def index(self) -> dict[int, int]:
         return {int(s): i for i, s in enumerate(self.subject_ids)}
 
 
+VALUE_ARRAYS = ("values", "mix_ids", "mix_w")  # the optional per-token arrays of `Timelines`
+
+
+def insert_gap_tokens(tl: Timelines, gap_ids: np.ndarray) -> Timelines:
+    """fixed13: a `[GAP_k]` before every token 5 minutes or more after the previous token of its subject.
+
+    Vectorised over the flat arrays. The gap token takes the availability time and age of the token
+    after it (the gap is known only then), type interval, and kind `K_INTERVAL` before a `[VS]` (between
+    visits, a truncation boundary) or `K_GAP` inside a visit. `gap_ids[k - 1]` is the id of `[GAP_k]`.
+    """
+    n = len(tl.token_ids)
+    av = np.asarray(tl.avail_us)
+    dt = np.zeros(n, np.int64)
+    if n:
+        dt[1:] = av[1:] - av[:-1]
+    starts = np.asarray(tl.offsets[:-1])
+    dt[starts[starts < n]] = 0  # a subject's first token has no previous token
+    k = gap_bin(dt)
+    new = k > 0
+    ins = np.flatnonzero(new)
+    before = np.concatenate([[0], np.cumsum(new)]).astype(np.int64)
+    pos = np.arange(n, dtype=np.int64) + before[1:]  # new position of each old token
+    gpos = pos[ins] - 1
+
+    def spread(a: np.ndarray, fill) -> np.ndarray:
+        a = np.asarray(a)
+        out = np.empty(n + len(ins), dtype=a.dtype)
+        out[pos] = a
+        out[gpos] = fill
+        return out
+
+    gid = np.asarray(gap_ids, dtype=np.int32)[k[ins] - 1]
+    kinds = np.asarray(tl.kinds)
+    out = Timelines(
+        subject_ids=tl.subject_ids,
+        offsets=(np.asarray(tl.offsets) + before[np.asarray(tl.offsets)]).astype(np.int64),
+        token_ids=spread(tl.token_ids, gid),
+        types=spread(tl.types, T_INTERVAL),
+        kinds=spread(kinds, np.where(kinds[ins] == K_VS, K_INTERVAL, K_GAP)),
+        avail_us=spread(av, av[ins]),
+        ages=spread(tl.ages, np.asarray(tl.ages)[ins]),
+        stats=tl.stats,
+    )
+    if tl.values is not None:
+        out.values = spread(tl.values, np.nan)
+    if tl.mix_ids is not None:
+        out.mix_ids = spread(tl.mix_ids, gid)
+    if tl.mix_w is not None:
+        out.mix_w = spread(tl.mix_w, 0.0)
+    return out
+
+
 @dataclass
 class Encoded:
-    """One model input: token ids and side arrays, length <= max_len."""
+    """One model input: token ids and side arrays, length <= max_len.
+
+    Value side arrays (always filled by `Tokenizer.encode`; None only when built by hand, where
+    `collate` uses the neutral values): `values` float32 xval z-score (0 where none), `value_mask`
+    int8 (1 on tokens that carry a value), `mix_ids` int64 soft neighbour token (= input_ids where
+    none), `mix_w` float32 its weight in [0, 0.5] (0 where none).
+    """
 
     input_ids: np.ndarray
     type_ids: np.ndarray
@@ -173,13 +389,36 @@ class Encoded:
     times: np.ndarray
     segments: np.ndarray
     visit_orders: np.ndarray
+    values: np.ndarray | None = None
+    value_mask: np.ndarray | None = None
+    mix_ids: np.ndarray | None = None
+    mix_w: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
 
+@dataclass
+class _EventTokens:
+    """Per event: its token string, the unfused bin token (None if none), the soft neighbour and weight,
+    and the xval z-score (NaN if none). Arrays are None in modes that do not use them."""
+
+    main: np.ndarray
+    extra: np.ndarray | None = None
+    mix: np.ndarray | None = None
+    w: np.ndarray | None = None
+    z: np.ndarray | None = None
+
+
 class Tokenizer:
-    """Fit on train events, then turn any subject's events into EHRMamba token sequences."""
+    """Fit on train events, then turn any subject's events into EHRMamba token sequences.
+
+    Fitted state (all from the train split, except the clinical ranges, which come from the data's
+    code metadata): `itos` (vocabulary), `bins` (inner bin edges per lab code), `clinical` (the
+    reference range of each code binned low / normal / high), `limits` ([min, max] of each lab code's
+    train values: the outer edges of soft bins) and `moments` ([mean, std] of each lab code's train
+    values: xval's z-scores).
+    """
 
     def __init__(
         self,
@@ -187,12 +426,21 @@ class Tokenizer:
         patterns: CodePatterns,
         vocab: list[str] | None = None,
         bins: dict[str, list[float]] | None = None,
+        *,
+        clinical: dict[str, tuple[float, float]] | None = None,
+        limits: dict[str, list[float]] | None = None,
+        moments: dict[str, list[float]] | None = None,
     ) -> None:
         self.params = params
         self.patterns = patterns
-        self.itos: list[str] = list(vocab) if vocab is not None else list(RESERVED)
+        if vocab is None:
+            vocab = list(RESERVED) + (GAP_TOKENS if params.time_tokens == "fixed13" else [])
+        self.itos: list[str] = list(vocab)
         self.stoi = {t: i for i, t in enumerate(self.itos)}
         self.bins = {k: np.asarray(v, dtype=np.float64) for k, v in (bins or {}).items()}
+        self.clinical = {k: (float(v[0]), float(v[1])) for k, v in (clinical or {}).items()}
+        self.limits = {k: np.asarray(v, dtype=np.float64) for k, v in (limits or {}).items()}
+        self.moments = {k: np.asarray(v, dtype=np.float64) for k, v in (moments or {}).items()}
         self._type_cache: dict[str, int] = {}
         self._family_res = {
             fam: re.compile(getattr(patterns, fam))
@@ -201,23 +449,49 @@ class Tokenizer:
 
     # -- fitting -------------------------------------------------------------------------------
     @classmethod
-    def fit(cls, train_events: pd.DataFrame, params: TokenizerParams, patterns: CodePatterns) -> Tokenizer:
-        """Quantile bins and vocabulary from the train split's events only."""
+    def fit(
+        cls,
+        train_events: pd.DataFrame,
+        params: TokenizerParams,
+        patterns: CodePatterns,
+        ref_ranges: dict[str, tuple[float, float]] | None = None,
+    ) -> Tokenizer:
+        """Bins, value statistics and vocabulary from the train split's events only.
+
+        `ref_ranges` (code -> (lower, upper), from `repro.data.meds.read_reference_ranges`) give the
+        clinical bins when `params.bins == "clinical"`; codes without one get quantile bins.
+        """
         tok = cls(params, patterns)
         ev = tok._stream_events(train_events, find_visits(train_events, patterns))[0]
         labs = ev[ev["type"] == T_LAB]
         labs = labs[~np.isnan(labs[VALUE].to_numpy())]
+        ranges = (ref_ranges or {}) if params.bins == "clinical" else {}
         for code, vals in labs.groupby(CODE, sort=True)[VALUE]:
-            edges = quantile_edges(vals.to_numpy(), params.n_bins)
+            v = vals.to_numpy()
+            u, c = np.unique(v, return_counts=True)
+            tok.limits[code], tok.moments[code] = value_summary(u.astype(np.float64), c)
+            if params.values == "xval":
+                continue  # one numeric token per code: no bins
+            if code in ranges:
+                tok.clinical[code] = ranges[code]
+                edges = clinical_edges(*ranges[code])
+            else:
+                edges = quantile_edges(v, params.n_bins)
             if len(edges):
                 tok.bins[code] = edges
-        strings = tok._token_strings(ev)
-        counts = Counter(strings.tolist())
-        tok.itos = list(RESERVED) + sorted(
-            t for t, c in counts.items() if c >= params.min_count and t not in RESERVED
-        )
+        et = tok._event_tokens(ev)
+        strings = et.main
+        if et.extra is not None:  # unfused: the bin tokens count too
+            strings = np.concatenate([strings, et.extra[et.extra != None]])  # noqa: E711
+        tok.itos = tok._vocabulary(Counter(strings.tolist()))
         tok.stoi = {t: i for i, t in enumerate(tok.itos)}
         return tok
+
+    def _vocabulary(self, counts: Counter) -> list[str]:
+        """RESERVED (then the 13 gap tokens in fixed13), then tokens seen >= min_count times, sorted."""
+        fixed = list(RESERVED) + (GAP_TOKENS if self.params.time_tokens == "fixed13" else [])
+        skip = set(fixed)
+        return fixed + sorted(t for t, c in counts.items() if c >= self.params.min_count and t not in skip)
 
     @property
     def vocab_size(self) -> int:
@@ -225,6 +499,22 @@ class Tokenizer:
 
     def task_token_id(self, task: str) -> int:
         return self.stoi[f"[TASK_{task}]"]
+
+    def gap_ids(self) -> np.ndarray:
+        """Token ids of `[GAP_1]` .. `[GAP_13]` (fixed13 vocabularies only)."""
+        return np.array([self.stoi[g] for g in GAP_TOKENS], dtype=np.int32)
+
+    def with_params(self, params: TokenizerParams, patterns: CodePatterns | None = None) -> Tokenizer:
+        """The same fitted state under other encode-time parameters (max_len, max_visits)."""
+        return Tokenizer(
+            params,
+            patterns or self.patterns,
+            self.itos,
+            {k: v.tolist() for k, v in self.bins.items()},
+            clinical=self.clinical,
+            limits={k: v.tolist() for k, v in self.limits.items()},
+            moments={k: v.tolist() for k, v in self.moments.items()},
+        )
 
     # -- event selection -------------------------------------------------------------------------
     def _code_type(self, code: str) -> int:
@@ -282,20 +572,56 @@ class Tokenizer:
             ev = ev.iloc[0:0].assign(admit=0, discharge=0, visit_no=0)
         return ev.reset_index(drop=True), stats
 
-    def _token_strings(self, ev: pd.DataFrame) -> np.ndarray:
-        """Code strings with a `//Q{k}` quantile suffix for binned lab values."""
-        out = ev[CODE].to_numpy(dtype=object).copy()
+    def _event_tokens(self, ev: pd.DataFrame) -> _EventTokens:
+        """Token strings of events: codes, with the value's bin for binned lab values (as `params.values`)."""
+        mode = self.params.values
+        main = ev[CODE].to_numpy(dtype=object).copy()
+        n = len(main)
+        out = _EventTokens(main)
+        if mode == "unfused":
+            out.extra = np.full(n, None, dtype=object)
+        elif mode == "soft":
+            out.mix = np.full(n, None, dtype=object)
+            out.w = np.zeros(n, np.float64)
+        elif mode == "xval":
+            out.z = np.full(n, np.nan, np.float64)
         is_lab = (ev["type"].to_numpy() == T_LAB) & ~np.isnan(ev[VALUE].to_numpy())
-        if is_lab.any() and self.bins:
+        if is_lab.any() and (self.bins or self.moments):
             sub = ev.loc[is_lab, [CODE, VALUE]]
             idx = np.flatnonzero(is_lab)
+            x_all = sub[VALUE].to_numpy().astype(np.float64)
             for code, rows in sub.groupby(CODE, sort=False).indices.items():
+                x, at = x_all[rows], idx[rows]
+                if mode == "xval":
+                    m = self.moments.get(code)
+                    if m is not None:
+                        out.z[at] = zscores(x, m[0], m[1])
+                    continue
                 edges = self.bins.get(code)
                 if edges is None:
                     continue
-                b = assign_bins(sub[VALUE].to_numpy()[rows], edges)
-                out[idx[rows]] = np.char.add(f"{code}//Q", (b + 1).astype(str)).astype(object)
+                if mode == "soft":
+                    lim = self.limits[code]
+                    b, nb, w = soft_mix(x, edges, lim[0], lim[1])
+                    out.mix[at] = np.char.add(f"{code}//Q", (nb + 1).astype(str)).astype(object)
+                    out.w[at] = w
+                else:
+                    b = assign_bins(x, edges)
+                label = (b + 1).astype(str)
+                if mode == "unfused":
+                    out.extra[at] = np.char.add(np.char.add("[Q", label), "]").astype(object)
+                else:
+                    main[at] = np.char.add(f"{code}//Q", label).astype(object)
+        if out.mix is not None:
+            out.mix = np.where(out.mix == None, main, out.mix)  # noqa: E711
         return out
+
+    def _token_strings(self, ev: pd.DataFrame) -> np.ndarray:
+        """Token string of each event (the code's own token; unfused bin tokens are not included)."""
+        return self._event_tokens(ev).main
+
+    def _ids(self, strings: np.ndarray) -> np.ndarray:
+        return np.fromiter((self.stoi.get(s, UNK) for s in strings), dtype=np.int32, count=len(strings))
 
     # -- timelines -------------------------------------------------------------------------------
     def timelines(self, events: pd.DataFrame) -> Timelines:
@@ -310,11 +636,27 @@ class Tokenizer:
         stats.subjects_without_visits = int(len(subjects) - visits[SUBJECT].nunique())
         stats.subjects_without_birth = int(len(np.setdiff1d(subjects, birth.index.to_numpy())))
 
-        ids = np.fromiter(
-            (self.stoi.get(s, UNK) for s in self._token_strings(ev)), dtype=np.int32, count=len(ev)
-        )
+        et = self._event_tokens(ev)
+        ids = self._ids(et.main)
         stats.event_tokens = len(ev)
         stats.unk_tokens = int((ids == UNK).sum())
+        mode = self.params.values
+        ev_cols = {}
+        if mode == "soft":
+            mix = self._ids(et.mix)
+            w = et.w.copy()
+            none = (mix == UNK) | (ids == UNK) | (w <= 0)
+            ev_cols = {"mix": np.where(none, ids, mix), "w": np.where(none, 0.0, w)}
+        elif mode == "xval":
+            ev_cols = {"z": et.z}
+
+        def extras(tok: np.ndarray, n: int) -> dict:
+            """Value columns of tokens without a value."""
+            if mode == "soft":
+                return {"mix": tok, "w": np.zeros(n)}
+            if mode == "xval":
+                return {"z": np.full(n, np.nan)}
+            return {}
 
         parts = [
             pd.DataFrame(
@@ -322,17 +664,36 @@ class Tokenizer:
                     SUBJECT: ev[SUBJECT].to_numpy(),
                     "visit_no": ev["visit_no"].to_numpy(),
                     "slot": 1,
-                    "rank": np.arange(len(ev)),
+                    "rank": 2 * np.arange(len(ev)),
                     "token_id": ids,
                     "type": ev["type"].to_numpy(np.int8),
                     "kind": K_EVENT,
                     "avail": ev[TIME].to_numpy(np.int64),
+                    **ev_cols,
                 }
             )
         ]
+        if et.extra is not None:  # unfused: the bin token right after its code
+            has = np.flatnonzero(et.extra != None)  # noqa: E711
+            bin_ids = self._ids(et.extra[has])
+            stats.unk_tokens += int((bin_ids == UNK).sum())
+            parts.append(
+                pd.DataFrame(
+                    {
+                        SUBJECT: ev[SUBJECT].to_numpy()[has],
+                        "visit_no": ev["visit_no"].to_numpy()[has],
+                        "slot": 1,
+                        "rank": 2 * has + 1,
+                        "token_id": bin_ids,
+                        "type": np.int8(T_LAB),
+                        "kind": K_EVENT,
+                        "avail": ev[TIME].to_numpy(np.int64)[has],
+                    }
+                )
+            )
         v = visits
         prev_dis = v.groupby(SUBJECT)["discharge"].shift(1)
-        has_gap = prev_dis.notna().to_numpy()
+        has_gap = prev_dis.notna().to_numpy() & (self.params.time_tokens == "ehrmamba")
         gap_days = ((v["admit"] - prev_dis) / US_PER_DAY).to_numpy()
         gap_tok = np.array(
             [self.stoi[interval_token(d)] if h else 0 for d, h in zip(gap_days, has_gap)], np.int32
@@ -357,6 +718,7 @@ class Tokenizer:
                     "type": np.int8(typ),
                     "kind": kind,
                     "avail": avail.to_numpy(np.int64),
+                    **extras(tok, n),
                 }
             )
             parts.append(df if mask is None else df[mask])
@@ -370,16 +732,25 @@ class Tokenizer:
         )
         counts = pd.Series(tok_sid).value_counts().reindex(subjects, fill_value=0).to_numpy()
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        return Timelines(
+        token_ids = tok["token_id"].to_numpy(np.int32)
+        tl = Timelines(
             subject_ids=subjects.astype(np.int64),
             offsets=offsets,
-            token_ids=tok["token_id"].to_numpy(np.int32),
+            token_ids=token_ids,
             types=tok["type"].to_numpy(np.int8),
             kinds=tok["kind"].to_numpy(np.int8),
             avail_us=tok["avail"].to_numpy(np.int64),
             ages=ages.astype(np.float32),
             stats=stats,
         )
+        if mode == "soft":
+            tl.mix_ids = tok["mix"].to_numpy(np.int32)
+            tl.mix_w = tok["w"].to_numpy(np.float32)
+        elif mode == "xval":
+            tl.values = tok["z"].to_numpy(np.float32)
+        if self.params.time_tokens == "fixed13":
+            tl = insert_gap_tokens(tl, self.gap_ids())
+        return tl
 
     # -- encoding --------------------------------------------------------------------------------
     def encode(
@@ -389,7 +760,8 @@ class Tokenizer:
 
         An open visit is closed with `[VE] [REG]`; the sequence is then truncated to the most recent
         `max_len` tokens, snapped to the start of a visit block, and `first_token` (`[CLS]` or a task
-        token) is prepended.
+        token) is prepended. The value side arrays are neutral (0, 0, the token itself, 0) on tokens
+        without a value, including the prepended, closing and snapping tokens.
         """
         lo, hi = int(tl.offsets[row]), int(tl.offsets[row + 1])
         avail = tl.avail_us[lo:hi]
@@ -401,6 +773,9 @@ class Tokenizer:
         kinds = tl.kinds[lo:end]
         av = tl.avail_us[lo:end]
         ages = tl.ages[lo:end]
+        vals = tl.values[lo:end] if tl.values is not None else np.full(end - lo, np.nan, np.float32)
+        mix = tl.mix_ids[lo:end] if tl.mix_ids is not None else ids
+        mw = tl.mix_w[lo:end] if tl.mix_w is not None else np.zeros(end - lo, np.float32)
         if len(kinds) and kinds[-1] != K_REG:
             # The visit is still open at prediction time: close it. No information, the same for all samples.
             t_close = prediction_time if prediction_time is not None else int(av[-1])
@@ -410,6 +785,9 @@ class Tokenizer:
             kinds = np.concatenate([kinds, [K_VE, K_REG]]).astype(np.int8)
             av = np.concatenate([av, [t_close, t_close]])
             ages = np.concatenate([ages, [age_close, age_close]]).astype(np.float32)
+            vals = np.concatenate([vals, [np.nan, np.nan]]).astype(np.float32)
+            mix = np.concatenate([mix, [VE, REG]]).astype(np.int32)
+            mw = np.concatenate([mw, [0.0, 0.0]]).astype(np.float32)
         budget = self.params.max_len - 1
         if len(ids) > budget:
             cut = len(ids) - budget
@@ -420,6 +798,7 @@ class Tokenizer:
             if len(ok):
                 keep = slice(int(ok[0]), None)
                 ids, types, kinds, av, ages = ids[keep], types[keep], kinds[keep], av[keep], ages[keep]
+                vals, mix, mw = vals[keep], mix[keep], mw[keep]
             else:
                 # The last visit alone is longer than the budget: keep its most recent tokens after a [VS].
                 keep = slice(cut + 1, None)
@@ -428,12 +807,16 @@ class Tokenizer:
                 kinds = np.concatenate([[K_VS], kinds[keep]]).astype(np.int8)
                 av = np.concatenate([[av[cut + 1]], av[keep]])
                 ages = np.concatenate([[ages[cut + 1]], ages[keep]]).astype(np.float32)
+                vals = np.concatenate([[np.nan], vals[keep]]).astype(np.float32)
+                mix = np.concatenate([[VS], mix[keep]]).astype(np.int32)
+                mw = np.concatenate([[0.0], mw[keep]]).astype(np.float32)
         visit_orders = np.cumsum(kinds == K_VS).astype(np.int64)
         visit_orders[kinds == K_INTERVAL] = 0
         segments = np.where(visit_orders > 0, 2 - (visit_orders % 2), 0)
         visit_orders = np.minimum(visit_orders, self.params.max_visits - 1)
         first_av = av[0] if len(av) else (prediction_time or 0)
         first_age = ages[0] if len(ages) else 0.0
+        has_value = ~np.isnan(vals)
         return Encoded(
             input_ids=np.concatenate([[first_token], ids]).astype(np.int64),
             type_ids=np.concatenate([[T_SPECIAL], types]).astype(np.int64),
@@ -441,6 +824,10 @@ class Tokenizer:
             times=(np.concatenate([[first_av], av]) / US_PER_WEEK).astype(np.float32),
             segments=np.concatenate([[0], segments]).astype(np.int64),
             visit_orders=np.concatenate([[0], visit_orders]).astype(np.int64),
+            values=np.concatenate([[0.0], np.where(has_value, vals, 0.0)]).astype(np.float32),
+            value_mask=np.concatenate([[0], has_value]).astype(np.int8),
+            mix_ids=np.concatenate([[first_token], mix]).astype(np.int64),
+            mix_w=np.concatenate([[0.0], mw]).astype(np.float32),
         )
 
     def decode(self, ids: np.ndarray) -> list[str]:
@@ -448,7 +835,7 @@ class Tokenizer:
 
     # -- persistence -----------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
-        """JSON with params, code patterns, vocabulary and bin edges; written atomically."""
+        """JSON with params, code patterns, vocabulary and the fitted state; written atomically."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         blob = {
@@ -456,6 +843,9 @@ class Tokenizer:
             "patterns": asdict(self.patterns),
             "vocab": self.itos,
             "bins": {k: v.tolist() for k, v in self.bins.items()},
+            "clinical": {k: list(v) for k, v in self.clinical.items()},
+            "limits": {k: v.tolist() for k, v in self.limits.items()},
+            "moments": {k: v.tolist() for k, v in self.moments.items()},
         }
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         with os.fdopen(fd, "w") as f:
@@ -466,5 +856,40 @@ class Tokenizer:
     def load(cls, path: str | Path) -> Tokenizer:
         blob = json.loads(Path(path).read_text())
         return cls(
-            TokenizerParams(**blob["params"]), CodePatterns(**blob["patterns"]), blob["vocab"], blob["bins"]
+            TokenizerParams(**blob["params"]),
+            CodePatterns(**blob["patterns"]),
+            blob["vocab"],
+            blob["bins"],
+            clinical=blob.get("clinical"),
+            limits=blob.get("limits"),
+            moments=blob.get("moments"),
         )
+
+
+def representation_stats(
+    timelines: Timelines, tokenizer: Tokenizer, subjects: np.ndarray | None = None
+) -> dict[str, float | int | str]:
+    """What a representation costs: vocabulary size and per-subject timeline length (all, or `subjects`).
+
+    Lengths are full timelines (every token of a subject, before any prediction cut or truncation).
+    """
+    lengths = np.diff(np.asarray(timelines.offsets))
+    if subjects is not None:
+        index = timelines.index()
+        lengths = lengths[[index[int(s)] for s in subjects if int(s) in index]]
+    p = tokenizer.params
+    has = len(lengths) > 0
+    return {
+        "values": p.values,
+        "bins": p.bins,
+        "n_bins": p.n_bins,
+        "time_tokens": p.time_tokens,
+        "vocab_size": tokenizer.vocab_size,
+        "binned_codes": len(tokenizer.bins),
+        "clinical_codes": len(tokenizer.clinical),
+        "subjects": int(len(lengths)),
+        "tokens": int(lengths.sum()),
+        "length_mean": float(lengths.mean()) if has else 0.0,
+        "length_median": float(np.median(lengths)) if has else 0.0,
+        "length_p90": float(np.quantile(lengths, 0.9)) if has else 0.0,
+    }
