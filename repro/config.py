@@ -241,6 +241,70 @@ class EfficiencyParams:
             raise ParamsError(f"efficiency.long_history_tokens must be >= 1, got {self.long_history_tokens}")
 
 
+def _default_variants() -> dict[str, dict[str, Any]]:
+    return {
+        "10 bins": {"n_bins": 10},
+        "20 bins": {"n_bins": 20},
+        "unfused": {"values": "unfused"},
+        "clinical bins": {"bins": "clinical"},
+        "soft bins": {"values": "soft"},
+        "xVal": {"values": "xval"},
+        "13 gap bins": {"time_tokens": "fixed13"},
+    }
+
+
+@dataclass
+class RepresentationParams:
+    """Notebook 05: the same models trained under other input representations (tokenizer overrides).
+
+    Each variant is a mapping of `tokenizer.*` fields that replace the run's tokenizer; the run's own
+    tokenizer is the reference ("default"). Every variant keeps the run's max_len, steps and batch size
+    (the same token budget), and the tokenizer of each is fit on the train split alone.
+    """
+
+    variants: dict[str, dict[str, Any]] = field(default_factory=_default_variants)
+    models: list[str] = field(default_factory=lambda: ["ehrmamba", "transformer"])
+    tasks: list[str] = field(default_factory=lambda: ["mortality_1m"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+
+    def __post_init__(self) -> None:
+        if "default" in self.variants:
+            raise ParamsError(
+                "representations.variants: 'default' is the run's own tokenizer; use another name"
+            )
+        allowed = {f.name for f in dataclasses.fields(TokenizerParams)} - {"max_len"}
+        for name, overrides in self.variants.items():
+            if not isinstance(overrides, dict):
+                raise ParamsError(f"representations.variants.{name} must be a mapping of tokenizer fields")
+            bad = sorted(set(overrides) - allowed)
+            if bad:
+                raise ParamsError(
+                    f"representations.variants.{name}: unknown tokenizer field(s) {bad} "
+                    f"(max_len is the shared token budget); known: {sorted(allowed)}"
+                )
+        bad = [m for m in self.models if m not in BACKBONES]
+        if bad or not self.models:
+            raise ParamsError(f"representations.models has unknown entries {bad}; known: {list(BACKBONES)}")
+        if "ehrmamba" not in self.models:
+            raise ParamsError(
+                "representations.models must include ehrmamba: comparisons are against its default"
+            )
+        bad = [t for t in self.tasks if t not in TASK_NAMES]
+        if bad or not self.tasks:
+            raise ParamsError(f"representations.tasks has unknown entries {bad}; known: {list(TASK_NAMES)}")
+        if not self.seeds:
+            raise ParamsError("representations.seeds must list at least one seed")
+
+    def tokenizer(self, base: TokenizerParams, variant: str) -> TokenizerParams:
+        """The run's tokenizer with `variant`'s overrides ("default": unchanged), validated."""
+        if variant == "default":
+            return base
+        try:
+            return dataclasses.replace(base, **self.variants[variant])
+        except ParamsError as exc:
+            raise ParamsError(f"representations.variants.{variant}: {exc}") from None
+
+
 @dataclass
 class RunParams:
     """One named run: everything a notebook needs to reproduce its numbers."""
@@ -258,6 +322,7 @@ class RunParams:
     train: TrainParams = field(default_factory=TrainParams)
     eval: EvalParams = field(default_factory=EvalParams)
     efficiency: EfficiencyParams = field(default_factory=EfficiencyParams)
+    representations: RepresentationParams = field(default_factory=RepresentationParams)
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
@@ -276,6 +341,11 @@ class RunParams:
         bad = [m for m in self.mpf_models if m not in BACKBONES]
         if bad:
             raise ParamsError(f"mpf_models has unknown backbones {bad}; known: {list(BACKBONES)}")
+        bad = [t for t in self.representations.tasks if t not in self.tasks]
+        if bad:
+            raise ParamsError(f"representations.tasks {bad} must be among tasks {self.tasks}")
+        for variant in self.representations.variants:
+            self.representations.tokenizer(self.tokenizer, variant)  # a bad override fails here, not in 05
         if self.efficiency.long_task not in self.tasks:
             raise ParamsError(
                 f"efficiency.long_task {self.efficiency.long_task!r} must be one of tasks {self.tasks}"

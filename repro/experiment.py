@@ -255,6 +255,8 @@ def model_kwargs(params: RunParams, name: str) -> dict[str, Any]:
     kw.update(n_types=N_TOKEN_TYPES, max_visits=params.tokenizer.max_visits)
     if name in LENGTH_BOUND:
         kw.setdefault("max_len", params.tokenizer.max_len)
+    if params.tokenizer.values == "xval":
+        kw["value_head"] = True  # xVal pretrains a numeric head beside the token head
     return kw
 
 

@@ -20,7 +20,15 @@ from tqdm import tqdm
 from repro.config import ParamsError
 from repro.experiment import environment, git_sha, load_run_params, project_root, save_json
 
-NOTEBOOKS = ("00_cohort", "01_accuracy", "02_efficiency", "03_mpf", "04_long_sequences", "90_verdicts")
+NOTEBOOKS = (
+    "00_cohort",
+    "01_accuracy",
+    "02_efficiency",
+    "03_mpf",
+    "04_long_sequences",
+    "05_representations",
+    "90_verdicts",
+)
 REPORT_FILES = ("report.qmd", "_quarto.yml")
 
 
@@ -35,7 +43,7 @@ def select_notebooks(wanted: list[str]) -> tuple[str, ...]:
     ('02_efficiency', '04_long_sequences')
     >>> select_notebooks(["7"])
     Traceback (most recent call last):
-    repro.config.ParamsError: --notebooks: '7' names no notebook; choose from 00_cohort, 01_accuracy, 02_efficiency, 03_mpf, 04_long_sequences, 90_verdicts
+    repro.config.ParamsError: --notebooks: '7' names no notebook; choose from 00_cohort, 01_accuracy, 02_efficiency, 03_mpf, 04_long_sequences, 05_representations, 90_verdicts
     """
     chosen = set()
     for w in wanted:

@@ -122,27 +122,39 @@ def _save(path: Path, state: dict[str, Any]) -> None:
 
 
 def _loss_sum(
-    net: torch.nn.Module, batch: dict[str, torch.Tensor], objective: str
+    net: torch.nn.Module, batch: dict[str, torch.Tensor], objective: str, values: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the per-token / per-output losses, their count) of this process's rows.
 
     Sums, not means, so that ranks holding different numbers of tokens still give the global batch's mean
     once divided by the global count. The model is called through ``forward(batch, head)`` (DDP's hook).
+    ``values`` (xVal): the numeric head's squared error on each numeric target is added to the sum, so a
+    number weighs as much as one token's cross-entropy.
     """
     if objective == "clm":
-        logits = net(batch, head="lm")
+        if values:
+            logits, pred = net(batch, head="lm+value")
+            mask = (batch["value_mask"] * batch["attention_mask"])[:, 1:]
+            mse = ((pred[:, :-1].float() - batch["values"][:, 1:]) ** 2 * mask).sum()
+        else:
+            logits, mse = net(batch, head="lm"), 0.0
         labels = clm_labels(batch["input_ids"], batch["attention_mask"])[:, 1:].reshape(-1)
         loss = F.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels, ignore_index=IGNORE, reduction="sum"
         )
-        return loss, (labels != IGNORE).sum()
+        return loss + mse, (labels != IGNORE).sum()
     if objective == "mlm":
-        logits = net(batch, head="lm")
+        if values:
+            logits, pred = net(batch, head="lm+value")
+            mse = ((pred.float() - batch["value_target"]) ** 2 * batch["value_target_mask"]).sum()
+            mse = mse + pred.sum() * 0.0
+        else:
+            logits, mse = net(batch, head="lm"), 0.0
         labels = batch["mlm_labels"].reshape(-1)
         loss = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(), labels, ignore_index=IGNORE, reduction="sum"
         )
-        return loss + logits.sum() * 0.0, (
+        return loss + mse + logits.sum() * 0.0, (
             labels != IGNORE
         ).sum()  # the zero term keeps every output in the graph
     if objective == "classify":
@@ -169,7 +181,25 @@ def _global_batch(
     batch = collate([data[int(i)] for i in idx], **(padding or {}))
     if objective == "mlm":
         batch["input_ids"], batch["mlm_labels"] = mlm_mask(batch["input_ids"], vocab_size, p, gen)
+        hide_values(batch)
     return batch
+
+
+def hide_values(batch: dict[str, torch.Tensor]) -> None:
+    """MLM: a corrupted position must not keep what its value arrays say about the hidden token.
+
+    Soft discretization's neighbour bin names the same code, and xVal's value is the regression target; both
+    are cleared there. The xVal targets are kept as ``value_target`` / ``value_target_mask``.
+    """
+    chosen = batch["mlm_labels"] != IGNORE
+    if "value_mask" in batch:
+        batch["value_target"] = batch["values"].clone()
+        batch["value_target_mask"] = batch["value_mask"] * chosen
+        batch["values"] = batch["values"].masked_fill(chosen, 0.0)
+        batch["value_mask"] = batch["value_mask"].masked_fill(chosen, 0.0)
+    if "mix_w" in batch:
+        batch["mix_w"] = batch["mix_w"].masked_fill(chosen, 0.0)
+        batch["mix_ids"] = torch.where(batch["mix_w"] > 0, batch["mix_ids"], batch["input_ids"])
 
 
 def fit(
@@ -224,6 +254,7 @@ def fit(
             result.losses = list(state["losses"])
             result.resumed_from = start
     vocab_size = int(getattr(model, "vocab_size", 0) or 0)
+    values = objective in ("clm", "mlm") and getattr(model, "value_head", None) is not None
     net = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -265,7 +296,7 @@ def fit(
         full = _global_batch(data, idx, objective, vocab_size, gen, params.mlm_probability, padding)
         batch = _to({k: v[rank::world] for k, v in full.items()}, device)
         with _autocast(device):
-            loss_sum, count = _loss_sum(net, batch, objective)
+            loss_sum, count = _loss_sum(net, batch, objective, values)
         # one collective per step carries the global loss sum (for the log) and the global count
         sum_global, n_global = _all_sum(torch.stack([loss_sum.detach().float(), count.float()]), world)
         n_global = n_global.clamp_min(1.0)

@@ -23,6 +23,7 @@ QUESTIONS = {
     "H3": "Multitask prompted finetuning beats single-task finetuning",
     "H4 (memory)": "EHRMamba trains at lengths where Transformers run out of memory",
     "H4 (accuracy)": "EHRMamba is more accurate than Transformers on the longest histories",
+    "H5": "Another input representation (or the Transformer under one) beats EHRMamba with its default tokens",
 }
 
 
@@ -51,6 +52,7 @@ def verdict_table(res: Mapping[str, dict[str, Any]]) -> pd.DataFrame:
     """One row per hypothesis: question, verdict, and the evidence line behind it."""
     acc, eff = res.get("01_accuracy"), res.get("02_efficiency")
     mpf, long = res.get("03_mpf"), res.get("04_long_sequences")
+    rep = res.get("05_representations")
     rows = []
 
     def add(h: str, verdict: str | None, evidence: str, where: str) -> None:
@@ -104,6 +106,15 @@ def verdict_table(res: Mapping[str, dict[str, Any]]) -> pd.DataFrame:
     else:
         add("H4 (memory)", None, "", "@sec-long")
         add("H4 (accuracy)", None, "", "@sec-long")
+    if rep:
+        cmp = rep.get("comparisons", [])
+        best = max(cmp, key=lambda r: r["ΔAUROC"], default=None)
+        evidence = _count([r["verdict"] for r in cmp])
+        if best is not None:
+            evidence += f"; largest: {best['comparison']} {best['ΔAUROC']:+.3f}, p (BH) {best['p (BH)']:.3g}"
+        add("H5", rep["h5_verdict"], evidence, "@sec-representations")
+    else:
+        add("H5", None, "", "@sec-representations")
     return pd.DataFrame(rows)
 
 

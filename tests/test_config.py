@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,37 @@ def test_file_errors_name_the_file(tmp_path):
         load_params(bad)
     with pytest.raises(ParamsError, match="params file not found"):
         load_params(tmp_path / "missing.yaml")
+
+
+def test_representation_variants_are_checked_when_the_params_load(tmp_path):
+    from repro.config import load_params
+
+    p = load_params("params/smoke.yaml")
+    assert p.representations.tokenizer(p.tokenizer, "default") == p.tokenizer
+    assert p.representations.tokenizer(p.tokenizer, "xVal").values == "xval"
+    assert p.representations.tokenizer(p.tokenizer, "xVal").max_len == p.tokenizer.max_len
+    for bad, msg in (
+        ({"x": {"values": "bogus"}}, "representations.variants.x: tokenizer.values"),
+        ({"x": {"max_len": 9}}, "max_len is the shared token budget"),
+        ({"default": {}}, "'default' is the run's own tokenizer"),
+    ):
+        with pytest.raises(ParamsError, match=re.escape(msg)):
+            load_params("params/smoke.yaml", {"representations.variants": bad})
+    with pytest.raises(ParamsError, match="must include ehrmamba"):
+        load_params("params/smoke.yaml", {"representations.models": ["transformer"]})
+
+
+def test_representation_pairs_compare_every_combination_with_ehrmamba_default():
+    from repro import representations as rp
+    from repro.config import load_params
+
+    p = load_params("params/smoke.yaml")
+    pairs = rp.pairs(p)
+    assert all(base == "ehrmamba|default" for _, base in pairs)
+    assert len(pairs) == len(rp.variants(p)) * len(p.representations.models) - 1
+    assert rp.display("transformer|xVal") == "Transformer (SDPA) · xVal"
+    xval = rp.variant_params(p, "xVal")
+    from repro.experiment import model_kwargs
+
+    assert model_kwargs(xval, "ehrmamba")["value_head"] is True
+    assert "value_head" not in model_kwargs(p, "ehrmamba")

@@ -66,13 +66,33 @@ class CEHREmbedding(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
 
+    def token_vectors(self, batch: dict[str, Tensor]) -> Tensor:
+        """Concept embeddings [B, L, D], with the numeric-value representations of the tokenizer:
+
+        - soft discretization: ``(1 - mix_w) * E[id] + mix_w * E[mix_id]`` (the neighbouring bin the value
+          leans toward, weight 0 to 0.5);
+        - xVal: ``E[id] * value`` where ``value_mask`` is 1 (the value's train z-score, clipped to +-5).
+
+        Other tokenizers give ``mix_w = 0`` and ``value_mask = 0`` (or no such keys), where both are the
+        identity: the result is exactly ``E[id]``.
+        """
+        e = self.concept(batch["input_ids"])
+        if "mix_w" in batch:
+            w = batch["mix_w"].to(e.dtype).unsqueeze(-1)
+            e = e + w * (self.concept(batch["mix_ids"]) - e)
+        if "value_mask" in batch:
+            m = batch["value_mask"].to(e.dtype)
+            scale = 1.0 + m * (batch["values"].to(e.dtype) - 1.0)
+            e = e * scale.unsqueeze(-1)
+        return e
+
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         """Batch dict (CONTRACTS.md) -> [B, L, D]."""
         mask = batch["attention_mask"].to(torch.float32)
         times = batch["times"].to(torch.float32)
         dt = (times - times[:, :1]) * mask
         age = batch["ages"].to(torch.float32) * mask
-        x = torch.cat([self.concept(batch["input_ids"]), self.time2vec(dt), self.age2vec(age)], dim=-1)
+        x = torch.cat([self.token_vectors(batch), self.time2vec(dt), self.age2vec(age)], dim=-1)
         x = torch.tanh(self.mix(x))
         x = (
             x

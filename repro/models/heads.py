@@ -84,10 +84,15 @@ class EHRModel(nn.Module):
     wraps ``forward``, can train either objective.
     """
 
-    HEADS = ("cls", "lm", "hidden")
+    HEADS = ("cls", "lm", "lm+value", "hidden")
 
     def __init__(
-        self, backbone: nn.Module, vocab_size: int, n_out: int = 1, cls_dropout: float = 0.1
+        self,
+        backbone: nn.Module,
+        vocab_size: int,
+        n_out: int = 1,
+        cls_dropout: float = 0.1,
+        value_head: bool = False,
     ) -> None:
         super().__init__()
         concept = backbone.embedding.concept
@@ -98,6 +103,8 @@ class EHRModel(nn.Module):
         self.cls_dropout = cls_dropout
         self.lm_head = LMHead(backbone.d_model, vocab_size, tie_to=concept)
         self.cls_head = ClassificationHead(backbone.d_model, n_out, cls_dropout)
+        # xVal's numeric head: the value (train z-score) of the next (CLM) or masked (MLM) numeric token
+        self.value_head = nn.Linear(backbone.d_model, 1) if value_head else None
         self.build_args: dict | None = None  # set by registry.build_model; checkpoints carry it
 
     @property
@@ -143,6 +150,13 @@ class EHRModel(nn.Module):
         """[B, L, V] logits for CLM (causal backbones) or MLM (encoders)."""
         return self.lm_head(self.backbone(batch))
 
+    def lm_and_values(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """[B, L, V] token logits and [B, L] predicted values (xVal), from one backbone pass."""
+        if self.value_head is None:
+            raise ValueError("this model was built without value_head (only the xval tokenizer needs it)")
+        hidden = self.backbone(batch)
+        return self.lm_head(hidden), self.value_head(hidden).squeeze(-1)
+
     def classify(self, batch: Mapping[str, Tensor]) -> Tensor:
         """[B, n_out] logits from the pooled hidden state."""
         hidden = self.backbone(batch)
@@ -153,6 +167,8 @@ class EHRModel(nn.Module):
             return self.classify(batch)
         if head == "lm":
             return self.lm_logits(batch)
+        if head == "lm+value":
+            return self.lm_and_values(batch)
         if head == "hidden":
             return self.hidden(batch)
         raise ValueError(f"unknown head {head!r}; expected one of {self.HEADS}")

@@ -1,0 +1,135 @@
+"""Notebook 05: the same models under other input representations (tokenizer variants).
+
+Each variant replaces some `tokenizer.*` fields of the run (params `representations.variants`); the run's
+own tokenizer is "default". A variant gets its own tokenizer fit on the train split, its own prepared data
+(cached by tokenizer parameters) and its own training folder, and keeps the run's max_len, steps, batch
+size and model sizes: the same token budget, so a representation that spends more tokens per event sees
+less history. The default variant's runs are the H1 runs when notebook 01 ran in the same run folder.
+
+Predictions carry `model` = "<backbone>|<variant>", so the paired statistics of `repro.results` compare
+any of them with EHRMamba under the default representation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import meds
+import numpy as np
+import pandas as pd
+
+from repro.config import RunParams
+from repro.data.tokenizer import representation_stats
+from repro.experiment import ModelRun, Prepared, encode_samples, prepare, run_all
+from repro.results import MODEL_LABELS, comparison_table
+
+DEFAULT = "default"
+SEP = "|"
+REFERENCE = f"ehrmamba{SEP}{DEFAULT}"
+
+
+def variant_params(params: RunParams, variant: str) -> RunParams:
+    """The run's params with `variant`'s tokenizer (the default variant: the run's params unchanged)."""
+    if variant == DEFAULT:
+        return params
+    return dataclasses.replace(params, tokenizer=params.representations.tokenizer(params.tokenizer, variant))
+
+
+def variants(params: RunParams) -> list[str]:
+    return [DEFAULT, *params.representations.variants]
+
+
+def slug(variant: str) -> str:
+    """A folder name for a variant's training runs."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", variant).strip("-") or "variant"
+
+
+def key(model: str, variant: str) -> str:
+    return f"{model}{SEP}{variant}"
+
+
+def display(key_: str) -> str:
+    """'ehrmamba|xVal' -> 'EHRMamba · xVal'."""
+    model, _, variant = key_.partition(SEP)
+    return f"{MODEL_LABELS.get(model, model)} · {variant}"
+
+
+def history_fit(prep: Prepared, task: str) -> float:
+    """Share of the task's held-out samples whose history before the prediction time is longer than max_len."""
+    huge = prep.params.tokenizer.max_len * 10_000
+    items, _ = encode_samples(prep, task, meds.held_out_split, max_len=huge)
+    if not items:
+        return float("nan")
+    return float(np.mean([len(e) > prep.params.tokenizer.max_len for e in items]))
+
+
+def run_variants(
+    params: RunParams, data_dir: str | None, work_dir: str | Path, workers: int = 1
+) -> tuple[list[ModelRun], pd.DataFrame]:
+    """Train `representations.models` x tasks x seeds under every variant; return the runs (model renamed
+    "<backbone>|<variant>") and one row of representation statistics per variant."""
+    rep = params.representations
+    jobs = [(m, t, s) for s in rep.seeds for m in rep.models for t in rep.tasks]
+    runs, rows = [], []
+    for variant in variants(params):
+        p = variant_params(params, variant)
+        prep = prepare(p, data_dir, progress=False)
+        work = Path(work_dir) if variant == DEFAULT else Path(work_dir) / "representations" / slug(variant)
+        for r in run_all(prep, work, jobs, workers=workers):
+            runs.append(dataclasses.replace(r, model=key(r.model, variant)))
+        train = prep.dataset.splits.loc[
+            prep.dataset.splits["split"] == meds.train_split, "subject_id"
+        ].to_numpy()
+        stats = representation_stats(prep.timelines, prep.tokenizer, subjects=train)
+        rows.append(
+            {
+                "representation": variant,
+                **{k: stats[k] for k in ("values", "bins", "n_bins", "time_tokens", "vocab_size")},
+                "tokens per subject (mean)": stats["length_mean"],
+                "median": stats["length_median"],
+                "p90": stats["length_p90"],
+                "held-out histories cut at max_len": history_fit(prep, rep.tasks[0]),
+            }
+        )
+    return runs, pd.DataFrame(rows)
+
+
+def pairs(params: RunParams) -> list[tuple[str, str]]:
+    """(variant combination, EHRMamba default) for every combination but the reference itself."""
+    rep = params.representations
+    out = [(key(m, v), REFERENCE) for v in variants(params) for m in rep.models]
+    return [p for p in out if p[0] != REFERENCE]
+
+
+def metrics_table(evaluated: dict[str, dict[str, dict]], task: str) -> pd.DataFrame:
+    """AUROC and AUPRC with CIs per representation and model on one task (seed-ensembled probabilities)."""
+    rows = []
+    for name, m in evaluated.get(task, {}).items():
+        if SEP not in name:  # the oracle row
+            continue
+        model, _, variant = name.partition(SEP)
+        rows.append(
+            {
+                "representation": variant,
+                "model": MODEL_LABELS.get(model, model),
+                **{
+                    metric.upper(): f"{m[metric]['estimate']:.3f} [{m[metric]['lo']:.3f}, {m[metric]['hi']:.3f}]"
+                    for metric in ("auroc", "auprc")
+                },
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def comparisons_table(comparisons: pd.DataFrame, ci: float) -> pd.DataFrame:
+    """results.comparison_table with 'EHRMamba · xVal − EHRMamba · default' names."""
+    if comparisons.empty:
+        return comparisons
+    named = comparisons.assign(
+        comparison=[
+            f"{display(n)} − {display(b)}" for n, b in zip(comparisons["new"], comparisons["baseline"])
+        ]
+    )
+    return comparison_table(named, ci)
