@@ -6,7 +6,15 @@ attention hybrid, and a bidirectional LSTM (DESIGN.md section 7).
 
 from __future__ import annotations
 
-from repro.models.attention import CEHRBert
+import os
+
+# mamba_ssm's Triton kernels (Mamba2's SSD, the fused add-norm) are autotuned per process: without a disk
+# cache each training worker of a run benchmarks every config again (a Mamba2 pretraining took ~150 s on
+# an H200, the others ~10 s). Triton >= 3.2 reads this when the kernels are defined, i.e. when any
+# mamba_ssm module is first imported, which happens below. Not yet measured on a GPU.
+os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
+
+from repro.models.attention import CEHRBert  # noqa: E402
 from repro.models.bigbird import BigBird, block_pattern, block_sparse_attention
 from repro.models.ehrmamba import EHRMamba, MambaMixer, selective_scan_ref_chunked
 from repro.models.embeddings import CEHREmbedding, Time2Vec
