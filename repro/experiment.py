@@ -420,11 +420,9 @@ class Trainer:
         Notebooks of one run share work/, so a model trained for H1 is not trained again for H3.
         """
         path = self.work_dir / "runs" / f"{key}.pkl"
-        if path.is_file():
-            with open(path, "rb") as f:
-                blob = pickle.load(f)
-            if blob.get("params_hash") == self.prep.params.hash():
-                return blob["value"]
+        value = _load_cached(path, self.prep.params.hash())
+        if value is not None:
+            return value
         value = compute()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -437,7 +435,7 @@ class Trainer:
         """Train model `name` on `task` with `seed`; score tuning and held_out. "multibird" is BigBird + MPF."""
         if name == "multibird":
             return dataclasses.replace(self.run_mpf("bigbird", seed)[task], model="multibird")
-        return self._cached(f"{name}-{task}-seed{seed}", lambda: self._run(name, task, seed))
+        return self._cached(job_key((name, task, seed)), lambda: self._run(name, task, seed))
 
     def _run(self, name: str, task: str, seed: int) -> ModelRun:
         t0 = time.perf_counter()
@@ -498,7 +496,7 @@ class Trainer:
         """
         key = (name, seed)
         if key not in self._mpf:
-            self._mpf[key] = self._cached(f"{name}-mpf-seed{seed}", lambda: self._run_mpf(name, seed))
+            self._mpf[key] = self._cached(job_key((name, "mpf", seed)), lambda: self._run_mpf(name, seed))
         return self._mpf[key]
 
     def _run_mpf(self, name: str, seed: int) -> dict[str, ModelRun]:
@@ -545,6 +543,23 @@ class Trainer:
         return out
 
 
+def job_key(job: tuple[str, str, int]) -> str:
+    """File stem of a (model, task, seed) job's cached run under work/runs/ (MultiBird is BigBird's MPF run)."""
+    name, task, seed = job
+    if name == "multibird":
+        name, task = "bigbird", "mpf"
+    return f"{name}-{task}-seed{seed}"
+
+
+def _load_cached(path: Path, params_hash: str):
+    """The cached run at `path` when it was made with these params, else None."""
+    if not path.is_file():
+        return None
+    with open(path, "rb") as f:
+        blob = pickle.load(f)
+    return blob["value"] if blob.get("params_hash") == params_hash else None
+
+
 def _backbone(model: str) -> str:
     return "bigbird" if model == "multibird" else model
 
@@ -575,8 +590,11 @@ def run_all(prep: Prepared, work_dir: str | Path, jobs: list[tuple[str, str, int
     from tqdm import tqdm
 
     groups: dict[tuple[str, int], list] = {}
+    runs_dir = resolve(work_dir) / "runs"
+    params_hash = prep.params.hash()
     for job in jobs:
-        groups.setdefault((_backbone(job[0]), job[2]), []).append(job)
+        if _load_cached(runs_dir / f"{job_key(job)}.pkl", params_hash) is None:  # done runs need no worker
+            groups.setdefault((_backbone(job[0]), job[2]), []).append(job)
     if workers > 1 and len(groups) > 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
