@@ -238,11 +238,90 @@ def cluster_bootstrap_weights(
     Consumes rng exactly like cluster_bootstrap_indices, so a seed gives the same resamples in both.
     """
     n = len(cluster_ids) if cluster_ids is not None else int(n_rows)
-    codes, n_clusters = _cluster_codes(cluster_ids, n)
-    for k in _chunk_sizes(n_boot, n):
+    codes, _ = _cluster_codes(cluster_ids, n)
+    for counts in cluster_bootstrap_counts(cluster_ids, n_boot, rng, n):
+        yield counts[:, codes]
+
+
+def cluster_bootstrap_counts(
+    cluster_ids, n_boot: int, rng: np.random.Generator, n_rows: int
+) -> Iterator[np.ndarray]:
+    """Yield (k, n_clusters) float draw counts per cluster: cluster_bootstrap_weights before it expands them
+    to rows (same chunks, same draws from rng)."""
+    _, n_clusters = _cluster_codes(cluster_ids, n_rows)
+    for k in _chunk_sizes(n_boot, n_rows):
         draws = rng.integers(0, n_clusters, size=(k, n_clusters))
         counts = np.bincount((draws + np.arange(k)[:, None] * n_clusters).ravel(), minlength=k * n_clusters)
-        yield counts.reshape(k, n_clusters)[:, codes].astype(np.float64)
+        yield counts.reshape(k, n_clusters).astype(np.float64)
+
+
+# The cluster-kernel AUROC below holds [positives, clusters] and [clusters, clusters] float64 arrays.
+_MAX_KERNEL_CLUSTERS = 4000
+_MAX_KERNEL_CELLS = 60_000_000
+
+
+def auroc_kernel(y: np.ndarray, s_pos: np.ndarray, s_neg: np.ndarray, codes: np.ndarray, n_clusters: int):
+    """K[c, d] = sum over positives i of cluster c and negatives j of cluster d of [s_i > s_j] + [s_i = s_j] / 2.
+
+    Positives are scored by `s_pos`, negatives by `s_neg` (two models' scores for a paired permutation). Why:
+    any cluster-weighted AUROC is then a quadratic form, AUROC(w) = w K w / ((w . pos)(w . neg)) for cluster
+    weights w, so thousands of bootstrap or permutation resamples cost matrix products instead of a sort
+    each (sklearn's AUROC on the rows repeated by their weights, ties counting 1/2).
+    """
+    from scipy import sparse
+
+    pos = y == 1
+    ps, pc = s_pos[pos], codes[pos]
+    order = np.argsort(ps, kind="stable")
+    ps, pc = ps[order], pc[order]
+    ns, nc = s_neg[~pos], codes[~pos]
+    # a negative adds 1/2 to the positives tied with it and 1 to those above it: two half steps of a
+    # difference array over the positives in score order, one column per cluster of the negative
+    steps = np.zeros((len(ps) + 1, n_clusters))
+    np.add.at(steps, (np.searchsorted(ps, ns, side="left"), nc), 0.5)
+    np.add.at(steps, (np.searchsorted(ps, ns, side="right"), nc), 0.5)
+    below = np.cumsum(steps, axis=0)[:-1]  # [positives, clusters]
+    onehot = sparse.csr_matrix((np.ones(len(pc)), (pc, np.arange(len(pc)))), shape=(n_clusters, len(pc)))
+    return np.asarray(onehot @ below)
+
+
+def _kernel_ok(y: np.ndarray, n_clusters: int) -> bool:
+    """The kernel pays when clusters hold several rows each (conditions: 20 rows per patient, 10x faster
+    on 2,000 patients); with a row per patient a sort per resample is as fast, and lighter."""
+    n_pos = int((y == 1).sum())
+    return (
+        y.shape[0] >= 2 * n_clusters
+        and n_clusters <= _MAX_KERNEL_CLUSTERS
+        and (n_pos + 1) * n_clusters <= _MAX_KERNEL_CELLS
+    )
+
+
+def _class_counts(y: np.ndarray, codes: np.ndarray, n_clusters: int) -> tuple[np.ndarray, np.ndarray]:
+    pos = np.bincount(codes, weights=(y == 1).astype(np.float64), minlength=n_clusters)
+    return pos, np.bincount(codes, minlength=n_clusters).astype(np.float64) - pos
+
+
+def _quadratic_auroc(w: np.ndarray, k: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = ((w @ k) * w).sum(axis=1) / ((w @ pos) * (w @ neg))
+    out[((w @ pos) <= 0) | ((w @ neg) <= 0)] = np.nan
+    return out
+
+
+def bootstrap_auroc(
+    y, scores: dict[str, np.ndarray], cluster_ids, n_boot: int, seed: int
+) -> dict[str, np.ndarray]:
+    """bootstrap_metrics(..., ("auroc",)) through the cluster kernel: the same resamples (same rng draws),
+    the same values up to float rounding, in matrix products."""
+    y = np.asarray(y, dtype=np.float64)
+    codes, n_clusters = _cluster_codes(cluster_ids, y.shape[0])
+    kernels = {m: auroc_kernel(y, s, s, codes, n_clusters) for m, s in scores.items()}
+    pos, neg = _class_counts(y, codes, n_clusters)
+    parts: dict[str, list] = {m: [] for m in scores}
+    for w in cluster_bootstrap_counts(cluster_ids, n_boot, np.random.default_rng(seed), y.shape[0]):
+        for m, k in kernels.items():
+            parts[m].append(_quadratic_auroc(w, k, pos, neg))
+    return {m: np.concatenate(v) for m, v in parts.items()}
 
 
 def cluster_bootstrap_indices(cluster_ids, n_boot: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -407,10 +486,13 @@ def paired_bootstrap(
                 "F1 needs a per-model threshold: pass a callable, e.g. lambda y, s: f1_score(y, s >= t)"
             )
         est = {m: float(metric_values(y, s, metric_fn)[0]) for m, s in scores.items()}
-        boots = {
-            m: v[metric_fn]
-            for m, v in bootstrap_metrics(y, scores, subjects, (metric_fn,), n_boot, seed).items()
-        }
+        if metric_fn == "auroc" and _kernel_ok(y, _cluster_codes(subjects, y.shape[0])[1]):
+            boots = bootstrap_auroc(y, scores, subjects, n_boot, seed)
+        else:
+            boots = {
+                m: v[metric_fn]
+                for m, v in bootstrap_metrics(y, scores, subjects, (metric_fn,), n_boot, seed).items()
+            }
     else:
         est = {m: _safe_call(metric_fn, y, s) for m, s in scores.items()}
         idx = cluster_bootstrap_indices(subjects, n_boot, np.random.default_rng(seed))
@@ -467,6 +549,8 @@ def paired_permutation_test(
     rng = np.random.default_rng(seed)
     tol = 1e-12 * max(1.0, abs(d_obs))
     hits = 0
+    if metric_fn == "auroc" and _kernel_ok(y, n_clusters):
+        return _permutation_auroc(y, sa, sb, codes, n_clusters, n_perm, rng, d_obs, tol)
     ranked = metric_fn in ("auroc", "auprc")
     # Rank metrics: a permuted arm is a 0/1 weighting of the 2n stacked scores (a's rows, then b's), so one
     # sort serves every permutation and each costs cumulative sums, not a sort of its own.
@@ -487,6 +571,29 @@ def paired_permutation_test(
             d = np.array(
                 [_safe_call(metric_fn, y, pa[i]) - _safe_call(metric_fn, y, pb[i]) for i in range(k)]
             )
+        hits += int((np.abs(d) >= abs(d_obs) - tol).sum())
+    return (hits + 1) / (n_perm + 1)
+
+
+def _permutation_auroc(y, sa, sb, codes, n_clusters, n_perm, rng, d_obs: float, tol: float) -> float:
+    """paired_permutation_test for AUROC through the cluster kernels: the same coin flips from rng.
+
+    With f the clusters swapped (model b scores arm A there) and u = 1 - f, arm A's AUROC numerator is
+    u K_aa u + u K_ab f + f K_ba u + f K_bb f (K_xy: positives scored by x, negatives by y); arm B's swaps
+    u and f; both share the denominator (positives x negatives).
+    """
+    k_aa, k_bb = auroc_kernel(y, sa, sa, codes, n_clusters), auroc_kernel(y, sb, sb, codes, n_clusters)
+    k_ab, k_ba = auroc_kernel(y, sa, sb, codes, n_clusters), auroc_kernel(y, sb, sa, codes, n_clusters)
+    denom = float((y == 1).sum()) * float((y == 0).sum())
+    hits = 0
+    for k in _chunk_sizes(n_perm, y.shape[0]):
+        f = rng.integers(0, 2, size=(k, n_clusters)).astype(bool).astype(np.float64)
+        u = 1.0 - f
+
+        def num(x: np.ndarray, z: np.ndarray) -> np.ndarray:
+            return ((x @ k_aa) * x + (x @ k_ab) * z + (z @ k_ba) * x + (z @ k_bb) * z).sum(axis=1)
+
+        d = (num(u, f) - num(f, u)) / denom
         hits += int((np.abs(d) >= abs(d_obs) - tol).sum())
     return (hits + 1) / (n_perm + 1)
 

@@ -269,6 +269,30 @@ def test_permutation_test_rank_metrics_equal_sklearn_on_tied_scores(metric):
     assert p_named == p_call and 1 / 301 < p_named < 1  # not at either end: the comparison is not trivial
 
 
+def test_cluster_kernel_auroc_equals_the_row_path_on_clustered_tied_data(monkeypatch):
+    # several rows per patient (as the conditions task): bootstrap and permutation AUROC go through the
+    # cluster kernel; the resamples are the same draws and the values match the row path exactly
+    import repro.stats as st
+
+    rng = np.random.default_rng(7)
+    n, n_clusters = 600, 150
+    clusters = rng.integers(0, n_clusters, n)
+    y = (rng.random(n) < 0.25).astype(int)
+    a = np.round(rng.random(n) * 0.5 + 0.25 * y, 2)
+    b = np.round(rng.random(n) * 0.5 + 0.22 * y, 2)  # about as good as a: p away from both ends
+    assert st._kernel_ok(y, n_clusters) and not st._kernel_ok(y[:100], 100)
+    rows = st.bootstrap_metrics(y, {"a": a, "b": b}, clusters, ("auroc",), 300, 3)
+    kern = st.bootstrap_auroc(y, {"a": a, "b": b}, clusters, 300, 3)
+    for m in "ab":
+        np.testing.assert_allclose(kern[m], rows[m]["auroc"], rtol=0, atol=1e-12)
+    taken = []
+    real = st._permutation_auroc
+    monkeypatch.setattr(st, "_permutation_auroc", lambda *a_, **k: taken.append(1) or real(*a_, **k))
+    p_kernel = paired_permutation_test(y, a, b, "auroc", n_perm=400, seed=5, clusters=clusters)
+    p_rows = paired_permutation_test(y, a, b, roc_auc_score, n_perm=400, seed=5, clusters=clusters)
+    assert taken and p_kernel == p_rows and 1 / 401 < p_kernel < 1
+
+
 # ---------------------------------------------------------------- BH, seeds, verdicts
 def test_benjamini_hochberg_hand_example():
     # sorted p: 0.005, 0.01, 0.03, 0.04 -> p*m/rank = 0.02, 0.02, 0.04, 0.04 (already monotone)
