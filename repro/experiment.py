@@ -341,6 +341,7 @@ class Trainer:
         self._data: dict[tuple, tuple[list[Encoded], pd.DataFrame]] = {}
         self._kwargs: dict[str, dict[str, Any]] = {}
         self._mpf: dict[tuple[str, int], dict[str, ModelRun]] = {}
+        self._stored: dict[str, Any] = {}  # runs read from work/runs/, so each file is read once
         if prep.params.train.num_threads:
             torch.set_num_threads(prep.params.train.num_threads)
 
@@ -419,10 +420,10 @@ class Trainer:
 
         Notebooks of one run share work/, so a model trained for H1 is not trained again for H3.
         """
-        path = self.work_dir / "runs" / f"{key}.pkl"
-        value = _load_cached(path, self.prep.params.hash())
+        value = self.stored(key)
         if value is not None:
             return value
+        path = self.work_dir / "runs" / f"{key}.pkl"
         value = compute()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -430,6 +431,16 @@ class Trainer:
             pickle.dump({"params_hash": self.prep.params.hash(), "value": value}, f)
         os.replace(tmp, path)
         return value
+
+    def stored(self, key: str):
+        """The run cached under work/runs/<key>.pkl with this run's params hash, else None (not remembered:
+        a worker process may write it later)."""
+        if key not in self._stored:
+            value = _load_cached(self.work_dir / "runs" / f"{key}.pkl", self.prep.params.hash())
+            if value is None:
+                return None
+            self._stored[key] = value
+        return self._stored[key]
 
     def run(self, name: str, task: str, seed: int) -> ModelRun:
         """Train model `name` on `task` with `seed`; score tuning and held_out. "multibird" is BigBird + MPF."""
@@ -589,11 +600,10 @@ def run_all(prep: Prepared, work_dir: str | Path, jobs: list[tuple[str, str, int
     """
     from tqdm import tqdm
 
+    trainer = Trainer(prep, work_dir, progress=False)
     groups: dict[tuple[str, int], list] = {}
-    runs_dir = resolve(work_dir) / "runs"
-    params_hash = prep.params.hash()
     for job in jobs:
-        if _load_cached(runs_dir / f"{job_key(job)}.pkl", params_hash) is None:  # done runs need no worker
+        if trainer.stored(job_key(job)) is None:  # done runs need no worker
             groups.setdefault((_backbone(job[0]), job[2]), []).append(job)
     if workers > 1 and len(groups) > 1:
         import multiprocessing as mp
@@ -607,7 +617,6 @@ def run_all(prep: Prepared, work_dir: str | Path, jobs: list[tuple[str, str, int
             ]
             for f in tqdm(as_completed(futures), total=len(futures), desc="training (backbone x seed)"):
                 f.result()
-    trainer = Trainer(prep, work_dir, progress=False)
     return [trainer.run_job(job) for job in tqdm(jobs, desc="models x tasks x seeds")]
 
 

@@ -302,9 +302,10 @@ def _class_counts(y: np.ndarray, codes: np.ndarray, n_clusters: int) -> tuple[np
 
 
 def _quadratic_auroc(w: np.ndarray, k: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+    n_pos, n_neg = w @ pos, w @ neg
     with np.errstate(invalid="ignore", divide="ignore"):
-        out = ((w @ k) * w).sum(axis=1) / ((w @ pos) * (w @ neg))
-    out[((w @ pos) <= 0) | ((w @ neg) <= 0)] = np.nan
+        out = ((w @ k) * w).sum(axis=1) / (n_pos * n_neg)
+    out[(n_pos <= 0) | (n_neg <= 0)] = np.nan
     return out
 
 
@@ -585,14 +586,14 @@ def _permutation_auroc(y, sa, sb, codes, n_clusters, n_perm, rng, d_obs: float, 
     k_aa, k_bb = auroc_kernel(y, sa, sa, codes, n_clusters), auroc_kernel(y, sb, sb, codes, n_clusters)
     k_ab, k_ba = auroc_kernel(y, sa, sb, codes, n_clusters), auroc_kernel(y, sb, sa, codes, n_clusters)
     denom = float((y == 1).sum()) * float((y == 0).sum())
+
+    def num(x: np.ndarray, z: np.ndarray) -> np.ndarray:  # x: clusters scored by a, z: by b
+        return ((x @ k_aa) * x + (x @ k_ab) * z + (z @ k_ba) * x + (z @ k_bb) * z).sum(axis=1)
+
     hits = 0
     for k in _chunk_sizes(n_perm, y.shape[0]):
         f = rng.integers(0, 2, size=(k, n_clusters)).astype(bool).astype(np.float64)
         u = 1.0 - f
-
-        def num(x: np.ndarray, z: np.ndarray) -> np.ndarray:
-            return ((x @ k_aa) * x + (x @ k_ab) * z + (z @ k_ba) * x + (z @ k_bb) * z).sum(axis=1)
-
         d = (num(u, f) - num(f, u)) / denom
         hits += int((np.abs(d) >= abs(d_obs) - tol).sum())
     return (hits + 1) / (n_perm + 1)

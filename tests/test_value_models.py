@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_train import _enc as _plain
 
 import repro.train as train_mod
 from repro.config import TrainParams
@@ -12,20 +13,13 @@ from repro.data.dataset import IGNORE, SequenceDataset, collate
 from repro.data.tokenizer import SPECIALS, Encoded
 from repro.models.registry import build_model
 
-VOCAB = 30
+VOCAB = 40  # test_train's vocabulary, which its _enc draws from
 
 
 def _enc(rng: np.random.Generator, n: int, values: bool = False, soft: bool = False) -> Encoded:
-    ids = rng.integers(len(SPECIALS), VOCAB, n)
-    ids[0] = 2
-    e = Encoded(
-        ids,
-        np.full(n, 4),
-        np.linspace(60, 61, n).astype(np.float32),
-        np.linspace(8000, 8001, n).astype(np.float32),
-        np.ones(n, np.int64),
-        np.ones(n, np.int64),
-    )
+    """test_train's sequence, with xVal values and / or soft-bin neighbours on every third token."""
+    e = _plain(rng, n)
+    ids = e.input_ids
     numeric = np.arange(n) % 3 == 1
     if values:
         e.values = np.where(numeric, rng.normal(size=n), 0.0).astype(np.float32)
