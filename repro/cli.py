@@ -64,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         help="renderer: Quarto when on PATH (auto), or the built-in offline renderer",
     )
 
+    p_prep = sub.add_parser(
+        "prepare", help="generate and tokenize the data a run needs (cached), without training"
+    )
+    p_prep.add_argument("params", help="params/*.yaml")
+    p_prep.add_argument("--data", help="a MEDS directory (default: the synthetic cohort the params describe)")
+
     p_render = sub.add_parser("render", help="render report.qmd of an executed run")
     p_render.add_argument("run_dir")
     p_render.add_argument("--engine", choices=["auto", "quarto", "offline"], default="auto")
@@ -112,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
             for f in ("report.html", "report.pdf"):
                 if (out / f).exists():
                     print(f"  {out / f}")
+        elif args.command == "prepare":
+            from repro.pipeline import prepare_data
+
+            for line in prepare_data(args.params, args.data):
+                print(line)
         elif args.command == "render":
             from repro.render import render_report
 

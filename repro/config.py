@@ -135,6 +135,7 @@ class TrainParams:
     checkpoint_every: int = 50
     num_threads: int = 0
     workers: int = 1  # parallel training processes (on a GPU they share it: small models leave it idle)
+    group_by_length: int = 50  # batches of similar length, from megabatches of this many batches (0: random)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "eval_batch_size"):
@@ -149,6 +150,8 @@ class TrainParams:
             )
         if not 0 <= self.warmup_frac < 1:
             raise ParamsError(f"train.warmup_frac must be in [0, 1), got {self.warmup_frac}")
+        if self.group_by_length < 0:
+            raise ParamsError(f"train.group_by_length must be >= 0, got {self.group_by_length}")
         if self.workers < 1:
             raise ParamsError(f"train.workers must be >= 1, got {self.workers}")
         if not 0 < self.mlm_probability < 1:

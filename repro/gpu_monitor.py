@@ -54,6 +54,18 @@ class GpuMonitor:
         self.samples = parse(self._log.read_text())
         self._log.unlink(missing_ok=True)
 
+    def write_trace(self, path: Path) -> None:
+        """Write the samples as CSV (seconds, busy %, MiB): where in a notebook the GPU waited, which the
+        mean alone cannot say. Nothing is written without samples; a rerun replaces the file whole."""
+        if not self.samples:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        lines = ["seconds,gpu_busy_pct,gpu_mem_mib"]
+        lines += [f"{i * self.interval_ms / 1000:.1f},{u:g},{m:g}" for i, (u, m) in enumerate(self.samples)]
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.replace(path)
+
     def summary(self) -> dict[str, Any] | None:
         """Mean GPU-busy share (0-1), peak memory used by all processes (MiB) and the sample count."""
         if not self.samples:

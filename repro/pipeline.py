@@ -93,6 +93,7 @@ def _execute(name: str, src: Path, out: Path, parameters: dict, cwd: Path) -> di
         ) from None
     finally:
         tmp_in.unlink(missing_ok=True)
+        monitor.write_trace(out.parent.parent / "results" / f"gpu-trace-{name}.csv")
     return {"seconds": round(time.perf_counter() - t0, 1), **(monitor.summary() or {})}
 
 
@@ -196,6 +197,24 @@ def _check_cohort(params, data_dir: str | None) -> None:
     print(f"cohort: {check_cohort(prep)}", file=sys.stderr)
     del prep
     gc.collect()
+
+
+def prepare_data(params_file: str, data_dir: str | None = None) -> list[str]:
+    """Generate (synthetic) and tokenize everything the notebooks read, cached under outputs/.cache/.
+
+    For batch jobs: run it on a CPU node, or beside the kernel build on the GPU node, and `repro run`
+    finds every tokenization cached (the run's own and each representation variant of notebook 05).
+    """
+    from repro.representations import prepare_variants
+
+    params = load_run_params(Path(params_file).resolve(), data_dir)
+    check_data(None if params.data.synthetic else params.data.meds_dir)
+    if not data_dir and params.data.synthetic and not params.data.meds_dir:
+        from repro.experiment import ensure_meds
+
+        ensure_meds(params)
+    _check_cohort(params, data_dir)
+    return prepare_variants(params, data_dir)
 
 
 def _check_target(final: Path, force: bool) -> None:

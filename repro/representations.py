@@ -22,7 +22,7 @@ import pandas as pd
 
 from repro.config import RunParams
 from repro.data.tokenizer import representation_stats
-from repro.experiment import ModelRun, Prepared, encode_samples, prepare, run_all
+from repro.experiment import ModelRun, Prepared, encode_samples, prepare, run_plans
 from repro.results import MODEL_LABELS, comparison_table
 
 DEFAULT = "default"
@@ -72,13 +72,14 @@ def run_variants(
     "<backbone>|<variant>") and one row of representation statistics per variant."""
     rep = params.representations
     jobs = [(m, t, s) for s in rep.seeds for m in rep.models for t in rep.tasks]
+    preps = {v: prepare(variant_params(params, v), data_dir, progress=False) for v in variants(params)}
+    plans = [
+        (prep, Path(work_dir) if v == DEFAULT else Path(work_dir) / "representations" / slug(v), jobs)
+        for v, prep in preps.items()
+    ]
     runs, rows = [], []
-    for variant in variants(params):
-        p = variant_params(params, variant)
-        prep = prepare(p, data_dir, progress=False)
-        work = Path(work_dir) if variant == DEFAULT else Path(work_dir) / "representations" / slug(variant)
-        for r in run_all(prep, work, jobs, workers=workers):
-            runs.append(dataclasses.replace(r, model=key(r.model, variant)))
+    for (variant, prep), done in zip(preps.items(), run_plans(plans, workers), strict=True):
+        runs += [dataclasses.replace(r, model=key(r.model, variant)) for r in done]
         train = prep.dataset.splits.loc[
             prep.dataset.splits["split"] == meds.train_split, "subject_id"
         ].to_numpy()
@@ -94,6 +95,18 @@ def run_variants(
             }
         )
     return runs, pd.DataFrame(rows)
+
+
+def prepare_variants(params: RunParams, data_dir: str | None = None) -> list[str]:
+    """Tokenize the data under every variant now, so notebook 05 finds them cached (`repro prepare`)."""
+    lines = []
+    for v in variants(params):
+        prep = prepare(variant_params(params, v), data_dir, progress=False)
+        lines.append(
+            f"representation {v!r}: vocabulary {prep.tokenizer.vocab_size}, cached in {prep.cache_dir}"
+        )
+        del prep
+    return lines
 
 
 def pairs(params: RunParams) -> list[tuple[str, str]]:

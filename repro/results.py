@@ -7,7 +7,6 @@ beside it (mean, sd, min-max of the per-seed AUROC).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import meds
@@ -105,28 +104,6 @@ def seed_spread(preds: pd.DataFrame) -> pd.DataFrame:
     return aggregate_seeds(pd.DataFrame(rows), ["model", "task"])
 
 
-# Statistics worth a process pool: rows x (bootstrap + permutation) resamples summed over the jobs. Below it
-# (the smoke run) the work is done in this process, where a pool would cost more to start than it saves.
-PARALLEL_WORK = 2e8
-
-
-def parallel_map(fn, items: Sequence, work: float = 0.0) -> list:
-    """`[fn(x) for x in items]`, in one spawned process per core when `work` exceeds PARALLEL_WORK.
-
-    Why: each item's bootstrap and permutation statistics are sorts of [resamples, rows] arrays; on a GPU
-    node they ran one after another for minutes (threads did not help: too much of each is under the GIL)
-    while the GPU sat idle. Each item seeds its own generator, so results do not depend on the pool.
-    """
-    workers = min(len(items), os.cpu_count() or 1)
-    if workers <= 1 or work < PARALLEL_WORK:
-        return [fn(x) for x in items]
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        return list(pool.map(fn, items))
-
-
 def _evaluate_job(job: tuple) -> dict | None:
     """One model's metrics on one task (model None: the oracle's, where the true probability is known)."""
     t, model, n_boot, ci = job
@@ -156,9 +133,10 @@ def evaluate_all(preds: pd.DataFrame, n_boot: int, ci: float) -> dict[str, dict[
         (tasks[task] if model is None else tasks[task][tasks[task]["model"] == model], model, n_boot, ci)
         for task, model in keys
     ]
-    work = float(len(ens)) * n_boot
     out: dict[str, dict[str, dict]] = {task: {} for task in tasks}
-    for (task, model), res in zip(keys, parallel_map(_evaluate_job, jobs, work)):
+    # serial on purpose: a spawned process pool was slower than this loop on the H200 node (h1: 45 s
+    # against 24 s) and on a 2-core CPU (44 s against 32 s); the resamples are memory-bound array sorts
+    for (task, model), res in zip(keys, map(_evaluate_job, jobs)):
         if model is not None:
             out[task][label(model)] = res
         elif res is not None:
@@ -335,8 +313,7 @@ def paired_comparisons(
             if new in present and base in present
         ]
 
-    work = float(sum(len(j[1]) for j in jobs)) * (n_boot + n_perm) / 2  # two models per job
-    rows = parallel_map(_compare_job, [(*j, n_boot, ci, n_perm) for j in jobs], work)
+    rows = [_compare_job((*j, n_boot, ci, n_perm)) for j in jobs]  # serial: see evaluate_all
     out = pd.DataFrame(rows)
     if out.empty:
         return out

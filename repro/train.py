@@ -291,8 +291,9 @@ def fit(
         bar.set_postfix(loss=f"{values[-1]:.3f}")
 
     padding = _padding(model, device)
+    lengths = data.lengths() if params.group_by_length else None
     for step in bar:
-        idx = batch_indices(len(data), params.batch_size, seed, step)
+        idx = batch_indices(len(data), params.batch_size, seed, step, lengths, params.group_by_length)
         full = _global_batch(data, idx, objective, vocab_size, gen, params.mlm_probability, padding)
         batch = _to({k: v[rank::world] for k, v in full.items()}, device)
         with _autocast(device):

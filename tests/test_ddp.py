@@ -50,10 +50,10 @@ def _worker(rank: int, world: int, port: int, out: str, mode: str) -> None:
         if mode == "die":
             real = train_mod.batch_indices
 
-            def dying(n, bs, seed, step):
+            def dying(n, bs, seed, step, *a):
                 if step == 4:
                     raise KeyboardInterrupt
-                return real(n, bs, seed, step)
+                return real(n, bs, seed, step, *a)
 
             train_mod.batch_indices = dying
             try:

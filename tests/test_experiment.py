@@ -83,3 +83,23 @@ def test_trainer_runs_every_task_and_caches(prep, tmp_path):
     mpf = trainer.run_mpf("ehrmamba", 0)
     assert set(mpf) == set(prep.params.tasks) and mpf["conditions"].mode == "MPF"
     assert mpf["conditions"].predictions["target"].nunique() == 20
+
+
+def test_one_pool_over_two_plans_gives_each_plan_its_own_serial_runs(prep, tmp_path):
+    """Notebook 05 trains several prepared datasets in one pool; each plan must get the runs a serial
+    run_all over its own work folder gives (count_lr: no GPU, quick in worker processes)."""
+    from repro.experiment import run_all, run_plans
+
+    jobs = [("count_lr", "mortality_1m", 0), ("count_lr", "los_1w", 0)]
+    a, b = tmp_path / "a", tmp_path / "b"
+    pooled = run_plans([(prep, a, jobs), (prep, b, jobs[:1])], workers=2)
+    assert [len(p) for p in pooled] == [2, 1]
+    assert {p.stem for p in (a / "runs").glob("*.pkl")} == {
+        "count_lr-mortality_1m-seed0",
+        "count_lr-los_1w-seed0",
+    }
+    assert [p.stem for p in (b / "runs").glob("*.pkl")] == ["count_lr-mortality_1m-seed0"]
+    serial = run_all(prep, tmp_path / "serial", jobs, workers=1)
+    for got, want in zip(pooled[0], serial, strict=True):
+        assert (got.model, got.task) == (want.model, want.task)
+        np.testing.assert_array_equal(got.predictions["score"], want.predictions["score"])

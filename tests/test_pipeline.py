@@ -204,3 +204,17 @@ def test_real_data_params_without_data_stop_early(capsys):
         "data.synthetic is false but data.meds_dir is not set; pass --data MEDS_DIR" in err
         and "\n" not in err
     )
+
+
+def test_gpu_trace_is_written_whole_and_replaced(tmp_path):
+    from repro.gpu_monitor import GpuMonitor
+
+    mon = GpuMonitor(interval_ms=500)
+    path = tmp_path / "results" / "gpu-trace-01_accuracy.csv"
+    mon.write_trace(path)
+    assert not path.exists()  # no samples (a CPU run): no file
+    mon.samples = [(90.0, 1024.0), (10.0, 2048.0)]
+    mon.write_trace(path)
+    mon.samples = [(50.0, 10.0)]
+    mon.write_trace(path)
+    assert path.read_text().splitlines() == ["seconds,gpu_busy_pct,gpu_mem_mib", "0.0,50,10"]

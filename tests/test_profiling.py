@@ -101,11 +101,21 @@ def test_out_of_memory_is_a_data_point_and_the_sweep_goes_on(exc, status):
     assert np.isnan(failed["ms_per_step"]) and failed["kernel_path"] == "reference-chunked"
 
 
-def test_time_budget_records_the_rest_as_skipped():
+def test_time_budget_starts_after_each_models_first_row_and_skips_the_rest():
     rows = profiling.sweep(
-        {"ehrmamba": tiny()}, [16, 32], [1], device=CPU, warmup=1, steps=1, time_budget_s=1e-9, progress=False
+        {"ehrmamba": tiny(), "transformer": tiny("transformer")},
+        [16, 32],
+        [1, 2],
+        device=CPU,
+        warmup=1,
+        steps=1,
+        time_budget_s=1e-9,
+        progress=False,
     )
-    assert rows["status"].str.startswith(profiling.SKIP_BUDGET).all()
+    first = (rows["length"] == 16) & (rows["batch"] == 1)
+    assert (rows.loc[first, "status"] == profiling.OK).all() and (rows.loc[first, "row_s"] > 0).all()
+    assert rows.loc[~first, "status"].str.startswith(profiling.SKIP_BUDGET).all()
+    assert rows.loc[~first, "row_s"].isna().all()
 
 
 class _FakeCudaModel(nn.Module):
@@ -258,7 +268,7 @@ def test_efficiency_params_validate_and_name_the_parameter():
         overrides = {key: value} | ({"tasks": ["mortality_1m"]} if key == "efficiency.long_task" else {})
         with pytest.raises(ParamsError, match=match):
             load_params("params/smoke.yaml", overrides)
-    assert load_params("params/default.yaml").efficiency.lengths[-1] == 65536
+    assert load_params("params/default.yaml").efficiency.lengths[-1] == 32768
 
 
 # --------------------------------------------------------------------------------------------------------

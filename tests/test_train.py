@@ -81,10 +81,10 @@ def test_resume_after_interruption_gives_the_same_model(tmp_path, monkeypatch, o
 
     real = train_mod.batch_indices
 
-    def dying(n, bs, seed, step):
+    def dying(n, bs, seed, step, *a):
         if step == 5:
             raise KeyboardInterrupt("killed")
-        return real(n, bs, seed, step)
+        return real(n, bs, seed, step, *a)
 
     monkeypatch.setattr(train_mod, "batch_indices", dying)
     first = _model(name)
@@ -110,10 +110,10 @@ from repro.config import TrainParams
 from test_train import _data, _model
 
 real = train_mod.batch_indices
-def slow(n, bs, seed, step):  # after the first checkpoint, slow enough to be killed mid-run
+def slow(n, bs, seed, step, *a):  # after the first checkpoint, slow enough to be killed mid-run
     if step >= 4:
         time.sleep(0.5)
-    return real(n, bs, seed, step)
+    return real(n, bs, seed, step, *a)
 train_mod.batch_indices = slow
 m = _model("ehrmamba")
 m.set_n_outputs(1)
@@ -168,3 +168,34 @@ def test_cuda_request_without_cuda_is_an_error():
         pytest.skip("CUDA present")
     with pytest.raises(ValueError, match="cuda was requested"):
         train_mod.resolve_device("cuda")
+
+
+def test_length_grouped_batches_cover_each_epoch_once_and_pad_less():
+    from repro.data import dataset as ds
+
+    rng = np.random.default_rng(0)
+    lengths = rng.lognormal(5.5, 0.8, size=1003).astype(int) + 1
+    n, size, group = len(lengths), 16, 10
+    per_epoch = n // size
+    for seed in (0, 3):
+        epoch = [ds.batch_indices(n, size, seed, s, lengths, group) for s in range(per_epoch)]
+        seen = np.concatenate(epoch)
+        assert len(seen) == len(set(seen)) == per_epoch * size  # each sample at most once, 11 sit out
+        ds._EPOCHS.clear()  # a pure function of (seed, step): the cache changes nothing
+        again = ds.batch_indices(n, size, seed, per_epoch + 2, lengths, group)
+        ds._EPOCHS.clear()
+        assert np.array_equal(again, ds.batch_indices(n, size, seed, per_epoch + 2, lengths, group))
+        assert not np.array_equal(again, epoch[2])  # the next epoch is another permutation
+        grouped = np.mean([lengths[b].max() for b in epoch])
+        random = np.mean([lengths[ds.batch_indices(n, size, seed, s)].max() for s in range(per_epoch)])
+        assert grouped < 0.6 * random
+
+
+def test_length_grouping_off_or_too_few_samples_gives_random_batches():
+    from repro.data import dataset as ds
+
+    lengths = np.arange(40)
+    assert np.array_equal(ds.batch_indices(40, 8, 1, 5, lengths, 0), ds.batch_indices(40, 8, 1, 5))
+    assert sorted(ds.batch_indices(6, 8, 1, 5, lengths[:6], 50)) == list(range(6))
+    with pytest.raises(ValueError, match="39 lengths for 40 samples"):
+        ds.batch_indices(40, 8, 1, 5, lengths[:39], 50)

@@ -10,6 +10,7 @@ value, 0), `mix_ids` int64 (soft: the neighbouring bin's token; equal to `input_
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -135,7 +136,41 @@ def mlm_mask(
     return corrupted, labels
 
 
-def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
-    """The sample indices of training step `step`, a pure function of (seed, step) so resume is exact."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, step]))
-    return rng.choice(n, size=min(batch_size, n), replace=False)
+def batch_indices(
+    n: int, batch_size: int, seed: int, step: int, lengths: np.ndarray | None = None, group: int = 0
+) -> np.ndarray:
+    """The sample indices of training step `step`, a pure function of (seed, step) so resume is exact.
+
+    With `lengths` and `group` > 0, batches hold samples of similar length (as HF's `group_by_length`):
+    each epoch is a permutation cut into megabatches of `group` batches, each megabatch is sorted by
+    length and cut into batches, and the batches are shuffled. Every sample is seen once per epoch, as
+    with random batches; why: histories are long-tailed, and a random batch is padded to its longest
+    member (on the default synthetic cohort, 988 tokens per row for a mean of 311).
+    """
+    size = min(batch_size, n)
+    if lengths is None or group <= 0 or n <= size:
+        rng = np.random.default_rng(np.random.SeedSequence([seed, step]))
+        return rng.choice(n, size=size, replace=False)
+    if len(lengths) != n:
+        raise ValueError(f"batch_indices: {len(lengths)} lengths for {n} samples")
+    epoch, k = divmod(step, n // size)
+    return _epoch_batches(np.asarray(lengths), size, seed, epoch, group)[k]
+
+
+_EPOCHS: dict[tuple, np.ndarray] = {}  # the last few epochs' batches: one sort per epoch, not per step
+
+
+def _epoch_batches(lengths: np.ndarray, size: int, seed: int, epoch: int, group: int) -> np.ndarray:
+    key = (hashlib.blake2b(lengths.tobytes(), digest_size=16).hexdigest(), size, seed, epoch, group)
+    if key not in _EPOCHS:
+        rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, 1]))
+        perm = rng.permutation(len(lengths))
+        mega = size * group
+        parts = [perm[i : i + mega] for i in range(0, len(perm), mega)]
+        ordered = np.concatenate([m[np.argsort(lengths[m], kind="stable")] for m in parts])
+        n_full = len(ordered) // size  # the few left over sit this epoch out
+        batches = ordered[: n_full * size].reshape(n_full, size)
+        if len(_EPOCHS) >= 8:
+            _EPOCHS.pop(next(iter(_EPOCHS)))
+        _EPOCHS[key] = batches[rng.permutation(n_full)]
+    return _EPOCHS[key]
