@@ -243,7 +243,9 @@ def fit(
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        # on the CPU: the RNG states must stay CPU byte tensors (torch.set_rng_state refuses CUDA ones);
+        # load_state_dict moves the weights and the optimizer state to the model's device
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
         if state.get("objective") == objective and state.get("steps") == steps:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])

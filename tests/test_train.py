@@ -199,3 +199,20 @@ def test_length_grouping_off_or_too_few_samples_gives_random_batches():
     assert sorted(ds.batch_indices(6, 8, 1, 5, lengths[:6], 50)) == list(range(6))
     with pytest.raises(ValueError, match="39 lengths for 40 samples"):
         ds.batch_indices(40, 8, 1, 5, lengths[:39], 50)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_finished_cuda_checkpoint_is_reused_by_another_fit(tmp_path):
+    """Notebook 03 reuses notebook 01's pretrained backbones through their checkpoints; on CUDA the saved
+    RNG states once came back as CUDA tensors, which torch.set_rng_state refuses (found on the H200 node)."""
+    params = TrainParams(batch_size=4, checkpoint_every=3, warmup_frac=0.2)
+    dev = torch.device("cuda")
+    ckpt = tmp_path / "pre.pt"
+    first = _model("transformer", max_len=32)
+    train_mod.fit(first, _data(), params, "clm", 3, 1e-3, 0, dev, ckpt, progress=False)
+    again = _model("transformer", max_len=32)
+    res = train_mod.fit(again, _data(), params, "clm", 3, 1e-3, 0, dev, ckpt, progress=False)
+    assert res.resumed_from == 3 and res.steps_run == 0
+    for (k, a), b in zip(first.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
