@@ -78,8 +78,12 @@ def _ranked_metrics(
 
     Rows are sorted by score, descending; tied scores form one threshold group. A positive row's AUROC credit
     is the negative weight strictly below its group plus half the negative weight inside it; its AP credit is
-    the precision at the end of its group.
+    the precision at the end of its group. On a GPU node the same arithmetic runs in torch on the GPU, which
+    otherwise sits idle through the statistics (`_ranked_metrics_torch`).
     """
+    dev = stats_device()
+    if dev is not None and w.size >= _GPU_MIN_CELLS:
+        return _ranked_metrics_torch(y, s, w, pos, neg, unweighted, dev)
     n = y.shape[0]
     if s.ndim == 1:
         order = np.argsort(-s, kind="stable")
@@ -120,6 +124,81 @@ def _ranked_metrics(
     auc[undefined] = np.nan
     ap[undefined] = np.nan
     return auc, ap
+
+
+# where resampled ranks are computed: None (numpy) or a torch device; "auto" picks CUDA when torch sees one
+_STATS_DEVICE: object = "auto"
+_GPU_MIN_CELLS = 100_000  # below this a chunk is cheaper in numpy than a round trip to the GPU
+
+
+def set_stats_device(device: str | None) -> None:
+    """ "auto" (CUDA when available), "cuda", "cpu" (torch on the CPU, for tests) or None (numpy)."""
+    global _STATS_DEVICE
+    _STATS_DEVICE = device
+
+
+def stats_device():
+    """The torch device the rank statistics run on, or None for numpy."""
+    global _STATS_DEVICE
+    if _STATS_DEVICE == "auto":
+        import torch
+
+        _STATS_DEVICE = "cuda" if torch.cuda.is_available() else None
+    if _STATS_DEVICE is None:
+        return None
+    import torch
+
+    return torch.device(_STATS_DEVICE)
+
+
+def _ranked_metrics_torch(
+    y: np.ndarray, s: np.ndarray, w: np.ndarray, pos: np.ndarray, neg: np.ndarray, unweighted: bool, dev
+) -> tuple[np.ndarray, np.ndarray]:
+    """`_ranked_metrics` in float64 torch: weights are integer counts, so the cumulative sums and AUROC are
+    exact in either; AP divides, and may differ from numpy in the last bits (summation order)."""
+    import torch
+
+    f64 = torch.float64
+    def put(a: np.ndarray):  # torch wants writable, contiguous arrays (broadcast views are neither)
+        return torch.as_tensor(np.require(a, np.float64, ["C", "W"]), device=dev)
+
+    yt, st, wt = put(y), put(s), put(w)
+    n = yt.shape[0]
+    if st.ndim == 1:
+        order = torch.sort(-st, stable=True).indices
+        ss = st[order][None, :]
+        ys = yt[order][None, :]
+        ws = wt[:, order]
+    else:
+        order = torch.sort(-st, dim=1, stable=True).indices
+        ss = torch.gather(st, 1, order)
+        ys = yt[order]
+        ws = wt if unweighted else torch.gather(wt, 1, order)
+    idx = torch.arange(n, device=dev).expand(ss.shape)
+    is_end = torch.ones(ss.shape, dtype=torch.bool, device=dev)
+    is_end[:, :-1] = ss[:, :-1] != ss[:, 1:]
+    is_start = torch.ones_like(is_end)
+    is_start[:, 1:] = is_end[:, :-1]
+    end = torch.flip(torch.cummin(torch.flip(torch.where(is_end, idx, n), [1]), dim=1).values, [1])
+    start = torch.cummax(torch.where(is_start, idx, 0), dim=1).values
+    wp = ws * ys
+    wn = ws - wp
+    tp = torch.cumsum(wp, dim=1)
+    fp = torch.cumsum(wn, dim=1)
+    rows = fp.shape[0]
+    tp_end = torch.gather(tp, 1, end.expand(rows, n))
+    fp_end = torch.gather(fp, 1, end.expand(rows, n))
+    fp0 = torch.cat([torch.zeros((rows, 1), dtype=f64, device=dev), fp], dim=1)
+    fp_before = torch.gather(fp0, 1, start.expand(rows, n))
+    post, negt = put(pos), put(neg)
+    auc = (wp * (negt[:, None] - 0.5 * (fp_end + fp_before))).sum(dim=1) / (post * negt)
+    denom = tp_end + fp_end
+    prec = torch.where(denom > 0, tp_end / torch.where(denom > 0, denom, 1.0), 0.0)
+    ap = (wp * prec).sum(dim=1) / post
+    undefined = (post <= 0) | (negt <= 0)
+    auc = torch.where(undefined, torch.nan, auc)
+    ap = torch.where(undefined, torch.nan, ap)
+    return auc.cpu().numpy(), ap.cpu().numpy()
 
 
 def _weighted_sum(w: np.ndarray, v: np.ndarray) -> np.ndarray:

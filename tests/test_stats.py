@@ -335,3 +335,44 @@ def test_verdict_lower_is_better_and_rule_text_in_docstring():
     assert " ".join(VERDICT_RULE.split()) in " ".join(verdict.__doc__.split())
     with pytest.raises(ValueError, match="margin"):
         verdict(0, 1, 0.1, margin=-1)
+
+
+@pytest.mark.parametrize("two_d", [False, True])
+def test_rank_metrics_in_torch_match_numpy(two_d):
+    """The GPU path (here torch on the CPU) gives the numpy engine's AUROC exactly and its AP to 1e-12,
+    on tied scores, zero weights and resamples with one class."""
+    from repro import stats
+
+    rng = np.random.default_rng(3)
+    n, k = 400, 300
+    y = (rng.random(n) < 0.3).astype(float)
+    s = np.round(rng.random((k, n) if two_d else n), 2)  # many ties
+    w = rng.poisson(1.0, size=(k, n)).astype(float)
+    w[0] = w[0] * (1 - y)  # one resample with negatives only: undefined
+    pos, neg = w @ y, w.sum(1) - w @ y
+    want = stats._ranked_metrics(y, s, w, pos, neg, unweighted=False)
+    got = stats._ranked_metrics_torch(y, s, w, pos, neg, False, "cpu")
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-12)
+    assert np.isnan(got[0][0]) and np.isnan(got[1][0])
+
+
+def test_permutation_and_bootstrap_are_the_same_on_the_torch_path():
+    from repro import stats
+
+    rng = np.random.default_rng(4)
+    n = 600
+    y = (rng.random(n) < 0.25).astype(float)
+    a, b = y * 0.3 + rng.random(n), rng.random(n)
+    ids = np.arange(n) // 2  # two rows per patient
+    want = stats.paired_permutation_test(y, a, b, "auroc", 400, 0)
+    wb = stats.bootstrap_metrics(y, {"a": a, "b": b}, ids, ["auroc", "auprc"], n_boot=300, seed=1)
+    stats.set_stats_device("cpu")
+    try:
+        assert stats.paired_permutation_test(y, a, b, "auroc", 400, 0) == want
+        gb = stats.bootstrap_metrics(y, {"a": a, "b": b}, ids, ["auroc", "auprc"], n_boot=300, seed=1)
+    finally:
+        stats.set_stats_device("auto")
+    for m in ("a", "b"):
+        np.testing.assert_array_equal(gb[m]["auroc"], wb[m]["auroc"])
+        np.testing.assert_allclose(gb[m]["auprc"], wb[m]["auprc"], rtol=0, atol=1e-12)
