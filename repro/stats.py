@@ -159,6 +159,7 @@ def _ranked_metrics_torch(
     import torch
 
     f64 = torch.float64
+
     def put(a: np.ndarray):  # torch wants writable, contiguous arrays (broadcast views are neither)
         return torch.as_tensor(np.require(a, np.float64, ["C", "W"]), device=dev)
 

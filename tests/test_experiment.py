@@ -103,3 +103,23 @@ def test_one_pool_over_two_plans_gives_each_plan_its_own_serial_runs(prep, tmp_p
     for got, want in zip(pooled[0], serial, strict=True):
         assert (got.model, got.task) == (want.model, want.task)
         np.testing.assert_array_equal(got.predictions["score"], want.predictions["score"])
+
+
+def test_a_training_worker_keeps_its_encoded_samples_for_its_next_group(prep, tmp_path):
+    from repro import experiment as ex
+
+    ex._WORKER_TRAINER.clear()
+    args = (prep.params.to_dict(), str(prep.meds_dir), str(tmp_path))
+    ex._train_group(*args, [("count_lr", "mortality_1m", 0)])
+    (trainer,) = ex._WORKER_TRAINER.values()
+    encoded = dict(trainer._data)
+    ex._train_group(*args, [("count_lr", "mortality_1m", 1)])
+    assert list(ex._WORKER_TRAINER.values()) == [trainer]
+    assert all(trainer._data[k] is v for k, v in encoded.items())  # the second seed encoded nothing anew
+    assert {p.stem for p in (tmp_path / "runs").glob("*.pkl")} == {
+        "count_lr-mortality_1m-seed0",
+        "count_lr-mortality_1m-seed1",
+    }
+    ex._train_group(prep.params.to_dict(), str(prep.meds_dir), str(tmp_path / "other"), [])
+    assert trainer not in ex._WORKER_TRAINER.values()  # another work folder: a fresh trainer
+    ex._WORKER_TRAINER.clear()

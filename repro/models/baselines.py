@@ -53,25 +53,38 @@ class CountLogistic:
     def fit(
         self, train: Sequence[Encoded], y_train: np.ndarray, tune: Sequence[Encoded], y_tune: np.ndarray
     ) -> CountLogistic:
+        return self.fit_counts(
+            count_matrix(train, self.vocab_size), y_train, count_matrix(tune, self.vocab_size), y_tune
+        )
+
+    def fit_counts(
+        self, x_tr: sp.csr_matrix, y_train: np.ndarray, x_tu: sp.csr_matrix, y_tune: np.ndarray
+    ) -> CountLogistic:
+        """`fit` on count matrices already built (one per split serves every label of a multilabel task).
+
+        The model kept is the grid's fit at the chosen C: refitting it on the same rows would give it again.
+        """
         if len(np.unique(y_train)) < 2:
             raise ValueError("count_lr: the train labels have a single class; the task cannot be fitted")
-        x_tr = count_matrix(train, self.vocab_size)
-        x_tu = count_matrix(tune, self.vocab_size)
-        best = (-np.inf, self.grid[0])
-        for C in self.grid:
-            m = self._new(C).fit(x_tr, y_train)
+        best = (-np.inf, 0)
+        fitted = []
+        for k, C in enumerate(self.grid):
+            fitted.append(self._new(C).fit(x_tr, y_train))
             if len(np.unique(y_tune)) < 2:
                 break
-            auc = roc_auc_score(y_tune, m.predict_proba(x_tu)[:, 1])
-            best = max(best, (auc, C))
-        self.C = best[1]
-        self.model = self._new(self.C).fit(x_tr, y_train)
+            auc = roc_auc_score(y_tune, fitted[-1].predict_proba(x_tu)[:, 1])
+            best = max(best, (auc, k))  # ties: the larger C
+        self.C = self.grid[best[1]]
+        self.model = fitted[best[1]]
         return self
 
     def predict(self, items: Sequence[Encoded]) -> np.ndarray:
+        return self.predict_counts(count_matrix(items, self.vocab_size))
+
+    def predict_counts(self, x: sp.csr_matrix) -> np.ndarray:
         if self.model is None:
             raise RuntimeError("count_lr: fit before predict")
-        return self.model.predict_proba(count_matrix(items, self.vocab_size))[:, 1]
+        return self.model.predict_proba(x)[:, 1]
 
     def n_params(self) -> int:
         return self.vocab_size + 2
