@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import average_precision_score, brier_score_loss, f1_score, roc_auc_score
@@ -376,3 +377,24 @@ def test_permutation_and_bootstrap_are_the_same_on_the_torch_path():
     for m in ("a", "b"):
         np.testing.assert_array_equal(gb[m]["auroc"], wb[m]["auroc"])
         np.testing.assert_allclose(gb[m]["auprc"], wb[m]["auprc"], rtol=0, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_rank_metrics_on_cuda_match_numpy():
+    from repro import stats
+
+    rng = np.random.default_rng(5)
+    y = (rng.random(3000) < 0.2).astype(float)
+    s = np.round(rng.random(3000), 3)
+    w = rng.poisson(1.0, size=(500, 3000)).astype(float)
+    pos, neg = w @ y, w.sum(1) - w @ y
+    want = (
+        stats._ranked_metrics(y, s, w, pos, neg, unweighted=False)
+        if stats.set_stats_device(None) is None
+        else None
+    )
+    stats.set_stats_device("auto")
+    got = stats._ranked_metrics_torch(y, s, w, pos, neg, False, "cuda")
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-12)
