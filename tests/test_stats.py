@@ -389,12 +389,11 @@ def test_rank_metrics_on_cuda_match_numpy():
     s = np.round(rng.random(3000), 3)
     w = rng.poisson(1.0, size=(500, 3000)).astype(float)
     pos, neg = w @ y, w.sum(1) - w @ y
-    want = (
-        stats._ranked_metrics(y, s, w, pos, neg, unweighted=False)
-        if stats.set_stats_device(None) is None
-        else None
-    )
-    stats.set_stats_device("auto")
+    stats.set_stats_device(None)  # numpy
+    try:
+        want = stats._ranked_metrics(y, s, w, pos, neg, unweighted=False)
+    finally:
+        stats.set_stats_device("auto")
     got = stats._ranked_metrics_torch(y, s, w, pos, neg, False, "cuda")
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-12)
