@@ -15,8 +15,9 @@
 # # H4: does EHRMamba handle long histories where Transformers run out of memory?
 #
 # Two measurements. First, the out-of-memory boundary: every model, at the run's size matched to
-# EHRMamba's parameter count, takes training steps at growing lengths (batch size from the parameters);
-# each length is attempted once and an out-of-memory error is recorded, not assumed. Second, accuracy on
+# EHRMamba's parameter count, takes one warm-up and one measured training step at growing lengths (batch
+# size from the parameters); each length is attempted once and an out-of-memory error is recorded, not
+# assumed. Second, accuracy on
 # long histories: EHRMamba and the Transformers are finetuned on one task with `max_len` set to each
 # allowed length (same task, seed, steps and batch size at every length, so only the context a model may
 # read changes; a run that runs out of memory is recorded as such) and scored on the held-out subjects
@@ -38,7 +39,9 @@ params = ex.load_run_params(params_file, data_dir or None)
 prep = ex.prepare(params, data_dir or None)
 eff = params.efficiency
 n_boot, ci = params.eval.n_bootstrap, params.eval.ci
-bounds = profiling.efficiency_sweep(prep, eff.boundary_lengths, [eff.boundary_batch_size], progress=False)
+bounds = profiling.efficiency_sweep(
+    prep, eff.boundary_lengths, [eff.boundary_batch_size], progress=False, steps=(1, 1)
+)
 boundary = profiling.oom_boundary(bounds)
 memory = profiling.h4_memory_comparisons(bounds)
 runs = profiling.long_history_runs(prep, f"{run_dir}/work/long-history")

@@ -448,8 +448,14 @@ def efficiency_sweep(
     batch_sizes: Sequence[int] | None = None,
     models: Sequence[str] | None = None,
     progress: bool = True,
+    steps: tuple[int, int] | None = None,
 ) -> pd.DataFrame:
-    """The params' sweep (``efficiency.lengths`` x ``batch_sizes`` x ``models``) on the run's device."""
+    """The params' sweep (``efficiency.lengths`` x ``batch_sizes`` x ``models``) on the run's device.
+
+    ``steps``: (warm-up, timed) steps per row instead of the params' ``warmup_steps`` / ``timed_steps``;
+    the out-of-memory boundary needs one of each (the peak is reached on the first step after the
+    optimizer state exists), and its longest rows cost seconds per step.
+    """
     from repro.train import resolve_device
 
     params = prep.params
@@ -465,8 +471,8 @@ def efficiency_sweep(
         lengths or eff.lengths,
         batch_sizes or eff.batch_sizes,
         device=device,
-        warmup=eff.warmup_steps,
-        steps=eff.timed_steps,
+        warmup=eff.warmup_steps if steps is None else steps[0],
+        steps=eff.timed_steps if steps is None else steps[1],
         allow_reference=eff.allow_reference_on_cuda,
         time_budget_s=eff.time_budget_s,
         progress=progress,

@@ -415,3 +415,19 @@ def test_bench_step_run_and_summary_on_cpu(monkeypatch):
         "n/a" in bench_step.summary(rows, [32], 0, 0, 2)[0]
         and "bare: oom" in bench_step.summary(rows, [32], 0, 0, 2)[0]
     )
+
+
+def test_efficiency_sweep_takes_the_steps_it_is_given(prep, keep_threads, monkeypatch):
+    """The boundary sweep asks for one warm-up and one timed step instead of the params' counts."""
+    seen = []
+    real = profiling.time_step
+
+    def counting(step, device, warmup=2, steps=5):
+        seen.append((warmup, steps))
+        return real(step, device, warmup, steps)
+
+    monkeypatch.setattr(profiling, "time_step", counting)
+    profiling.efficiency_sweep(prep, [16], [2], ["ehrmamba"], progress=False, steps=(1, 1))
+    eff = prep.params.efficiency
+    profiling.efficiency_sweep(prep, [16], [2], ["ehrmamba"], progress=False)
+    assert seen == [(1, 1), (eff.warmup_steps, eff.timed_steps)]
