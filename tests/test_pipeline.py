@@ -218,3 +218,12 @@ def test_gpu_trace_is_written_whole_and_replaced(tmp_path):
     mon.samples = [(50.0, 10.0)]
     mon.write_trace(path)
     assert path.read_text().splitlines() == ["seconds,gpu_busy_pct,gpu_mem_mib", "0.0,50,10"]
+
+
+def test_prepare_checks_the_data_like_run(tmp_path, capsys):
+    root = _bad_meds(tmp_path, "nosplit")
+    assert main(["prepare", "params/smoke.yaml", "--data", str(root)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("repro: error: ") and "no subjects in the 'train' split" in err and "\n" not in err
+    assert main(["prepare", str(tmp_path / "none.yaml")]) == 2
+    assert "params file not found" in capsys.readouterr().err
