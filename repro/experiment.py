@@ -463,19 +463,18 @@ class Trainer:
         if name == "count_lr":
             from repro.models.baselines import CountLogistic, count_matrix
 
-            tr_full = tr_items
-            tu_full, tu_df = self._samples(task, meds.tuning_split, max_len=full)
-            scored = [(tu_full, tu_df), self._samples(task, meds.held_out_split, max_len=full)]
             vocab = self.prep.tokenizer.vocab_size
-            x_tr, x_tu = count_matrix(tr_full, vocab), count_matrix(tu_full, vocab)  # once for every label
+            tu_items, tu_df = self._samples(task, meds.tuning_split, max_len=full)
+            ho_items, ho_df = self._samples(task, meds.held_out_split, max_len=full)
+            # one count matrix per split serves every label (conditions has 20)
+            x_tr, x_tu = count_matrix(tr_items, vocab), count_matrix(tu_items, vocab)
             fitted = [
                 CountLogistic(vocab, seed=seed).fit_counts(
                     x_tr, tr_df[c].to_numpy(), x_tu, tu_df[c].to_numpy()
                 )
                 for c in cols
             ]
-            for items, df in scored:
-                x = x_tu if items is tu_full else count_matrix(items, vocab)
+            for x, df in ((x_tu, tu_df), (count_matrix(ho_items, vocab), ho_df)):
                 frames.append(long_predictions(df, np.column_stack([m.predict_counts(x) for m in fitted])))
             pre = ft = None
             n_params, kernel = sum(m.n_params() for m in fitted), "sklearn"

@@ -208,13 +208,18 @@ def prepare_data(params_file: str, data_dir: str | None = None) -> list[str]:
     from repro.representations import prepare_variants
 
     params = load_run_params(Path(params_file).resolve(), data_dir)
-    check_data(None if params.data.synthetic else params.data.meds_dir)
+    _ready_data(params, data_dir)
+    return prepare_variants(params, data_dir)
+
+
+def _ready_data(params, data_dir: str | None) -> None:
+    """Validate user data, or generate the synthetic cohort once; then label and tokenize it (cached)."""
+    check_data(None if params.data.synthetic else params.data.meds_dir)  # load_run_params put --data there
     if not data_dir and params.data.synthetic and not params.data.meds_dir:
         from repro.experiment import ensure_meds
 
-        ensure_meds(params)
+        ensure_meds(params)  # generate the synthetic cohort once, with a progress bar in the terminal
     _check_cohort(params, data_dir)
-    return prepare_variants(params, data_dir)
 
 
 def _check_target(final: Path, force: bool) -> None:
@@ -258,12 +263,7 @@ def run(
     if resume and not (failed / "manifest.json").exists():
         raise RunError(f"--resume: no failed run to resume at {failed}")
     _check_device(params, params_path)
-    check_data(None if params.data.synthetic else params.data.meds_dir)  # load_run_params put --data there
-    if not data_dir and params.data.synthetic and not params.data.meds_dir:
-        from repro.experiment import ensure_meds
-
-        ensure_meds(params)  # generate the synthetic cohort once, with a progress bar in the terminal
-    _check_cohort(params, data_dir)
+    _ready_data(params, data_dir)
 
     staging = outputs / f".staging-{name}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)

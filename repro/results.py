@@ -104,9 +104,9 @@ def seed_spread(preds: pd.DataFrame) -> pd.DataFrame:
     return aggregate_seeds(pd.DataFrame(rows), ["model", "task"])
 
 
-def _evaluate_job(job: tuple) -> dict | None:
-    """One model's metrics on one task (model None: the oracle's, where the true probability is known)."""
-    t, model, n_boot, ci = job
+def _evaluate(t: pd.DataFrame, model: str | None, n_boot: int, ci: float) -> dict | None:
+    """One model's metrics on one task's frame (model None: the oracle's, where the true probability is
+    known)."""
     if model is None:
         first = t[t["model"] == t["model"].iloc[0]]
         test = first[first["split"] == meds.held_out_split]
@@ -129,14 +129,11 @@ def evaluate_all(preds: pd.DataFrame, n_boot: int, ci: float) -> dict[str, dict[
     tasks = {task: ens[ens["task"] == task] for task in dict.fromkeys(ens["task"])}
     keys = [(task, model) for task, t in tasks.items() for model in t["model"].unique()]
     keys += [(task, None) for task in tasks]  # None: the oracle
-    jobs = [
-        (tasks[task] if model is None else tasks[task][tasks[task]["model"] == model], model, n_boot, ci)
-        for task, model in keys
-    ]
     out: dict[str, dict[str, dict]] = {task: {} for task in tasks}
-    # serial on purpose: a spawned process pool was slower than this loop on the H200 node (h1: 45 s
-    # against 24 s) and on a 2-core CPU (44 s against 32 s); the resamples are memory-bound array sorts
-    for (task, model), res in zip(keys, map(_evaluate_job, jobs)):
+    # one process on purpose: a spawned process pool was slower on the H200 node (h1: 45 s against 24 s)
+    # and on a 2-core CPU (44 s against 32 s); the resamples are memory-bound array sorts
+    for task, model in keys:
+        res = _evaluate(tasks[task], model, n_boot, ci)
         if model is not None:
             out[task][label(model)] = res
         elif res is not None:
@@ -271,9 +268,8 @@ def forest_frame(evaluated: dict[str, dict[str, dict]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _compare_job(job: tuple) -> dict:
+def _compare(task: str, t: pd.DataFrame, new: str, base: str, n_boot: int, ci: float, n_perm: int) -> dict:
     """new - baseline on one task: paired bootstrap CI and paired permutation p-value."""
-    task, t, new, base, n_boot, ci, n_perm = job
     res = paired_bootstrap(t, [new, base], "auroc", n_boot=n_boot, seed=0, ci=ci, pairs=[(new, base)])
     r = res[res["kind"] == "difference"].iloc[0]
     y, subjects, scores = paired_scores(t, [new, base])
@@ -303,17 +299,15 @@ def paired_comparisons(
     resampled patients, a paired permutation p-value (patient-level swaps), Benjamini-Hochberg across every
     comparison in the frame (one notebook's family), and the verdict of VERDICT_RULE."""
     ens = seed_ensemble(preds[preds["split"] == meds.held_out_split])
-    jobs = []
+    rows = []
     for task in dict.fromkeys(ens["task"]):
         t = ens[ens["task"] == task]
         present = set(t["model"].unique())
-        jobs += [
-            (task, t[t["model"].isin([new, base])], new, base)
+        rows += [
+            _compare(task, t[t["model"].isin([new, base])], new, base, n_boot, ci, n_perm)
             for new, base in pairs
             if new in present and base in present
         ]
-
-    rows = [_compare_job((*j, n_boot, ci, n_perm)) for j in jobs]  # serial: see evaluate_all
     out = pd.DataFrame(rows)
     if out.empty:
         return out

@@ -140,15 +140,13 @@ def set_stats_device(device: str | None) -> None:
 def stats_device():
     """The torch device the rank statistics run on, or None for numpy."""
     global _STATS_DEVICE
-    if _STATS_DEVICE == "auto":
-        import torch
-
-        _STATS_DEVICE = "cuda" if torch.cuda.is_available() else None
     if _STATS_DEVICE is None:
         return None
     import torch
 
-    return torch.device(_STATS_DEVICE)
+    if _STATS_DEVICE == "auto":
+        _STATS_DEVICE = "cuda" if torch.cuda.is_available() else None
+    return None if _STATS_DEVICE is None else torch.device(_STATS_DEVICE)
 
 
 def _ranked_metrics_torch(

@@ -10,7 +10,6 @@ value, 0), `mix_ids` int64 (soft: the neighbouring bin's token; equal to `input_
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -157,12 +156,15 @@ def batch_indices(
     return _epoch_batches(np.asarray(lengths), size, seed, epoch, group)[k]
 
 
-_EPOCHS: dict[tuple, np.ndarray] = {}  # the last few epochs' batches: one sort per epoch, not per step
+# the last few epochs' batches, one sort per epoch rather than per step; keyed by the lengths array's
+# identity (fit passes the same array every step), which is checked, so equal arrays only cost a re-sort
+_EPOCHS: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
 
 def _epoch_batches(lengths: np.ndarray, size: int, seed: int, epoch: int, group: int) -> np.ndarray:
-    key = (hashlib.blake2b(lengths.tobytes(), digest_size=16).hexdigest(), size, seed, epoch, group)
-    if key not in _EPOCHS:
+    key = (id(lengths), size, seed, epoch, group)
+    hit = _EPOCHS.get(key)
+    if hit is None or hit[0] is not lengths:
         rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, 1]))
         perm = rng.permutation(len(lengths))
         mega = size * group
@@ -172,5 +174,5 @@ def _epoch_batches(lengths: np.ndarray, size: int, seed: int, epoch: int, group:
         batches = ordered[: n_full * size].reshape(n_full, size)
         if len(_EPOCHS) >= 8:
             _EPOCHS.pop(next(iter(_EPOCHS)))
-        _EPOCHS[key] = batches[rng.permutation(n_full)]
-    return _EPOCHS[key]
+        hit = _EPOCHS[key] = (lengths, batches[rng.permutation(n_full)])
+    return hit[1]
