@@ -326,8 +326,12 @@ class RunParams:
     eval: EvalParams = field(default_factory=EvalParams)
     efficiency: EfficiencyParams = field(default_factory=EfficiencyParams)
     representations: RepresentationParams = field(default_factory=RepresentationParams)
+    # notebooks `repro run` may execute at once (see pipeline.STAGES); the timing notebooks always run alone
+    notebook_jobs: int = 1
 
     def __post_init__(self) -> None:
+        if self.notebook_jobs < 1:
+            raise ParamsError(f"notebook_jobs must be >= 1, got {self.notebook_jobs}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ParamsError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if not self.seeds:

@@ -30,6 +30,16 @@ NOTEBOOKS = (
     "90_verdicts",
 )
 REPORT_FILES = ("report.qmd", "_quarto.yml")
+# Notebooks that run at the same time when params.notebook_jobs > 1; each stage starts once the one before
+# it has finished. 03 and 05 reuse the runs 01 trained; 02 and 04 time training steps, so they have the
+# GPU to themselves; 90 reads every other notebook's results.
+STAGES = (
+    ("00_cohort", "01_accuracy"),
+    ("03_mpf", "05_representations"),
+    ("02_efficiency",),
+    ("04_long_sequences",),
+    ("90_verdicts",),
+)
 
 
 class RunError(RuntimeError):
@@ -53,6 +63,54 @@ def select_notebooks(wanted: list[str]) -> tuple[str, ...]:
             raise ParamsError(f"--notebooks: {w!r} {why}; choose from {', '.join(NOTEBOOKS)}")
         chosen.add(hits[0])
     return tuple(nb for nb in NOTEBOOKS if nb in chosen)
+
+
+def plan(notebooks: tuple[str, ...], jobs: int) -> list[tuple[str, ...]]:
+    """The groups `repro run` executes one after another, the notebooks of a group at the same time.
+
+    >>> plan(("00_cohort", "01_accuracy", "02_efficiency"), 1)
+    [('00_cohort',), ('01_accuracy',), ('02_efficiency',)]
+    >>> plan(NOTEBOOKS, 2)[:3]
+    [('00_cohort', '01_accuracy'), ('03_mpf', '05_representations'), ('02_efficiency',)]
+    """
+    if jobs == 1:
+        return [(nb,) for nb in notebooks]
+    groups = []
+    for stage in STAGES:
+        chosen = [nb for nb in stage if nb in notebooks]
+        groups += [tuple(chosen[i : i + jobs]) for i in range(0, len(chosen), jobs)]
+    staged = {nb for stage in STAGES for nb in stage}
+    return groups + [(nb,) for nb in notebooks if nb not in staged]
+
+
+def _execute_group(
+    group: tuple[str, ...], root: Path, staging: Path, parameters: dict
+) -> tuple[dict[str, dict], RunError | None]:
+    """Run a group's notebooks, each in its own process when there are several (papermill changes the
+    working directory of the process it runs in, and an interrupt must reach every notebook's kernel).
+    Returns what finished and the first failure, so the manifest keeps the notebooks that did finish."""
+
+    def args(nb: str) -> tuple:
+        return nb, root / "notebooks" / f"{nb}.py", staging / "notebooks" / f"{nb}.ipynb", parameters, root
+
+    if len(group) == 1:
+        try:
+            return {group[0]: _execute(*args(group[0]))}, None
+        except RunError as exc:
+            return {}, exc
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    finished: dict[str, dict] = {}
+    error: RunError | None = None
+    with ProcessPoolExecutor(len(group), mp_context=mp.get_context("spawn")) as pool:
+        futures = {nb: pool.submit(_execute, *args(nb)) for nb in group}
+        for nb, future in futures.items():
+            try:
+                finished[nb] = future.result()
+            except RunError as exc:
+                error = error or exc
+    return finished, error
 
 
 def _notebook_json(py_path: Path, out_path: Path) -> None:
@@ -268,6 +326,7 @@ def run(
     staging = outputs / f".staging-{name}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     done: dict[str, dict] = {}
+    groups_done: list[dict] = []  # notebooks run together, with the group's wall time and GPU-busy share
     if resume:
         import json
 
@@ -282,6 +341,7 @@ def run(
             for nb, info in before.get("notebooks", {}).items()
             if (staging / "notebooks" / f"{nb}.ipynb").exists()
         }
+        groups_done = [g for g in before.get("groups", []) if set(g["notebooks"]) <= set(done)]
     (staging / "notebooks").mkdir(parents=True, exist_ok=True)
     manifest = {
         "run": name,
@@ -295,20 +355,37 @@ def run(
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "environment": environment(),
         "notebooks": dict(done),
+        "groups": groups_done,
     }
     parameters = {"params_file": str(params_path), "run_dir": str(staging), "data_dir": data_dir or ""}
+    todo = tuple(nb for nb in notebooks if nb not in done)
     t_run = time.perf_counter()
     try:
-        bar = tqdm(notebooks, desc=f"repro run {name}", unit="notebook", file=sys.stderr)
-        for nb in bar:
-            if nb in done:
-                bar.set_postfix_str(f"{nb} (done before --resume)")
-                continue
-            bar.set_postfix_str(nb)
-            manifest["notebooks"][nb] = _execute(
-                nb, root / "notebooks" / f"{nb}.py", staging / "notebooks" / f"{nb}.ipynb", parameters, root
-            )
+        from repro.gpu_monitor import GpuMonitor
+
+        bar = tqdm(
+            total=len(notebooks),
+            initial=len(notebooks) - len(todo),
+            desc=f"repro run {name}",
+            unit="notebook",
+            file=sys.stderr,
+        )
+        for group in plan(todo, params.notebook_jobs):
+            bar.set_postfix_str(" + ".join(group))
+            t0 = time.perf_counter()
+            with GpuMonitor() as monitor:  # the group's own: its notebooks' traces overlap
+                finished, error = _execute_group(group, root, staging, parameters)
+            manifest["notebooks"].update(finished)
+            if not error:
+                manifest["groups"].append(
+                    {"notebooks": list(group), "seconds": round(time.perf_counter() - t0, 1)}
+                    | (monitor.summary() or {})
+                )
             save_json(manifest, staging / "manifest.json")  # what --resume may skip
+            bar.update(len(finished))
+            if error:
+                raise error
+        bar.close()
         manifest["seconds_notebooks"] = round(time.perf_counter() - t_run, 1)
         manifest["kernel_paths"] = _kernel_paths(staging / "results")
         save_json(manifest, staging / "manifest.json")

@@ -125,32 +125,36 @@ def run_table(params, env: dict, sha: str | None) -> pd.DataFrame:
 def timing_table(manifest: dict) -> pd.DataFrame:
     """Wall time per notebook from the run manifest, with the GPU-busy share where a GPU was sampled.
 
-    The verdicts notebook reads the manifest while it runs, so its own row and the render are absent.
+    Notebooks that ran at the same time (params.notebook_jobs) say so; the total then counts their group's
+    wall time once. The verdicts notebook reads the manifest while it runs, so its own row and the render
+    are absent.
     """
+    notebooks = manifest.get("notebooks", {})
+    groups = manifest.get("groups") or [{"notebooks": [nb], **info} for nb, info in notebooks.items()]
+    alongside = {nb: [o for o in g["notebooks"] if o != nb] for g in groups for nb in g["notebooks"]}
     rows = []
-    for nb, info in manifest.get("notebooks", {}).items():
+    for nb, info in notebooks.items():
         busy = info.get("gpu_busy_share")
         peak = info.get("gpu_mem_peak_mib")
         rows.append(
             {
                 "notebook": nb,
+                "ran alongside": ", ".join(alongside.get(nb, [])),
                 "wall time": f"{info['seconds']:,.0f} s",
                 "GPU busy": "—" if busy is None else f"{100 * busy:.0f} %",
                 "GPU memory peak": "—" if peak is None else f"{peak / 1024:.1f} GiB",
             }
         )
-    total = sum(info["seconds"] for info in manifest.get("notebooks", {}).values())
-    busy_s = [
-        info["seconds"] * info["gpu_busy_share"]
-        for info in manifest.get("notebooks", {}).values()
-        if info.get("gpu_busy_share") is not None
-    ]
+    total = sum(g["seconds"] for g in groups)
+    busy_s = [g["seconds"] * g["gpu_busy_share"] for g in groups if g.get("gpu_busy_share") is not None]
     rows.append(
         {
             "notebook": "all of the above",
+            "ran alongside": "",
             "wall time": f"{total:,.0f} s",
             "GPU busy": f"{100 * sum(busy_s) / total:.0f} %" if busy_s and total else "—",
             "GPU memory peak": "",
         }
     )
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    return table if any(alongside.values()) else table.drop(columns="ran alongside")

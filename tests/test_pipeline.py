@@ -191,6 +191,57 @@ def test_resume_reruns_only_the_notebook_that_failed(tmp_path, monkeypatch):
         pipeline.run(str(params), render=False, notebooks=("a", "b"), resume=True, force=True)
 
 
+def test_plan_runs_every_notebook_once_and_timing_notebooks_alone():
+    from repro.pipeline import NOTEBOOKS, plan
+
+    for jobs in (1, 2, 3):
+        groups = plan(NOTEBOOKS, jobs)
+        flat = [nb for g in groups for nb in g]
+        assert sorted(flat) == sorted(NOTEBOOKS) and len(flat) == len(NOTEBOOKS)
+        assert max(map(len, groups)) <= jobs
+        for g in groups:  # the efficiency notebooks time steps: nothing may share the GPU with them
+            assert len(g) == 1 or not {"02_efficiency", "04_long_sequences"} & set(g)
+        where = {nb: i for i, g in enumerate(groups) for nb in g}
+        assert where["01_accuracy"] < where["03_mpf"] and where["01_accuracy"] < where["05_representations"]
+        assert where["90_verdicts"] == len(groups) - 1
+    assert plan(("02_efficiency", "00_cohort"), 2) == [("00_cohort",), ("02_efficiency",)]
+
+
+def test_notebooks_of_a_group_run_at_the_same_time(tmp_path, monkeypatch):
+    from repro import pipeline, summary
+
+    (tmp_path / "notebooks").mkdir()
+    head = '# %% tags=["parameters"]\nparams_file = ""\nrun_dir = ""\ndata_dir = ""\n'
+    for me, other in (("a", "b"), ("b", "a")):  # each waits for the other to start: deadlock if serial
+        (tmp_path / "notebooks" / f"{me}.py").write_text(
+            head + "# %%\nimport pathlib, time\n"
+            f"pathlib.Path({str(tmp_path / me)!r}).touch()\n"
+            f"t = time.time()\nwhile not pathlib.Path({str(tmp_path / other)!r}).exists():\n"
+            "    assert time.time() - t < 60, 'the other notebook never started'\n    time.sleep(0.1)\n"
+        )
+    (tmp_path / "notebooks" / "c.py").write_text(head + "# %%\nassert False, 'planted failure'\n")
+    for f in ("report.qmd", "_quarto.yml"):
+        (tmp_path / f).write_text("")
+    params = tmp_path / "tiny.yaml"
+    params.write_text(f"name: tiny\ndevice: cpu\nnotebook_jobs: 2\ndata:\n  meds_dir: {tmp_path}\n")
+    monkeypatch.setattr(pipeline, "project_root", lambda: tmp_path)
+    monkeypatch.setattr(pipeline, "_check_cohort", lambda params, data_dir: None)
+    monkeypatch.setattr(pipeline, "STAGES", (("a", "b"),))
+    out = pipeline.run(str(params), render=False, notebooks=("a", "b"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [g["notebooks"] for g in manifest["groups"]] == [["a", "b"]]
+    table = summary.timing_table(manifest)
+    assert list(table["ran alongside"]) == ["b", "a", ""]
+    assert table["wall time"].iloc[-1] == f"{manifest['groups'][0]['seconds']:,.0f} s"  # counted once
+    one_by_one = {"notebooks": manifest["notebooks"], "groups": [{"notebooks": ["a"], "seconds": 2.0}]}
+    assert "ran alongside" not in summary.timing_table(one_by_one)  # nothing ran together: no column
+    monkeypatch.setattr(pipeline, "STAGES", (("a", "c"),))
+    with pytest.raises(pipeline.RunError, match=r"notebook c failed in cell 3 \(AssertionError"):
+        pipeline.run(str(params), render=False, notebooks=("a", "c"), force=True)
+    failed = json.loads((tmp_path / "outputs" / "tiny.failed" / "manifest.json").read_text())
+    assert list(failed["notebooks"]) == ["a"] and failed["groups"] == []  # a finished; resume skips it
+
+
 def test_check_data_reads_every_shard_of_a_valid_directory(meds_dir):
     from repro.pipeline import check_data
 
