@@ -346,9 +346,10 @@ class Trainer:
         if prep.params.train.num_threads:
             torch.set_num_threads(prep.params.train.num_threads)
 
-    def _samples(
+    def samples(
         self, task: str, split: str, prompt: str | None = None, max_len: int | None = None
     ) -> tuple[list[Encoded], pd.DataFrame]:
+        """A split's encoded samples for `task` and their labels, encoded once per Trainer."""
         key = (task, split, prompt, max_len)
         if key not in self._data:
             self._data[key] = encode_samples(self.prep, task, split, prompt, max_len)
@@ -457,15 +458,15 @@ class Trainer:
     def _run(self, name: str, task: str, seed: int) -> ModelRun:
         t0 = time.perf_counter()
         full = self.prep.params.tokenizer.max_len * 1000 if name == "count_lr" else None  # whole history
-        tr_items, tr_df = self._samples(task, meds.train_split, max_len=full)
+        tr_items, tr_df = self.samples(task, meds.train_split, max_len=full)
         cols = label_columns(tr_df)
         frames = []
         if name == "count_lr":
             from repro.models.baselines import CountLogistic, count_matrix
 
             vocab = self.prep.tokenizer.vocab_size
-            tu_items, tu_df = self._samples(task, meds.tuning_split, max_len=full)
-            ho_items, ho_df = self._samples(task, meds.held_out_split, max_len=full)
+            tu_items, tu_df = self.samples(task, meds.tuning_split, max_len=full)
+            ho_items, ho_df = self.samples(task, meds.held_out_split, max_len=full)
             # one count matrix per split serves every label (conditions has 20)
             x_tr, x_tu = count_matrix(tr_items, vocab), count_matrix(tu_items, vocab)
             fitted = [
@@ -496,7 +497,7 @@ class Trainer:
                 desc=f"finetune {name} {task} s{seed}",
             )
             for split in (meds.tuning_split, meds.held_out_split):
-                items, df = self._samples(task, split)
+                items, df = self.samples(task, split)
                 frames.append(
                     long_predictions(
                         df, predict(model, SequenceDataset(items), self.device, tp.eval_batch_size)
@@ -523,7 +524,7 @@ class Trainer:
         model, pre = self.pretrained(name, seed)
         prompt = "last" if model.causal else "first"
         tasks = self.prep.params.tasks
-        data, spans = mpf_dataset({t: self._samples(t, meds.train_split, prompt) for t in tasks})
+        data, spans = mpf_dataset({t: self.samples(t, meds.train_split, prompt) for t in tasks})
         model.set_n_outputs(data.labels.shape[1])
         tp = self.prep.params.train
         steps = tp.finetune_steps * len(tasks)
@@ -544,7 +545,7 @@ class Trainer:
         for task in tasks:
             frames = []
             for split in (meds.tuning_split, meds.held_out_split):
-                it, df = self._samples(task, split, prompt)
+                it, df = self.samples(task, split, prompt)
                 p = predict(model, SequenceDataset(it), self.device, tp.eval_batch_size)[:, spans[task]]
                 frames.append(long_predictions(df, p))
             out[task] = ModelRun(

@@ -710,7 +710,10 @@ def at_length(prep, length: int, sizes: Mapping[str, Mapping[str, Any]] | None =
     train = dataclasses.replace(
         params.train,
         batch_size=eff.long_batch_size,
-        eval_batch_size=eff.long_batch_size,
+        # scoring batches hold as many tokens as the run's own at max_len (never fewer rows than training)
+        eval_batch_size=max(
+            eff.long_batch_size, params.train.eval_batch_size * params.tokenizer.max_len // length
+        ),
         pretrain_steps=eff.long_pretrain_steps,
         finetune_steps=eff.long_finetune_steps,
         num_threads=cpu_threads(params),
@@ -737,12 +740,12 @@ def history_tokens(prep, task: str, split: str = meds.held_out_split) -> pd.Seri
 
 def _train_and_score(trainer, prep_l, name: str, task: str, seed: int, device: torch.device):
     from repro.data.tasks import label_columns
-    from repro.experiment import encode_samples, long_predictions
+    from repro.experiment import long_predictions
     from repro.train import fit, predict
 
     tp = prep_l.params.train
     model, _ = trainer.pretrained(name, seed)
-    items, df = encode_samples(prep_l, task, meds.train_split)
+    items, df = trainer.samples(task, meds.train_split)  # encoded once per length, for every model
     cols = label_columns(df)
     model.set_n_outputs(len(cols))
     fit(
@@ -757,7 +760,7 @@ def _train_and_score(trainer, prep_l, name: str, task: str, seed: int, device: t
         progress=trainer.progress,
         desc=f"finetune {name} @ {prep_l.params.tokenizer.max_len}",
     )
-    items, df = encode_samples(prep_l, task, meds.held_out_split)
+    items, df = trainer.samples(task, meds.held_out_split)
     scores = predict(model, SequenceDataset(items), device, tp.eval_batch_size)
     return model, long_predictions(df, scores)
 
