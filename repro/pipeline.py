@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from repro.config import ParamsError
 from repro.experiment import environment, git_sha, load_run_params, project_root, save_json
+from repro.notebook_exec import RunError, execute_notebook, notebook_json
 
 NOTEBOOKS = (
     "00_cohort",
@@ -40,10 +41,6 @@ STAGES = (
     ("04_long_sequences",),
     ("90_verdicts",),
 )
-
-
-class RunError(RuntimeError):
-    """A run failed; the message names the notebook and cell, or the input at fault."""
 
 
 def select_notebooks(wanted: list[str]) -> tuple[str, ...]:
@@ -95,7 +92,7 @@ def _execute_group(
 
     if len(group) == 1:
         try:
-            return {group[0]: _execute(*args(group[0]))}, None
+            return {group[0]: execute_notebook(*args(group[0]))}, None
         except RunError as exc:
             return {}, exc
     import multiprocessing as mp
@@ -104,55 +101,13 @@ def _execute_group(
     finished: dict[str, dict] = {}
     error: RunError | None = None
     with ProcessPoolExecutor(len(group), mp_context=mp.get_context("spawn")) as pool:
-        futures = {nb: pool.submit(_execute, *args(nb)) for nb in group}
+        futures = {nb: pool.submit(execute_notebook, *args(nb)) for nb in group}
         for nb, future in futures.items():
             try:
                 finished[nb] = future.result()
             except RunError as exc:
                 error = error or exc
     return finished, error
-
-
-def _notebook_json(py_path: Path, out_path: Path) -> None:
-    """Convert a py:percent notebook to .ipynb (jupytext) for papermill."""
-    import jupytext
-
-    nb = jupytext.read(py_path)
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    jupytext.write(nb, out_path, fmt="ipynb")
-
-
-def _execute(name: str, src: Path, out: Path, parameters: dict, cwd: Path) -> dict:
-    """Run one notebook; returns its wall seconds and, on a GPU node, how busy the GPU was meanwhile."""
-    import papermill as pm
-
-    from repro.gpu_monitor import GpuMonitor
-
-    tmp_in = out.with_name(f".{name}.input.ipynb")
-    _notebook_json(src, tmp_in)
-    t0 = time.perf_counter()
-    monitor = GpuMonitor()
-    try:
-        with monitor:
-            pm.execute_notebook(
-                str(tmp_in),
-                str(out),
-                parameters=parameters,
-                kernel_name="python3",
-                language="python",
-                cwd=str(cwd),
-                progress_bar=False,
-                log_output=False,
-            )
-    except pm.PapermillExecutionError as exc:
-        raise RunError(
-            f"notebook {name} failed in cell {exc.exec_count} ({exc.ename}: {exc.evalue}); "
-            f"the partial executed copy is {out}"
-        ) from None
-    finally:
-        tmp_in.unlink(missing_ok=True)
-        monitor.write_trace(out.parent.parent / "results" / f"gpu-trace-{name}.csv")
-    return {"seconds": round(time.perf_counter() - t0, 1), **(monitor.summary() or {})}
 
 
 def _kernel_paths(results_dir: Path) -> list[str]:
@@ -218,7 +173,7 @@ def dry_run(
     with tempfile.TemporaryDirectory() as tmp:
         for nb in notebooks:
             src, nb_in = root / "notebooks" / f"{nb}.py", Path(tmp) / f"{nb}.ipynb"
-            _notebook_json(src, nb_in)
+            notebook_json(src, nb_in)
             found = set(pm.inspect_notebook(str(nb_in)))
             missing = [k for k in PARAMETERS if k not in found]
             if missing:
