@@ -374,17 +374,24 @@ class Trainer:
             self._kwargs[name] = kw
         return self._kwargs[name]
 
-    def _build(self, name: str):
+    def build(self, name: str, seed: int):
+        """A fresh `name` initialised from `seed`.
+
+        Its size is settled before seeding: matching it to EHRMamba builds models too, which would
+        otherwise shift the initialisation the first time only, so a run's weights would depend on what
+        its process had built before (the pool's schedule, `train.workers`).
+        """
         from repro.models.registry import build_model
 
-        return build_model(name, self.prep.tokenizer.vocab_size, **self.build_kwargs(name))
+        kwargs = self.build_kwargs(name)
+        torch.manual_seed(seed)
+        return build_model(name, self.prep.tokenizer.vocab_size, **kwargs)
 
     def pretrained(self, name: str, seed: int):
         """Backbone `name` after its pretraining objective (CLM causal, MLM encoders, none for the LSTM)."""
         key = (name, seed)
         if key not in self._pretrained:
-            torch.manual_seed(seed)
-            model = self._build(name)
+            model = self.build(name, seed)
             objective = getattr(model.backbone, "pretrain_objective", "clm" if model.causal else "mlm")
             res = None
             tp = self.prep.params.train
@@ -412,8 +419,7 @@ class Trainer:
                 res,
             )
         state, res = self._pretrained[key]
-        torch.manual_seed(seed)
-        model = self._build(name)
+        model = self.build(name, seed)
         model.load_state_dict(state)
         return model, res
 

@@ -400,8 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank != 0:
             prep = prepare(params, args.data)  # a cache hit: rank 0 wrote it
         trainer = Trainer(prep, Path(args.out).parent, progress=False)
-        torch.manual_seed(args.seed)
-        model = trainer._build(args.model)
+        model = trainer.build(args.model, args.seed)
         objective = getattr(model.backbone, "pretrain_objective", "clm" if model.causal else "mlm")
         steps = args.steps or params.train.pretrain_steps
         data = SequenceDataset(pretrain_samples(prep))

@@ -85,6 +85,19 @@ def test_trainer_runs_every_task_and_caches(prep, tmp_path):
     assert mpf["conditions"].predictions["target"].nunique() == 20
 
 
+def test_initial_weights_do_not_depend_on_what_the_trainer_built_before(prep, tmp_path):
+    """Matching a backbone's size to EHRMamba builds models; a worker that matched it for an earlier group
+    must still initialise the next seed's model exactly as a fresh worker does (seen: the smoke run's
+    later seeds changed with the pool's schedule)."""
+    assert prep.params.match_params
+    fresh = Trainer(prep, tmp_path / "a", progress=False).build("transformer", 1)
+    reused = Trainer(prep, tmp_path / "b", progress=False)
+    reused.build("transformer", 0)  # an earlier group settled the size (and drew from the RNG)
+    again = reused.build("transformer", 1)
+    state = fresh.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in again.state_dict().items())
+
+
 def test_one_pool_over_two_plans_gives_each_plan_its_own_serial_runs(prep, tmp_path):
     """Notebook 05 trains several prepared datasets in one pool; each plan must get the runs a serial
     run_all over its own work folder gives (count_lr: no GPU, quick in worker processes)."""
