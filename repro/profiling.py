@@ -773,7 +773,6 @@ def long_history_runs(prep, work_dir: str | Path, progress: bool = False) -> lis
     sweeps unless ``efficiency.allow_reference_on_cuda``.
     """
     from repro.experiment import Trainer
-    from repro.models.registry import build_model
 
     eff = prep.params.efficiency
     sizes = matched_kwargs(prep, eff.long_models)
@@ -786,7 +785,7 @@ def long_history_runs(prep, work_dir: str | Path, progress: bool = False) -> lis
             run = LengthRun(name, length, OK, "-", 0, 0.0, float("nan"), None)
             model = None
             try:
-                model = build_model(name, prep.tokenizer.vocab_size, **trainer.build_kwargs(name)).to(device)
+                model = trainer.build(name, eff.long_seed).to(device)
                 run.n_params, path = model.n_params(), probe_kernel_path(model, device)
                 ref = device.type == "cuda" and is_reference(path)
                 run.kernel_path = f"{path} {REFERENCE_LABEL}" if ref else (path or "-")
