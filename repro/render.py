@@ -704,13 +704,20 @@ def _common_args(doc: _Document) -> list[str]:
 
 def _typst_tables(blocks: list[dict]) -> list[dict]:
     """Make tables fit the PDF page: smaller font for wide ones, and long ``snake_case`` or ``a/b`` words
-    (column names) may break after ``_`` and ``/``, which typst would otherwise never do."""
+    (column names) may break after ``_`` and ``/``, which typst would otherwise never do.
+
+    Column widths are left to typst (``auto``). Pandoc sizes a long pipe table's columns by the lengths of
+    its ``---`` rules, so a short column beside a long prose one (``verdict`` beside ``evidence``) got 5 %
+    of the page and its words ran into the next column; typst's auto columns keep short columns whole and
+    share the rest among the long ones, as a browser does."""
 
     def visit(node: Any) -> Any:
         if isinstance(node, list):
             out = []
             for item in node:
                 if isinstance(item, dict) and item.get("t") == "Table":
+                    for colspec in item["c"][2]:
+                        colspec[1] = {"t": "ColWidthDefault"}
                     for inline in _iter_nodes(item["c"][3:]):
                         if inline.get("t") == "Str" and len(inline["c"]) > 8:
                             inline["c"] = re.sub(r"(?<=[_/])(?=.)", "\u200b", inline["c"])

@@ -208,3 +208,20 @@ def test_uncaptioned_figure_is_an_error(run_dir: Path, png: str) -> None:
     nbformat.write(nb, run_dir / "notebooks" / "demo.ipynb")
     with pytest.raises(RenderError, match=r"report\.qmd:26: .*fig-demo.*fig-cap"):
         render_report(run_dir / "report.qmd", run_dir, formats=("html",), engine="offline")
+
+
+def test_pdf_tables_leave_column_widths_to_typst() -> None:
+    """A long pipe table gets widths from its ``---`` rules in pandoc, which squeezed a short ``verdict``
+    column beside a long ``evidence`` one until its words overlapped the next column in the PDF."""
+    import json
+
+    pandoc = render._pandoc_path()
+    md = (
+        "| id | verdict | evidence |\n|:--|:--|:--|\n"
+        + f"| H4 (memory) | inconclusive | {'long prose ' * 20}|\n"
+    )
+    ast = json.loads(render._pandoc(pandoc, md, "markdown", "json"))
+    assert "%" in render._pandoc(pandoc, json.dumps(ast), "json", "typst")  # pandoc's own relative widths
+    ast["blocks"] = render._typst_tables(ast["blocks"])
+    typ = render._pandoc(pandoc, json.dumps(ast), "json", "typst")
+    assert "columns: 3," in typ and "%" not in typ
