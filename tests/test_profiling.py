@@ -236,7 +236,7 @@ def test_oom_boundary_and_h4_memory_come_from_measured_rows():
     b = profiling.oom_boundary(rows).set_index("model")
     assert (
         b.loc["ehrmamba", "longest length trained"] == 65536
-        and b.loc["ehrmamba", "failure"] == "none up to 65536"
+        and b.loc["ehrmamba", "failure"] == "no failure up to 65536"
     )
     assert b.loc["cehr_bert", "longest length trained"] == 16384
     assert b.loc["cehr_bert", "first length that failed"] == 65536 and b.loc["cehr_bert", "failure"] == "oom"

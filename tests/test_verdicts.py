@@ -46,7 +46,7 @@ def test_verdict_table_reads_each_notebook_and_marks_missing_ones(tmp_path):
             "h4_accuracy_overall": "inconclusive",
             "subgroup": {"n_subjects": 40, "threshold": 1024},
             "boundary": [
-                {"model": "ehrmamba", "longest length trained": 65536, "failure": "none up to 65536"},
+                {"model": "ehrmamba", "longest length trained": 65536, "failure": "no failure up to 65536"},
                 {"model": "cehr_bert", "longest length trained": 16384, "failure": "oom"},
             ],
         },
@@ -59,7 +59,7 @@ def test_verdict_table_reads_each_notebook_and_marks_missing_ones(tmp_path):
     assert t.loc["H3", "verdict"] == "inconclusive"  # one backbone for, one against
     assert (
         t.loc["H4 (memory)", "evidence"]
-        == "ehrmamba: longest 65536 (none up to 65536); cehr_bert: longest 16384 (oom)"
+        == "ehrmamba: longest 65536 (no failure up to 65536); cehr_bert: longest 16384 (oom)"
     )
     line = verdicts.abstract_line(t.reset_index())
     assert line.startswith(
