@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy.stats import rankdata
 
 MetricFn = str | Callable[[np.ndarray, np.ndarray], float]
 
@@ -31,7 +32,7 @@ _MAX_CELLS = 1_000_000
 VERDICT_RULE = (
     "Let d = new - baseline (for metrics where lower is better, baseline - new), with its paired bootstrap CI "
     "[lo, hi] (patients resampled) and p_adj, the Benjamini-Hochberg adjusted p-value of a paired permutation "
-    "test (the two models' scores swapped within a random half of the patients). "
+    "test (the two models' within-model score ranks swapped within a random half of the patients). "
     "Supported: lo > margin and p_adj < alpha (the whole CI shows an improvement larger than the margin, "
     "and the improvement survives the multiple-comparison correction). "
     "Not supported: hi < margin and, when the margin is 0, p_adj < alpha (the CI rules out an improvement as "
@@ -612,15 +613,25 @@ def paired_permutation_test(
     n_perm: int = 2000,
     seed: int = 0,
     clusters=None,
+    ranks: bool | None = None,
 ) -> float:
     """Two-sided paired permutation p-value for metric(a) - metric(b) != 0.
 
     Under the null the two models are exchangeable within a patient, so each permutation swaps the two
     models' scores for all rows of a random half (coin flip per cluster; per row when clusters is None).
     p = (b + 1) / (n_perm + 1), b = #{|d_perm| >= |d_obs|}. nan if the metric is undefined on the data.
+
+    ranks (default: True for "auroc" and "auprc"): swap each model's within-model ranks (rank / n, ties
+    averaged) instead of its raw scores, as Venkatraman and Begg's paired ROC test does. Rank metrics do
+    not change under a monotone map of one model's scores, so d_obs stays the same; raw scores on two
+    scales (one model's probabilities shifted) would make every swapped arm a mix of scales, widen the null
+    and inflate p (a pure shift of one model took p from 0.05 to 0.69 in a check). Keep ranks=False for
+    metrics that read the scores' scale (Brier).
     """
     y, sa = check_binary_inputs(y, score_a)
     _, sb = check_binary_inputs(y, score_b)
+    if metric_fn in ("auroc", "auprc") if ranks is None else ranks:
+        sa, sb = _unit_ranks(sa), _unit_ranks(sb)
     codes, n_clusters = _cluster_codes(clusters, y.shape[0])
     d_obs = float(metric_values(y, sa, metric_fn)[0] - metric_values(y, sb, metric_fn)[0])
     if np.isnan(d_obs):
@@ -652,6 +663,11 @@ def paired_permutation_test(
             )
         hits += int((np.abs(d) >= abs(d_obs) - tol).sum())
     return (hits + 1) / (n_perm + 1)
+
+
+def _unit_ranks(s: np.ndarray) -> np.ndarray:
+    """Ranks scaled to (0, 1], ties averaged: the same order and ties as s, on one scale for every model."""
+    return rankdata(s, method="average") / s.shape[0]
 
 
 def _permutation_auroc(y, sa, sb, codes, n_clusters, n_perm, rng, d_obs: float, tol: float) -> float:
@@ -722,7 +738,7 @@ def verdict(
 
     Let d = new - baseline (for metrics where lower is better, baseline - new), with its paired bootstrap CI
     [lo, hi] (patients resampled) and p_adj, the Benjamini-Hochberg adjusted p-value of a paired permutation
-    test (the two models' scores swapped within a random half of the patients). Supported: lo > margin and p_adj < alpha (the
+    test (the two models' within-model score ranks swapped within a random half of the patients). Supported: lo > margin and p_adj < alpha (the
     whole CI shows an improvement larger than the margin, and the improvement survives the multiple-comparison
     correction). Not supported: hi < margin and, when the margin is 0, p_adj < alpha (the CI rules out an
     improvement as large as the margin; with margin 0 the baseline is significantly better after the same

@@ -251,7 +251,7 @@ def test_permutation_test_callable_matches_named():
     y, s, subj = _data(n=80, n_subjects=30)
     other = np.clip(s + np.random.default_rng(0).normal(0, 0.2, 80), 0, 1)
     p_named = paired_permutation_test(y, s, other, "auroc", n_perm=40, seed=2, clusters=subj)
-    p_call = paired_permutation_test(y, s, other, roc_auc_score, n_perm=40, seed=2, clusters=subj)
+    p_call = paired_permutation_test(y, s, other, roc_auc_score, n_perm=40, seed=2, clusters=subj, ranks=True)
     assert p_named == pytest.approx(p_call)
 
 
@@ -266,7 +266,7 @@ def test_permutation_test_rank_metrics_equal_sklearn_on_tied_scores(metric):
     clusters = rng.integers(0, 120, n)
     fn = {"auroc": roc_auc_score, "auprc": average_precision_score}[metric]
     p_named = paired_permutation_test(y, a, b, metric, n_perm=300, seed=4, clusters=clusters)
-    p_call = paired_permutation_test(y, a, b, fn, n_perm=300, seed=4, clusters=clusters)
+    p_call = paired_permutation_test(y, a, b, fn, n_perm=300, seed=4, clusters=clusters, ranks=True)
     assert p_named == p_call and 1 / 301 < p_named < 1  # not at either end: the comparison is not trivial
 
 
@@ -290,8 +290,35 @@ def test_cluster_kernel_auroc_equals_the_row_path_on_clustered_tied_data(monkeyp
     real = st._permutation_auroc
     monkeypatch.setattr(st, "_permutation_auroc", lambda *a_, **k: taken.append(1) or real(*a_, **k))
     p_kernel = paired_permutation_test(y, a, b, "auroc", n_perm=400, seed=5, clusters=clusters)
-    p_rows = paired_permutation_test(y, a, b, roc_auc_score, n_perm=400, seed=5, clusters=clusters)
+    p_rows = paired_permutation_test(
+        y, a, b, roc_auc_score, n_perm=400, seed=5, clusters=clusters, ranks=True
+    )
     assert taken and p_kernel == p_rows and 1 / 401 < p_kernel < 1
+
+
+@pytest.mark.parametrize("metric", ["auroc", "auprc"])
+def test_permutation_p_ignores_a_monotone_map_of_one_models_scores(metric):
+    # a rank metric is the same for sigmoid(z) and sigmoid(z + 3), so its p must be too: swapping raw
+    # scores mixed the two scales in every permuted arm (a shift took p from 0.05 to 0.69)
+    rng = np.random.default_rng(11)
+    n = 1500
+    y = (rng.random(n) < 0.15).astype(int)
+    z = rng.normal(size=n) + y
+    a = z + 0.3 * rng.normal(size=n)
+    b = z + 0.3 * np.random.default_rng(2).normal(size=n) + 0.1 * y
+    clusters = rng.integers(0, 600, n)
+    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    p = [
+        paired_permutation_test(
+            y, sig(a - 2), sig(b - 2 + shift), metric, n_perm=400, seed=1, clusters=clusters
+        )
+        for shift in (0.0, 3.0)
+    ]
+    assert p[0] == p[1] < 0.05
+    raw = paired_permutation_test(
+        y, sig(a - 2), sig(b + 1), metric, n_perm=400, seed=1, clusters=clusters, ranks=False
+    )
+    assert raw > 0.1  # the old exchange on raw scores loses the difference
 
 
 # ---------------------------------------------------------------- BH, seeds, verdicts
