@@ -82,32 +82,43 @@ def plan(notebooks: tuple[str, ...], jobs: int) -> list[tuple[str, ...]]:
 
 def _execute_group(
     group: tuple[str, ...], root: Path, staging: Path, parameters: dict
-) -> tuple[dict[str, dict], RunError | None]:
+) -> tuple[dict[str, dict], dict, RunError | None]:
     """Run a group's notebooks, each in its own process when there are several (papermill changes the
     working directory of the process it runs in, and an interrupt must reach every notebook's kernel).
-    Returns what finished and the first failure, so the manifest keeps the notebooks that did finish."""
+
+    Returns what finished, the group's manifest entry (wall time, GPU-busy share) and the first failure,
+    so the manifest keeps the notebooks that did finish. A lone notebook's entry is its own record: only a
+    group of several needs a GPU sampler of its own, as its notebooks' traces overlap.
+    """
 
     def args(nb: str) -> tuple:
         return nb, root / "notebooks" / f"{nb}.py", staging / "notebooks" / f"{nb}.ipynb", parameters, root
 
     if len(group) == 1:
         try:
-            return {group[0]: execute_notebook(*args(group[0]))}, None
+            info = execute_notebook(*args(group[0]))
         except RunError as exc:
-            return {}, exc
+            return {}, {}, exc
+        return {group[0]: info}, {"notebooks": list(group)} | info, None
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
+    from repro.gpu_monitor import GpuMonitor
+
     finished: dict[str, dict] = {}
     error: RunError | None = None
-    with ProcessPoolExecutor(len(group), mp_context=mp.get_context("spawn")) as pool:
+    t0 = time.perf_counter()
+    with GpuMonitor() as monitor, ProcessPoolExecutor(len(group), mp_context=mp.get_context("spawn")) as pool:
         futures = {nb: pool.submit(execute_notebook, *args(nb)) for nb in group}
         for nb, future in futures.items():
             try:
                 finished[nb] = future.result()
             except RunError as exc:
                 error = error or exc
-    return finished, error
+    entry = {"notebooks": list(group), "seconds": round(time.perf_counter() - t0, 1)} | (
+        monitor.summary() or {}
+    )
+    return finished, entry, error
 
 
 def _kernel_paths(results_dir: Path) -> list[str]:
@@ -316,8 +327,6 @@ def run(
     todo = tuple(nb for nb in notebooks if nb not in done)
     t_run = time.perf_counter()
     try:
-        from repro.gpu_monitor import GpuMonitor
-
         bar = tqdm(
             total=len(notebooks),
             initial=len(notebooks) - len(todo),
@@ -327,15 +336,10 @@ def run(
         )
         for group in plan(todo, params.notebook_jobs):
             bar.set_postfix_str(" + ".join(group))
-            t0 = time.perf_counter()
-            with GpuMonitor() as monitor:  # the group's own: its notebooks' traces overlap
-                finished, error = _execute_group(group, root, staging, parameters)
+            finished, entry, error = _execute_group(group, root, staging, parameters)
             manifest["notebooks"].update(finished)
             if not error:
-                manifest["groups"].append(
-                    {"notebooks": list(group), "seconds": round(time.perf_counter() - t0, 1)}
-                    | (monitor.summary() or {})
-                )
+                manifest["groups"].append(entry)
             save_json(manifest, staging / "manifest.json")  # what --resume may skip
             bar.update(len(finished))
             if error:

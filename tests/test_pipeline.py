@@ -235,6 +235,12 @@ def test_notebooks_of_a_group_run_at_the_same_time(tmp_path, monkeypatch):
     assert table["wall time"].iloc[-1] == f"{manifest['groups'][0]['seconds']:,.0f} s"  # counted once
     one_by_one = {"notebooks": manifest["notebooks"], "groups": [{"notebooks": ["a"], "seconds": 2.0}]}
     assert "ran alongside" not in summary.timing_table(one_by_one)  # nothing ran together: no column
+    lone = json.loads(
+        (pipeline.run(str(params), render=False, notebooks=("a",), force=True) / "manifest.json").read_text()
+    )
+    assert lone["groups"] == [
+        {"notebooks": ["a"], **lone["notebooks"]["a"]}
+    ]  # its own record, no second sampler
     monkeypatch.setattr(pipeline, "STAGES", (("a", "c"),))
     with pytest.raises(pipeline.RunError, match=r"notebook c failed in cell 3 \(AssertionError"):
         pipeline.run(str(params), render=False, notebooks=("a", "c"), force=True)
