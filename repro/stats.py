@@ -630,7 +630,8 @@ def paired_permutation_test(
     """
     y, sa = check_binary_inputs(y, score_a)
     _, sb = check_binary_inputs(y, score_b)
-    if metric_fn in ("auroc", "auprc") if ranks is None else ranks:
+    ranked = metric_fn in ("auroc", "auprc")  # named rank metrics: the same in any monotone map of the scores
+    if ranked if ranks is None else ranks:
         sa, sb = _unit_ranks(sa), _unit_ranks(sb)
     codes, n_clusters = _cluster_codes(clusters, y.shape[0])
     d_obs = float(metric_values(y, sa, metric_fn)[0] - metric_values(y, sb, metric_fn)[0])
@@ -641,7 +642,6 @@ def paired_permutation_test(
     hits = 0
     if metric_fn == "auroc" and _kernel_ok(y, n_clusters):
         return _permutation_auroc(y, sa, sb, codes, n_clusters, n_perm, rng, d_obs, tol)
-    ranked = metric_fn in ("auroc", "auprc")
     # Rank metrics: a permuted arm is a 0/1 weighting of the 2n stacked scores (a's rows, then b's), so one
     # sort serves every permutation and each costs cumulative sums, not a sort of its own.
     y2, s2 = np.concatenate([y, y]), np.concatenate([sa, sb])
