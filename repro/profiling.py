@@ -645,7 +645,11 @@ def oom_boundary(rows: pd.DataFrame) -> pd.DataFrame:
                 "first length that failed": int(first_fail["length"]) if first_fail is not None else np.nan,
                 "failure": first_fail["status"]
                 if first_fail is not None
-                else (f"no failure up to {int(attempted['length'].max())}" if len(attempted) else "not attempted"),
+                else (
+                    f"no failure up to {int(attempted['length'].max())}"
+                    if len(attempted)
+                    else "not attempted"
+                ),
             }
         )
     return pd.DataFrame(out)
