@@ -27,14 +27,17 @@ run_dir = "outputs/interactive"  # repro run passes its own run folder
 data_dir = ""
 
 # %%
-from repro import experiment as ex
-from repro import figures, results
+from repro.config import load_run_params
+from repro.evaluation import figures, results, significance
+from repro.evaluation.store import save_json
+from repro.training.grid import run_all
+from repro.training.prepare import prepare
 
 figures.style()
-params = ex.load_run_params(params_file, data_dir or None)
-prep = ex.prepare(params, data_dir or None)
+params = load_run_params(params_file, data_dir or None)
+prep = prepare(params, data_dir or None)
 jobs = [(m, t, s) for s in params.seeds for m in params.models for t in params.tasks]
-runs = ex.run_all(prep, f"{run_dir}/work", jobs, workers=params.train.workers)
+runs = run_all(prep, f"{run_dir}/work", jobs, workers=params.train.workers)
 preds = results.predictions_frame(runs)
 n_boot, ci = params.eval.n_bootstrap, params.eval.ci
 stat_kw = {"alpha": params.eval.alpha, "n_perm": params.eval.n_permutations}
@@ -79,7 +82,7 @@ h1 = results.h1_verdict(comparisons)
 h1_all = results.overall_verdict(comparisons["verdict"]) if len(comparisons) else "inconclusive"
 print(f"H1 headline (EHRMamba beats CEHR-BERT on mortality_1m): {h1}")
 print(f"H1 across all models and tasks: {h1_all}")
-print("Rule per comparison:", results.VERDICT_RULE)
+print("Rule per comparison:", significance.VERDICT_RULE)
 print("Rule across comparisons:", results.OVERALL_RULE)
 
 # %%
@@ -93,7 +96,7 @@ fig = figures.loss_figure(results.loss_curves(runs))
 figures.show_table(results.training_table(runs), floatfmt=".1f")
 
 # %%
-ex.save_json(
+save_json(
     {
         "h1_verdict": h1,
         "h1_overall": h1_all,

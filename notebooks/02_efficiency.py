@@ -32,21 +32,24 @@ run_dir = "outputs/interactive"  # repro run passes its own run folder
 data_dir = ""
 
 # %%
-from repro import efficiency_figures as ef
-from repro import experiment as ex
-from repro import figures, profiling, results
+from repro.config import load_run_params
+from repro.evaluation import figures, results
+from repro.evaluation.store import save_json
+from repro.profiling import figures as ef
+from repro.profiling import scaling, sweep
+from repro.training.prepare import prepare, pretrain_samples
 
 figures.style()
-params = ex.load_run_params(params_file, data_dir or None)
-prep = ex.prepare(params, data_dir or None)
-rows = profiling.efficiency_sweep(prep, progress=False)
-slopes = profiling.scaling_slopes(rows)
-samples = ex.pretrain_samples(prep)
-epoch_rows = profiling.efficiency_sweep(
+params = load_run_params(params_file, data_dir or None)
+prep = prepare(params, data_dir or None)
+rows = sweep.efficiency_sweep(prep, progress=False)
+slopes = scaling.scaling_slopes(rows)
+samples = pretrain_samples(prep)
+epoch_rows = sweep.efficiency_sweep(
     prep, [params.tokenizer.max_len], [params.train.batch_size], progress=False
 )
-epochs = profiling.epoch_estimates(epoch_rows, len(samples), sum(len(s) for s in samples))
-comparisons = profiling.h2_comparisons(rows)
+epochs = scaling.epoch_estimates(epoch_rows, len(samples), sum(len(s) for s in samples))
+comparisons = scaling.h2_comparisons(rows)
 print("devices:", ", ".join(sorted(set(rows["device"]))), "| timers:", ", ".join(sorted(set(rows["timer"]))))
 print("row status counts:", rows["status"].value_counts().to_dict())
 
@@ -76,11 +79,11 @@ figures.show_table(ef.epoch_table(epochs))
 figures.show_table(ef.comparison_table(comparisons), floatfmt=".2f")
 h2 = results.overall_verdict(comparisons["verdict"]) if len(comparisons) else "inconclusive"
 print(f"H2 (EHRMamba uses less training time and memory than the Transformers as length grows): {h2}")
-print("Rule per comparison:", profiling.H2_RULE)
+print("Rule per comparison:", scaling.H2_RULE)
 print("Rule across comparisons:", results.OVERALL_RULE)
 
 # %%
-ex.save_json(
+save_json(
     {
         "h2_verdict": h2,
         "comparisons": comparisons.to_dict(orient="records"),

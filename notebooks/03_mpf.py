@@ -25,14 +25,17 @@ run_dir = "outputs/interactive"  # repro run passes its own run folder
 data_dir = ""
 
 # %%
-from repro import experiment as ex
-from repro import figures, results
+from repro.config import load_run_params
+from repro.evaluation import figures, results
+from repro.evaluation.store import save_json
+from repro.training.grid import run_all
+from repro.training.prepare import prepare
 
 figures.style()
-params = ex.load_run_params(params_file, data_dir or None)
-prep = ex.prepare(params, data_dir or None)
+params = load_run_params(params_file, data_dir or None)
+prep = prepare(params, data_dir or None)
 jobs = [(m, t, s) for s in params.seeds for m in params.mpf_models for t in [*params.tasks, "mpf"]]
-done = ex.run_all(prep, f"{run_dir}/work", jobs, workers=params.train.workers)
+done = run_all(prep, f"{run_dir}/work", jobs, workers=params.train.workers)
 runs = [r for d in done for r in (d.values() if isinstance(d, dict) else [d])]
 preds = results.predictions_frame(runs)
 n_boot, ci = params.eval.n_bootstrap, params.eval.ci
@@ -57,7 +60,7 @@ print("Rule:", results.OVERALL_RULE)
 fig = figures.delta_figure(comparisons, "ΔAUROC (MPF − single-task)")
 
 # %%
-ex.save_json(
+save_json(
     {
         "h3_verdicts": verdicts,
         "comparisons": results.comparison_table(comparisons, ci).to_dict(orient="records"),

@@ -30,24 +30,27 @@ run_dir = "outputs/interactive"  # repro run passes its own run folder
 data_dir = ""
 
 # %%
-from repro import efficiency_figures as ef
-from repro import experiment as ex
-from repro import figures, profiling, results
+from repro.config import load_run_params
+from repro.evaluation import figures, results, significance
+from repro.evaluation.store import save_json
+from repro.profiling import figures as ef
+from repro.profiling import long_history, scaling, sweep
+from repro.training.prepare import prepare
 
 figures.style()
-params = ex.load_run_params(params_file, data_dir or None)
-prep = ex.prepare(params, data_dir or None)
+params = load_run_params(params_file, data_dir or None)
+prep = prepare(params, data_dir or None)
 eff = params.efficiency
 n_boot, ci = params.eval.n_bootstrap, params.eval.ci
-bounds = profiling.efficiency_sweep(
+bounds = sweep.efficiency_sweep(
     prep, eff.boundary_lengths, [eff.boundary_batch_size], progress=False, steps=(1, 1)
 )
-boundary = profiling.oom_boundary(bounds)
-memory = profiling.h4_memory_comparisons(bounds)
-runs = profiling.long_history_runs(prep, f"{run_dir}/work/long-history")
-history = profiling.history_tokens(prep, eff.long_task)
-table = profiling.long_history_auroc(runs, history, eff.long_history_tokens, n_boot, ci, eff.long_task)
-comparisons = profiling.h4_accuracy_comparisons(
+boundary = scaling.oom_boundary(bounds)
+memory = scaling.h4_memory_comparisons(bounds)
+runs = long_history.long_history_runs(prep, f"{run_dir}/work/long-history")
+history = long_history.history_tokens(prep, eff.long_task)
+table = long_history.long_history_auroc(runs, history, eff.long_history_tokens, n_boot, ci, eff.long_task)
+comparisons = long_history.h4_accuracy_comparisons(
     runs,
     history,
     eff.long_history_tokens,
@@ -74,7 +77,7 @@ figures.show_table(ef.boundary_table(boundary))
 figures.show_table(ef.comparison_table(memory))
 h4_memory = results.overall_verdict(memory["verdict"]) if len(memory) else "inconclusive"
 print(f"H4 memory (Transformers run out of memory where EHRMamba trains): {h4_memory}")
-print("Rule:", profiling.H4_MEMORY_RULE)
+print("Rule:", scaling.H4_MEMORY_RULE)
 
 # %%
 #| label: fig-long-history
@@ -90,14 +93,14 @@ figures.show_table(ef.long_history_table(table, ci))
 #| label: tbl-h4
 #| tbl-cap: "H4, accuracy: EHRMamba at the longest length it trained at minus each Transformer at the longest length it trained at, held-out AUROC on the long-history subgroup (same resampled patients), paired permutation p-values with their Benjamini-Hochberg adjustment, and the computed verdict."
 figures.show_table(results.comparison_table(comparisons, ci))
-h4_accuracy = profiling.headline(comparisons, table)
+h4_accuracy = long_history.headline(comparisons, table)
 h4_all = results.overall_verdict(comparisons["verdict"]) if len(comparisons) else "inconclusive"
 print(f"H4 accuracy headline (EHRMamba beats the best Transformer run on long histories): {h4_accuracy}")
 print(f"H4 accuracy across Transformers: {h4_all}")
-print("Rule per comparison:", results.VERDICT_RULE)
+print("Rule per comparison:", significance.VERDICT_RULE)
 
 # %%
-ex.save_json(
+save_json(
     {
         "h4_memory_verdict": h4_memory,
         "h4_accuracy_verdict": h4_accuracy,

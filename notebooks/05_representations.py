@@ -30,21 +30,22 @@ run_dir = "outputs/interactive"  # repro run passes its own run folder
 data_dir = ""
 
 # %%
-from repro import experiment as ex
-from repro import figures, results
-from repro import representations as rp
+from repro.config import load_run_params
+from repro.evaluation import figures, representations, results, significance
+from repro.evaluation.store import save_json
+from repro.training.variants import pairs, run_variants
 
 figures.style()
-params = ex.load_run_params(params_file, data_dir or None)
-runs, stats = rp.run_variants(params, data_dir or None, f"{run_dir}/work", workers=params.train.workers)
+params = load_run_params(params_file, data_dir or None)
+runs, stats = run_variants(params, data_dir or None, f"{run_dir}/work", workers=params.train.workers)
 preds = results.predictions_frame(runs)
 n_boot, ci = params.eval.n_bootstrap, params.eval.ci
 stat_kw = {"alpha": params.eval.alpha, "n_perm": params.eval.n_permutations}
 evaluated = results.evaluate_all(preds, n_boot, ci)
-comparisons = results.paired_comparisons(preds, rp.pairs(params), n_boot, ci, **stat_kw)
+comparisons = results.paired_comparisons(preds, pairs(params), n_boot, ci, **stat_kw)
 h5 = results.overall_verdict(comparisons["verdict"]) if len(comparisons) else "inconclusive"
 print(f"H5 (some representation beats EHRMamba's default): {h5}")
-print("Rule per comparison:", results.VERDICT_RULE)
+print("Rule per comparison:", significance.VERDICT_RULE)
 print("Rule across comparisons:", results.OVERALL_RULE)
 
 # %%
@@ -56,27 +57,29 @@ figures.show_table(stats, floatfmt=".2f")
 #| label: tbl-repr-metrics
 #| tbl-cap: "Held-out AUROC and AUPRC with patient-clustered bootstrap 95 % CIs per representation and model (probabilities averaged over the representation seeds)."
 for task in params.representations.tasks:
-    figures.show_table(rp.metrics_table(evaluated, task))
+    figures.show_table(representations.metrics_table(evaluated, task))
 
 # %%
 #| label: tbl-repr-comparisons
 #| tbl-cap: "Each representation and model minus EHRMamba with the default tokens, held-out AUROC: paired bootstrap 95 % CI, paired permutation p-value, Benjamini-Hochberg adjustment across this notebook's comparisons, and the computed verdict (supported: the variant is better)."
-figures.show_table(rp.comparisons_table(comparisons, ci))
+figures.show_table(representations.comparisons_table(comparisons, ci))
 
 # %%
 #| label: fig-repr
 #| fig-cap: "Difference in held-out AUROC from EHRMamba with the default tokens, with 95 % CIs; right of zero: the representation (and model) does better."
-named = comparisons.assign(comparison=[rp.display(n) for n in comparisons["new"]] if len(comparisons) else [])
+named = comparisons.assign(
+    comparison=[representations.display(n) for n in comparisons["new"]] if len(comparisons) else []
+)
 fig = figures.delta_figure(named, "ΔAUROC (variant − EHRMamba · default)")
 
 # %%
-ex.save_json(
+save_json(
     {
         "h5_verdict": h5,
         "comparisons": [
             {**row, "ΔAUROC": float(d)}
             for row, d in zip(
-                rp.comparisons_table(comparisons, ci).to_dict(orient="records"),
+                representations.comparisons_table(comparisons, ci).to_dict(orient="records"),
                 comparisons["ΔAUROC"] if len(comparisons) else [],
             )
         ],

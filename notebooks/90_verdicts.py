@@ -23,10 +23,11 @@ run_dir = "outputs/interactive"  # repro run passes its own run folder
 data_dir = ""
 
 # %%
-from repro import experiment as ex
-from repro import figures, verdicts
+from repro.config import load_run_params
+from repro.evaluation import figures, summary, verdicts
+from repro.evaluation.store import save_json
 
-params = ex.load_run_params(params_file, data_dir or None)
+params = load_run_params(params_file, data_dir or None)
 table = verdicts.verdict_table(verdicts.load_results(f"{run_dir}/results"))
 print(verdicts.abstract_line(table))
 
@@ -41,14 +42,12 @@ figures.show_table(table.drop(columns=["section"]))
 import json
 from pathlib import Path
 
-from repro import summary
-
 manifest_path = Path(run_dir) / "manifest.json"
 manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
 figures.show_table(summary.timing_table(manifest))
 
 # %%
-ex.save_json(
+save_json(
     {"verdicts": table.to_dict(orient="records"), "params_hash": params.hash()},
     f"{run_dir}/results/90_verdicts.json",
 )

@@ -15,11 +15,11 @@ from pathlib import Path
 def _user_errors() -> tuple[type[BaseException], ...]:
     from repro.config import ParamsError
     from repro.data.meds import MedsError
-    from repro.pipeline import RunError
+    from repro.report.notebook_exec import RunError
 
     errors: list[type[BaseException]] = [ParamsError, MedsError, RunError, FileExistsError]
     try:
-        from repro.render import RenderError
+        from repro.report.pandoc import RenderError
 
         errors.append(RenderError)
     except ImportError:  # pragma: no cover
@@ -94,11 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
-            from repro.pipeline import NOTEBOOKS, run, select_notebooks
+            from repro.report.pipeline import NOTEBOOKS, run, select_notebooks
 
             notebooks = select_notebooks(args.notebooks) if args.notebooks else NOTEBOOKS
             if args.dry_run:
-                from repro.pipeline import dry_run
+                from repro.report.pipeline import dry_run
 
                 for line in dry_run(args.params, args.data, args.name, args.force, notebooks):
                     print(line)
@@ -119,19 +119,19 @@ def main(argv: list[str] | None = None) -> int:
                 if (out / f).exists():
                     print(f"  {out / f}")
         elif args.command == "prepare":
-            from repro.pipeline import prepare_data
+            from repro.report.pipeline import prepare_data
 
             for line in prepare_data(args.params, args.data):
                 print(line)
         elif args.command == "render":
-            from repro.render import render_report
+            from repro.report.render import render_report
 
             run_dir = Path(args.run_dir)
             written = render_report(run_dir / "report.qmd", run_dir, engine=args.engine)
             for p in written.values():
                 print(p)
         elif args.command == "doctor":
-            from repro.doctor import main as doctor
+            from repro.report.doctor import main as doctor
 
             return doctor(args.params, args.device)
         elif args.command == "synth":

@@ -1,4 +1,5 @@
-"""Typed run parameters loaded from params/*.yaml: validated, unknown keys rejected, hashed.
+"""Typed run parameters loaded from params/*.yaml: validated, unknown keys rejected, hashed; and the
+project paths they are resolved against (one place, so notebooks opened from notebooks/ find params/).
 
 Unknown keys are an error, not a silent attribute: an earlier reproduction passed `d_model=` to HF's
 MambaConfig and trained the default 768-wide model without noticing (DESIGN.md section 11).
@@ -462,3 +463,31 @@ def load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
         return from_dict(raw)
     except ParamsError as exc:
         raise ParamsError(f"{path}: {exc}") from exc
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The directory holding pyproject.toml, so notebooks opened from notebooks/ find params/ too."""
+    here = (start or Path.cwd()).resolve()
+    for p in (here, *here.parents):
+        if (p / "pyproject.toml").is_file() and (p / "repro").is_dir():
+            return p
+    return Path.cwd().resolve()
+
+
+def resolve(path: str | Path) -> Path:
+    """A path relative to the project root unless absolute."""
+    p = Path(path)
+    return p if p.is_absolute() else project_root() / p
+
+
+def load_run_params(params_file: str | Path, data_dir: str | None = None) -> RunParams:
+    """Params of a notebook run; `data_dir` (the CLI's --data) switches to real-data mode."""
+    params = load_params(resolve(params_file))
+    if data_dir:
+        params.data.synthetic = False
+        params.data.meds_dir = str(data_dir)
+    if not params.data.synthetic and not params.data.meds_dir:
+        raise ParamsError(
+            f"{params_file}: data.synthetic is false but data.meds_dir is not set; pass --data MEDS_DIR"
+        )
+    return params

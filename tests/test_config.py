@@ -69,16 +69,17 @@ def test_representation_variants_are_checked_when_the_params_load(tmp_path):
 
 
 def test_representation_pairs_compare_every_combination_with_ehrmamba_default():
-    from repro import representations as rp
     from repro.config import load_params
+    from repro.evaluation import representations
+    from repro.training import variants
 
     p = load_params("params/smoke.yaml")
-    pairs = rp.pairs(p)
+    pairs = variants.pairs(p)
     assert all(base == "ehrmamba|default" for _, base in pairs)
-    assert len(pairs) == len(rp.variants(p)) * len(p.representations.models) - 1
-    assert rp.display("transformer|xVal") == "Transformer (SDPA) · xVal"
-    xval = rp.variant_params(p, "xVal")
-    from repro.experiment import model_kwargs
+    assert len(pairs) == len(variants.variants(p)) * len(p.representations.models) - 1
+    assert representations.display("transformer|xVal") == "Transformer (SDPA) · xVal"
+    xval = variants.variant_params(p, "xVal")
+    from repro.training.prepare import model_kwargs
 
     assert model_kwargs(xval, "ehrmamba")["value_head"] is True
     assert "value_head" not in model_kwargs(p, "ehrmamba")

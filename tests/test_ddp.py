@@ -15,8 +15,8 @@ import torch
 import torch.multiprocessing as mp
 from test_train import _data, _model
 
-import repro.train as train_mod
 from repro.config import TrainParams
+from repro.training import loop
 
 CASES = [("clm", "ehrmamba"), ("mlm", "cehr_bert"), ("classify", "ehrmamba")]
 PARAMS = TrainParams(batch_size=8, checkpoint_every=3, warmup_frac=0.2)
@@ -36,7 +36,7 @@ def _fit(objective: str, name: str, checkpoint: Path | None = None):
     # no dropout anywhere: masks are drawn per process, so only dropout-free runs match exactly
     model = _model(name, cls_dropout=0.0)
     model.set_n_outputs(1)
-    res = train_mod.fit(model, _data(), PARAMS, objective, STEPS, 1e-3, 0, CPU, checkpoint, progress=False)
+    res = loop.fit(model, _data(), PARAMS, objective, STEPS, 1e-3, 0, CPU, checkpoint, progress=False)
     return model, res
 
 
@@ -48,14 +48,14 @@ def _worker(rank: int, world: int, port: int, out: str, mode: str) -> None:
     torch.set_num_threads(1)
     try:
         if mode == "die":
-            real = train_mod.batch_indices
+            real = loop.batch_indices
 
             def dying(n, bs, seed, step, *a):
                 if step == 4:
                     raise KeyboardInterrupt
                 return real(n, bs, seed, step, *a)
 
-            train_mod.batch_indices = dying
+            loop.batch_indices = dying
             try:
                 _fit("clm", "ehrmamba", Path(out) / "resume.pt")
             except KeyboardInterrupt:
@@ -121,7 +121,7 @@ def test_torchrun_entry_point_trains_and_resumes(tmp_path):
     params = tmp_path / "tiny.yaml"
     params.write_text(TINY)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_port()}",
-           "-m", "repro.train", "--params", str(params), "--data", str(data), "--out", str(tmp_path / "ck.pt")]  # fmt: skip
+           "-m", "repro.training.ddp", "--params", str(params), "--data", str(data), "--out", str(tmp_path / "ck.pt")]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "REPRO_DATA_WORKERS": "1"}
     runs = [subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300) for _ in range(2)]
     for r in runs:

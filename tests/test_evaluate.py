@@ -1,4 +1,4 @@
-"""Tests for repro.evaluate: sklearn agreement, degenerate labels, validation threshold, CI output shape."""
+"""Tests for repro.evaluation.metrics: sklearn agreement, degenerate labels, validation threshold, CI output shape."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import average_precision_score, brier_score_loss, f1_score, roc_auc_score
 
-from repro.evaluate import (
+from repro.evaluation.metrics import (
     binary_metrics,
     choose_threshold,
     evaluate_predictions,

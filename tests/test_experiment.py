@@ -9,8 +9,9 @@ import torch
 from repro.config import TASK_NAMES, load_params
 from repro.data.dataset import collate
 from repro.data.synthetic import write_synthetic_meds
-from repro.data.tokenizer import CLS, REG
-from repro.experiment import Trainer, encode_samples, mpf_dataset, prepare
+from repro.data.vocab import CLS, REG
+from repro.training.prepare import encode_samples, mpf_dataset, prepare
+from repro.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,7 @@ def test_initial_weights_do_not_depend_on_what_the_trainer_built_before(prep, tm
 def test_one_pool_over_two_plans_gives_each_plan_its_own_serial_runs(prep, tmp_path):
     """Notebook 05 trains several prepared datasets in one pool; each plan must get the runs a serial
     run_all over its own work folder gives (count_lr: no GPU, quick in worker processes)."""
-    from repro.experiment import run_all, run_plans
+    from repro.training.grid import run_all, run_plans
 
     jobs = [("count_lr", "mortality_1m", 0), ("count_lr", "los_1w", 0)]
     a, b = tmp_path / "a", tmp_path / "b"
@@ -119,20 +120,39 @@ def test_one_pool_over_two_plans_gives_each_plan_its_own_serial_runs(prep, tmp_p
 
 
 def test_a_training_worker_keeps_its_encoded_samples_for_its_next_group(prep, tmp_path):
-    from repro import experiment as ex
+    from repro.training import grid
 
-    ex._WORKER_TRAINER.clear()
+    grid._WORKER_TRAINER.clear()
     args = (prep.params.to_dict(), str(prep.meds_dir), str(tmp_path))
-    ex._train_group(*args, [("count_lr", "mortality_1m", 0)])
-    (trainer,) = ex._WORKER_TRAINER.values()
+    grid._train_group(*args, [("count_lr", "mortality_1m", 0)])
+    (trainer,) = grid._WORKER_TRAINER.values()
     encoded = dict(trainer._data)
-    ex._train_group(*args, [("count_lr", "mortality_1m", 1)])
-    assert list(ex._WORKER_TRAINER.values()) == [trainer]
+    grid._train_group(*args, [("count_lr", "mortality_1m", 1)])
+    assert list(grid._WORKER_TRAINER.values()) == [trainer]
     assert all(trainer._data[k] is v for k, v in encoded.items())  # the second seed encoded nothing anew
     assert {p.stem for p in (tmp_path / "runs").glob("*.pkl")} == {
         "count_lr-mortality_1m-seed0",
         "count_lr-mortality_1m-seed1",
     }
-    ex._train_group(prep.params.to_dict(), str(prep.meds_dir), str(tmp_path / "other"), [])
-    assert trainer not in ex._WORKER_TRAINER.values()  # another work folder: a fresh trainer
-    ex._WORKER_TRAINER.clear()
+    grid._train_group(prep.params.to_dict(), str(prep.meds_dir), str(tmp_path / "other"), [])
+    assert trainer not in grid._WORKER_TRAINER.values()  # another work folder: a fresh trainer
+    grid._WORKER_TRAINER.clear()
+
+
+def test_a_run_pickled_under_an_old_module_path_counts_as_not_cached(tmp_path):
+    """Runs cached before the package moved to stage folders name `repro.experiment.ModelRun`."""
+    import pickle
+
+    from repro.training.trainer import _load_cached
+
+    path = tmp_path / "run.pkl"
+    path.write_bytes(pickle.dumps({"params_hash": "h", "value": 1}, protocol=0))
+    assert _load_cached(path, "h") == 1
+    assert _load_cached(path, "other") is None
+    old = pickle.dumps({"params_hash": "h", "value": _Old()}, protocol=0)  # text opcodes: names editable
+    path.write_bytes(old.replace(_Old.__module__.encode(), b"repro.moved_away"))
+    assert _load_cached(path, "h") is None
+
+
+class _Old:
+    pass

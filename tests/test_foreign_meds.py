@@ -9,9 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import HAND_SPLITS, hand_events, write_meds
 
-from repro import experiment as ex
+from repro import config
 from repro.config import CodePatterns, ParamsError
 from repro.data import meds
+from repro.training import prepare
 
 pytest.importorskip("meds_testing_helpers")  # test-only dependency (dev extra); brings the fixtures below
 
@@ -25,16 +26,16 @@ SAMPLE_CODES = CodePatterns(
 
 
 def _prepare(data_dir, tasks, codes=SAMPLE_CODES):
-    params = ex.load_run_params("params/smoke.yaml", str(data_dir))
+    params = config.load_run_params("params/smoke.yaml", str(data_dir))
     params.data.codes, params.tasks = codes, tasks
-    return ex.prepare(params, str(data_dir), cache=False)
+    return prepare.prepare(params, str(data_dir), cache=False)
 
 
 def test_sample_dataset_with_static_rows_reads_through_code_patterns(simple_static_MEDS):
     events = meds.read_events(meds.load_meds(simple_static_MEDS))
     assert (events["time"] == -1).any()  # static rows (null time) are kept as static
     prep = _prepare(simple_static_MEDS, ["mortality_1m"])
-    assert ex.check_cohort(prep).startswith("0 of 6 subjects have no visit")
+    assert prepare.check_cohort(prep).startswith("0 of 6 subjects have no visit")
     vocab = set(prep.tokenizer.itos)
     assert {"HR//Q1", "TEMP//Q1"} <= vocab  # foreign vitals read as labs: quantile-binned tokens
     assert not any(v.startswith(("ADMISSION//", "DISCHARGE")) for v in vocab)  # visits became [VS] / [VE]
@@ -43,13 +44,13 @@ def test_sample_dataset_with_static_rows_reads_through_code_patterns(simple_stat
 def test_a_task_its_filters_empty_is_a_one_line_error(simple_static_MEDS):
     prep = _prepare(simple_static_MEDS, ["mortality_1m", "los_1w"])  # every stay is a few hours
     with pytest.raises(ParamsError, match=r"task los_1w: no sample in the train split after its filters"):
-        ex.check_cohort(prep)
+        prepare.check_cohort(prep)
 
 
 def test_subjects_without_admissions_are_counted(generated_sample_MEDS):
     prep = _prepare(generated_sample_MEDS, ["mortality_1m"])
     with pytest.raises(ParamsError, match=r"\(0 of \d+ subjects have a visit from data.codes.visit_start="):
-        ex.check_cohort(prep)
+        prepare.check_cohort(prep)
 
 
 def test_extra_columns_and_text_values_do_not_change_the_tokens(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 from conftest import HAND_SPLITS, hand_events, write_meds
 
 from repro.cli import main
-from repro.pipeline import NOTEBOOKS
+from repro.report.pipeline import NOTEBOOKS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,8 +49,9 @@ def test_report_embeds_exist():
 
 
 def test_report_states_the_rules_the_code_applies():
-    from repro.profiling import H2_RULE, H4_MEMORY_RULE
-    from repro.results import OVERALL_RULE, VERDICT_RULE
+    from repro.evaluation.results import OVERALL_RULE
+    from repro.evaluation.significance import VERDICT_RULE
+    from repro.profiling.scaling import H2_RULE, H4_MEMORY_RULE
 
     text = " ".join((ROOT / "report.qmd").read_text().split())
     for name, rule in [
@@ -168,7 +169,7 @@ def _tiny_project(root, fail_flag, counter):
 
 
 def test_resume_reruns_only_the_notebook_that_failed(tmp_path, monkeypatch):
-    from repro import pipeline
+    from repro.report import notebook_exec, pipeline
 
     fail_flag, counter = tmp_path / "fail", tmp_path / "count.txt"
     params = _tiny_project(tmp_path, fail_flag, counter)
@@ -176,7 +177,7 @@ def test_resume_reruns_only_the_notebook_that_failed(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "_check_cohort", lambda params, data_dir: None)  # no data in this project
     fail_flag.write_text("x")
     with pytest.raises(
-        pipeline.RunError, match=r"notebook b failed in cell 3 \(AssertionError: planted failure\)"
+        notebook_exec.RunError, match=r"notebook b failed in cell 3 \(AssertionError: planted failure\)"
     ):
         pipeline.run(str(params), render=False, notebooks=("a", "b"))
     failed = tmp_path / "outputs" / "tiny.failed"
@@ -187,12 +188,12 @@ def test_resume_reruns_only_the_notebook_that_failed(tmp_path, monkeypatch):
     assert counter.read_text() == "a"  # a ran once, before the failure
     assert sorted(json.loads((out / "manifest.json").read_text())["notebooks"]) == ["a", "b"]
     assert not failed.exists()
-    with pytest.raises(pipeline.RunError, match="no failed run to resume"):
+    with pytest.raises(notebook_exec.RunError, match="no failed run to resume"):
         pipeline.run(str(params), render=False, notebooks=("a", "b"), resume=True, force=True)
 
 
 def test_plan_runs_every_notebook_once_and_timing_notebooks_alone():
-    from repro.pipeline import NOTEBOOKS, plan
+    from repro.report.pipeline import NOTEBOOKS, plan
 
     for jobs in (1, 2, 3):
         groups = plan(NOTEBOOKS, jobs)
@@ -208,7 +209,8 @@ def test_plan_runs_every_notebook_once_and_timing_notebooks_alone():
 
 
 def test_notebooks_of_a_group_run_at_the_same_time(tmp_path, monkeypatch):
-    from repro import pipeline, summary
+    from repro.evaluation import summary
+    from repro.report import notebook_exec, pipeline
 
     (tmp_path / "notebooks").mkdir()
     head = '# %% tags=["parameters"]\nparams_file = ""\nrun_dir = ""\ndata_dir = ""\n'
@@ -242,14 +244,14 @@ def test_notebooks_of_a_group_run_at_the_same_time(tmp_path, monkeypatch):
         {"notebooks": ["a"], **lone["notebooks"]["a"]}
     ]  # its own record, no second sampler
     monkeypatch.setattr(pipeline, "STAGES", (("a", "c"),))
-    with pytest.raises(pipeline.RunError, match=r"notebook c failed in cell 3 \(AssertionError"):
+    with pytest.raises(notebook_exec.RunError, match=r"notebook c failed in cell 3 \(AssertionError"):
         pipeline.run(str(params), render=False, notebooks=("a", "c"), force=True)
     failed = json.loads((tmp_path / "outputs" / "tiny.failed" / "manifest.json").read_text())
     assert list(failed["notebooks"]) == ["a"] and failed["groups"] == []  # a finished; resume skips it
 
 
 def test_check_data_reads_every_shard_of_a_valid_directory(meds_dir):
-    from repro.pipeline import check_data
+    from repro.report.pipeline import check_data
 
     assert check_data(str(meds_dir)) == len(hand_events())
 
@@ -264,7 +266,7 @@ def test_real_data_params_without_data_stop_early(capsys):
 
 
 def test_gpu_trace_is_written_whole_and_replaced(tmp_path):
-    from repro.gpu_monitor import GpuMonitor
+    from repro.profiling.gpu_monitor import GpuMonitor
 
     mon = GpuMonitor(interval_ms=500)
     path = tmp_path / "results" / "gpu-trace-01_accuracy.csv"

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from repro import bench_step, profiling
 from repro.config import ParamsError, load_params
 from repro.data.synthetic import write_synthetic_meds
-from repro.experiment import prepare
 from repro.models.registry import build_model
+from repro.profiling import bench_step, long_history, scaling, sweep, timing
+from repro.training.prepare import prepare
 
 CPU = torch.device("cpu")
 VOCAB = 40
@@ -38,8 +38,8 @@ def tiny(name: str = "ehrmamba"):
 
 
 def test_measure_times_a_real_step_on_cpu():
-    row = profiling.measure("ehrmamba", tiny(), 32, 2, device=CPU, warmup=1, steps=2)
-    assert list(row) == list(profiling.ROW_COLUMNS)
+    row = sweep.measure("ehrmamba", tiny(), 32, 2, device=CPU, warmup=1, steps=2)
+    assert list(row) == list(sweep.ROW_COLUMNS)
     assert row["status"] == "ok" and row["timer"] == "wall-clock" and row["dtype"] == "fp32"
     assert row["kernel_path"] == "reference-chunked" and row["device"].startswith("cpu (")
     assert row["params"] > 0 and row["ms_per_step"] > 0
@@ -49,14 +49,14 @@ def test_measure_times_a_real_step_on_cpu():
 
 @pytest.mark.parametrize("name", ["cehr_bert", "bigbird", "transformer"])
 def test_encoders_and_decoders_take_their_pretraining_step(name):
-    row = profiling.measure(name, tiny(name), 48, 2, device=CPU, warmup=1, steps=1)
+    row = sweep.measure(name, tiny(name), 48, 2, device=CPU, warmup=1, steps=1)
     assert row["status"] == "ok", row["status"]
     assert row["kernel_path"] != "-"
 
 
 def test_time_step_runs_warmup_then_timed_steps():
     calls = []
-    t = profiling.time_step(lambda: calls.append(1), CPU, warmup=2, steps=3)
+    t = timing.time_step(lambda: calls.append(1), CPU, warmup=2, steps=3)
     assert len(calls) == 5 and len(t.ms_steps) == 3 and t.ms_per_step == pytest.approx(np.median(t.ms_steps))
 
 
@@ -85,7 +85,7 @@ def _raising(exc_at: dict[int, BaseException]):
     ],
 )
 def test_out_of_memory_is_a_data_point_and_the_sweep_goes_on(exc, status):
-    rows = profiling.sweep(
+    rows = sweep.sweep(
         {"ehrmamba": tiny()},
         [32, 16, 64],
         [2],
@@ -102,7 +102,7 @@ def test_out_of_memory_is_a_data_point_and_the_sweep_goes_on(exc, status):
 
 
 def test_time_budget_starts_after_each_models_first_row_and_skips_the_rest():
-    rows = profiling.sweep(
+    rows = sweep.sweep(
         {"ehrmamba": tiny(), "transformer": tiny("transformer")},
         [16, 32],
         [1, 2],
@@ -113,8 +113,8 @@ def test_time_budget_starts_after_each_models_first_row_and_skips_the_rest():
         progress=False,
     )
     first = (rows["length"] == 16) & (rows["batch"] == 1)
-    assert (rows.loc[first, "status"] == profiling.OK).all() and (rows.loc[first, "row_s"] > 0).all()
-    assert rows.loc[~first, "status"].str.startswith(profiling.SKIP_BUDGET).all()
+    assert (rows.loc[first, "status"] == timing.OK).all() and (rows.loc[first, "row_s"] > 0).all()
+    assert rows.loc[~first, "status"].str.startswith(timing.SKIP_BUDGET).all()
     assert rows.loc[~first, "row_s"].isna().all()
 
 
@@ -134,16 +134,16 @@ class _FakeCudaModel(nn.Module):
 
 @pytest.fixture
 def fake_cuda(monkeypatch):
-    monkeypatch.setattr(profiling, "device_name", lambda d: "cuda (fake)")
-    monkeypatch.setattr(profiling, "free_memory", lambda d: None)
-    monkeypatch.setattr(profiling, "probe_kernel_path", lambda m, d: m.kernel_path)
-    monkeypatch.setattr(profiling, "synthetic_batch", lambda *a, **k: {})
-    timing = profiling.Timing(12.0, [12.0], profiling.TIMER_CUDA, 1.5, profiling.MEM_CUDA)
-    monkeypatch.setattr(profiling, "time_step", lambda *a, **k: timing)
+    monkeypatch.setattr(sweep, "device_name", lambda d: "cuda (fake)")
+    monkeypatch.setattr(sweep, "free_memory", lambda d: None)
+    monkeypatch.setattr(sweep, "probe_kernel_path", lambda m, d: m.kernel_path)
+    monkeypatch.setattr(sweep, "synthetic_batch", lambda *a, **k: {})
+    fixed = timing.Timing(12.0, [12.0], timing.TIMER_CUDA, 1.5, timing.MEM_CUDA)
+    monkeypatch.setattr(sweep, "time_step", lambda *a, **k: fixed)
 
 
 def test_reference_path_on_cuda_is_refused(fake_cuda):
-    row = profiling.measure(
+    row = sweep.measure(
         "ehrmamba", lambda L: _FakeCudaModel(), 2048, 1, device="cuda", step_factory=lambda *a: lambda: None
     )
     assert row["status"] == "skipped: reference path on CUDA"
@@ -152,7 +152,7 @@ def test_reference_path_on_cuda_is_refused(fake_cuda):
 
 
 def test_reference_path_on_cuda_is_labelled_when_allowed(fake_cuda):
-    row = profiling.measure(
+    row = sweep.measure(
         "ehrmamba",
         lambda L: _FakeCudaModel(),
         2048,
@@ -169,7 +169,7 @@ def test_reference_path_on_cuda_is_labelled_when_allowed(fake_cuda):
 def test_fused_path_on_cuda_is_timed(fake_cuda):
     model = _FakeCudaModel()
     model.kernel_path = "mamba_ssm.selective_scan_cuda"
-    row = profiling.measure(
+    row = sweep.measure(
         "ehrmamba", lambda L: model, 2048, 1, device="cuda", step_factory=lambda *a: lambda: None
     )
     assert row["status"] == "ok" and row["kernel_path"] == "mamba_ssm.selective_scan_cuda"
@@ -192,7 +192,7 @@ def test_slopes_recover_power_laws():
     spec = [("ehrmamba", x, 1, 0.01 * x * rng.lognormal(0, 0.02), 1e-4 * x, "ok") for x in L]
     spec += [("transformer", x, 1, 1e-6 * x**2 * rng.lognormal(0, 0.02), 1e-4 * x, "ok") for x in L]
     spec += [("transformer", 32768, 1, np.nan, np.nan, "oom")]
-    slopes = profiling.scaling_slopes(_rows(spec), last=4).set_index("model")
+    slopes = scaling.scaling_slopes(_rows(spec), last=4).set_index("model")
     assert slopes.loc["ehrmamba", "time slope"] == pytest.approx(1.0, abs=0.05)
     assert slopes.loc["transformer", "time slope"] == pytest.approx(2.0, abs=0.05)
     assert slopes.loc["transformer", "memory slope"] == pytest.approx(1.0, abs=1e-6)
@@ -210,7 +210,7 @@ def test_h2_verdicts_follow_the_rule():
         ("bigbird", 1024, 1, 5.0, 1.0, "ok"),
         ("bigbird", 4096, 1, 20.0, 4.1, "ok"),
     ]
-    cmp = profiling.h2_comparisons(_rows(spec)).set_index("baseline")
+    cmp = scaling.h2_comparisons(_rows(spec)).set_index("baseline")
     assert cmp.loc["cehr_bert", "verdict"] == "supported" and cmp.loc["cehr_bert", "length"] == 4096
     assert cmp.loc["transformer", "verdict"] == "supported"
     assert cmp.loc["transformer", "time ratio"] == pytest.approx(40 / 60)
@@ -219,7 +219,7 @@ def test_h2_verdicts_follow_the_rule():
 
 def test_h2_on_cpu_rests_on_time_alone():
     spec = [("ehrmamba", 256, 4, 10.0, np.nan, "ok"), ("transformer", 256, 4, 10.5, np.nan, "ok")]
-    cmp = profiling.h2_comparisons(_rows(spec))
+    cmp = scaling.h2_comparisons(_rows(spec))
     assert cmp["verdict"].tolist() == ["inconclusive"] and "time only" in cmp["why"].iloc[0]
 
 
@@ -233,21 +233,21 @@ def test_oom_boundary_and_h4_memory_come_from_measured_rows():
         ("transformer", 65536, 1, 90.0, 8.0, "ok"),
     ]
     rows = _rows(spec)
-    b = profiling.oom_boundary(rows).set_index("model")
+    b = scaling.oom_boundary(rows).set_index("model")
     assert (
         b.loc["ehrmamba", "longest length trained"] == 65536
         and b.loc["ehrmamba", "failure"] == "no failure up to 65536"
     )
     assert b.loc["cehr_bert", "longest length trained"] == 16384
     assert b.loc["cehr_bert", "first length that failed"] == 65536 and b.loc["cehr_bert", "failure"] == "oom"
-    mem = profiling.h4_memory_comparisons(rows).set_index("baseline")
+    mem = scaling.h4_memory_comparisons(rows).set_index("baseline")
     assert mem.loc["cehr_bert", "verdict"] == "supported"
     assert mem.loc["transformer", "verdict"] == "inconclusive"
 
 
 def test_epoch_estimate_counts_steps():
     rows = _rows([("ehrmamba", 256, 16, 100.0, np.nan, "ok"), ("bigbird", 256, 16, np.nan, np.nan, "oom")])
-    e = profiling.epoch_estimates(rows, n_samples=33, n_tokens=6000).set_index("model")
+    e = scaling.epoch_estimates(rows, n_samples=33, n_tokens=6000).set_index("model")
     assert e.loc["ehrmamba", "steps per epoch"] == 3
     assert e.loc["ehrmamba", "epoch seconds (upper bound)"] == pytest.approx(0.3)
     assert e.loc["ehrmamba", "real tokens/s"] == pytest.approx(20000)
@@ -307,7 +307,7 @@ def keep_threads():
 
 def test_efficiency_sweep_uses_matched_sizes(prep, keep_threads):
     torch.set_num_threads(2)
-    rows = profiling.efficiency_sweep(prep, [16, 32], [2], ["ehrmamba", "transformer"], progress=False)
+    rows = sweep.efficiency_sweep(prep, [16, 32], [2], ["ehrmamba", "transformer"], progress=False)
     assert (rows["status"] == "ok").all()
     n = rows.groupby("model")["params"].first()
     assert abs(n["transformer"] - n["ehrmamba"]) <= 0.1 * n["ehrmamba"]
@@ -315,10 +315,10 @@ def test_efficiency_sweep_uses_matched_sizes(prep, keep_threads):
 
 
 def test_long_history_runs_score_every_length(prep, tmp_path, keep_threads):
-    view = profiling.at_length(prep, 64)
+    view = long_history.at_length(prep, 64)
     assert view.params.tokenizer.max_len == 64 and view.tokenizer.params.max_len == 64
     assert prep.params.tokenizer.max_len == 256  # the run's own view is untouched
-    runs = profiling.long_history_runs(prep, tmp_path)
+    runs = long_history.long_history_runs(prep, tmp_path)
     assert [(r.model, r.length, r.status) for r in runs] == [
         ("ehrmamba", 16, "ok"),
         ("transformer", 16, "ok"),
@@ -327,8 +327,8 @@ def test_long_history_runs_score_every_length(prep, tmp_path, keep_threads):
     ]
     held_out = prep.labels["mortality_1m"]
     assert all(len(r.predictions) == (held_out["split"] == "held_out").sum() for r in runs)
-    history = profiling.history_tokens(prep, "mortality_1m")
-    table = profiling.long_history_auroc(runs, history, 32, 20, 0.95, "mortality_1m")
+    history = long_history.history_tokens(prep, "mortality_1m")
+    table = long_history.long_history_auroc(runs, history, 32, 20, 0.95, "mortality_1m")
     assert table["key"].tolist() == [
         "EHRMamba @ 16",
         "Transformer (SDPA) @ 16",
@@ -336,9 +336,9 @@ def test_long_history_runs_score_every_length(prep, tmp_path, keep_threads):
         "Transformer (SDPA) @ 64",
     ]
     assert table["auroc_all"].between(0, 1).all()
-    cmp = profiling.h4_accuracy_comparisons(runs, history, 32, 20, 0.95, "mortality_1m")
+    cmp = long_history.h4_accuracy_comparisons(runs, history, 32, 20, 0.95, "mortality_1m")
     assert cmp["comparison"].tolist() == ["EHRMamba @ 64 − Transformer (SDPA) @ 64"]
-    assert profiling.headline(cmp, table) in {"supported", "not supported", "inconclusive"}
+    assert long_history.headline(cmp, table) in {"supported", "not supported", "inconclusive"}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -421,14 +421,14 @@ def test_bench_step_run_and_summary_on_cpu(monkeypatch):
 def test_efficiency_sweep_takes_the_steps_it_is_given(prep, keep_threads, monkeypatch):
     """The boundary sweep asks for one warm-up and one timed step instead of the params' counts."""
     seen = []
-    real = profiling.time_step
+    real = timing.time_step
 
     def counting(step, device, warmup=2, steps=5):
         seen.append((warmup, steps))
         return real(step, device, warmup, steps)
 
-    monkeypatch.setattr(profiling, "time_step", counting)
-    profiling.efficiency_sweep(prep, [16], [2], ["ehrmamba"], progress=False, steps=(1, 1))
+    monkeypatch.setattr(sweep, "time_step", counting)
+    sweep.efficiency_sweep(prep, [16], [2], ["ehrmamba"], progress=False, steps=(1, 1))
     eff = prep.params.efficiency
-    profiling.efficiency_sweep(prep, [16], [2], ["ehrmamba"], progress=False)
+    sweep.efficiency_sweep(prep, [16], [2], ["ehrmamba"], progress=False)
     assert seen == [(1, 1), (eff.warmup_steps, eff.timed_steps)]

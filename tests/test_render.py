@@ -13,8 +13,9 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from repro import render
-from repro.render import RenderError, render_report
+from repro.report import offline, pandoc, render
+from repro.report.pandoc import RenderError
+from repro.report.render import render_report
 
 FIXTURES = Path(__file__).parent / "fixtures" / "render"
 FIG_CAP = "Demo figure caption."
@@ -215,13 +216,13 @@ def test_pdf_tables_leave_column_widths_to_typst() -> None:
     column beside a long ``evidence`` one until its words overlapped the next column in the PDF."""
     import json
 
-    pandoc = render._pandoc_path()
+    exe = pandoc._pandoc_path()
     md = (
         "| id | verdict | evidence |\n|:--|:--|:--|\n"
         + f"| H4 (memory) | inconclusive | {'long prose ' * 20}|\n"
     )
-    ast = json.loads(render._pandoc(pandoc, md, "markdown", "json"))
-    assert "%" in render._pandoc(pandoc, json.dumps(ast), "json", "typst")  # pandoc's own relative widths
-    ast["blocks"] = render._typst_tables(ast["blocks"])
-    typ = render._pandoc(pandoc, json.dumps(ast), "json", "typst")
+    ast = json.loads(pandoc._pandoc(exe, md, "markdown", "json"))
+    assert "%" in pandoc._pandoc(exe, json.dumps(ast), "json", "typst")  # pandoc's own relative widths
+    ast["blocks"] = offline._typst_tables(ast["blocks"])
+    typ = pandoc._pandoc(exe, json.dumps(ast), "json", "typst")
     assert "columns: 3," in typ and "%" not in typ

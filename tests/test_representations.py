@@ -27,7 +27,9 @@ from repro.config import CodePatterns, ParamsError, TokenizerParams
 from repro.data import stream
 from repro.data.dataset import collate
 from repro.data.meds import load_meds, read_reference_ranges
-from repro.data.tokenizer import (
+from repro.data.tokenizer import Encoded, Tokenizer, representation_stats
+from repro.data.values import assign_bins, clinical_edges, quantile_edges, soft_mix
+from repro.data.vocab import (
     CLS,
     GAP_TOKENS,
     K_GAP,
@@ -40,14 +42,7 @@ from repro.data.tokenizer import (
     T_LAB,
     UNK,
     VE,
-    Encoded,
-    Tokenizer,
-    assign_bins,
-    clinical_edges,
     gap_bin,
-    quantile_edges,
-    representation_stats,
-    soft_mix,
 )
 
 P = CodePatterns()

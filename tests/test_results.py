@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from repro import results
+from repro.evaluation import results, significance
 
 
 def _preds(rng, models, n=120, seeds=(0, 1)):
@@ -67,7 +67,7 @@ def test_permutation_p_is_small_for_a_clearly_better_model_and_bh_is_applied():
     pairs = [("good", "bad"), ("good", "also_bad"), ("bad", "also_bad")]
     c = results.paired_comparisons(p, pairs, n_boot=200, ci=0.95, n_perm=199).set_index("baseline")
     assert c.loc["bad", "p (perm.)"] == 1 / 200  # no permutation reaches the observed difference
-    expected = results.benjamini_hochberg(c["p (perm.)"].to_numpy())
+    expected = significance.benjamini_hochberg(c["p (perm.)"].to_numpy())
     assert np.allclose(c["p (BH)"].to_numpy(), expected)
     assert list(results.comparison_table(c.reset_index(), 0.95).columns)[-3:] == [
         "p (perm.)",

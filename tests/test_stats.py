@@ -1,4 +1,4 @@
-"""Tests for repro.stats: the vectorised engine against sklearn, pairing, p-values, BH, verdicts."""
+"""Tests for repro.evaluation (batched_metrics, bootstrap, significance): the vectorised engine against sklearn, pairing, p-values, BH, verdicts."""
 
 from __future__ import annotations
 
@@ -10,18 +10,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import average_precision_score, brier_score_loss, f1_score, roc_auc_score
 
-from repro.stats import (
-    VERDICT_RULE,
-    aggregate_seeds,
-    benjamini_hochberg,
+from repro.evaluation.batched_metrics import weighted_metrics
+from repro.evaluation.bootstrap import (
     bootstrap_pvalue,
     cluster_bootstrap_indices,
     cluster_bootstrap_weights,
     paired_bootstrap,
-    paired_permutation_test,
     percentile_ci,
+)
+from repro.evaluation.significance import (
+    VERDICT_RULE,
+    aggregate_seeds,
+    benjamini_hochberg,
+    paired_permutation_test,
     verdict,
-    weighted_metrics,
 )
 
 N_BOOT = 200
@@ -117,12 +119,12 @@ def test_cluster_bootstrap_keeps_subject_rows_together(sizes, seed):
 
 
 def test_weights_do_not_depend_on_chunking(monkeypatch):
-    import repro.stats as rs
+    from repro.evaluation import bootstrap
 
     subj = np.arange(300) // 2
     full = np.concatenate(list(cluster_bootstrap_weights(subj, 50, np.random.default_rng(7))))
-    monkeypatch.setattr(rs, "_MAX_CELLS", 300 * 7)  # chunks of 7 resamples
-    chunked = np.concatenate(list(rs.cluster_bootstrap_weights(subj, 50, np.random.default_rng(7))))
+    monkeypatch.setattr(bootstrap, "_MAX_CELLS", 300 * 7)  # chunks of 7 resamples
+    chunked = np.concatenate(list(bootstrap.cluster_bootstrap_weights(subj, 50, np.random.default_rng(7))))
     np.testing.assert_array_equal(full, chunked)
 
 
@@ -273,7 +275,7 @@ def test_permutation_test_rank_metrics_equal_sklearn_on_tied_scores(metric):
 def test_cluster_kernel_auroc_equals_the_row_path_on_clustered_tied_data(monkeypatch):
     # several rows per patient (as the conditions task): bootstrap and permutation AUROC go through the
     # cluster kernel; the resamples are the same draws and the values match the row path exactly
-    import repro.stats as st
+    from repro.evaluation import bootstrap, significance
 
     rng = np.random.default_rng(7)
     n, n_clusters = 600, 150
@@ -281,14 +283,16 @@ def test_cluster_kernel_auroc_equals_the_row_path_on_clustered_tied_data(monkeyp
     y = (rng.random(n) < 0.25).astype(int)
     a = np.round(rng.random(n) * 0.5 + 0.25 * y, 2)
     b = np.round(rng.random(n) * 0.5 + 0.22 * y, 2)  # about as good as a: p away from both ends
-    assert st._kernel_ok(y, n_clusters) and not st._kernel_ok(y[:100], 100)
-    rows = st.bootstrap_metrics(y, {"a": a, "b": b}, clusters, ("auroc",), 300, 3)
-    kern = st.bootstrap_auroc(y, {"a": a, "b": b}, clusters, 300, 3)
+    assert bootstrap._kernel_ok(y, n_clusters) and not bootstrap._kernel_ok(y[:100], 100)
+    rows = bootstrap.bootstrap_metrics(y, {"a": a, "b": b}, clusters, ("auroc",), 300, 3)
+    kern = bootstrap.bootstrap_auroc(y, {"a": a, "b": b}, clusters, 300, 3)
     for m in "ab":
         np.testing.assert_allclose(kern[m], rows[m]["auroc"], rtol=0, atol=1e-12)
     taken = []
-    real = st._permutation_auroc
-    monkeypatch.setattr(st, "_permutation_auroc", lambda *a_, **k: taken.append(1) or real(*a_, **k))
+    real = significance._permutation_auroc
+    monkeypatch.setattr(
+        significance, "_permutation_auroc", lambda *a_, **k: taken.append(1) or real(*a_, **k)
+    )
     p_kernel = paired_permutation_test(y, a, b, "auroc", n_perm=400, seed=5, clusters=clusters)
     p_rows = paired_permutation_test(
         y, a, b, roc_auc_score, n_perm=400, seed=5, clusters=clusters, ranks=True
@@ -369,7 +373,7 @@ def test_verdict_lower_is_better_and_rule_text_in_docstring():
 def test_rank_metrics_in_torch_match_numpy(two_d):
     """The GPU path (here torch on the CPU) gives the numpy engine's AUROC exactly and its AP to 1e-12,
     on tied scores, zero weights and resamples with one class."""
-    from repro import stats
+    from repro.evaluation import batched_metrics
 
     rng = np.random.default_rng(3)
     n, k = 400, 300
@@ -378,29 +382,29 @@ def test_rank_metrics_in_torch_match_numpy(two_d):
     w = rng.poisson(1.0, size=(k, n)).astype(float)
     w[0] = w[0] * (1 - y)  # one resample with negatives only: undefined
     pos, neg = w @ y, w.sum(1) - w @ y
-    want = stats._ranked_metrics(y, s, w, pos, neg, unweighted=False)
-    got = stats._ranked_metrics_torch(y, s, w, pos, neg, False, "cpu")
+    want = batched_metrics._ranked_metrics(y, s, w, pos, neg, unweighted=False)
+    got = batched_metrics._ranked_metrics_torch(y, s, w, pos, neg, False, "cpu")
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-12)
     assert np.isnan(got[0][0]) and np.isnan(got[1][0])
 
 
 def test_permutation_and_bootstrap_are_the_same_on_the_torch_path():
-    from repro import stats
+    from repro.evaluation import batched_metrics, bootstrap, significance
 
     rng = np.random.default_rng(4)
     n = 600
     y = (rng.random(n) < 0.25).astype(float)
     a, b = y * 0.3 + rng.random(n), rng.random(n)
     ids = np.arange(n) // 2  # two rows per patient
-    want = stats.paired_permutation_test(y, a, b, "auroc", 400, 0)
-    wb = stats.bootstrap_metrics(y, {"a": a, "b": b}, ids, ["auroc", "auprc"], n_boot=300, seed=1)
-    stats.set_stats_device("cpu")
+    want = significance.paired_permutation_test(y, a, b, "auroc", 400, 0)
+    wb = bootstrap.bootstrap_metrics(y, {"a": a, "b": b}, ids, ["auroc", "auprc"], n_boot=300, seed=1)
+    batched_metrics.set_stats_device("cpu")
     try:
-        assert stats.paired_permutation_test(y, a, b, "auroc", 400, 0) == want
-        gb = stats.bootstrap_metrics(y, {"a": a, "b": b}, ids, ["auroc", "auprc"], n_boot=300, seed=1)
+        assert significance.paired_permutation_test(y, a, b, "auroc", 400, 0) == want
+        gb = bootstrap.bootstrap_metrics(y, {"a": a, "b": b}, ids, ["auroc", "auprc"], n_boot=300, seed=1)
     finally:
-        stats.set_stats_device("auto")
+        batched_metrics.set_stats_device("auto")
     for m in ("a", "b"):
         np.testing.assert_array_equal(gb[m]["auroc"], wb[m]["auroc"])
         np.testing.assert_allclose(gb[m]["auprc"], wb[m]["auprc"], rtol=0, atol=1e-12)
@@ -409,18 +413,18 @@ def test_permutation_and_bootstrap_are_the_same_on_the_torch_path():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_rank_metrics_on_cuda_match_numpy():
-    from repro import stats
+    from repro.evaluation import batched_metrics
 
     rng = np.random.default_rng(5)
     y = (rng.random(3000) < 0.2).astype(float)
     s = np.round(rng.random(3000), 3)
     w = rng.poisson(1.0, size=(500, 3000)).astype(float)
     pos, neg = w @ y, w.sum(1) - w @ y
-    stats.set_stats_device(None)  # numpy
+    batched_metrics.set_stats_device(None)  # numpy
     try:
-        want = stats._ranked_metrics(y, s, w, pos, neg, unweighted=False)
+        want = batched_metrics._ranked_metrics(y, s, w, pos, neg, unweighted=False)
     finally:
-        stats.set_stats_device("auto")
-    got = stats._ranked_metrics_torch(y, s, w, pos, neg, False, "cuda")
+        batched_metrics.set_stats_device("auto")
+    got = batched_metrics._ranked_metrics_torch(y, s, w, pos, neg, False, "cuda")
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-12)

@@ -24,7 +24,8 @@ from repro.data import stream
 from repro.data.meds import MedsError, load_meds, read_events, read_reference_ranges
 from repro.data.synthetic import write_synthetic_meds
 from repro.data.tasks import build_task, find_visits
-from repro.data.tokenizer import Tokenizer, quantile_edges, quantile_edges_from_counts
+from repro.data.tokenizer import Tokenizer
+from repro.data.values import quantile_edges, quantile_edges_from_counts
 
 P = CodePatterns()
 ARRAYS = ("token_ids", "types", "kinds", "avail_us", "ages")
@@ -209,7 +210,7 @@ def smoke(tmp_path_factory):
 
 def test_smoke_cohort_every_sample_encodes_token_for_token(smoke):
     """Every task sample's model input (all side arrays) from `prepare` equals the non-streaming path's."""
-    from repro.experiment import encode_samples, prepare
+    from repro.training.prepare import encode_samples, prepare
 
     root, params = smoke
     prep = prepare(params, data_dir=root, cache=False, progress=False)
@@ -390,7 +391,7 @@ def test_quantile_edges_from_counts_is_np_quantile(values, n_bins, step):
 def test_benchmark_prints_every_stage_and_the_extrapolation(smoke, tmp_path, capsys):
     import json
 
-    from repro.bench_data import main
+    from repro.profiling.bench_data import main
 
     root, _ = smoke
     out = tmp_path / "bench.json"

@@ -10,7 +10,9 @@ from conftest import HAND_SPLITS, ts
 
 from repro.config import CodePatterns, TokenizerParams
 from repro.data.tasks import build_task
-from repro.data.tokenizer import REG, UNK, VS, Tokenizer, assign_bins, interval_token, quantile_edges
+from repro.data.tokenizer import Tokenizer
+from repro.data.values import assign_bins, quantile_edges
+from repro.data.vocab import REG, UNK, VS, interval_token
 
 PATTERNS = CodePatterns()
 

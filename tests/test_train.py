@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-import repro.train as train_mod
 from repro.config import TrainParams
 from repro.data.dataset import IGNORE, SequenceDataset, collate, mlm_mask
-from repro.data.tokenizer import MASK, SPECIALS, Encoded
+from repro.data.tokenizer import Encoded
+from repro.data.vocab import MASK, SPECIALS
 from repro.models.registry import build_model
+from repro.training import loop
 
 VOCAB = 40
 
@@ -49,7 +50,7 @@ def test_clm_loss_ignores_padding():
     long_ = collate([data[0], data[1], (_enc(np.random.default_rng(9), 30), np.zeros(1, np.float32))])
     # The same two sequences, padded to 30 instead of their own max: loss sum and token count must not change.
     two_of_long = {k: v[:2] for k, v in long_.items()}
-    (a, na), (b, nb) = (train_mod._loss_sum(model, x, "clm") for x in (short, two_of_long))
+    (a, na), (b, nb) = (loop._loss_sum(model, x, "clm") for x in (short, two_of_long))
     assert int(na) == int(nb) and torch.allclose(a, b, atol=1e-4)
 
 
@@ -77,24 +78,24 @@ def test_resume_after_interruption_gives_the_same_model(tmp_path, monkeypatch, o
 
     ref = _model(name)
     ref.set_n_outputs(1)
-    train_mod.fit(ref, data, params, objective, 7, 1e-3, 0, dev, tmp_path / "ref.pt", progress=False)
+    loop.fit(ref, data, params, objective, 7, 1e-3, 0, dev, tmp_path / "ref.pt", progress=False)
 
-    real = train_mod.batch_indices
+    real = loop.batch_indices
 
     def dying(n, bs, seed, step, *a):
         if step == 5:
             raise KeyboardInterrupt("killed")
         return real(n, bs, seed, step, *a)
 
-    monkeypatch.setattr(train_mod, "batch_indices", dying)
+    monkeypatch.setattr(loop, "batch_indices", dying)
     first = _model(name)
     first.set_n_outputs(1)
     with pytest.raises(KeyboardInterrupt):
-        train_mod.fit(first, data, params, objective, 7, 1e-3, 0, dev, tmp_path / "run.pt", progress=False)
-    monkeypatch.setattr(train_mod, "batch_indices", real)
+        loop.fit(first, data, params, objective, 7, 1e-3, 0, dev, tmp_path / "run.pt", progress=False)
+    monkeypatch.setattr(loop, "batch_indices", real)
     second = _model(name)
     second.set_n_outputs(1)
-    res = train_mod.fit(second, data, params, objective, 7, 1e-3, 0, dev, tmp_path / "run.pt", progress=False)
+    res = loop.fit(second, data, params, objective, 7, 1e-3, 0, dev, tmp_path / "run.pt", progress=False)
     assert res.resumed_from == 3 and res.steps_run == 4
     for (k, a), b in zip(ref.state_dict().items(), second.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), k
@@ -105,20 +106,20 @@ import sys, time
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 import torch
-import repro.train as train_mod
+from repro.training import loop
 from repro.config import TrainParams
 from test_train import _data, _model
 
-real = train_mod.batch_indices
+real = loop.batch_indices
 def slow(n, bs, seed, step, *a):  # after the first checkpoint, slow enough to be killed mid-run
     if step >= 4:
         time.sleep(0.5)
     return real(n, bs, seed, step, *a)
-train_mod.batch_indices = slow
+loop.batch_indices = slow
 m = _model("ehrmamba")
 m.set_n_outputs(1)
 params = TrainParams(batch_size=4, checkpoint_every=3, warmup_frac=0.2)
-train_mod.fit(m, _data(), params, "clm", 7, 1e-3, 0, torch.device("cpu"), Path({ckpt!r}), progress=False)
+loop.fit(m, _data(), params, "clm", 7, 1e-3, 0, torch.device("cpu"), Path({ckpt!r}), progress=False)
 """
 
 
@@ -131,7 +132,7 @@ def test_a_process_killed_by_sigkill_resumes_from_its_checkpoint(tmp_path):
     params = TrainParams(batch_size=4, checkpoint_every=3, warmup_frac=0.2)
     ref = _model("ehrmamba")
     ref.set_n_outputs(1)
-    train_mod.fit(
+    loop.fit(
         ref, _data(), params, "clm", 7, 1e-3, 0, torch.device("cpu"), tmp_path / "ref.pt", progress=False
     )
     ckpt = tmp_path / "run.pt"
@@ -145,7 +146,7 @@ def test_a_process_killed_by_sigkill_resumes_from_its_checkpoint(tmp_path):
     assert ckpt.exists() and child.returncode == -9, "the child must die after writing its first checkpoint"
     second = _model("ehrmamba")
     second.set_n_outputs(1)
-    res = train_mod.fit(second, _data(), params, "clm", 7, 1e-3, 0, torch.device("cpu"), ckpt, progress=False)
+    res = loop.fit(second, _data(), params, "clm", 7, 1e-3, 0, torch.device("cpu"), ckpt, progress=False)
     assert res.resumed_from == 3 and res.steps_run == 4
     for (k, a), b in zip(ref.state_dict().items(), second.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), k
@@ -155,11 +156,9 @@ def test_predict_keeps_order_and_range():
     model = _model("cehr_bert")
     model.set_n_outputs(1)
     data = _data()
-    p = train_mod.predict(model, data, torch.device("cpu"), batch_size=5)
+    p = loop.predict(model, data, torch.device("cpu"), batch_size=5)
     assert p.shape == (len(data), 1) and ((p > 0) & (p < 1)).all()
-    single = [
-        train_mod.predict(model, SequenceDataset([data.items[i]]), torch.device("cpu"))[0] for i in (0, 7)
-    ]
+    single = [loop.predict(model, SequenceDataset([data.items[i]]), torch.device("cpu"))[0] for i in (0, 7)]
     np.testing.assert_allclose(p[[0, 7], 0], np.ravel(single), atol=1e-5)
 
 
@@ -167,7 +166,7 @@ def test_cuda_request_without_cuda_is_an_error():
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
     with pytest.raises(ValueError, match="cuda was requested"):
-        train_mod.resolve_device("cuda")
+        loop.resolve_device("cuda")
 
 
 def test_length_grouped_batches_cover_each_epoch_once_and_pad_less():
@@ -210,9 +209,9 @@ def test_a_finished_cuda_checkpoint_is_reused_by_another_fit(tmp_path):
     dev = torch.device("cuda")
     ckpt = tmp_path / "pre.pt"
     first = _model("transformer", max_len=32)
-    train_mod.fit(first, _data(), params, "clm", 3, 1e-3, 0, dev, ckpt, progress=False)
+    loop.fit(first, _data(), params, "clm", 3, 1e-3, 0, dev, ckpt, progress=False)
     again = _model("transformer", max_len=32)
-    res = train_mod.fit(again, _data(), params, "clm", 3, 1e-3, 0, dev, ckpt, progress=False)
+    res = loop.fit(again, _data(), params, "clm", 3, 1e-3, 0, dev, ckpt, progress=False)
     assert res.resumed_from == 3 and res.steps_run == 0
     for (k, a), b in zip(first.state_dict().items(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b), k

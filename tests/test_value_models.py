@@ -7,11 +7,12 @@ import pytest
 import torch
 from test_train import _enc as _plain
 
-import repro.train as train_mod
 from repro.config import TrainParams
 from repro.data.dataset import IGNORE, SequenceDataset, collate
-from repro.data.tokenizer import SPECIALS, Encoded
+from repro.data.tokenizer import Encoded
+from repro.data.vocab import SPECIALS
 from repro.models.registry import build_model
+from repro.training import loop
 
 VOCAB = 40  # test_train's vocabulary, which its _enc draws from
 
@@ -74,7 +75,7 @@ def test_the_numeric_head_adds_its_squared_error_to_the_pretraining_loss(objecti
     model = _model(value_head=True)
     batch = collate([(_enc(rng, 12, values=True),), (_enc(rng, 9, values=True),)])
     if objective == "mlm":
-        batch = train_mod._global_batch(
+        batch = loop._global_batch(
             SequenceDataset([_enc(rng, 12, values=True), _enc(rng, 9, values=True)]),
             np.array([0, 1]),
             "mlm",
@@ -82,8 +83,8 @@ def test_the_numeric_head_adds_its_squared_error_to_the_pretraining_loss(objecti
             torch.Generator().manual_seed(0),
             0.5,
         )
-    with_values, n1 = train_mod._loss_sum(model, batch, objective, values=True)
-    tokens_only, n2 = train_mod._loss_sum(model, batch, objective, values=False)
+    with_values, n1 = loop._loss_sum(model, batch, objective, values=True)
+    tokens_only, n2 = loop._loss_sum(model, batch, objective, values=False)
     assert int(n1) == int(n2) and with_values > tokens_only  # squared errors are positive
     with_values.backward()
     assert model.value_head.weight.grad is not None and model.value_head.weight.grad.abs().sum() > 0
@@ -92,7 +93,7 @@ def test_the_numeric_head_adds_its_squared_error_to_the_pretraining_loss(objecti
 def test_mlm_hides_the_values_of_masked_positions_and_keeps_them_as_targets():
     rng = np.random.default_rng(4)
     items = [_enc(rng, 30, values=True, soft=True) for _ in range(4)]
-    batch = train_mod._global_batch(
+    batch = loop._global_batch(
         SequenceDataset(items), np.arange(4), "mlm", VOCAB, torch.Generator().manual_seed(1), 0.5
     )
     chosen = batch["mlm_labels"] != IGNORE
@@ -109,7 +110,7 @@ def test_xval_pretraining_learns_on_a_tiny_run(tmp_path):
     rng = np.random.default_rng(5)
     data = SequenceDataset([_enc(rng, 16, values=True) for _ in range(16)])
     model = _model(value_head=True)
-    res = train_mod.fit(
+    res = loop.fit(
         model, data, TrainParams(batch_size=8), "clm", 30, 3e-3, 0, torch.device("cpu"), progress=False
     )
     assert np.mean(res.losses[-5:]) < np.mean(res.losses[:5])

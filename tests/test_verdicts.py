@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from repro import verdicts
+from repro.evaluation import verdicts
 
 
 def _write(tmp_path, name, obj):

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from repro.data.tokenizer import MASK, PAD, SPECIALS, Encoded
+from repro.data.tokenizer import Encoded
+from repro.data.vocab import MASK, PAD, SPECIALS
 
 IGNORE = -100
 SIDE = ("input_ids", "type_ids", "ages", "times", "segments", "visit_orders")

@@ -20,11 +20,8 @@ They apply to lab events with a numeric value; other events are their plain code
 | bins: clinical | bins 1/2/3 = below / inside (inclusive) / above the code's reference range | - |
 | time_tokens: fixed13 | `[GAP_k]` before a token >= 5 min after the previous one | - |
 
-Soft discretization (`soft_mix`): bin k spans [lo_k, hi_k], the outer bins ending at the code's train
-minimum and maximum; with t = (v - lo_k) / (hi_k - lo_k) clipped to [0, 1], the neighbour is bin k-1
-with weight 0.5 - t below the middle, bin k+1 with t - 0.5 above it, and none (weight 0, `mix_ids` the
-token itself) past the outermost bins, in a single or zero-width bin, or when either token is not in
-the vocabulary. The model embeds (1 - w) E[id] + w E[mix_id], continuous in v across bin edges.
+Value bins, soft weights and z-scores are in `repro.data.values`; the fixed tokens and time units in
+`repro.data.vocab`; the stored timelines in `repro.data.timelines`.
 
 Time tokens `fixed13` (`GAP_EDGES_US`, the 13 bins of ETHOS): a `[GAP_k]` goes before every token whose
 time is 5 minutes or more after the previous token of the subject's timeline. Between visits it
@@ -45,7 +42,7 @@ import os
 import re
 import tempfile
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,323 +51,32 @@ import pandas as pd
 from repro.config import CodePatterns, TokenizerParams
 from repro.data.meds import CODE, SUBJECT, TIME, VALUE
 from repro.data.tasks import find_visits
-
-PAD, UNK, CLS, VS, VE, REG, MASK = 0, 1, 2, 3, 4, 5, 6
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[VS]", "[VE]", "[REG]", "[MASK]"]
-INTERVALS = [f"[W_{k}]" for k in range(4)] + [f"[M_{k}]" for k in range(13)] + ["[LT]"]
-TASK_TOKENS = [
-    "[TASK_mortality_1m]",
-    "[TASK_inhospital_mortality_24h]",
-    "[TASK_los_1w]",
-    "[TASK_readmission_1m]",
-    "[TASK_conditions]",
-]
-RESERVED = SPECIALS + INTERVALS + TASK_TOKENS
-GAP_TOKENS = [f"[GAP_{k}]" for k in range(1, 14)]  # fixed13 only: right after RESERVED in the vocabulary
-
-# Token types (CONTRACTS: 0 pad, 1 special, 2 visit, 3 interval, 4 lab, 5 med, 6 proc, 7 dx, 8 other, 9 demo)
-T_PAD, T_SPECIAL, T_VISIT, T_INTERVAL, T_LAB, T_MED, T_PROC, T_DX, T_OTHER, T_DEMO = range(10)
-N_TOKEN_TYPES = 10
-FAMILY_TYPE = {
-    "lab": T_LAB,
-    "medication": T_MED,
-    "procedure": T_PROC,
-    "diagnosis": T_DX,
-    "demographic": T_DEMO,
-}
-
-# Token kinds inside a stored timeline (K_GAP: a fixed13 gap token inside a visit).
-K_EVENT, K_INTERVAL, K_VS, K_VE, K_REG, K_GAP = 0, 1, 2, 3, 4, 5
-
-US_PER_MINUTE = 60_000_000
-US_PER_HOUR = 60 * US_PER_MINUTE
-US_PER_DAY = 86_400_000_000
-US_PER_WEEK = 7 * US_PER_DAY
-US_PER_YEAR = 365.25 * US_PER_DAY
-# Lower edges of the 13 ETHOS gap bins: [5 min, 15 min), [15 min, 1 h), ..., [3 months, 6 months), >= 6 months
-# (a month is 30 days). A gap below 5 minutes gives no token.
-GAP_EDGES_US = np.array(
-    [
-        5 * US_PER_MINUTE,
-        15 * US_PER_MINUTE,
-        US_PER_HOUR,
-        2 * US_PER_HOUR,
-        6 * US_PER_HOUR,
-        12 * US_PER_HOUR,
-        US_PER_DAY,
-        3 * US_PER_DAY,
-        7 * US_PER_DAY,
-        14 * US_PER_DAY,
-        30 * US_PER_DAY,
-        90 * US_PER_DAY,
-        180 * US_PER_DAY,
-    ],
-    dtype=np.int64,
+from repro.data.timelines import Timelines, TokenizerStats, insert_gap_tokens
+from repro.data.values import assign_bins, clinical_edges, quantile_edges, soft_mix, value_summary, zscores
+from repro.data.vocab import (
+    CLS,
+    FAMILY_TYPE,
+    GAP_TOKENS,
+    K_EVENT,
+    K_INTERVAL,
+    K_REG,
+    K_VE,
+    K_VS,
+    REG,
+    RESERVED,
+    T_INTERVAL,
+    T_LAB,
+    T_OTHER,
+    T_SPECIAL,
+    T_VISIT,
+    UNK,
+    US_PER_DAY,
+    US_PER_WEEK,
+    US_PER_YEAR,
+    VE,
+    VS,
+    interval_token,
 )
-Z_CLIP = 5.0  # xval: z-scores are clipped to [-Z_CLIP, Z_CLIP]
-
-
-def gap_bin(gap_us: np.ndarray) -> np.ndarray:
-    """1-based fixed13 gap bin of each gap in microseconds; 0 for a gap under 5 minutes (no token).
-
-    >>> m = 60_000_000
-    >>> gap_bin(np.array([5 * m - 1, 5 * m, 15 * m, 180 * 24 * 60 * m - 1, 180 * 24 * 60 * m])).tolist()
-    [0, 1, 2, 12, 13]
-    """
-    return np.searchsorted(GAP_EDGES_US, np.asarray(gap_us, dtype=np.int64), side="right")
-
-
-def bin_token(k: int) -> str:
-    """The shared bin token of an unfused value (1-based bin).
-
-    >>> bin_token(3)
-    '[Q3]'
-    """
-    return f"[Q{k}]"
-
-
-def interval_token(days: float) -> str:
-    """Interval token for a gap in days between a discharge and the next admission.
-
-    >>> [interval_token(d) for d in (0, 6.9, 7, 27.9, 28, 364, 365)]
-    ['[W_0]', '[W_0]', '[W_1]', '[W_3]', '[M_0]', '[M_12]', '[LT]']
-    """
-    if days < 28:
-        return f"[W_{int(max(days, 0) // 7)}]"
-    if days < 365:
-        return f"[M_{int(days // 30)}]"
-    return "[LT]"
-
-
-def quantile_edges(values: np.ndarray, n_bins: int) -> np.ndarray:
-    """Inner bin edges (n_bins - 1) from train values; `assign_bins` puts the maximum in the top bin."""
-    values = values[~np.isnan(values)]
-    if len(values) == 0 or n_bins < 2:
-        return np.empty(0, dtype=np.float64)
-    return np.quantile(values.astype(np.float64), np.arange(1, n_bins) / n_bins)
-
-
-def quantile_edges_from_counts(values: np.ndarray, counts: np.ndarray, n_bins: int) -> np.ndarray:
-    """`quantile_edges` of the multiset {values[i] repeated counts[i] times}, bit for bit.
-
-    Why: a streaming fit keeps each lab code's distinct values with their counts (lab values are
-    recorded at fixed precision, so that is far smaller than the events), and must give exactly the
-    edges `np.quantile` gives on the expanded array (a zero edge may differ in sign only: -0.0 == 0.0).
-    `values` must be sorted ascending, without NaN.
-    This is numpy's default ('linear', Hyndman-Fan 7) rule: virtual index (n - 1) q, then numpy's
-    two-sided lerp between the neighbouring order statistics.
-
-    >>> v = np.array([1.0, 2.0, 2.0, 7.0, 7.0, 7.0, 9.0])
-    >>> u, c = np.unique(v, return_counts=True)
-    >>> bool(np.array_equal(quantile_edges_from_counts(u, c, 5), quantile_edges(v, 5)))
-    True
-    """
-    counts = np.asarray(counts, dtype=np.int64)
-    n = int(counts.sum())
-    if n == 0 or n_bins < 2:
-        return np.empty(0, dtype=np.float64)
-    values = np.asarray(values, dtype=np.float64)
-    q = np.arange(1, n_bins) / n_bins
-    virtual = (n - 1) * q
-    prev = np.floor(virtual)
-    above = virtual >= n - 1
-    prev_i = np.where(above, n - 1, prev).astype(np.int64)
-    next_i = np.where(above, n - 1, prev + 1).astype(np.int64)
-    gamma = virtual - np.where(above, -1.0, prev)  # numpy's gamma uses the index -1 above the bounds
-    cum = np.cumsum(counts)
-    a = values[np.searchsorted(cum, prev_i, side="right")]
-    b = values[np.searchsorted(cum, next_i, side="right")]
-    with np.errstate(invalid="ignore"):  # inf values give NaN edges, as np.quantile does
-        diff = b - a
-        out = a + diff * gamma
-        np.subtract(b, diff * (1 - gamma), out=out, where=gamma >= 0.5)
-    return out
-
-
-def assign_bins(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """0-based bin of each value; values above every edge (the maximum included) go to the top bin.
-
-    >>> assign_bins(np.array([0.0, 1.0, 2.0, 3.0]), np.array([1.0, 2.0]))
-    array([0, 1, 2, 2])
-    """
-    return np.searchsorted(edges, values, side="right")
-
-
-def clinical_edges(lower: float, upper: float) -> np.ndarray:
-    """Inner edges that make `assign_bins` give 0 below `lower`, 1 in [lower, upper] (inclusive), 2 above.
-
-    The limits are compared at float32 precision, MEDS' numeric_value type, so a value written as the
-    limit itself is inside the range; `assign_bins` puts a value equal to an edge above it, so the
-    upper edge is the next float64 after the upper limit.
-
-    >>> assign_bins(np.array([3.4, 3.5, 5.0, 5.01]), clinical_edges(3.5, 5.0))
-    array([0, 1, 1, 2])
-    """
-    lo = float(np.float32(lower))
-    hi = float(np.float32(upper))
-    return np.array([lo, np.nextafter(hi, np.inf)], dtype=np.float64)
-
-
-def value_summary(values: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """([min, max], [mean, std]) of the multiset {values[i] repeated counts[i] times}; std is ddof 0.
-
-    Both fits call this on a code's distinct train values (sorted, float64) and their counts, so the
-    streaming and the in-memory tokenizer hold the same numbers.
-
-    >>> lim, mom = value_summary(np.array([1.0, 3.0]), np.array([3, 1]))
-    >>> lim.tolist(), np.round(mom, 4).tolist()
-    ([1.0, 3.0], [1.5, 0.866])
-    """
-    values = np.asarray(values, dtype=np.float64)
-    c = np.asarray(counts, dtype=np.float64)
-    n = c.sum()
-    mean = (values * c).sum() / n
-    std = np.sqrt((((values - mean) ** 2) * c).sum() / n)
-    return np.array([values.min(), values.max()]), np.array([mean, std])
-
-
-def soft_weights(
-    x: np.ndarray, b: np.ndarray, lo: np.ndarray, hi: np.ndarray, n_bins: np.ndarray | int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Neighbouring bin (0-based) and its weight for values `x` in bins `b` spanning [lo, hi].
-
-    t = (x - lo) / (hi - lo) clipped to [0, 1]; below the middle the neighbour is b - 1 with weight
-    0.5 - t, else b + 1 with t - 0.5. No neighbour (outside the outermost bins, a zero-width bin, a
-    weight of 0) gives the bin itself and weight 0.
-
-    >>> nb, w = soft_weights(np.array([1.0, 1.9, 2.0, 2.5]), np.array([0, 0, 1, 1]),
-    ...                      np.array([1.0, 1.0, 2.0, 2.0]), np.array([2.0, 2.0, 3.0, 3.0]), 2)
-    >>> nb.tolist(), np.round(w, 6).tolist()
-    ([0, 1, 0, 1], [0.0, 0.4, 0.5, 0.0])
-    """
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t = np.clip((x - lo) / (hi - lo), 0.0, 1.0)
-    down = t < 0.5
-    nb = np.where(down, b - 1, b + 1)
-    w = np.where(down, 0.5 - t, t - 0.5)
-    ok = (hi > lo) & (nb >= 0) & (nb < n_bins) & (w > 0)
-    return np.where(ok, nb, b), np.where(ok, w, 0.0)
-
-
-def soft_mix(
-    values: np.ndarray, edges: np.ndarray, vmin: float, vmax: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(bin, neighbouring bin, weight) of one code's values; the outer bins end at the train min and max.
-
-    >>> b, nb, w = soft_mix(np.array([0.0, 4.0, 5.0, 10.0]), np.array([5.0]), 0.0, 10.0)
-    >>> b.tolist(), nb.tolist(), np.round(w, 6).tolist()
-    ([0, 0, 1, 1], [0, 1, 0, 1], [0.0, 0.3, 0.5, 0.0])
-    """
-    values = np.asarray(values, dtype=np.float64)
-    b = assign_bins(values, edges)
-    bounds = np.concatenate([[vmin], edges, [vmax]]).astype(np.float64)
-    nb, w = soft_weights(values, b, bounds[b], bounds[b + 1], len(edges) + 1)
-    return b, nb, w
-
-
-def zscores(x: np.ndarray, mean: np.ndarray | float, std: np.ndarray | float) -> np.ndarray:
-    """xval value: (x - mean) / std clipped to [-5, 5], 0 where std is 0 (float32).
-
-    >>> zscores(np.array([1.0, 3.0, 100.0]), 2.0, 1.0).tolist()
-    [-1.0, 1.0, 5.0]
-    """
-    std = np.asarray(std, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z = np.where(std > 0, (np.asarray(x, dtype=np.float64) - mean) / std, 0.0)
-    return np.clip(z, -Z_CLIP, Z_CLIP).astype(np.float32)
-
-
-@dataclass
-class TokenizerStats:
-    """Counts a researcher should see: what was dropped or unknown, and why."""
-
-    events_in: int = 0
-    events_outside_visits: int = 0
-    events_other_family: int = 0
-    event_tokens: int = 0
-    unk_tokens: int = 0
-    subjects_without_visits: int = 0
-    subjects_without_birth: int = 0
-
-    def add(self, other: TokenizerStats) -> None:
-        for k, v in asdict(other).items():
-            setattr(self, k, getattr(self, k) + v)
-
-
-@dataclass
-class Timelines:
-    """Full token timelines of many subjects as flat arrays with per-subject offsets (CSR layout).
-
-    The value arrays exist only in the modes that need them (memory: a timeline can hold tens of
-    millions of tokens): `values` for xval, `mix_ids` / `mix_w` for soft; None otherwise.
-    """
-
-    subject_ids: np.ndarray  # [S]
-    offsets: np.ndarray  # [S + 1]
-    token_ids: np.ndarray  # [N] int32
-    types: np.ndarray  # [N] int8
-    kinds: np.ndarray  # [N] int8  (K_*)
-    avail_us: np.ndarray  # [N] int64: the token is known from this time on
-    ages: np.ndarray  # [N] float32 years
-    stats: TokenizerStats = field(default_factory=TokenizerStats)
-    values: np.ndarray | None = None  # [N] float32 xval z-score, NaN on tokens without a value
-    mix_ids: np.ndarray | None = None  # [N] int32 soft: neighbouring bin's token (the token itself if none)
-    mix_w: np.ndarray | None = None  # [N] float32 soft: its weight in [0, 0.5]
-
-    def index(self) -> dict[int, int]:
-        return {int(s): i for i, s in enumerate(self.subject_ids)}
-
-
-VALUE_ARRAYS = ("values", "mix_ids", "mix_w")  # the optional per-token arrays of `Timelines`
-
-
-def insert_gap_tokens(tl: Timelines, gap_ids: np.ndarray) -> Timelines:
-    """fixed13: a `[GAP_k]` before every token 5 minutes or more after the previous token of its subject.
-
-    Vectorised over the flat arrays. The gap token takes the availability time and age of the token
-    after it (the gap is known only then), type interval, and kind `K_INTERVAL` before a `[VS]` (between
-    visits, a truncation boundary) or `K_GAP` inside a visit. `gap_ids[k - 1]` is the id of `[GAP_k]`.
-    """
-    n = len(tl.token_ids)
-    av = np.asarray(tl.avail_us)
-    dt = np.zeros(n, np.int64)
-    if n:
-        dt[1:] = av[1:] - av[:-1]
-    starts = np.asarray(tl.offsets[:-1])
-    dt[starts[starts < n]] = 0  # a subject's first token has no previous token
-    k = gap_bin(dt)
-    new = k > 0
-    ins = np.flatnonzero(new)
-    before = np.concatenate([[0], np.cumsum(new)]).astype(np.int64)
-    pos = np.arange(n, dtype=np.int64) + before[1:]  # new position of each old token
-    gpos = pos[ins] - 1
-
-    def spread(a: np.ndarray, fill) -> np.ndarray:
-        a = np.asarray(a)
-        out = np.empty(n + len(ins), dtype=a.dtype)
-        out[pos] = a
-        out[gpos] = fill
-        return out
-
-    gid = np.asarray(gap_ids, dtype=np.int32)[k[ins] - 1]
-    kinds = np.asarray(tl.kinds)
-    out = Timelines(
-        subject_ids=tl.subject_ids,
-        offsets=(np.asarray(tl.offsets) + before[np.asarray(tl.offsets)]).astype(np.int64),
-        token_ids=spread(tl.token_ids, gid),
-        types=spread(tl.types, T_INTERVAL),
-        kinds=spread(kinds, np.where(kinds[ins] == K_VS, K_INTERVAL, K_GAP)),
-        avail_us=spread(av, av[ins]),
-        ages=spread(tl.ages, np.asarray(tl.ages)[ins]),
-        stats=tl.stats,
-    )
-    if tl.values is not None:
-        out.values = spread(tl.values, np.nan)
-    if tl.mix_ids is not None:
-        out.mix_ids = spread(tl.mix_ids, gid)
-    if tl.mix_w is not None:
-        out.mix_w = spread(tl.mix_w, 0.0)
-    return out
 
 
 @dataclass

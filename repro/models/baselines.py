@@ -16,7 +16,8 @@ from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import MaxAbsScaler
 
-from repro.data.tokenizer import SPECIALS, Encoded
+from repro.data.tokenizer import Encoded
+from repro.data.vocab import SPECIALS
 
 
 def count_matrix(items: Sequence[Encoded], vocab_size: int) -> sp.csr_matrix:

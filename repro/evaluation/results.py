@@ -13,18 +13,17 @@ import meds
 import numpy as np
 import pandas as pd
 
-from repro.evaluate import binary_metrics, evaluate_predictions, metrics_table, oracle_metrics
-from repro.experiment import ModelRun
-from repro.stats import (
-    ECE_BINS,
+from repro.evaluation.batched_metrics import ECE_BINS
+from repro.evaluation.bootstrap import paired_bootstrap, paired_scores
+from repro.evaluation.metrics import binary_metrics, evaluate_predictions, metrics_table, oracle_metrics
+from repro.evaluation.significance import (
     VERDICT_RULE,
     aggregate_seeds,
     benjamini_hochberg,
-    paired_bootstrap,
     paired_permutation_test,
-    paired_scores,
     verdict,
 )
+from repro.training.trainer import ModelRun
 
 __all__ = [
     "VERDICT_RULE",

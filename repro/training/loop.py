@@ -9,8 +9,8 @@ rank draws the same global batch, keeps its rows ``rank::N``, and the loss is th
 tokens (or outputs) divided by their global count, so N processes take the same steps as one process with
 the same global batch (tests/test_ddp.py; with dropout, masks are drawn per rank, so runs agree in
 distribution rather than to rounding). Rank 0 alone logs and writes checkpoints; every rank resumes
-from them. `python -m repro.train` pretrains one backbone this way (`torchrun --nproc_per_node=N -m
-repro.train --params ... --model ehrmamba --out ckpt.pt`).
+from them. `python -m repro.training.ddp` pretrains one backbone this way (`torchrun --nproc_per_node=N -m
+repro.training.ddp --params ... --model ehrmamba --out ckpt.pt`).
 """
 
 from __future__ import annotations
@@ -82,6 +82,8 @@ def _schedule(total: int, warmup_frac: float):
 # kernels tuned or compiled per shape (Triton autotuning in Mamba2's SSD, cuDNN / cuBLAS heuristics) are
 # chosen once. Padding is masked everywhere, so results do not depend on it.
 CUDA_PAD_MULTIPLE = 64
+
+
 # Losses stay on the GPU and are read back (one host sync) every this many steps, at checkpoints and at
 # the end: a per-step `float(loss)` makes the CPU wait for the GPU before it can collate the next batch.
 LOSS_READ_EVERY = 25
@@ -357,7 +359,7 @@ def predict(
     return out
 
 
-def _init_distributed() -> tuple[int, int, torch.device]:
+def init_distributed() -> tuple[int, int, torch.device]:
     """Join torchrun's process group (NCCL on GPUs, gloo on CPUs); (rank, world, this rank's device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -369,67 +371,3 @@ def _init_distributed() -> tuple[int, int, torch.device]:
             torch.cuda.set_device(local)
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
     return int(os.environ.get("RANK", "0")), world, torch.device(f"cuda:{local}" if cuda else "cpu")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`torchrun --nproc_per_node=N -m repro.train --params P --model M --out CKPT`: pretrain one backbone.
-
-    Rank 0 prepares (and caches) the data first, the other ranks then read the cache; the global batch is
-    ``train.batch_size`` whatever N is. A rerun with the same --out resumes from its last checkpoint.
-    """
-    import argparse
-    import json
-
-    from repro.experiment import Trainer, load_run_params, prepare, pretrain_samples
-
-    p = argparse.ArgumentParser(prog="python -m repro.train", description=main.__doc__.splitlines()[0])
-    p.add_argument("--params", required=True)
-    p.add_argument("--model", default="ehrmamba")
-    p.add_argument("--out", required=True, help="checkpoint path (resumed from when it exists)")
-    p.add_argument("--data", default=None, help="a MEDS directory (default: the params' cohort)")
-    p.add_argument("--steps", type=int, default=None, help="default: train.pretrain_steps")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    rank, world, device = _init_distributed()
-    try:
-        params = load_run_params(args.params, args.data)
-        if rank == 0:
-            prep = prepare(params, args.data)
-        if world > 1:
-            torch.distributed.barrier()
-        if rank != 0:
-            prep = prepare(params, args.data)  # a cache hit: rank 0 wrote it
-        trainer = Trainer(prep, Path(args.out).parent, progress=False)
-        model = trainer.build(args.model, args.seed)
-        objective = getattr(model.backbone, "pretrain_objective", "clm" if model.causal else "mlm")
-        steps = args.steps or params.train.pretrain_steps
-        data = SequenceDataset(pretrain_samples(prep))
-        spec = {
-            "name": args.model,
-            "vocab_size": prep.tokenizer.vocab_size,
-            **trainer.build_kwargs(args.model),
-        }
-        res = fit(model, data, params.train, objective, steps, params.train.lr, args.seed, device,
-                  checkpoint=Path(args.out), spec=spec, progress=rank == 0, desc=f"{objective} {args.model}")  # fmt: skip
-        if rank == 0:
-            summary = {
-                "model": args.model,
-                "objective": objective,
-                "processes": world,
-                "device": str(device),
-                "global_batch": params.train.batch_size,
-                "steps_run": res.steps_run,
-                "resumed_from": res.resumed_from,
-                "seconds": round(res.seconds, 2),
-                "tokens_per_s": round(res.tokens / res.seconds) if res.seconds else None,
-                "final_loss": res.losses[-1] if res.losses else None,
-            }
-            print(json.dumps(summary))
-    finally:
-        if world > 1:
-            torch.distributed.destroy_process_group()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

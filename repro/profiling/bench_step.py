@@ -1,9 +1,9 @@
 """Our EHRMamba training step against a bare mamba_ssm ``MambaLMHeadModel`` of the same size, on one GPU.
 
-`python -m repro.bench_step` (wired as `python -m repro.bench step`) builds both models in one process with
+`python -m repro.bench step` builds both models in one process with
 the same d_model, layers, d_state, d_conv, expand and vocabulary, and times the same next-token training
 step on the same batch shape (bf16 autocast, AdamW, gradient clipping at 1.0) with
-``repro.profiling.time_step``: warm-up steps, then CUDA events. It prints tokens/s of both and the ratio
+``repro.profiling.timing.time_step``: warm-up steps, then CUDA events. It prints tokens/s of both and the ratio
 ours / bare at each length, EHRMamba's tokens/s at the scaling length against the first length (linear
 scaling keeps it near 1), and whether EHRMamba trains at the long length with batch 1. Targets of the issue:
 ratio >= 0.9 at 2048 and 16384, scaling ratio >= 0.9 at 32768, and 65536 with batch 1 trains.
@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from repro import profiling
+from repro.profiling import sweep, timing
 
 PROG = "python -m repro.bench step"
 OURS = "EHRMamba (ours)"
@@ -76,8 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def sizes(args: argparse.Namespace) -> dict[str, int]:
     """d_model, n_layers, d_state, d_conv, expand: flags win over the params file's ``model_sizes.ehrmamba``."""
-    from repro.config import load_params
-    from repro.experiment import resolve
+    from repro.config import load_params, resolve
     from repro.models.ehrmamba import EHRMamba
 
     block: dict[str, Any] = {}
@@ -144,12 +143,12 @@ def bare_model(s: dict[str, int], vocab: int, device: torch.device) -> tuple[tor
 
 
 def bare_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device):
-    """The same next-token step as ``profiling.pretrain_step``, on token ids only."""
+    """The same next-token step as ``sweep.pretrain_step``, on token ids only."""
     ids = batch["input_ids"]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
 
     def step() -> None:
-        with profiling.autocast(device):
+        with timing.autocast(device):
             logits = model(ids).logits[:, :-1]
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
@@ -168,17 +167,17 @@ def bare_row(s: dict[str, int], vocab: int, length: int, batch: int, args, devic
         model, path = bare_model(s, vocab, device)
         row["params"] = sum(p.numel() for p in model.parameters())
         row["kernel_path"] = path
-        step = bare_step(model, profiling.synthetic_batch(vocab, batch, length, device), device)
-        profiling.record_timing(row, profiling.time_step(step, device, args.warmup, args.steps), path)
+        step = bare_step(model, sweep.synthetic_batch(vocab, batch, length, device), device)
+        sweep.record_timing(row, timing.time_step(step, device, args.warmup, args.steps), path)
 
-    return profiling.guarded(profiling.empty_row(BARE, device, length, batch), body, device)
+    return sweep.guarded(sweep.empty_row(BARE, device, length, batch), body, device)
 
 
 def our_row(s: dict[str, int], vocab: int, length: int, batch: int, args, device) -> dict[str, Any]:
     """One timed row of our EHRMamba (the reference path on CUDA is refused, as in every sweep)."""
     from repro.models.registry import build_model
 
-    return profiling.measure(
+    return sweep.measure(
         OURS,
         lambda _length: build_model("ehrmamba", vocab, **s),
         length,
@@ -193,13 +192,11 @@ def _model_and_step(which: str, s: dict[str, int], vocab: int, length: int, batc
     """(model, step) of ours or the bare model on the benchmark's batch."""
     if which == BARE:
         model, _ = bare_model(s, vocab, device)
-        return model, bare_step(model, profiling.synthetic_batch(vocab, batch, length, device), device)
+        return model, bare_step(model, sweep.synthetic_batch(vocab, batch, length, device), device)
     from repro.models.registry import build_model
 
     model = build_model("ehrmamba", vocab, **s).to(device)
-    return model, profiling.pretrain_step(
-        model, profiling.synthetic_batch(vocab, batch, length, device), device
-    )
+    return model, sweep.pretrain_step(model, sweep.synthetic_batch(vocab, batch, length, device), device)
 
 
 def profile(args: argparse.Namespace, device: torch.device | str = "cuda", top: int = 25) -> list[str]:
@@ -234,7 +231,7 @@ def profile(args: argparse.Namespace, device: torch.device | str = "cuda", top: 
         out.append(f"== {which}, L={length}, batch {args.batch}: {total_ms:.1f} ms of CUDA kernels per step")
         out.append(events.table(sort_by=key, row_limit=top, max_name_column_width=70))
         del model, step, prof
-        profiling.free_memory(device)
+        timing.free_memory(device)
     return out
 
 
@@ -243,7 +240,7 @@ def _tps(rows: pd.DataFrame, model: str, length: int, batch: int) -> tuple[float
     if r.empty:
         return float("nan"), "not run"
     r = r.iloc[0]
-    return (float(r["tokens_per_s"]), "ok") if r["status"] == profiling.OK else (float("nan"), r["status"])
+    return (float(r["tokens_per_s"]), "ok") if r["status"] == timing.OK else (float("nan"), r["status"])
 
 
 def _verdict(value: float, target: float = TARGET) -> str:
@@ -280,8 +277,8 @@ def summary(
     if long_length:
         r = rows[(rows["model"] == OURS) & (rows["length"] == long_length) & (rows["batch"] == 1)]
         status = r["status"].iloc[0] if len(r) else "not run"
-        mem = f", peak {r['peak_mem_gib'].iloc[0]:.1f} GiB" if len(r) and status == profiling.OK else ""
-        met = "met" if status == profiling.OK else "NOT met"
+        mem = f", peak {r['peak_mem_gib'].iloc[0]:.1f} GiB" if len(r) and status == timing.OK else ""
+        met = "met" if status == timing.OK else "NOT met"
         lines.append(f"EHRMamba at L={long_length}, batch 1: {status}{mem} (target: trains: {met})")
     return lines
 
@@ -304,7 +301,7 @@ def run(args: argparse.Namespace, device: torch.device | str = "cuda") -> pd.Dat
             file=sys.stderr,
             flush=True,
         )
-    return pd.DataFrame(rows, columns=list(profiling.ROW_COLUMNS))
+    return pd.DataFrame(rows, columns=list(sweep.ROW_COLUMNS))
 
 
 def main(argv: list[str] | None = None) -> int:

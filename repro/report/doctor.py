@@ -13,9 +13,8 @@ from typing import Any
 
 import torch
 
-from repro import profiling
-from repro.config import RunParams, load_params
-from repro.experiment import resolve
+from repro.config import RunParams, load_params, resolve
+from repro.profiling import sweep, timing
 
 TINY_VOCAB = 64
 
@@ -71,9 +70,9 @@ def kernel_paths(params: RunParams, device: str | None = None) -> list[dict[str,
         row: dict[str, Any] = {"model": name, "device": str(dev)}
         try:
             model = build_model(backbone, TINY_VOCAB, **params.model_sizes.get(backbone, {})).to(dev)
-            path = profiling.probe_kernel_path(model, dev) or "-"
+            path = sweep.probe_kernel_path(model, dev) or "-"
             row["kernel_path"] = path
-            slow = dev.type == "cuda" and profiling.is_reference(path)
+            slow = dev.type == "cuda" and timing.is_reference(path)
             row["status"] = "SLOW reference path on CUDA" if slow else "ok"
         except Exception as exc:  # noqa: BLE001 - report every model, then decide
             row["kernel_path"] = "-"

@@ -6,7 +6,7 @@ own tokenizer is "default". A variant gets its own tokenizer fit on the train sp
 size and model sizes: the same token budget, so a representation that spends more tokens per event sees
 less history. The default variant's runs are the H1 runs when notebook 01 ran in the same run folder.
 
-Predictions carry `model` = "<backbone>|<variant>", so the paired statistics of `repro.results` compare
+Predictions carry `model` = "<backbone>|<variant>", so the paired statistics of `repro.evaluation.results` compare
 any of them with EHRMamba under the default representation.
 """
 
@@ -22,11 +22,16 @@ import pandas as pd
 
 from repro.config import RunParams
 from repro.data.tokenizer import representation_stats
-from repro.experiment import ModelRun, Prepared, encode_samples, prepare, run_plans
-from repro.results import MODEL_LABELS, comparison_table
+from repro.training.grid import run_plans
+from repro.training.prepare import Prepared, encode_samples, prepare
+from repro.training.trainer import ModelRun
 
 DEFAULT = "default"
+
+
 SEP = "|"
+
+
 REFERENCE = f"ehrmamba{SEP}{DEFAULT}"
 
 
@@ -48,12 +53,6 @@ def slug(variant: str) -> str:
 
 def key(model: str, variant: str) -> str:
     return f"{model}{SEP}{variant}"
-
-
-def display(key_: str) -> str:
-    """'ehrmamba|xVal' -> 'EHRMamba · xVal'."""
-    model, _, variant = key_.partition(SEP)
-    return f"{MODEL_LABELS.get(model, model)} · {variant}"
 
 
 def history_fit(prep: Prepared, task: str) -> float:
@@ -114,35 +113,3 @@ def pairs(params: RunParams) -> list[tuple[str, str]]:
     rep = params.representations
     out = [(key(m, v), REFERENCE) for v in variants(params) for m in rep.models]
     return [p for p in out if p[0] != REFERENCE]
-
-
-def metrics_table(evaluated: dict[str, dict[str, dict]], task: str) -> pd.DataFrame:
-    """AUROC and AUPRC with CIs per representation and model on one task (seed-ensembled probabilities)."""
-    rows = []
-    for name, m in evaluated.get(task, {}).items():
-        if SEP not in name:  # the oracle row
-            continue
-        model, _, variant = name.partition(SEP)
-        rows.append(
-            {
-                "representation": variant,
-                "model": MODEL_LABELS.get(model, model),
-                **{
-                    metric.upper(): f"{m[metric]['estimate']:.3f} [{m[metric]['lo']:.3f}, {m[metric]['hi']:.3f}]"
-                    for metric in ("auroc", "auprc")
-                },
-            }
-        )
-    return pd.DataFrame(rows)
-
-
-def comparisons_table(comparisons: pd.DataFrame, ci: float) -> pd.DataFrame:
-    """results.comparison_table with 'EHRMamba · xVal − EHRMamba · default' names."""
-    if comparisons.empty:
-        return comparisons
-    named = comparisons.assign(
-        comparison=[
-            f"{display(n)} − {display(b)}" for n, b in zip(comparisons["new"], comparisons["baseline"])
-        ]
-    )
-    return comparison_table(named, ci)

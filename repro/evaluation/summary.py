@@ -10,7 +10,7 @@ from __future__ import annotations
 import pandas as pd
 
 from repro.data.tasks import label_columns
-from repro.experiment import SPLITS, Prepared, encode_samples
+from repro.training.prepare import SPLITS, Prepared, encode_samples
 
 MIN_CELL = 10
 

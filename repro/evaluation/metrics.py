@@ -1,7 +1,7 @@
 """Predictions -> metrics: point estimates, a validation-chosen F1 threshold, and patient-clustered CIs.
 
 Point estimates come from sklearn (the reference everyone knows); bootstrap intervals come from the vectorised
-engine in repro.stats, which the tests check against sklearn on the same resampled rows.
+engine in repro.evaluation.batched_metrics, which the tests check against sklearn on the same resampled rows.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from repro.stats import bootstrap_metrics, check_binary_inputs, percentile_ci, weighted_metrics
+from repro.evaluation.batched_metrics import check_binary_inputs, weighted_metrics
+from repro.evaluation.bootstrap import bootstrap_metrics, percentile_ci
 
 # metrics evaluate_predictions reports, in table order, with their display names
 METRICS = {

@@ -1,6 +1,6 @@
 """Figures and display tables of the efficiency (H2) and long-sequence (H4) notebooks.
 
-The numbers come from ``repro.profiling``; this module only arranges them, so each notebook cell is one call.
+The numbers come from ``repro.profiling.sweep`` and ``repro.profiling.scaling``; this module only arranges them, so each notebook cell is one call.
 """
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from repro.profiling import OK, OOM, loglog_slope
-from repro.results import label
+from repro.evaluation.results import label
+from repro.profiling.scaling import loglog_slope
+from repro.profiling.timing import OK, OOM
 
 
 def _tokens(n: float) -> str:

@@ -17,9 +17,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from repro.config import ParamsError
-from repro.experiment import environment, git_sha, load_run_params, project_root, save_json
-from repro.notebook_exec import RunError, execute_notebook, notebook_json
+from repro.config import ParamsError, load_run_params, project_root
+from repro.evaluation.store import save_json
+from repro.report.manifest import environment, git_sha
+from repro.report.notebook_exec import RunError, execute_notebook, notebook_json
 
 NOTEBOOKS = (
     "00_cohort",
@@ -103,7 +104,7 @@ def _execute_group(
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    from repro.gpu_monitor import GpuMonitor
+    from repro.profiling.gpu_monitor import GpuMonitor
 
     finished: dict[str, dict] = {}
     error: RunError | None = None
@@ -215,7 +216,7 @@ def _check_cohort(params, data_dir: str | None) -> None:
     """Label and tokenize once, before any notebook (they reuse the cache), and stop on an empty task."""
     import gc
 
-    from repro.experiment import check_cohort, prepare
+    from repro.training.prepare import check_cohort, prepare
 
     prep = prepare(params, data_dir)
     print(f"cohort: {check_cohort(prep)}", file=sys.stderr)
@@ -229,7 +230,7 @@ def prepare_data(params_file: str, data_dir: str | None = None) -> list[str]:
     For batch jobs: run it on a CPU node, or beside the kernel build on the GPU node, and `repro run`
     finds every tokenization cached (the run's own and each representation variant of notebook 05).
     """
-    from repro.representations import prepare_variants
+    from repro.training.variants import prepare_variants
 
     params = load_run_params(Path(params_file).resolve(), data_dir)
     _ready_data(params, data_dir)
@@ -240,7 +241,7 @@ def _ready_data(params, data_dir: str | None) -> None:
     """Validate user data, or generate the synthetic cohort once; then label and tokenize it (cached)."""
     check_data(None if params.data.synthetic else params.data.meds_dir)  # load_run_params put --data there
     if not data_dir and params.data.synthetic and not params.data.meds_dir:
-        from repro.experiment import ensure_meds
+        from repro.training.prepare import ensure_meds
 
         ensure_meds(params)  # generate the synthetic cohort once, with a progress bar in the terminal
     _check_cohort(params, data_dir)
@@ -351,7 +352,7 @@ def run(
         for f in REPORT_FILES:
             shutil.copy2(root / f, staging / f)
         if render:
-            from repro.render import render_report
+            from repro.report.render import render_report
 
             t0 = time.perf_counter()
             written = render_report(staging / "report.qmd", staging, engine=engine)

@@ -1,6 +1,6 @@
 """Benchmark of the streaming data path: events/s, wall time and peak memory per stage.
 
-`python -m repro.bench_data --events 20000000 --workers 2` generates (once, cached under
+`python -m repro.bench data --events 20000000 --workers 2` generates (once, cached under
 outputs/.cache/) a synthetic MEDS dataset of about that many events, or reads `--data DIR`, then runs
 each stage of `repro.data.stream` as its own pass over the shards with `--workers` processes (first
 on every 4th shard, then on all of them):
@@ -15,7 +15,7 @@ and prints events/s in total and per worker, wall time, peak RSS (this process p
 sampled every 20 ms with psutil), and the same figures extrapolated to 500M events: wall time
 linearly; peak memory as measured (workers hold one shard at a time) plus the parent's per-subject
 state (labels, subject ids, fit summary) scaled with the data. The quarter run shows whether peak
-memory grows with the number of shards. The last rows run `prepare_data` (the cached pipeline `repro.experiment.prepare` uses) twice:
+memory grows with the number of shards. The last rows run `prepare_data` (the cached pipeline `repro.training.prepare.prepare` uses) twice:
 the second call is a cache hit.
 """
 
@@ -153,7 +153,7 @@ def _count_events(root: Path) -> int:
 
 def run(args: argparse.Namespace) -> dict:
     from repro.config import TASK_NAMES, CodePatterns, TokenizerParams
-    from repro.data import stream
+    from repro.data import stream, timelines
     from repro.data.meds import load_meds
 
     cache = Path(args.cache).resolve()
@@ -251,7 +251,7 @@ def run(args: argparse.Namespace) -> dict:
         stage("tokenize", tokenize)
         stage(
             "assemble",
-            lambda ds, tag, rn: stream.assemble_timelines(files[tag], work / f"timelines-{tag}"),
+            lambda ds, tag, rn: timelines.assemble_timelines(files[tag], work / f"timelines-{tag}"),
             workers=1,
             state=lambda out: out.subject_ids.nbytes + out.offsets.nbytes,
         )
@@ -430,7 +430,7 @@ def _max_rss() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m repro.bench_data", description=(__doc__ or "").splitlines()[0]
+        prog="python -m repro.bench data", description=(__doc__ or "").splitlines()[0]
     )
     parser.add_argument("--events", type=int, default=20_000_000, help="synthetic dataset size (events)")
     parser.add_argument("--data", default=None, help="benchmark this MEDS directory instead")

@@ -1,6 +1,6 @@
 """Execute one notebook with papermill, sampling the GPU meanwhile.
 
-Kept apart from `repro.pipeline` and free of torch at import: each notebook of a concurrent group
+Kept apart from `repro.report.pipeline` and free of torch at import: each notebook of a concurrent group
 (`params.notebook_jobs`) runs in a freshly spawned process, which imports only this module.
 """
 
@@ -27,7 +27,7 @@ def execute_notebook(name: str, src: Path, out: Path, parameters: dict, cwd: Pat
     """Run one notebook; returns its wall seconds and, on a GPU node, how busy the GPU was meanwhile."""
     import papermill as pm
 
-    from repro.gpu_monitor import GpuMonitor
+    from repro.profiling.gpu_monitor import GpuMonitor
 
     tmp_in = out.with_name(f".{name}.input.ipynb")
     notebook_json(src, tmp_in)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from repro.results import OVERALL_RULE, label, overall_verdict
+from repro.evaluation.results import OVERALL_RULE, label, overall_verdict
 
 NOT_RUN = "not run"
 QUESTIONS = {

@@ -1,0 +1,1 @@
+"""Evaluation: predictions -> metrics, bootstrap and permutation statistics, verdicts, report tables, figures."""

@@ -1,0 +1,184 @@
+"""Paired permutation tests, Benjamini-Hochberg and the comparison verdict rule."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from scipy.stats import rankdata
+
+from repro.evaluation.batched_metrics import MetricFn, _safe_call, check_binary_inputs, metric_values
+from repro.evaluation.bootstrap import _chunk_sizes, _cluster_codes, _kernel_ok, auroc_kernel
+
+VERDICT_RULE = (
+    "Let d = new - baseline (for metrics where lower is better, baseline - new), with its paired bootstrap CI "
+    "[lo, hi] (patients resampled) and p_adj, the Benjamini-Hochberg adjusted p-value of a paired permutation "
+    "test (the two models' within-model score ranks swapped within a random half of the patients). "
+    "Supported: lo > margin and p_adj < alpha (the whole CI shows an improvement larger than the margin, "
+    "and the improvement survives the multiple-comparison correction). "
+    "Not supported: hi < margin and, when the margin is 0, p_adj < alpha (the CI rules out an improvement as "
+    "large as the margin; with margin 0 the baseline is significantly better after the same correction). "
+    "Inconclusive: anything else, including missing values."
+)
+
+
+def paired_permutation_test(
+    y,
+    score_a,
+    score_b,
+    metric_fn: MetricFn = "auroc",
+    n_perm: int = 2000,
+    seed: int = 0,
+    clusters=None,
+    ranks: bool | None = None,
+) -> float:
+    """Two-sided paired permutation p-value for metric(a) - metric(b) != 0.
+
+    Under the null the two models are exchangeable within a patient, so each permutation swaps the two
+    models' scores for all rows of a random half (coin flip per cluster; per row when clusters is None).
+    p = (b + 1) / (n_perm + 1), b = #{|d_perm| >= |d_obs|}. nan if the metric is undefined on the data.
+
+    ranks (default: True for "auroc" and "auprc"): swap each model's within-model ranks (rank / n, ties
+    averaged) instead of its raw scores, as Venkatraman and Begg's paired ROC test does. Rank metrics do
+    not change under a monotone map of one model's scores, so d_obs stays the same; raw scores on two
+    scales (one model's probabilities shifted) would make every swapped arm a mix of scales, widen the null
+    and inflate p (a pure shift of one model took p from 0.05 to 0.69 in a check). Keep ranks=False for
+    metrics that read the scores' scale (Brier).
+    """
+    y, sa = check_binary_inputs(y, score_a)
+    _, sb = check_binary_inputs(y, score_b)
+    ranked = metric_fn in ("auroc", "auprc")  # named rank metrics: the same in any monotone map of the scores
+    if ranked if ranks is None else ranks:
+        sa, sb = _unit_ranks(sa), _unit_ranks(sb)
+    codes, n_clusters = _cluster_codes(clusters, y.shape[0])
+    d_obs = float(metric_values(y, sa, metric_fn)[0] - metric_values(y, sb, metric_fn)[0])
+    if np.isnan(d_obs):
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    tol = 1e-12 * max(1.0, abs(d_obs))
+    hits = 0
+    if metric_fn == "auroc" and _kernel_ok(y, n_clusters):
+        return _permutation_auroc(y, sa, sb, codes, n_clusters, n_perm, rng, d_obs, tol)
+    # Rank metrics: a permuted arm is a 0/1 weighting of the 2n stacked scores (a's rows, then b's), so one
+    # sort serves every permutation and each costs cumulative sums, not a sort of its own.
+    y2, s2 = np.concatenate([y, y]), np.concatenate([sa, sb])
+    for k in _chunk_sizes(n_perm, 2 * y.shape[0] if ranked else y.shape[0]):
+        flip = rng.integers(0, 2, size=(k, n_clusters)).astype(bool)[:, codes]
+        if ranked:
+            wa = np.concatenate([~flip, flip], axis=1).astype(np.float64)
+            d = metric_values(y2, s2, metric_fn, weights=wa) - metric_values(
+                y2, s2, metric_fn, weights=1.0 - wa
+            )
+            hits += int((np.abs(d) >= abs(d_obs) - tol).sum())
+            continue
+        pa, pb = np.where(flip, sb, sa), np.where(flip, sa, sb)
+        if isinstance(metric_fn, str):
+            d = metric_values(y, pa, metric_fn) - metric_values(y, pb, metric_fn)
+        else:
+            d = np.array(
+                [_safe_call(metric_fn, y, pa[i]) - _safe_call(metric_fn, y, pb[i]) for i in range(k)]
+            )
+        hits += int((np.abs(d) >= abs(d_obs) - tol).sum())
+    return (hits + 1) / (n_perm + 1)
+
+
+def _unit_ranks(s: np.ndarray) -> np.ndarray:
+    """Ranks scaled to (0, 1], ties averaged: the same order and ties as s, on one scale for every model."""
+    return rankdata(s, method="average") / s.shape[0]
+
+
+def _permutation_auroc(y, sa, sb, codes, n_clusters, n_perm, rng, d_obs: float, tol: float) -> float:
+    """paired_permutation_test for AUROC through the cluster kernels: the same coin flips from rng.
+
+    With f the clusters swapped (model b scores arm A there) and u = 1 - f, arm A's AUROC numerator is
+    u K_aa u + u K_ab f + f K_ba u + f K_bb f (K_xy: positives scored by x, negatives by y); arm B's swaps
+    u and f; both share the denominator (positives x negatives).
+    """
+    k_aa, k_bb = auroc_kernel(y, sa, sa, codes, n_clusters), auroc_kernel(y, sb, sb, codes, n_clusters)
+    k_ab, k_ba = auroc_kernel(y, sa, sb, codes, n_clusters), auroc_kernel(y, sb, sa, codes, n_clusters)
+    denom = float((y == 1).sum()) * float((y == 0).sum())
+
+    def num(x: np.ndarray, z: np.ndarray) -> np.ndarray:  # x: clusters scored by a, z: by b
+        return ((x @ k_aa) * x + (x @ k_ab) * z + (z @ k_ba) * x + (z @ k_bb) * z).sum(axis=1)
+
+    hits = 0
+    for k in _chunk_sizes(n_perm, y.shape[0]):
+        f = rng.integers(0, 2, size=(k, n_clusters)).astype(bool).astype(np.float64)
+        u = 1.0 - f
+        d = (num(u, f) - num(f, u)) / denom
+        hits += int((np.abs(d) >= abs(d_obs) - tol).sum())
+    return (hits + 1) / (n_perm + 1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# multiplicity, seeds, verdicts
+# --------------------------------------------------------------------------------------------------------
+def benjamini_hochberg(pvalues) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (scipy.stats.false_discovery_control); nan entries stay nan
+    and do not count towards the number of tests.
+
+    >>> benjamini_hochberg([0.01, 0.04, 0.03, 0.005])
+    array([0.02, 0.04, 0.04, 0.02])
+    >>> benjamini_hochberg([0.5, 1.5])
+    Traceback (most recent call last):
+    ...
+    ValueError: p-values must lie in [0, 1], got [0.5 1.5]
+    """
+    from scipy.stats import false_discovery_control
+
+    p = np.asarray(pvalues, dtype=np.float64).ravel()
+    ok = ~np.isnan(p)
+    if ((p[ok] < 0) | (p[ok] > 1)).any():
+        raise ValueError(f"p-values must lie in [0, 1], got {p}")
+    out = np.full(p.shape, np.nan)
+    if ok.any():
+        out[ok] = false_discovery_control(p[ok], method="bh")
+    return out
+
+
+def aggregate_seeds(df: pd.DataFrame, by: Sequence[str], value: str = "estimate") -> pd.DataFrame:
+    """Mean, sd, min, max and count of `value` over training seeds, per group (the seed spread the report shows)."""
+    g = df.groupby(list(by), sort=False)[value]
+    out = g.agg(mean="mean", sd="std", min="min", max="max", n_seeds="count").reset_index()
+    return out
+
+
+def verdict(
+    diff_lo: float,
+    diff_hi: float,
+    p_adj: float,
+    alpha: float = 0.05,
+    margin: float = 0.0,
+    higher_is_better: bool = True,
+) -> str:
+    """Verdict on 'new beats baseline' from the CI of d = new - baseline and its adjusted p-value.
+
+    Let d = new - baseline (for metrics where lower is better, baseline - new), with its paired bootstrap CI
+    [lo, hi] (patients resampled) and p_adj, the Benjamini-Hochberg adjusted p-value of a paired permutation
+    test (the two models' within-model score ranks swapped within a random half of the patients). Supported: lo > margin and p_adj < alpha (the
+    whole CI shows an improvement larger than the margin, and the improvement survives the multiple-comparison
+    correction). Not supported: hi < margin and, when the margin is 0, p_adj < alpha (the CI rules out an
+    improvement as large as the margin; with margin 0 the baseline is significantly better after the same
+    correction). Inconclusive: anything else, including missing values.
+
+    Pass diff_lo/diff_hi of new - baseline as computed; higher_is_better=False flips the sign (Brier, ECE).
+    The same text is in VERDICT_RULE for the report.
+
+    >>> verdict(0.01, 0.03, 0.001)
+    'supported'
+    >>> verdict(-0.03, -0.01, 0.001)
+    'not supported'
+    >>> verdict(-0.01, 0.02, 0.3)
+    'inconclusive'
+    """
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    lo, hi = (diff_lo, diff_hi) if higher_is_better else (-diff_hi, -diff_lo)
+    if any(v is None or np.isnan(v) for v in (lo, hi)):
+        return "inconclusive"
+    if lo > margin and p_adj is not None and not np.isnan(p_adj) and p_adj < alpha:
+        return "supported"
+    if hi < margin and (margin > 0 or (p_adj is not None and not np.isnan(p_adj) and p_adj < alpha)):
+        return "not supported"
+    return "inconclusive"

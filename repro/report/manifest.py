@@ -1,0 +1,60 @@
+"""What a run's manifest records about where it ran: the commit and the package versions."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import meds
+import numpy as np
+import pandas as pd
+import torch
+
+from repro.config import project_root
+
+
+def git_sha(root: Path | None = None) -> str | None:
+    """The checked-out commit, with "-dirty" when tracked files differ from it."""
+    root = root or project_root()
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        return sha.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def environment() -> dict[str, Any]:
+    """Versions and device, for manifests and the report's appendix."""
+    import sklearn
+
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "pandas": pd.__version__,
+        "sklearn": sklearn.__version__,
+        "meds": meds.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        import mamba_ssm
+
+        info["mamba_ssm"] = mamba_ssm.__version__
+    except ImportError:
+        info["mamba_ssm"] = None
+    return info

@@ -1,0 +1,276 @@
+"""Prepared data of a run and the samples the training jobs read: validate and tokenize the MEDS data,
+attach the known truth, encode each task's samples strictly before their prediction time.
+
+Everything learned from data (bins, vocabulary) is fitted on the train split; the tuning split chooses
+thresholds and C; held_out is only scored."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import meds
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from repro.config import ParamsError, RunParams, resolve
+from repro.data.dataset import SequenceDataset
+from repro.data.meds import SUBJECT, MedsDataset, load_meds
+from repro.data.synthetic import GENERATOR_VERSION, true_probabilities, write_synthetic_meds
+from repro.data.tasks import LABEL_PREFIX, label_columns
+from repro.data.timelines import Timelines
+from repro.data.tokenizer import Encoded, Tokenizer
+from repro.data.vocab import CLS, N_TOKEN_TYPES
+
+SPLITS = (meds.train_split, meds.tuning_split, meds.held_out_split)
+
+
+@dataclass
+class Prepared:
+    """Data of one run after validation, tokenizer fitting and labelling."""
+
+    params: RunParams
+    meds_dir: Path
+    dataset: MedsDataset
+    tokenizer: Tokenizer
+    timelines: Timelines
+    split_of: dict[int, str]
+    labels: dict[str, pd.DataFrame]
+    n_visits: pd.Series
+    n_events: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    cache_dir: Path | None = None  # where the tokenized data are cached (None: built in memory)
+
+    @property
+    def synthetic(self) -> bool:
+        return self.params.data.synthetic and not self.params.data.meds_dir
+
+
+def check_cohort(prep: Prepared) -> str:
+    """One line on subjects without a visit (they are dropped from every task); a ParamsError naming the
+    task, the split and the code patterns when a task of the run has no sample left in a split."""
+    n_subjects = len(prep.split_of)
+    with_visit = int((prep.n_visits.reindex(list(prep.split_of), fill_value=0) > 0).sum())
+    codes = prep.params.data.codes
+    for task in prep.params.tasks:
+        df = prep.labels.get(task)
+        for split in (meds.train_split, meds.held_out_split):
+            n = 0 if df is None else int(df["subject_id"].map(prep.split_of).eq(split).sum())
+            if n == 0:
+                raise ParamsError(
+                    f"task {task}: no sample in the {split} split after its filters ({with_visit} of "
+                    f"{n_subjects} subjects have a visit from data.codes.visit_start={codes.visit_start!r} to "
+                    f"visit_end={codes.visit_end!r}); fix data.codes or remove {task} from tasks"
+                )
+    return (
+        f"{n_subjects - with_visit:,} of {n_subjects:,} subjects have no visit ({codes.visit_start!r} ... "
+        f"{codes.visit_end!r}) and are dropped from every task"
+    )
+
+
+def synthetic_dir(params: RunParams) -> Path:
+    """Where the embedded synthetic cohort of these parameters lives (shared by runs, deterministic)."""
+    d = params.data
+    name = f"synthetic-v{GENERATOR_VERSION}-n{d.n_subjects}-seed{d.generator_seed}-shard{d.shard_size}"
+    return resolve("outputs/.cache") / name
+
+
+def ensure_meds(params: RunParams, data_dir: str | Path | None = None) -> Path:
+    """The MEDS directory to use: `data_dir`, else params' meds_dir, else the synthetic cohort (generated once)."""
+    if data_dir:
+        return resolve(data_dir)
+    if params.data.meds_dir:
+        return resolve(params.data.meds_dir)
+    out = synthetic_dir(params)
+    if not out.is_dir():
+        d = params.data
+        # Shards in parallel processes for large cohorts (the data do not depend on the worker count).
+        workers = data_workers() or (min(os.cpu_count() or 1, 8) if d.n_subjects >= 10_000 else 1)
+        write_synthetic_meds(
+            out,
+            d.n_subjects,
+            d.generator_seed,
+            d.shard_size,
+            d.split_fractions,
+            progress=True,
+            workers=workers,
+        )
+    return out
+
+
+def data_workers() -> int | None:
+    """Worker processes for the data path: `REPRO_DATA_WORKERS` if set, else chosen from the data size."""
+    v = os.environ.get("REPRO_DATA_WORKERS")
+    return int(v) if v else None
+
+
+def prepare(
+    params: RunParams,
+    data_dir: str | Path | None = None,
+    workers: int | None = None,
+    cache: bool = True,
+    progress: bool = True,
+) -> Prepared:
+    """Validate the MEDS data, fit the tokenizer on train, build timelines and task labels.
+
+    Streams shard by shard in worker processes (`repro.data.stream`), so memory is bounded by the
+    largest shard; the result is cached under outputs/.cache/tokenized-<key>/ (key: the data files'
+    path, size and mtime, tokenizer fit parameters, code patterns, tasks), and a second call with the
+    same data and parameters memory-maps it instead of recomputing.
+    """
+    from repro.data.stream import prepare_data
+
+    t0 = time.perf_counter()
+    root = ensure_meds(params, data_dir)
+    dataset = load_meds(root)
+    data = prepare_data(
+        dataset,
+        params.tokenizer,
+        params.data.codes,
+        list(params.tasks),
+        cache_root=resolve("outputs/.cache") if cache else None,
+        workers=data_workers() if workers is None else workers,
+        progress=progress,
+    )
+    split_of = dict(zip(dataset.splits[SUBJECT].astype(int), dataset.splits["split"]))
+    labels = {}
+    truth = None
+    truth_path = root / "truth" / "last_admission.parquet"
+    if truth_path.is_file():
+        truth = pq.read_table(truth_path).to_pandas()
+        probs = true_probabilities(truth)
+    for task in params.tasks:
+        df = data.labels[task].copy()
+        df["split"] = df[SUBJECT].map(split_of)
+        if truth is not None:
+            _attach_truth(df, task, truth, probs)
+        labels[task] = df.reset_index(drop=True)
+    seconds = dict(data.seconds)
+    seconds["prepare_total"] = time.perf_counter() - t0
+    return Prepared(
+        params=params,
+        meds_dir=root,
+        dataset=dataset,
+        tokenizer=data.tokenizer,
+        timelines=data.timelines,
+        split_of=split_of,
+        labels=labels,
+        n_visits=data.n_visits,
+        n_events=data.n_events,
+        seconds=seconds,
+        cache_dir=data.cache_dir,
+    )
+
+
+def _attach_truth(df: pd.DataFrame, task: str, truth: pd.DataFrame, probs: dict) -> None:
+    """Add the generator's true probability beside each label column (`true_prob` or `true_prob::<group>`)."""
+    ids = truth[SUBJECT].to_numpy()
+    if task != "conditions":
+        df["true_prob"] = df[SUBJECT].map(pd.Series(probs[task], index=ids))
+        return
+    for col in label_columns(df):
+        group = col.removeprefix(LABEL_PREFIX)
+        key = group.split("//")[-1]
+        if key in probs["conditions"]:
+            df[f"true_prob::{group}"] = df[SUBJECT].map(pd.Series(probs["conditions"][key], index=ids))
+
+
+def encode_samples(
+    prep: Prepared, task: str, split: str, prompt: str | None = None, max_len: int | None = None
+) -> tuple[list[Encoded], pd.DataFrame]:
+    """Token sequences of a task's samples in one split, each cut strictly before its prediction time.
+
+    `prompt` puts the task token where the model pools (MPF): "first" replaces [CLS] (encoders), "last"
+    replaces the final [REG] (causal models).
+    """
+    df = prep.labels[task]
+    df = df[df["split"] == split].reset_index(drop=True)
+    index = prep.timelines.index()
+    tok = prep.tokenizer
+    if max_len is not None:
+        tok = copy.copy(tok)
+        tok.params = dataclasses.replace(tok.params, max_len=max_len)
+    task_id = tok.task_token_id(task)
+    first = task_id if prompt == "first" else CLS
+    items = [
+        tok.encode(prep.timelines, index[int(s)], int(t), first)
+        for s, t in zip(df[SUBJECT], df["prediction_time"])
+    ]
+    if prompt == "last":
+        for e in items:
+            e.input_ids[-1] = task_id
+    return items, df
+
+
+def pretrain_samples(prep: Prepared) -> list[Encoded]:
+    """Train subjects' most recent `max_len` tokens of their whole history (no labels, no other split)."""
+    index = prep.timelines.index()
+    ids = [s for s in prep.dataset.subjects(meds.train_split) if int(s) in index]
+    return [prep.tokenizer.encode(prep.timelines, index[int(s)]) for s in ids]
+
+
+def model_kwargs(params: RunParams, name: str) -> dict[str, Any]:
+    """Build arguments of a backbone: the params' size block plus what the tokenizer fixes."""
+    kw = dict(params.model_sizes.get(name, {}))
+    kw.update(n_types=N_TOKEN_TYPES, max_visits=params.tokenizer.max_visits)
+    if name in LENGTH_BOUND:
+        kw.setdefault("max_len", params.tokenizer.max_len)
+    if params.tokenizer.values == "xval":
+        kw["value_head"] = True  # xVal pretrains a numeric head beside the token head
+    return kw
+
+
+LENGTH_BOUND = ("cehr_bert", "bigbird", "transformer")
+
+
+def long_predictions(df: pd.DataFrame, scores: np.ndarray) -> pd.DataFrame:
+    """One row per (sample, label column): subject_id, split, target, label, score (+ true_prob)."""
+    cols = label_columns(df)
+    frames = []
+    for j, col in enumerate(cols):
+        target = col.removeprefix(LABEL_PREFIX) if col != "label" else "label"
+        f = pd.DataFrame(
+            {
+                SUBJECT: df[SUBJECT].to_numpy(),
+                "split": df["split"].to_numpy(),
+                "target": target,
+                "label": df[col].to_numpy().astype(np.int64),
+                "score": scores[:, j],
+            }
+        )
+        tp = "true_prob" if col == "label" else f"true_prob::{target}"
+        if tp in df:
+            f["true_prob"] = df[tp].to_numpy()
+        frames.append(f)
+    out = pd.concat(frames, ignore_index=True)
+    return out.sort_values([SUBJECT, "target"], kind="stable").reset_index(drop=True)
+
+
+def mpf_dataset(
+    samples: dict[str, tuple[list[Encoded], pd.DataFrame]],
+) -> tuple[SequenceDataset, dict[str, slice]]:
+    """Pooled (patient, task) samples for MPF: one label row over every task's outputs, masked to its own task.
+
+    Returns the dataset and each task's column span in the shared head.
+    """
+    spans, start = {}, 0
+    for task, (_, df) in samples.items():
+        k = len(label_columns(df))
+        spans[task] = slice(start, start + k)
+        start += k
+    items, labels, masks = [], [], []
+    for task, (it, df) in samples.items():
+        y = np.zeros((len(it), start), np.float32)
+        m = np.zeros_like(y)
+        y[:, spans[task]] = df[label_columns(df)].to_numpy()
+        m[:, spans[task]] = 1.0
+        items += it
+        labels.append(y)
+        masks.append(m)
+    return SequenceDataset(items, np.concatenate(labels), np.concatenate(masks)), spans

@@ -1,0 +1,314 @@
+"""The jobs layer's trainer: one (model, task, seed) run at a time, pretrained backbones and encoded
+samples kept in memory, finished runs cached under work/runs/ by params hash."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import meds
+import numpy as np
+import pandas as pd
+import torch
+
+from repro.config import resolve
+from repro.data.dataset import SequenceDataset
+from repro.data.tasks import label_columns
+from repro.data.tokenizer import Encoded
+from repro.training.loop import TrainResult, fit, predict, resolve_device
+from repro.training.prepare import (
+    Prepared,
+    encode_samples,
+    long_predictions,
+    model_kwargs,
+    mpf_dataset,
+    pretrain_samples,
+)
+
+
+@dataclass
+class ModelRun:
+    """One model, one task, one seed: predictions on tuning and held_out, and how it was trained."""
+
+    model: str
+    task: str
+    seed: int
+    predictions: pd.DataFrame  # subject_id, split, target, label, score (+ true_prob when known)
+    n_params: int
+    kernel_path: str
+    pretrain: TrainResult | None
+    finetune: TrainResult | None
+    seconds: float
+    mode: str = "single-task"  # or "MPF"
+
+
+class Trainer:
+    """Pretrains each neural model once per seed, then finetunes it per task (single-task) or on all tasks at once
+    (MPF); caches pretrained weights and encoded samples. Other backbones are matched to EHRMamba's
+    parameter count when the params ask for it.
+    """
+
+    def __init__(self, prep: Prepared, work_dir: str | Path, progress: bool = True) -> None:
+        self.prep = prep
+        self.work_dir = resolve(work_dir)
+        self.device = resolve_device(prep.params.device)
+        self.progress = progress
+        self._pretrained: dict[tuple[str, int], tuple[dict, TrainResult | None]] = {}
+        self._data: dict[tuple, tuple[list[Encoded], pd.DataFrame]] = {}
+        self._pretrain: list[Encoded] | None = None
+        self._kwargs: dict[str, dict[str, Any]] = {}
+        self._mpf: dict[tuple[str, int], dict[str, ModelRun]] = {}
+        self._stored: dict[str, Any] = {}  # runs read from work/runs/, so each file is read once
+        if prep.params.train.num_threads:
+            torch.set_num_threads(prep.params.train.num_threads)
+
+    def samples(
+        self, task: str, split: str, prompt: str | None = None, max_len: int | None = None
+    ) -> tuple[list[Encoded], pd.DataFrame]:
+        """A split's encoded samples for `task` and their labels, encoded once per Trainer."""
+        key = (task, split, prompt, max_len)
+        if key not in self._data:
+            self._data[key] = encode_samples(self.prep, task, split, prompt, max_len)
+        return self._data[key]
+
+    def _pretrain_items(self) -> list[Encoded]:
+        if self._pretrain is None:
+            self._pretrain = pretrain_samples(self.prep)
+        return self._pretrain
+
+    def build_kwargs(self, name: str) -> dict[str, Any]:
+        """The backbone's build arguments; matched to EHRMamba's parameter count when params.match_params."""
+        if name not in self._kwargs:
+            from repro.models.registry import build_model, match_params
+
+            kw = model_kwargs(self.prep.params, name)
+            vocab = self.prep.tokenizer.vocab_size
+            if self.prep.params.match_params and name != "ehrmamba":
+                target = build_model("ehrmamba", vocab, **self.build_kwargs("ehrmamba")).n_params()
+                # attention head sizes in multiples of 8 keep the fused attention kernels usable
+                kw = match_params(name, target, vocab, step=8 * int(kw.get("n_heads", 1)), **kw)
+            self._kwargs[name] = kw
+        return self._kwargs[name]
+
+    def build(self, name: str, seed: int):
+        """A fresh `name` initialised from `seed`.
+
+        Its size is settled before seeding: matching it to EHRMamba builds models too, which would
+        otherwise shift the initialisation the first time only, so a run's weights would depend on what
+        its process had built before (the pool's schedule, `train.workers`).
+        """
+        from repro.models.registry import build_model
+
+        kwargs = self.build_kwargs(name)
+        torch.manual_seed(seed)
+        return build_model(name, self.prep.tokenizer.vocab_size, **kwargs)
+
+    def pretrained(self, name: str, seed: int):
+        """Backbone `name` after its pretraining objective (CLM causal, MLM encoders, none for the LSTM)."""
+        key = (name, seed)
+        if key not in self._pretrained:
+            model = self.build(name, seed)
+            objective = getattr(model.backbone, "pretrain_objective", "clm" if model.causal else "mlm")
+            res = None
+            tp = self.prep.params.train
+            if objective and tp.pretrain_steps:
+                res = fit(
+                    model,
+                    SequenceDataset(self._pretrain_items()),
+                    tp,
+                    objective,
+                    tp.pretrain_steps,
+                    tp.lr,
+                    seed,
+                    self.device,
+                    checkpoint=self.work_dir / f"{name}-seed{seed}-pretrain.pt",
+                    spec={
+                        "name": name,
+                        "vocab_size": self.prep.tokenizer.vocab_size,
+                        **self.build_kwargs(name),
+                    },
+                    progress=self.progress,
+                    desc=f"pretrain {name} s{seed}",
+                )
+            self._pretrained[key] = (
+                {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                res,
+            )
+        state, res = self._pretrained[key]
+        model = self.build(name, seed)
+        model.load_state_dict(state)
+        return model, res
+
+    def run_job(self, job: tuple[str, str, int]):
+        """A (model, task, seed) job; task "mpf" returns the model's multitask runs (dict by task)."""
+        name, task, seed = job
+        return self.run_mpf(name, seed) if task == "mpf" else self.run(name, task, seed)
+
+    def _cached(self, key: str, compute):
+        """Load a finished run from work/runs/ (same params hash) or compute and store it atomically.
+
+        Notebooks of one run share work/, so a model trained for H1 is not trained again for H3.
+        """
+        value = self.stored(key)
+        if value is not None:
+            return value
+        path = self.work_dir / "runs" / f"{key}.pkl"
+        value = compute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            pickle.dump({"params_hash": self.prep.params.hash(), "value": value}, f)
+        os.replace(tmp, path)
+        return value
+
+    def stored(self, key: str):
+        """The run cached under work/runs/<key>.pkl with this run's params hash, else None (not remembered:
+        a worker process may write it later)."""
+        if key not in self._stored:
+            value = _load_cached(self.work_dir / "runs" / f"{key}.pkl", self.prep.params.hash())
+            if value is None:
+                return None
+            self._stored[key] = value
+        return self._stored[key]
+
+    def run(self, name: str, task: str, seed: int) -> ModelRun:
+        """Train model `name` on `task` with `seed`; score tuning and held_out. "multibird" is BigBird + MPF."""
+        if name == "multibird":
+            return dataclasses.replace(self.run_mpf("bigbird", seed)[task], model="multibird")
+        return self._cached(job_key((name, task, seed)), lambda: self._run(name, task, seed))
+
+    def _run(self, name: str, task: str, seed: int) -> ModelRun:
+        t0 = time.perf_counter()
+        full = self.prep.params.tokenizer.max_len * 1000 if name == "count_lr" else None  # whole history
+        tr_items, tr_df = self.samples(task, meds.train_split, max_len=full)
+        cols = label_columns(tr_df)
+        frames = []
+        if name == "count_lr":
+            from repro.models.baselines import CountLogistic, count_matrix
+
+            vocab = self.prep.tokenizer.vocab_size
+            tu_items, tu_df = self.samples(task, meds.tuning_split, max_len=full)
+            ho_items, ho_df = self.samples(task, meds.held_out_split, max_len=full)
+            # one count matrix per split serves every label (conditions has 20)
+            x_tr, x_tu = count_matrix(tr_items, vocab), count_matrix(tu_items, vocab)
+            fitted = [
+                CountLogistic(vocab, seed=seed).fit_counts(
+                    x_tr, tr_df[c].to_numpy(), x_tu, tu_df[c].to_numpy()
+                )
+                for c in cols
+            ]
+            for x, df in ((x_tu, tu_df), (count_matrix(ho_items, vocab), ho_df)):
+                frames.append(long_predictions(df, np.column_stack([m.predict_counts(x) for m in fitted])))
+            pre = ft = None
+            n_params, kernel = sum(m.n_params() for m in fitted), "sklearn"
+        else:
+            model, pre = self.pretrained(name, seed)
+            model.set_n_outputs(len(cols))
+            tp = self.prep.params.train
+            ft = fit(
+                model,
+                SequenceDataset(tr_items, tr_df[cols].to_numpy()),
+                tp,
+                "classify",
+                tp.finetune_steps,
+                tp.finetune_lr,
+                seed + 1000,
+                self.device,
+                checkpoint=self.work_dir / f"{name}-seed{seed}-{task}-finetune.pt",
+                progress=self.progress,
+                desc=f"finetune {name} {task} s{seed}",
+            )
+            for split in (meds.tuning_split, meds.held_out_split):
+                items, df = self.samples(task, split)
+                frames.append(
+                    long_predictions(
+                        df, predict(model, SequenceDataset(items), self.device, tp.eval_batch_size)
+                    )
+                )
+            n_params, kernel = model.n_params(), model.kernel_path
+        preds = pd.concat(frames, ignore_index=True)
+        return ModelRun(name, task, seed, preds, n_params, kernel, pre, ft, time.perf_counter() - t0)
+
+    def run_mpf(self, name: str, seed: int) -> dict[str, ModelRun]:
+        """Multitask prompted finetuning: one run over pooled (patient, task) samples of every task.
+
+        The task token replaces [CLS] (encoders) or the final [REG] (causal models); one head holds every
+        task's outputs and each sample's loss covers its own task's columns only. The run gets as many
+        steps as the single-task runs together, so the comparison is at equal compute.
+        """
+        key = (name, seed)
+        if key not in self._mpf:
+            self._mpf[key] = self._cached(job_key((name, "mpf", seed)), lambda: self._run_mpf(name, seed))
+        return self._mpf[key]
+
+    def _run_mpf(self, name: str, seed: int) -> dict[str, ModelRun]:
+        t0 = time.perf_counter()
+        model, pre = self.pretrained(name, seed)
+        prompt = "last" if model.causal else "first"
+        tasks = self.prep.params.tasks
+        data, spans = mpf_dataset({t: self.samples(t, meds.train_split, prompt) for t in tasks})
+        model.set_n_outputs(data.labels.shape[1])
+        tp = self.prep.params.train
+        steps = tp.finetune_steps * len(tasks)
+        ft = fit(
+            model,
+            data,
+            tp,
+            "classify",
+            steps,
+            tp.finetune_lr,
+            seed + 2000,
+            self.device,
+            checkpoint=self.work_dir / f"{name}-seed{seed}-mpf.pt",
+            progress=self.progress,
+            desc=f"MPF {name} s{seed}",
+        )
+        out = {}
+        for task in tasks:
+            frames = []
+            for split in (meds.tuning_split, meds.held_out_split):
+                it, df = self.samples(task, split, prompt)
+                p = predict(model, SequenceDataset(it), self.device, tp.eval_batch_size)[:, spans[task]]
+                frames.append(long_predictions(df, p))
+            out[task] = ModelRun(
+                name,
+                task,
+                seed,
+                pd.concat(frames, ignore_index=True),
+                model.n_params(),
+                model.kernel_path,
+                pre,
+                ft,
+                time.perf_counter() - t0,
+                mode="MPF",
+            )
+        return out
+
+
+def job_key(job: tuple[str, str, int]) -> str:
+    """File stem of a (model, task, seed) job's cached run under work/runs/ (MultiBird is BigBird's MPF run)."""
+    name, task, seed = job
+    if name == "multibird":
+        name, task = "bigbird", "mpf"
+    return f"{name}-{task}-seed{seed}"
+
+
+def _load_cached(path: Path, params_hash: str):
+    """The cached run at `path` when it was made with these params, else None.
+
+    A file pickled by an older layout of the package (its classes under module paths that no longer
+    exist) counts as not cached: the run is trained again rather than the notebook failing on it.
+    """
+    if not path.is_file():
+        return None
+    try:
+        with open(path, "rb") as f:
+            blob = pickle.load(f)
+    except (ImportError, AttributeError):
+        return None
+    return blob["value"] if blob.get("params_hash") == params_hash else None
