@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PARAMS ?= params/smoke.yaml
 BIN := $(VENV)/bin
 
-.PHONY: install etl-venv report test unit e2e lint clean
+.PHONY: install etl-venv report test unit slow e2e lint clean
 
 install: $(VENV)/.installed
 
@@ -27,10 +27,13 @@ unit: install
 etl-venv:
 	PYTHON=$(PYTHON) bash etl/run_mimic_etl.sh --install
 
+slow: install
+	$(BIN)/python -m pytest -q -m slow
+
 e2e: install etl-venv
 	$(BIN)/python -m pytest -q -m e2e
 
-test: unit e2e
+test: unit slow e2e
 
 lint: install
 	$(BIN)/ruff check repro tests notebooks

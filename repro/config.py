@@ -18,7 +18,16 @@ from typing import Any
 
 import yaml
 
-TASK_NAMES = ("mortality_1m", "inhospital_mortality_24h", "los_1w", "readmission_1m", "conditions")
+# The synthetic cohort's mortality mechanisms (repro.data.synthetic documents each and its default strength).
+MECHANISM_NAMES = ("count", "long_range", "order", "trend", "timing", "interaction")
+TASK_NAMES = (
+    "mortality_1m",
+    "inhospital_mortality_24h",
+    "los_1w",
+    "readmission_1m",
+    "conditions",
+    "null_task",
+)
 BACKBONES = ("ehrmamba", "cehr_bert", "bigbird", "transformer", "mamba2", "hybrid", "lstm")
 MODEL_NAMES = (*BACKBONES, "multibird", "count_lr")  # multibird = BigBird finetuned with MPF
 
@@ -59,8 +68,21 @@ class DataParams:
     shard_size: int = 250
     split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
     codes: CodePatterns = field(default_factory=CodePatterns)
+    # strengths of the synthetic cohort's mortality mechanisms (logit units; 0 switches one off); a name
+    # left out keeps its default (repro.data.synthetic.MECHANISMS)
+    mechanisms: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        unknown = sorted(set(self.mechanisms) - set(MECHANISM_NAMES))
+        if unknown:
+            raise ParamsError(
+                f"data.mechanisms has unknown entries {unknown}; known: {list(MECHANISM_NAMES)}"
+            )
+        bad = {
+            k: v for k, v in self.mechanisms.items() if not isinstance(v, int | float) or isinstance(v, bool)
+        }
+        if bad:
+            raise ParamsError(f"data.mechanisms values must be numbers, got {bad}")
         if self.n_subjects < 10:
             raise ParamsError(f"data.n_subjects must be >= 10, got {self.n_subjects}")
         if self.shard_size < 1:
@@ -167,8 +189,13 @@ class EvalParams:
     ci: float = 0.95
     n_permutations: int = 2000
     alpha: float = 0.05  # significance level of the BH-adjusted p-values behind every verdict
+    # a label of a multi-label task (conditions) is scored only with at least this many positives and as many
+    # negatives in each of train, tuning and held_out; the others are left out before training, and listed
+    min_label_positives: int = 5
 
     def __post_init__(self) -> None:
+        if self.min_label_positives < 1:
+            raise ParamsError(f"eval.min_label_positives must be >= 1, got {self.min_label_positives}")
         if self.n_bootstrap < 10:
             raise ParamsError(f"eval.n_bootstrap must be >= 10, got {self.n_bootstrap}")
         if self.n_permutations < 10:

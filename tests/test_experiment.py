@@ -26,6 +26,7 @@ def prep(tmp_path_factory):
             "train.pretrain_steps": 2,
             "train.finetune_steps": 2,
             "eval.n_bootstrap": 20,
+            "eval.min_label_positives": 1,  # 240 subjects: a few condition positives per split
             "tasks": list(TASK_NAMES),
         },
     )
@@ -33,17 +34,34 @@ def prep(tmp_path_factory):
 
 
 def test_every_task_has_labels_and_truth(prep):
-    assert set(prep.labels) == {
-        "mortality_1m",
-        "inhospital_mortality_24h",
-        "los_1w",
-        "readmission_1m",
-        "conditions",
-    }
+    assert set(prep.labels) == set(TASK_NAMES)
     for task, df in prep.labels.items():
         assert df["split"].notna().all(), task
         assert df.filter(like="true_prob").notna().all().all(), task
-    assert len([c for c in prep.labels["conditions"] if c.startswith("label::")]) == 20
+    kept = [c for c in prep.labels["conditions"] if c.startswith("label::")]
+    dropped = prep.dropped_labels.get("conditions", [])
+    assert kept and len(kept) + len(dropped) == 20  # 20 groups chosen on train, thin ones left out
+
+
+def test_a_label_without_positives_in_a_split_is_left_out_and_listed():
+    import pandas as pd
+
+    from repro.training.prepare import drop_thin_labels
+
+    df = pd.DataFrame(
+        {
+            "split": ["train"] * 4 + ["tuning"] * 2 + ["held_out"] * 2,
+            "label::a": [1, 0, 1, 0, 1, 0, 1, 0],
+            "label::b": [1, 0, 1, 0, 0, 0, 1, 0],  # no positive in tuning
+            "true_prob::b": 0.5,
+        }
+    )
+    kept, dropped = drop_thin_labels(df, 1)
+    assert list(kept.columns) == ["split", "label::a"]
+    assert dropped.to_dict(orient="records") == [
+        {"label": "b", "positives in train": 2, "positives in tuning": 0, "positives in held_out": 1}
+    ]
+    assert drop_thin_labels(df, 2)[0].columns.tolist() == ["split"]
 
 
 @pytest.mark.parametrize("prompt,pos", [("first", 0), ("last", -1)])
@@ -62,13 +80,14 @@ def test_mpf_batches_carry_the_right_task_token_and_label(prep):
     tasks = ["mortality_1m", "conditions"]
     samples = {t: encode_samples(prep, t, "train", prompt="first") for t in tasks}
     data, spans = mpf_dataset(samples)
-    assert spans == {"mortality_1m": slice(0, 1), "conditions": slice(1, 21)}
+    k = len([c for c in prep.labels["conditions"] if c.startswith("label::")])
+    assert spans == {"mortality_1m": slice(0, 1), "conditions": slice(1, 1 + k)}
     n_mort = len(samples["mortality_1m"][0])
     batch = collate([data[0], data[n_mort]])
     assert batch["input_ids"][0, 0] == prep.tokenizer.task_token_id("mortality_1m")
     assert batch["input_ids"][1, 0] == prep.tokenizer.task_token_id("conditions")
-    assert batch["label_mask"][0].tolist() == [1.0] + [0.0] * 20
-    assert batch["label_mask"][1].tolist() == [0.0] + [1.0] * 20
+    assert batch["label_mask"][0].tolist() == [1.0] + [0.0] * k
+    assert batch["label_mask"][1].tolist() == [0.0] + [1.0] * k
     assert batch["labels"][0, 0] == samples["mortality_1m"][1]["label"].iloc[0]
     cond = samples["conditions"][1].filter(like="label::").iloc[0].to_numpy(np.float32)
     assert torch.equal(batch["labels"][1, 1:], torch.from_numpy(cond))
@@ -78,12 +97,14 @@ def test_trainer_runs_every_task_and_caches(prep, tmp_path):
     trainer = Trainer(prep, tmp_path / "work", progress=False)
     run = trainer.run("count_lr", "conditions", 0)
     assert set(run.predictions["split"]) == {"tuning", "held_out"}
-    assert run.predictions["target"].nunique() == 20
+    assert run.predictions["target"].nunique() == len(
+        [c for c in prep.labels["conditions"] if c.startswith("label::")]
+    )
     again = Trainer(prep, tmp_path / "work", progress=False).run("count_lr", "conditions", 0)
     assert again.predictions.equals(run.predictions)  # loaded from work/runs, not retrained
     mpf = trainer.run_mpf("ehrmamba", 0)
     assert set(mpf) == set(prep.params.tasks) and mpf["conditions"].mode == "MPF"
-    assert mpf["conditions"].predictions["target"].nunique() == 20
+    assert mpf["conditions"].predictions["target"].nunique() == run.predictions["target"].nunique()
 
 
 def test_initial_weights_do_not_depend_on_what_the_trainer_built_before(prep, tmp_path):

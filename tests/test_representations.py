@@ -253,13 +253,13 @@ def test_reference_ranges_from_code_metadata(tmp_path):
 def test_synthetic_metadata_carries_lab_ranges(tmp_path):
     import meds
 
-    from repro.data.synthetic import LABS, REFERENCE_RANGES, write_synthetic_meds
+    from repro.data.synthetic import LABS, LACTATE, REFERENCE_RANGES, write_synthetic_meds
 
     root = write_synthetic_meds(tmp_path / "syn", 20, seed=2, shard_size=10)
     table = pq.read_table(root / "metadata" / "codes.parquet")
     meds.CodeMetadataSchema.validate(table)
     ranges = read_reference_ranges(root)
-    assert ranges == {code: REFERENCE_RANGES[code] for code, _, _ in LABS.values()}
+    assert ranges == {code: REFERENCE_RANGES[code] for code, _, _ in [*LABS.values(), LACTATE]}
     code, mean, sd = LABS["potassium"]
     assert ranges[code] == (round(mean - 2 * sd, 2), round(mean + 2 * sd, 2))
 

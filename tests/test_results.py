@@ -51,6 +51,11 @@ def test_better_model_is_supported_and_worse_is_not():
     assert results.overall_verdict(c["verdict"]) == "inconclusive"  # mixed
     assert results.overall_verdict(["supported", "inconclusive"]) == "supported"
     assert results.overall_verdict(["not supported", "inconclusive"]) == "not supported"
+    # "EHRMamba beats every model" needs every comparison: one supported among inconclusives is not enough
+    assert results.overall_verdict(["supported"] + ["inconclusive"] * 29, combine="all") == "inconclusive"
+    assert results.overall_verdict(["supported"] * 30, combine="all") == "supported"
+    assert results.overall_verdict(["supported"] * 29 + ["not supported"], combine="all") == "not supported"
+    assert results.overall_verdict([], combine="all") == "inconclusive"
 
 
 def test_same_model_twice_has_permutation_p_one_and_is_inconclusive():

@@ -203,7 +203,9 @@ def test_random_edge_cases_equal_the_reference(tmp_path, seed, kw):
 def smoke(tmp_path_factory):
     """A smoke-parameter cohort (fewer subjects than params/smoke.yaml, so the test stays fast)."""
     root = tmp_path_factory.mktemp("smoke") / "meds"
-    params = load_params("params/smoke.yaml", {"data.n_subjects": 500, "data.shard_size": 100})
+    params = load_params(
+        "params/smoke.yaml", {"data.n_subjects": 500, "data.shard_size": 100, "eval.min_label_positives": 1}
+    )
     write_synthetic_meds(root, 500, params.data.generator_seed, 100)
     return root, params
 
@@ -284,7 +286,7 @@ def test_smoke_cohort_representations_equal_the_reference(smoke, kw):
     assert_same(ref, got)
     tok = ref[0]
     if tp.bins == "clinical":
-        assert len(tok.clinical) == 8  # every synthetic lab has a range
+        assert len(tok.clinical) == 9  # every synthetic lab has a range (8 panel labs and lactate)
     if tp.values == "soft":
         assert (got.timelines.mix_w > 0).mean() > 0.1
     if tp.values == "xval":

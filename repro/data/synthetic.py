@@ -7,21 +7,36 @@ cohort say nothing about MIMIC-IV itself.
 Each subject is generated from its own RNG stream (seed, subject index), so any subset or shard is
 reproducible on its own. Codes follow the MIMIC_IV_MEDS ETL vocabulary (DESIGN.md section 3).
 
-Planted mechanisms, all acting on the risk at the subject's LAST admission (DESIGN.md section 4):
+Mortality mechanisms, acting on the logit of death at the subject's LAST admission; each is a switch with a
+strength (`data.mechanisms`; 0 turns it off). Their events sit in the first 20 h of the stay, so the 24-h
+prediction sees them too, and each is drawn independently of the others:
 
-| mechanism | how it shows in the data | capability it rewards |
+| mechanism | what the data show | capability it rewards |
 |---|---|---|
-| chronic heart failure (25 %) | furosemide given in the FIRST admission only, many admissions back | long-range memory |
-| creatinine drift | creatinine rising across the first 24 h of the last stay | order and value |
-| treated hyperkalaemia | insulin after a high potassium lowers risk; insulin before it does not | event order |
-| recent admissions | admissions in the 365 days before the last one | counts / recency |
-| age | MEDS_BIRTH | nobody misses it |
-| distractors | noise medications, procedures and stable labs with no effect | ignoring noise |
+| count | admissions in the 365 days before the last one (0-5), x strength | presence / counts: everyone |
+| long_range | heart failure (25 %): furosemide in the FIRST admission only, x strength | memory of the whole history |
+| order | half the stays: a high potassium and insulin; insulin first (untreated) +strength, after (treated) -strength | event order |
+| trend | creatinine at 2, 8, 14 and 20 h rising or falling (the same values either way), +strength per sd of slope | values in order |
+| timing | lactate, then vancomycin 0.5-13.5 h later: +strength per sd of the delay | time between events |
+| interaction | warfarin and ciprofloxacin, each in half the stays: both or neither +strength, one alone -strength | non-linear combination |
 
-The number of admissions is drawn before any outcome, and deaths happen only at or after the last
-admission, so selecting "the last admission" does not depend on the outcome. The last stay's length
-depends on risk features but not on the outcome itself. Outcomes are Bernoulli draws from the planted
-probabilities, so the oracle AUROC is high but below 1.
+Only `count` and `long_range` change which codes a stay holds: the other four leave every code's count with
+the same distribution whatever their effect (order swaps two events, the trend's values are the same set
+rising or falling, the delay moves one event, and each drug alone has no average effect), so a model of code
+counts can read at most those two. A model that reads order, values, times and the whole history can reach
+the true probability.
+
+Other tasks: `los_1w` (stay > 7 days) depends on frailty (a latent trait: shorter gaps, longer stays) and an
+ICU transfer in the first hours; `readmission_1m` on frailty and anaemia (low haemoglobin in that stay);
+`conditions` on latent chronic conditions, treated by a marker drug and diagnosed at discharge; `null_task` labels
+are independent of everything (`repro.data.tasks.null_labels`).
+
+No leak: every other event is independent of every label given the true probabilities. Distractor drugs and
+procedures are Poisson processes at a constant rate over each stay and labs are drawn every 6-12 h until
+discharge, so what lies before a prediction time does not depend on how long the stay goes on; condition
+markers are given in the first 20 h; nothing depends on an outcome. The number of admissions is drawn before
+any outcome, and deaths happen only at or after the last admission. Outcomes are Bernoulli draws from the
+planted probabilities, so the oracle AUROC is high but below 1.
 """
 
 from __future__ import annotations
@@ -38,7 +53,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-GENERATOR_VERSION = 3  # bump when the generated data change, so cached cohorts are not reused
+from repro.config import MECHANISM_NAMES
+from repro.data.tasks import NULL_RATE
+
+GENERATOR_VERSION = 4  # bump when the generated data change, so cached cohorts are not reused
 US_PER_HOUR = 3_600_000_000
 US_PER_DAY = 24 * US_PER_HOUR
 EPOCH_2130_US = int(np.datetime64("2130-01-01T00:00:00", "us").astype(np.int64))
@@ -53,12 +71,18 @@ LABS = {  # code: (normal mean, sd) -- itemids and units as MIMIC-IV hosp/labeve
     "platelets": ("LAB//51265//K/uL", 230.0, 60.0),
     "bicarbonate": ("LAB//50882//mEq/L", 25.0, 2.5),
 }
+LACTATE = ("LAB//50813//mmol/L", 1.8, 0.6)
 # Reference ranges written to metadata/codes.parquet (ref_range_lower / ref_range_upper, as MIMIC-IV
 # labevents names them) for the clinically anchored bins: the normal distribution's mean +- 2 sd.
-REFERENCE_RANGES = {code: (round(m - 2 * sd, 2), round(m + 2 * sd, 2)) for code, m, sd in LABS.values()}
+REFERENCE_RANGES = {
+    code: (round(m - 2 * sd, 2), round(m + 2 * sd, 2)) for code, m, sd in [*LABS.values(), LACTATE]
+}
 FUROSEMIDE = "MEDICATION//Furosemide//Administered//63323028002"
 HEMOGLOBIN_DROP_ANEMIC = 3.0  # g/dL lower in an admission with anaemia (a readmission signal)
 INSULIN = "MEDICATION//Insulin (Regular)//Administered//00002821501"
+VANCOMYCIN = "MEDICATION//Vancomycin//Administered//00409433201"
+WARFARIN = "MEDICATION//Warfarin//Administered//00056017270"
+CIPROFLOXACIN = "MEDICATION//Ciprofloxacin//Administered//00026885048"
 NOISE_MEDS = [
     "MEDICATION//Acetaminophen//Administered//00904198861",
     "MEDICATION//Heparin//Administered//63323026201",
@@ -76,6 +100,9 @@ NOISE_PROCS = [
     "PROCEDURE//START//229351",  # PICC line
     "INFUSION_START//225158",  # NaCl 0.9 %
 ]
+NOISE_MEDS_PER_DAY = 2.5  # Poisson rates over each stay: constant, so a window's count ignores the stay's end
+NOISE_PROCS_PER_DAY = 0.6
+ICU = "ICU_ADMISSION//Medical Intensive Care Unit (MICU)"
 # Chronic conditions (ICD-10 3-character groups): a latent per-subject state, diagnosed at an
 # admission's discharge with probability 0.7 when present (0.03 otherwise) and treated during the stay
 # by a marker medication with probability 0.6 (0.05 otherwise). Heart failure (I50) is special: its
@@ -133,23 +160,42 @@ STATIC = {
     "INSURANCE": ["INSURANCE//Medicare", "INSURANCE//Medicaid", "INSURANCE//Private", "INSURANCE//Other"],
 }
 
-# Planted effects on the logit of death at the last admission. b0 is set so that mortality_1m
-# prevalence is near 10 % (checked by tests/test_synthetic.py).
-B0 = -5.5
-EFFECTS = {
-    "chronic_hf": 2.0,
-    "creatinine_slope_per_day": 3.5,  # times max(slope, 0) in mg/dL per day
-    "untreated_hyperkalemia": 2.2,
-    "treated_after": -2.2,  # cancels the hyperkalaemia effect when insulin follows the high potassium
-    "recent_admissions": 0.45,  # per admission in the 365 days before the last one (capped at 5)
-    "age_per_year": 0.04,  # per year above 65
-}
+# The mortality mechanisms and their default strengths (logit units; see the module docstring). B0 is set so
+# that mortality_1m prevalence is near 10 % with the defaults (checked by tests/test_synthetic.py).
+MECHANISMS = dict(zip(MECHANISM_NAMES, (0.7, 2.0, 1.2, 1.0, 1.0, 1.0), strict=True))
+B0 = -5.4
 IN_HOSPITAL_SHIFT = -0.5  # logit shift for death during the stay vs. within 30 days after
+TREND_TIMES_H = (2.0, 8.0, 14.0, 20.0)  # creatinine draws of the trend, symmetric around 11 h
+TREND_SD_PER_DAY = 0.6  # sd of the creatinine slope, mg/dL per day
+DELAY_H = (0.5, 13.5)  # lactate -> vancomycin delay, uniform
+DELAY_MEAN, DELAY_SD = sum(DELAY_H) / 2, (DELAY_H[1] - DELAY_H[0]) / 12**0.5
+P_HYPERKALEMIA = 0.5
+# Length of stay (hours past the first 24): log-normal; its log-mean rises with frailty and an ICU transfer.
+LOS_MU, LOS_SIGMA, LOS_FRAIL, LOS_ICU = float(np.log(60.0)), 0.9, 0.35, 0.8
+P_ICU = 0.3
+
+
+def check_mechanisms(strengths: dict[str, float] | None) -> dict[str, float]:
+    """The default strengths updated with `strengths`; an unknown name is an error naming the known ones.
+
+    >>> check_mechanisms({"order": 0.0})["order"]
+    0.0
+    >>> check_mechanisms({"orders": 1.0})
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown mechanism(s) ['orders']; known: count, long_range, order, trend, timing, interaction
+    """
+    out = dict(MECHANISMS)
+    unknown = sorted(set(strengths or {}) - set(MECHANISMS))
+    if unknown:
+        raise ValueError(f"unknown mechanism(s) {unknown}; known: {', '.join(MECHANISMS)}")
+    out.update({k: float(v) for k, v in (strengths or {}).items()})
+    return out
 
 
 @dataclass
 class SubjectTruth:
-    """The planted truth for one subject's last admission."""
+    """The planted truth for one subject's last admission (and, for readmission, the one before)."""
 
     subject_id: int
     admit_us: int
@@ -186,9 +232,17 @@ def _normal_cdf(x: float) -> float:
     return 0.5 * (1.0 + erf(x / sqrt(2.0)))
 
 
-def generate_subject(seed: int, index: int) -> tuple[dict[str, np.ndarray], SubjectTruth]:
-    """Events of one subject (MEDS columns as numpy arrays, time-sorted) and its planted truth."""
+def generate_subject(
+    seed: int, index: int, mechanisms: dict[str, float] | None = None
+) -> tuple[dict[str, np.ndarray], SubjectTruth]:
+    """Events of one subject (MEDS columns as numpy arrays, time-sorted) and its planted truth.
+
+    Every draw is made whatever the strengths, so a mechanism switched off leaves the events as they are
+    and only takes its effect out of the truth (and so out of the outcome draws).
+    """
+    strength = check_mechanisms(mechanisms)
     rng = _subject_rng(seed, index)
+    outcome_rng = np.random.default_rng(np.random.SeedSequence([seed, index, 1]))  # outcomes apart
     sid = 10_000_000 + index
     times: list[int] = []
     codes: list[str] = []
@@ -199,8 +253,14 @@ def generate_subject(seed: int, index: int) -> tuple[dict[str, np.ndarray], Subj
         codes.append(code)
         values.append(value)
 
-    def within(admit: int, discharge: int, n: int) -> np.ndarray:
-        return np.sort(rng.uniform(admit + US_PER_HOUR / 2, discharge - US_PER_HOUR / 4, n)).astype(np.int64)
+    def at(admit: int, hours: float) -> int:
+        return admit + int(hours * US_PER_HOUR)
+
+    def poisson_times(admit: int, discharge: int, per_day: float) -> np.ndarray:
+        """A Poisson process over the stay: a window's count does not depend on where the stay ends."""
+        lo, hi = admit + US_PER_HOUR / 2, discharge - US_PER_HOUR / 4
+        n = rng.poisson(per_day * max(hi - lo, 0) / US_PER_DAY)
+        return np.sort(rng.uniform(lo, hi, n)).astype(np.int64)
 
     # Static facts (time null) and birth.
     for options in STATIC.values():
@@ -214,7 +274,7 @@ def generate_subject(seed: int, index: int) -> tuple[dict[str, np.ndarray], Subj
     # conditions, frailty (shorter gaps and longer stays).
     n_adm = 1 + min(int(rng.lognormal(mean=0.6, sigma=1.1)), 300)
     conds = rng.random(len(CONDITIONS)) < np.array([c[2] for c in CONDITIONS])
-    chronic = bool(conds[0])
+    chronic_hf = bool(conds[0])
     frail = float(rng.normal())
     p_conditions = np.where(conds, P_DX_PRESENT, P_DX_ABSENT)
 
@@ -226,49 +286,28 @@ def generate_subject(seed: int, index: int) -> tuple[dict[str, np.ndarray], Subj
     for k in range(n_adm):
         last = k == n_adm - 1
         admits.append(admit)
-        age = (admit - birth) / (365.25 * US_PER_DAY)
         anemic = bool(rng.random() < 0.2)
-        feats: dict[str, float] = {}
+        icu = bool(rng.random() < P_ICU)
+        mu_los = LOS_MU + LOS_FRAIL * frail + LOS_ICU * icu
         if last:
-            slope = float(rng.normal(0.0, 0.35))  # creatinine, mg/dL per day
-            hyperk = bool(rng.random() < 0.35)
-            insulin = bool(rng.random() < 0.5)
-            after = bool(hyperk and insulin and rng.random() < 0.5)
-            # Length of stay: 24 h plus a log-normal excess whose mean depends on what is visible at 24 h.
-            mu_los = np.log(60.0) + 0.25 * frail + 1.2 * max(slope, 0.0) + 0.5 * (hyperk and not after)
-            los_h = 24.0 + float(rng.lognormal(mu_los, 0.9))
-            p_los = 1.0 - _normal_cdf((np.log(168.0 - 24.0) - mu_los) / 0.9)
-            recent = sum(a >= admit - 365 * US_PER_DAY for a in admits[:-1])
-            feats = {
-                "chronic_hf": float(chronic),
-                "recent_admissions": float(min(recent, 5)),
-                "age": age,
-                "creatinine_slope": slope,
-                "hyperkalemia": float(hyperk),
-                "treated_after": float(after),
-            }
+            los_h = 24.0 + float(rng.lognormal(mu_los, LOS_SIGMA))
         else:
-            slope, hyperk, insulin, after = 0.0, False, False, False
             los_h = max(6.0, float(rng.lognormal(np.log(80.0) + 0.2 * frail, 0.8)))
-        discharge = admit + int(los_h * US_PER_HOUR)
+        discharge = at(admit, los_h)
         add(admit, ADMISSION_TYPES[rng.integers(len(ADMISSION_TYPES))])
         add(admit, "TRANSFER_TO//admit//Emergency Department")
-        if rng.random() < 0.3:
-            add(
-                admit + int(rng.uniform(1, 6) * US_PER_HOUR),
-                "ICU_ADMISSION//Medical Intensive Care Unit (MICU)",
-            )
+        if icu:
+            add(at(admit, rng.uniform(1, 6)), ICU)
 
-        # Lab panels every 6-12 h. Creatinine drifts in the last stay; haemoglobin is low when anaemic.
+        # Lab panels every 6-12 h until discharge; haemoglobin is low when anaemic.
         base_cr = float(rng.normal(1.0, 0.2))
-        t = admit + int(rng.uniform(0.5, 2) * US_PER_HOUR)
-        while t < discharge - US_PER_HOUR:
-            days = (t - admit) / US_PER_DAY
+        t = at(admit, rng.uniform(0.5, 2))
+        while t < discharge:
             for name, (code, mean, sd) in LABS.items():
                 if name != "creatinine" and rng.random() < 0.35:
                     continue
                 if name == "creatinine":
-                    v = base_cr + slope * days + rng.normal(0, 0.05)
+                    v = base_cr + rng.normal(0, 0.05)
                 elif name == "hemoglobin":
                     v = rng.normal(mean - HEMOGLOBIN_DROP_ANEMIC * anemic, sd * 0.6)
                 else:
@@ -276,56 +315,41 @@ def generate_subject(seed: int, index: int) -> tuple[dict[str, np.ndarray], Subj
                 add(t, code, float(np.round(max(v, 0.05 * mean), 2)))
             t += int(rng.uniform(6, 12) * US_PER_HOUR)
 
-        # Distractor medications and procedures, then the condition markers.
-        for tm in within(admit, discharge, rng.poisson(2.0 + los_h / 24.0)):
+        # Distractor medications and procedures, then the condition markers (in the first 20 h).
+        for tm in poisson_times(admit, discharge, NOISE_MEDS_PER_DAY):
             add(int(tm), NOISE_MEDS[rng.integers(len(NOISE_MEDS))])
-        for tm in within(admit, discharge, rng.poisson(1.0)):
+        for tm in poisson_times(admit, discharge, NOISE_PROCS_PER_DAY):
             add(int(tm), NOISE_PROCS[rng.integers(len(NOISE_PROCS))])
+        marker_end_h = min(20.0, los_h - 0.25)
         for j, present in enumerate(conds):
             if j == 0:  # heart failure: furosemide in the first admission only (long-range memory)
                 if present and k == 0:
-                    for tm in within(admit, discharge, 2):
-                        add(int(tm), FUROSEMIDE)
+                    for h in np.sort(rng.uniform(0.5, marker_end_h, 2)):
+                        add(at(admit, h), FUROSEMIDE)
                 continue
             if rng.random() < (P_MARKER_PRESENT if present else P_MARKER_ABSENT):
-                add(int(within(admit, discharge, 1)[0]), MARKERS[j])
+                add(at(admit, rng.uniform(0.5, marker_end_h)), MARKERS[j])
 
         if last:
-            # Keep the potassium story inside the first 20 h of the stay, order preserved.
-            span_h = min(los_h - 0.5, 20.0)
-            if hyperk:
-                t_k = admit + int(rng.uniform(0.3, 0.6) * span_h * US_PER_HOUR)
-                add(t_k, LABS["potassium"][0], float(np.round(rng.uniform(6.0, 7.2), 2)))
-                if insulin:
-                    room_h = (
-                        (admit + span_h * US_PER_HOUR - t_k) / US_PER_HOUR
-                        if after
-                        else (t_k - admit) / US_PER_HOUR
-                    )
-                    dt_h = rng.uniform(0.2, 0.9) * room_h * (1 if after else -1)
-                    add(t_k + int(dt_h * US_PER_HOUR), INSULIN)
-            elif insulin:
-                add(admit + int(rng.uniform(0.1, 1.0) * span_h * US_PER_HOUR), INSULIN)
-            logit = (
-                B0
-                + EFFECTS["chronic_hf"] * feats["chronic_hf"]
-                + EFFECTS["creatinine_slope_per_day"] * max(slope, 0.0)
-                + EFFECTS["untreated_hyperkalemia"] * feats["hyperkalemia"]
-                + EFFECTS["treated_after"] * feats["treated_after"]
-                + EFFECTS["recent_admissions"] * feats["recent_admissions"]
-                + EFFECTS["age_per_year"] * (age - 65.0)
-            )
+            feats = _last_stay_mechanisms(rng, admit, base_cr, add, at)
+            recent = sum(a >= admit - 365 * US_PER_DAY for a in admits[:-1])
+            feats |= {"recent_admissions": float(min(recent, 5)), "chronic_hf": float(chronic_hf)}
+            feats |= {"frail": frail, "icu": float(icu)}
+            z = mechanism_logits(feats, strength)
+            feats |= {f"z_{m}": v for m, v in z.items()}
+            logit = B0 + sum(z.values())
             p_in = _sigmoid(logit + IN_HOSPITAL_SHIFT)
             p_post = _sigmoid(logit)
-            died_in = bool(rng.random() < p_in)
+            p_los = 1.0 - _normal_cdf((np.log(168.0 - 24.0) - mu_los) / LOS_SIGMA)
+            died_in = bool(outcome_rng.random() < p_in)
             death_us: int | None = None
             if died_in:
                 death_us = discharge
-            elif rng.random() < p_post:
-                day = discharge + int(rng.uniform(1, 30) * US_PER_DAY)
+            elif outcome_rng.random() < p_post:
+                day = discharge + int(outcome_rng.uniform(1, 30) * US_PER_DAY)
                 death_us = day - day % US_PER_DAY  # out-of-hospital deaths carry a date only
-            elif rng.random() < 0.05:
-                day = discharge + int(rng.uniform(35, 400) * US_PER_DAY)
+            elif outcome_rng.random() < 0.05:
+                day = discharge + int(outcome_rng.uniform(35, 400) * US_PER_DAY)
                 death_us = day - day % US_PER_DAY
             truth = SubjectTruth(
                 sid,
@@ -343,7 +367,7 @@ def generate_subject(seed: int, index: int) -> tuple[dict[str, np.ndarray], Subj
             )
 
         # Stamped at discharge (leakage traps): diagnoses, DRG, disposition.
-        dx_draw = rng.random(len(CONDITIONS)) < np.where(conds, P_DX_PRESENT, P_DX_ABSENT)
+        dx_draw = rng.random(len(CONDITIONS)) < p_conditions
         for j in np.flatnonzero(dx_draw):
             add(discharge, f"DIAGNOSIS//ICD//10//{CONDITIONS[j][1]}")
         add(discharge, f"DRG//HCFA//{int(rng.integers(100, 999))}//DRG DESCRIPTION")
@@ -353,8 +377,8 @@ def generate_subject(seed: int, index: int) -> tuple[dict[str, np.ndarray], Subj
         else:
             add(discharge, DISCHARGE_ALIVE[rng.integers(len(DISCHARGE_ALIVE))])
         if not last:
-            # Readmission: the gap to the next admission is shorter for frail, heart-failure and anaemic stays.
-            mean_gap = 200.0 * np.exp(-0.5 * frail - 0.8 * chronic - 0.9 * anemic)
+            # Readmission: the gap to the next admission is shorter for frail and anaemic stays.
+            mean_gap = 200.0 * np.exp(-0.5 * frail - 0.9 * anemic)
             p_readmit = 1.0 - float(np.exp(-29.0 / mean_gap))
             prev_discharge = discharge
             admit = discharge + int((1.0 + rng.exponential(mean_gap)) * US_PER_DAY)
@@ -373,6 +397,74 @@ def generate_subject(seed: int, index: int) -> tuple[dict[str, np.ndarray], Subj
         "numeric_value": np.array(values, dtype=np.float32)[order],
     }
     return cols, truth
+
+
+def _last_stay_mechanisms(rng: np.random.Generator, admit: int, base_cr: float, add, at) -> dict[str, float]:
+    """The events of the order, trend, timing and interaction mechanisms in the last stay's first 20 h.
+
+    Returns the variables the truth needs: each is drawn independently of the others and of the stay's
+    other events.
+    """
+    # order: a high potassium with insulin before (untreated) or after (treated) it; otherwise insulin in
+    # half the stays and no high potassium, so neither code's presence tells anything on average
+    hyperk = bool(rng.random() < P_HYPERKALEMIA)
+    before = bool(rng.random() < 0.5)
+    t_k = rng.uniform(4.0, 16.0)
+    gap = rng.uniform(0.5, 3.5)
+    insulin_alone = bool(rng.random() < 0.5)
+    t_alone = rng.uniform(1.0, 19.0)
+    if hyperk:
+        add(at(admit, t_k), LABS["potassium"][0], float(np.round(rng.uniform(6.0, 7.2), 2)))
+        add(at(admit, t_k - gap if before else t_k + gap), INSULIN)
+    elif insulin_alone:
+        add(at(admit, t_alone), INSULIN)
+    # trend: creatinine at fixed hours around 11 h; the values for slope s and -s are the same set
+    slope = float(rng.normal())  # in sd units
+    for h in TREND_TIMES_H:
+        v = base_cr + slope * TREND_SD_PER_DAY * (h - 11.0) / 24.0 + rng.normal(0, 0.05)
+        add(at(admit, h + rng.uniform(-0.25, 0.25)), LABS["creatinine"][0], float(np.round(max(v, 0.05), 2)))
+    # timing: lactate, then vancomycin after a uniform delay
+    t_l = rng.uniform(1.0, 6.0)
+    delay = rng.uniform(*DELAY_H)
+    add(at(admit, t_l), LACTATE[0], float(np.round(max(rng.normal(LACTATE[1], LACTATE[2]), 0.3), 1)))
+    add(at(admit, t_l + delay), VANCOMYCIN)
+    # interaction: two drugs, each in half the stays
+    drug_a, drug_b = bool(rng.random() < 0.5), bool(rng.random() < 0.5)
+    t_a, t_b = rng.uniform(1.0, 19.0, 2)
+    if drug_a:
+        add(at(admit, t_a), WARFARIN)
+    if drug_b:
+        add(at(admit, t_b), CIPROFLOXACIN)
+    return {
+        "hyperkalemia": float(hyperk),
+        "insulin_before": float(hyperk and before),
+        "creatinine_slope": slope,
+        "antibiotic_delay_h": delay,
+        "warfarin": float(drug_a),
+        "ciprofloxacin": float(drug_b),
+    }
+
+
+def mechanism_logits(feats: dict[str, float], strength: dict[str, float]) -> dict[str, float]:
+    """Each mechanism's term of the mortality logit from the truth's variables.
+
+    >>> z = mechanism_logits({"recent_admissions": 2, "chronic_hf": 1, "hyperkalemia": 1, "insulin_before": 0,
+    ...     "creatinine_slope": 0.5, "antibiotic_delay_h": 7.0, "warfarin": 1, "ciprofloxacin": 0}, MECHANISMS)
+    >>> {k: round(v, 2) for k, v in z.items()}
+    {'count': 1.4, 'long_range': 2.0, 'order': -1.2, 'trend': 0.5, 'timing': 0.0, 'interaction': -1.0}
+    """
+    order = 0.0
+    if feats["hyperkalemia"]:
+        order = 1.0 if feats["insulin_before"] else -1.0
+    return {
+        "count": strength["count"] * feats["recent_admissions"],
+        "long_range": strength["long_range"] * feats["chronic_hf"],
+        "order": strength["order"] * order,
+        "trend": strength["trend"] * feats["creatinine_slope"],
+        "timing": strength["timing"] * (feats["antibiotic_delay_h"] - DELAY_MEAN) / DELAY_SD,
+        "interaction": strength["interaction"]
+        * (1.0 if feats["warfarin"] == feats["ciprofloxacin"] else -1.0),
+    }
 
 
 def _events_table(parts: list[dict[str, np.ndarray]]) -> pa.Table:
@@ -443,7 +535,9 @@ def _truth_table(truths: list[SubjectTruth]) -> pa.Table:
     )
 
 
-def _write_shard(seed: int, indices: np.ndarray, path: Path) -> tuple[set[str], pa.Table]:
+def _write_shard(
+    seed: int, indices: np.ndarray, path: Path, mechanisms: dict[str, float] | None = None
+) -> tuple[set[str], pa.Table]:
     """Generate and write one shard (atomically); return its codes and its subjects' truth rows.
 
     A subject's events depend only on (seed, subject index), so shards can be written in any order or
@@ -451,7 +545,7 @@ def _write_shard(seed: int, indices: np.ndarray, path: Path) -> tuple[set[str], 
     """
     parts, truths, codes = [], [], set()
     for i in indices:
-        cols, truth = generate_subject(seed, int(i))
+        cols, truth = generate_subject(seed, int(i), mechanisms)
         parts.append(cols)
         truths.append(truth)
         codes.update(cols["code"].tolist())
@@ -469,6 +563,7 @@ def write_synthetic_meds(
     split_fractions: list[float] | None = None,
     progress: bool = False,
     workers: int = 1,
+    mechanisms: dict[str, float] | None = None,
 ) -> Path:
     """Write a MEDS v0.4 dataset of `n_subjects` synthetic subjects plus `truth/last_admission.parquet`.
 
@@ -476,9 +571,11 @@ def write_synthetic_meds(
     a time (in `workers` processes), so memory is bounded by the shard size and a 100M-event dataset
     can be written on a small machine; the output does not depend on `workers`. The directory is built
     in a temporary sibling and renamed into place, so a failure never leaves a half-written dataset.
+    `mechanisms` sets the mortality mechanisms' strengths (the defaults: `MECHANISMS`).
     """
     from tqdm import tqdm
 
+    strengths = check_mechanisms(mechanisms)
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} exists; remove it or choose another directory")
@@ -501,7 +598,7 @@ def write_synthetic_meds(
             from concurrent.futures import ProcessPoolExecutor
 
             with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-                futures = [pool.submit(_write_shard, seed, chunk, path) for chunk, path in jobs]
+                futures = [pool.submit(_write_shard, seed, chunk, path, strengths) for chunk, path in jobs]
                 for f, (chunk, _) in zip(futures, jobs):
                     codes, truth = f.result()
                     all_codes |= codes
@@ -509,7 +606,7 @@ def write_synthetic_meds(
                     bar.update(len(chunk))
         else:
             for chunk, path in jobs:
-                codes, truth = _write_shard(seed, chunk, path)
+                codes, truth = _write_shard(seed, chunk, path, strengths)
                 all_codes |= codes
                 truth_parts.append(truth)
                 bar.update(len(chunk))
@@ -542,6 +639,7 @@ def write_synthetic_meds(
             "etl_name": "repro.data.synthetic",
             "etl_version": str(GENERATOR_VERSION),
             "meds_version": meds.__version__,
+            "mechanisms": strengths,
         }
         (tmp_root / meds.dataset_metadata_filepath).write_text(json.dumps(meta, indent=2))
         truth_table = pa.concat_tables(truth_parts).sort_by("subject_id").combine_chunks()
@@ -562,7 +660,7 @@ def true_probabilities(truth: pa.Table | object) -> dict[str, np.ndarray]:
     mortality_1m = P(die in stay) + P(survive stay) * P(die within 30 d after);
     inhospital_mortality_24h = P(die in stay); los_1w = P(stay > 7 days); readmission_1m = P(next
     admission within 30 days of the second-to-last discharge) (NaN with one admission);
-    conditions = {group: P(group diagnosed in the last admission)}.
+    conditions = {group: P(group diagnosed in the last admission)}; null_task = its constant rate.
     """
     df = truth.to_pandas() if hasattr(truth, "to_pandas") else truth
     p_in = df["p_in_hospital"].to_numpy()
@@ -573,4 +671,5 @@ def true_probabilities(truth: pa.Table | object) -> dict[str, np.ndarray]:
         "los_1w": df["p_los_7d"].to_numpy(),
         "readmission_1m": df["p_readmission_30d"].to_numpy(),
         "conditions": {g: df[f"p_condition_{g}"].to_numpy() for g, _, _, _ in CONDITIONS},
+        "null_task": np.full(len(df), NULL_RATE),
     }

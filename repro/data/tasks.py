@@ -139,6 +139,44 @@ def los_1w(visits: pd.DataFrame, deaths: pd.Series) -> pd.DataFrame:
     )
 
 
+NULL_RATE = 0.2  # P(label 1) of the null task
+_NULL_SALT = np.uint64(0x5EED_0F_4E11)
+
+
+def null_labels(subject_ids) -> np.ndarray:
+    """Labels drawn independently of every event: a hash of the subject id below NULL_RATE.
+
+    The same on any data (MIMIC-IV included), and no model sees subject ids, so the true AUROC is 0.5.
+
+    >>> null_labels(np.arange(10_000)).mean().round(2)
+    np.float64(0.2)
+    """
+    x = np.asarray(subject_ids, dtype=np.int64).astype(np.uint64) ^ _NULL_SALT
+    with np.errstate(over="ignore"):  # splitmix64's finaliser: uint64 arithmetic wraps by design
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    u = (x >> np.uint64(11)).astype(np.float64) / 2.0**53
+    return (u < NULL_RATE).astype(np.int64)
+
+
+def null_task(visits: pd.DataFrame, deaths: pd.Series) -> pd.DataFrame:
+    """mortality_1m's samples (last admission, predicted at discharge) with labels independent of the history.
+
+    The run's live false-positive check: every comparison on it should come out inconclusive.
+    """
+    last = _last_visits(visits)
+    return pd.DataFrame(
+        {
+            SUBJECT: last[SUBJECT].to_numpy(),
+            "prediction_time": last["discharge"].to_numpy(),
+            "admit": last["admit"].to_numpy(),
+            "discharge": last["discharge"].to_numpy(),
+            "label": null_labels(last[SUBJECT].to_numpy()),
+        }
+    )
+
+
 def _second_to_last(visits: pd.DataFrame) -> pd.DataFrame:
     """Each subject's second-to-last admission, with the next admission's start."""
     v = visits.copy()
@@ -220,6 +258,7 @@ TASKS = {
     "inhospital_mortality_24h": inhospital_mortality_24h,
     "los_1w": los_1w,
     "readmission_1m": readmission_1m,
+    "null_task": null_task,
 }
 
 

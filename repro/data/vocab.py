@@ -20,6 +20,7 @@ TASK_TOKENS = [
     "[TASK_los_1w]",
     "[TASK_readmission_1m]",
     "[TASK_conditions]",
+    "[TASK_null_task]",
 ]
 
 

@@ -345,3 +345,26 @@ def paired_bootstrap(
         "flagged",
     ]
     return pd.DataFrame(rows)[cols]
+
+
+def macro_paired_auroc(
+    labels: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], n_boot: int = 2000, seed: int = 0
+) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    """Macro AUROC of two models over labels that share their patients, on the same patient resamples.
+
+    `labels`: one (y, subject ids, scores a, scores b) per label, rows in the same subject order in every
+    label, so one seed draws the same resample weights for each (as the cluster bootstrap consumes the rng
+    by cluster count and chunk size only). Returns the observed macro difference a - b and the resampled
+    macro AUROC of a, of b, and of a - b.
+    """
+    ref = labels[0][1]
+    if any(not np.array_equal(s, ref) for _, s, _, _ in labels):
+        raise ValueError("macro AUROC: every label must hold the same subjects in the same order")
+    est, boot_a, boot_b = [], [], []
+    for y, subjects, sa, sb in labels:
+        est.append(metric_values(y, sa, "auroc")[0] - metric_values(y, sb, "auroc")[0])
+        b = bootstrap_metrics(y, {"a": sa, "b": sb}, subjects, ("auroc",), n_boot, seed)
+        boot_a.append(b["a"]["auroc"])
+        boot_b.append(b["b"]["auroc"])
+    a, b = np.mean(boot_a, axis=0), np.mean(boot_b, axis=0)
+    return float(np.mean(est)), a, b, a - b

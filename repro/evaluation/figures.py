@@ -12,9 +12,15 @@ import pandas as pd
 import seaborn as sns
 
 
-def show_table(df: pd.DataFrame, index: bool = False, floatfmt: str = ".3f") -> None:
-    """Display a table with text/markdown and text/html representations."""
+def show_table(
+    df: pd.DataFrame, index: bool = False, floatfmt: str = ".3f", empty: str = "nothing to show"
+) -> None:
+    """Display a table with text/markdown and text/html representations (an empty one as a one-row note
+    saying `empty`, so the report's embed always finds a table)."""
     from IPython.display import display
+
+    if df.empty:
+        df, index = pd.DataFrame({"note": [empty]}), False
 
     md = df.to_markdown(index=index, floatfmt=floatfmt)
     html = df.to_html(index=index, float_format=lambda x: format(x, floatfmt), border=0)
@@ -145,5 +151,28 @@ def loss_figure(curves: pd.DataFrame, window: int = 10) -> plt.Figure:
         sns.lineplot(data=g, x="step", y="loss", hue="model", ax=ax, errorbar=None, linewidth=1.2)
         ax.set_title(f"{phase} (rolling mean of {window} steps)", fontsize=10)
         ax.legend(frameon=False, fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def mechanism_figure(recovered: pd.DataFrame, labels: dict[str, str] | None = None) -> plt.Figure:
+    """Models x mechanisms heat map of the share of each mechanism's signal a model recovered (1: as much as
+    the true risk, 0: none); the number in each cell is the share."""
+    if recovered.empty:
+        fig, ax = plt.subplots(figsize=(7.0, 1.2))
+        ax.text(0.5, 0.5, "no known truth in this run: nothing to show", ha="center", va="center")
+        ax.axis("off")
+        return fig
+    grid = recovered.pivot(index="model", columns="mechanism", values="share recovered")
+    grid = grid.loc[list(dict.fromkeys(recovered["model"])), list(dict.fromkeys(recovered["mechanism"]))]
+    if labels:
+        grid.index = [labels.get(m, m) for m in grid.index]
+    fig, ax = plt.subplots(figsize=(7.0, 0.45 * len(grid) + 1.4))
+    sns.heatmap(
+        grid, vmin=0.0, vmax=1.0, cmap="viridis", annot=True, fmt=".2f", cbar_kws={"label": "share"}, ax=ax
+    )
+    ax.set_xlabel("mechanism (negative: the model ranks that mechanism's high-risk side lower)")
+    ax.set_ylabel("")
+    ax.tick_params(axis="x", labelrotation=30)
     fig.tight_layout()
     return fig

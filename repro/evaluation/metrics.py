@@ -167,3 +167,47 @@ def metrics_table(results: dict[str, dict]) -> pd.DataFrame:
         row["flags"] = ", ".join(k for k in present if (res.get(k) or {}).get("flagged"))
         rows.append(row)
     return pd.DataFrame(rows).set_index("model")
+
+
+def macro_evaluate(
+    val: pd.DataFrame, test: pd.DataFrame, n_boot: int = 2000, seed: int = 0, ci: float = 0.95
+) -> dict:
+    """`evaluate_predictions` of a multi-label task, macro-averaged: each metric per label (F1 at the label's
+    own validation threshold), then the mean over labels, with a CI from the same patient resamples for every
+    label (one row per patient and label, so equal seeds draw equal weights). Frames add a `target` column.
+
+    Returns evaluate_predictions' shape plus "n_labels"; AUROC is never computed on the pooled rows, where a
+    score that ignores the patient (each label's prevalence) would already rank well.
+    """
+    _check_frame(test, {"subject_id", "label", "score", "target"}, "test")
+    names = tuple(METRICS)
+    points, boots = [], []
+    for target, t in test.sort_values(["target", "subject_id"], kind="stable").groupby("target", sort=True):
+        v = val[val["target"] == target]
+        threshold = choose_threshold(v["label"], v["score"])
+        y, s = check_binary_inputs(t["label"], t["score"])
+        points.append(binary_metrics(y, s, threshold))
+        boots.append(
+            bootstrap_metrics(y, {"m": s}, t["subject_id"].to_numpy(), names, n_boot, seed, threshold)["m"]
+        )
+    return _macro(points, boots, names, ci)
+
+
+def macro_oracle_metrics(test: pd.DataFrame, n_boot: int = 2000, seed: int = 0, ci: float = 0.95) -> dict:
+    """`oracle_metrics` macro-averaged over a multi-label task's labels (see macro_evaluate)."""
+    _check_frame(test, {"subject_id", "label", "true_prob", "target"}, "test")
+    names = ("auroc", "auprc", "brier", "ece")
+    points, boots = [], []
+    for _, t in test.sort_values(["target", "subject_id"], kind="stable").groupby("target", sort=True):
+        y, s = check_binary_inputs(t["label"], t["true_prob"])
+        points.append(binary_metrics(y, s))
+        boots.append(bootstrap_metrics(y, {"o": s}, t["subject_id"].to_numpy(), names, n_boot, seed)["o"])
+    return _macro(points, boots, names, ci)
+
+
+def _macro(points: list[dict], boots: list[dict], names: tuple[str, ...], ci: float) -> dict:
+    point = {k: float(np.mean([p[k] for p in points])) for k in names}
+    point["undefined"] = [u for p in points for u in p["undefined"]]
+    out = _with_cis(point, {k: np.mean([b[k] for b in boots], axis=0) for k in names}, ci)
+    out["n_labels"] = len(points)
+    return out

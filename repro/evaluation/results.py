@@ -14,12 +14,26 @@ import numpy as np
 import pandas as pd
 
 from repro.evaluation.batched_metrics import ECE_BINS
-from repro.evaluation.bootstrap import paired_bootstrap, paired_scores
-from repro.evaluation.metrics import binary_metrics, evaluate_predictions, metrics_table, oracle_metrics
+from repro.evaluation.bootstrap import (
+    bootstrap_pvalue,
+    macro_paired_auroc,
+    paired_bootstrap,
+    paired_scores,
+    percentile_ci,
+)
+from repro.evaluation.metrics import (
+    binary_metrics,
+    evaluate_predictions,
+    macro_evaluate,
+    macro_oracle_metrics,
+    metrics_table,
+    oracle_metrics,
+)
 from repro.evaluation.significance import (
     VERDICT_RULE,
     aggregate_seeds,
     benjamini_hochberg,
+    macro_permutation_test,
     paired_permutation_test,
     verdict,
 )
@@ -27,6 +41,7 @@ from repro.training.trainer import ModelRun
 
 __all__ = [
     "VERDICT_RULE",
+    "ALL_RULE",
     "OVERALL_RULE",
     "label",
     "predictions_frame",
@@ -87,19 +102,31 @@ def seed_ensemble(preds: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def multilabel(t: pd.DataFrame) -> bool:
+    """A task whose rows carry several labels per patient (conditions): scored per label, then averaged."""
+    return t["target"].nunique() > 1
+
+
+def _auroc(g: pd.DataFrame) -> float:
+    """Held-out AUROC of one model's rows; the mean over labels (macro) for a multi-label task."""
+    if not multilabel(g):
+        return binary_metrics(g["label"].to_numpy(), g["score"].to_numpy())["auroc"]
+    return float(
+        np.mean(
+            [
+                binary_metrics(x["label"].to_numpy(), x["score"].to_numpy())["auroc"]
+                for _, x in g.groupby("target")
+            ]
+        )
+    )
+
+
 def seed_spread(preds: pd.DataFrame) -> pd.DataFrame:
-    """Per-seed held-out AUROC aggregated over seeds (mean, sd, min, max)."""
+    """Per-seed held-out AUROC (macro over labels where a task has several) aggregated over seeds."""
     rows = []
     test = preds[preds["split"] == meds.held_out_split]
     for (model, task, seed), g in test.groupby(["model", "task", "seed"], sort=False):
-        rows.append(
-            {
-                "model": model,
-                "task": task,
-                "seed": seed,
-                "estimate": binary_metrics(g["label"].to_numpy(), g["score"].to_numpy())["auroc"],
-            }
-        )
+        rows.append({"model": model, "task": task, "seed": seed, "estimate": _auroc(g)})
     return aggregate_seeds(pd.DataFrame(rows), ["model", "task"])
 
 
@@ -110,10 +137,12 @@ def _evaluate(t: pd.DataFrame, model: str | None, n_boot: int, ci: float) -> dic
         first = t[t["model"] == t["model"].iloc[0]]
         test = first[first["split"] == meds.held_out_split]
         if "true_prob" in test and test["true_prob"].notna().all() and len(test):
-            return oracle_metrics(test, n_boot=n_boot, seed=0, ci=ci)
+            score = macro_oracle_metrics if multilabel(test) else oracle_metrics
+            return score(test, n_boot=n_boot, seed=0, ci=ci)
         return None
     g = t[t["model"] == model]
-    return evaluate_predictions(
+    score = macro_evaluate if multilabel(g) else evaluate_predictions
+    return score(
         g[g["split"] == meds.tuning_split], g[g["split"] == meds.held_out_split], n_boot=n_boot, seed=0, ci=ci
     )
 
@@ -268,22 +297,54 @@ def forest_frame(evaluated: dict[str, dict[str, dict]]) -> pd.DataFrame:
 
 
 def _compare(task: str, t: pd.DataFrame, new: str, base: str, n_boot: int, ci: float, n_perm: int) -> dict:
-    """new - baseline on one task: paired bootstrap CI and paired permutation p-value."""
-    res = paired_bootstrap(t, [new, base], "auroc", n_boot=n_boot, seed=0, ci=ci, pairs=[(new, base)])
-    r = res[res["kind"] == "difference"].iloc[0]
-    y, subjects, scores = paired_scores(t, [new, base])
-    p_perm = paired_permutation_test(y, scores[new], scores[base], "auroc", n_perm, 0, subjects)
+    """new - baseline on one task: paired bootstrap CI and paired permutation p-value (of the macro AUROC
+    over labels for a multi-label task)."""
+    if multilabel(t):
+        labels = []
+        for _, g in t.sort_values(["target", "subject_id"], kind="stable").groupby("target", sort=True):
+            y, subjects, scores = paired_scores(g, [new, base])
+            labels.append((y, subjects, scores[new], scores[base]))
+        est, _, _, d = macro_paired_auroc(labels, n_boot, seed=0)
+        ci_d = percentile_ci(d, ci)
+        lo, hi, p_boot = ci_d["lo"], ci_d["hi"], bootstrap_pvalue(d)
+        p_perm = macro_permutation_test([(y, a, b) for y, _, a, b in labels], labels[0][1], n_perm, 0)
+    else:
+        res = paired_bootstrap(t, [new, base], "auroc", n_boot=n_boot, seed=0, ci=ci, pairs=[(new, base)])
+        r = res[res["kind"] == "difference"].iloc[0]
+        est, lo, hi, p_boot = r["estimate"], r["lo"], r["hi"], r["p_value"]
+        y, subjects, scores = paired_scores(t, [new, base])
+        p_perm = paired_permutation_test(y, scores[new], scores[base], "auroc", n_perm, 0, subjects)
     return {
         "task": task,
         "new": new,
         "baseline": base,
         "comparison": f"{label(new)} − {label(base)}",
-        "ΔAUROC": r["estimate"],
-        "lo": r["lo"],
-        "hi": r["hi"],
-        "p (bootstrap)": r["p_value"],
+        "ΔAUROC": est,
+        "lo": lo,
+        "hi": hi,
+        "p (bootstrap)": p_boot,
         "p (perm.)": p_perm,
     }
+
+
+def condition_labels_table(preds: pd.DataFrame, task: str = "conditions") -> pd.DataFrame:
+    """Held-out AUROC per label of a multi-label task (seed-ensembled scores), per model and the oracle's,
+    with the label's positives: the per-label view behind the task's macro average."""
+    ens = seed_ensemble(preds[(preds["task"] == task) & (preds["split"] == meds.held_out_split)])
+    if ens.empty:
+        return pd.DataFrame()
+    out = {}
+    for target, g in ens.groupby("target", sort=True):
+        row = {"positives": int(g.loc[g["model"] == g["model"].iloc[0], "label"].sum())}
+        for model, m in g.groupby("model", sort=False):
+            row[label(model)] = binary_metrics(m["label"].to_numpy(), m["score"].to_numpy())["auroc"]
+        first = g[g["model"] == g["model"].iloc[0]]
+        if "true_prob" in first and first["true_prob"].notna().all():
+            row[ORACLE] = binary_metrics(first["label"].to_numpy(), first["true_prob"].to_numpy())["auroc"]
+        out[target] = row
+    table = pd.DataFrame(out).T.rename_axis("label")
+    macro = table.drop(columns="positives").mean().rename("macro average")
+    return pd.concat([table, macro.to_frame().T]).reset_index(names="label")
 
 
 def paired_comparisons(
@@ -345,10 +406,24 @@ def mpf_comparisons(
     return paired_comparisons(preds, pairs, n_boot, ci, **kw)
 
 
-def overall_verdict(verdicts: Sequence[str]) -> str:
-    """A hypothesis over several tasks: supported when some task supports it and none contradicts it; not
-    supported when some task contradicts it and none supports it; otherwise inconclusive."""
-    v = set(verdicts)
+def overall_verdict(verdicts: Sequence[str], combine: str = "any") -> str:
+    """A hypothesis over several comparisons.
+
+    combine="any" (a claim about some task): supported when some comparison supports it and none contradicts
+    it; not supported when some contradicts it and none supports it; otherwise inconclusive. combine="all"
+    (a claim about every comparison, "EHRMamba beats every model"): supported only when every comparison is;
+    not supported when any is not; otherwise inconclusive.
+
+    >>> overall_verdict(["supported", "inconclusive"]), overall_verdict(["supported", "inconclusive"], "all")
+    ('supported', 'inconclusive')
+    """
+    v = list(verdicts)
+    if combine == "all":
+        if v and all(x == "supported" for x in v):
+            return "supported"
+        return "not supported" if "not supported" in v else "inconclusive"
+    if combine != "any":
+        raise ValueError(f"combine must be 'any' or 'all', got {combine!r}")
     if "supported" in v and "not supported" not in v:
         return "supported"
     if "not supported" in v and "supported" not in v:
@@ -360,6 +435,11 @@ OVERALL_RULE = (
     "Across tasks, a hypothesis is supported when at least one task's comparison is supported and none is "
     "not supported, not supported when at least one is not supported and none is supported, and inconclusive "
     "otherwise (including mixed results)."
+)
+ALL_RULE = (
+    "A claim about every comparison (EHRMamba beats every other model on every task) is supported only when "
+    "every one of its comparisons is supported, not supported when any is not supported, and inconclusive "
+    "otherwise."
 )
 
 

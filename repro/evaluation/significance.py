@@ -9,7 +9,13 @@ import pandas as pd
 from scipy.stats import rankdata
 
 from repro.evaluation.batched_metrics import MetricFn, _safe_call, check_binary_inputs, metric_values
-from repro.evaluation.bootstrap import _chunk_sizes, _cluster_codes, _kernel_ok, auroc_kernel
+from repro.evaluation.bootstrap import (
+    _MAX_KERNEL_CLUSTERS,
+    _chunk_sizes,
+    _cluster_codes,
+    _kernel_ok,
+    auroc_kernel,
+)
 
 VERDICT_RULE = (
     "Let d = new - baseline (for metrics where lower is better, baseline - new), with its paired bootstrap CI "
@@ -79,6 +85,54 @@ def paired_permutation_test(
             d = np.array(
                 [_safe_call(metric_fn, y, pa[i]) - _safe_call(metric_fn, y, pb[i]) for i in range(k)]
             )
+        hits += int((np.abs(d) >= abs(d_obs) - tol).sum())
+    return (hits + 1) / (n_perm + 1)
+
+
+def macro_permutation_test(
+    labels: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], clusters, n_perm: int = 2000, seed: int = 0
+) -> float:
+    """paired_permutation_test of the macro AUROC (mean over labels) of two models: one coin flip per patient
+    swaps that patient's within-model ranks in every label at once, so the labels' dependence is kept.
+
+    `labels`: one (y, scores a, scores b) per label, rows in the same patient order (`clusters`) in each.
+    With few patients the labels' AUROC kernels are summed (each over its positives x negatives), so a
+    permutation costs one quadratic form; otherwise each label is scored per permutation.
+    """
+    codes, n_clusters = _cluster_codes(clusters, labels[0][0].shape[0])
+    ranked = [(check_binary_inputs(y, y)[0], _unit_ranks(np.asarray(a, float)), _unit_ranks(np.asarray(b, float)))
+              for y, a, b in labels]  # fmt: skip
+    d_obs = float(
+        np.mean([metric_values(y, a, "auroc")[0] - metric_values(y, b, "auroc")[0] for y, a, b in ranked])
+    )
+    if np.isnan(d_obs):
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    tol = 1e-12 * max(1.0, abs(d_obs))
+    hits = 0
+    if n_clusters <= _MAX_KERNEL_CLUSTERS and codes.shape[0] == n_clusters:
+        k = {key: np.zeros((n_clusters, n_clusters)) for key in ("aa", "ab", "ba", "bb")}
+        for y, a, b in ranked:
+            denom = float((y == 1).sum()) * float((y == 0).sum()) * len(ranked)
+            for key, (x, z) in {"aa": (a, a), "ab": (a, b), "ba": (b, a), "bb": (b, b)}.items():
+                k[key] += auroc_kernel(y, x, z, codes, n_clusters) / denom
+
+        def num(x: np.ndarray, z: np.ndarray) -> np.ndarray:  # x: patients scored by a, z: by b
+            return ((x @ k["aa"]) * x + (x @ k["ab"]) * z + (z @ k["ba"]) * x + (z @ k["bb"]) * z).sum(axis=1)
+
+        for m in _chunk_sizes(n_perm, 2 * codes.shape[0] * len(ranked)):  # as below: the same coin flips
+            f = rng.integers(0, 2, size=(m, n_clusters)).astype(bool).astype(np.float64)
+            d = num(1.0 - f, f) - num(f, 1.0 - f)
+            hits += int((np.abs(d) >= abs(d_obs) - tol).sum())
+        return (hits + 1) / (n_perm + 1)
+    for m in _chunk_sizes(n_perm, 2 * codes.shape[0] * len(ranked)):
+        flip = rng.integers(0, 2, size=(m, n_clusters)).astype(bool)[:, codes]
+        wa = np.concatenate([~flip, flip], axis=1).astype(np.float64)
+        d = np.zeros(m)
+        for y, a, b in ranked:
+            y2, s2 = np.concatenate([y, y]), np.concatenate([a, b])
+            d += metric_values(y2, s2, "auroc", weights=wa) - metric_values(y2, s2, "auroc", weights=1.0 - wa)
+        d /= len(ranked)
         hits += int((np.abs(d) >= abs(d_obs) - tol).sum())
     return (hits + 1) / (n_perm + 1)
 

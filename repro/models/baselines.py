@@ -1,8 +1,9 @@
 """Count baseline: logistic regression on bag-of-token counts, the paper's XGBoost/LR family.
 
-It reads the same tokens as the neural models (shared tokenizer and vocabulary) but the whole history
-before the prediction time, untruncated: that is how count baselines are built in the literature, and
-it is blind to order by construction, which the synthetic cohort's event-order mechanism tests.
+It reads the same tokens as the neural models (shared tokenizer and vocabulary) in the same `max_len`
+window before the prediction time, so every model sees the same view (DESIGN.md section 7). It is blind to
+order by construction and linear in the counts, which the synthetic cohort's order, trend, timing and
+interaction mechanisms test.
 """
 
 from __future__ import annotations

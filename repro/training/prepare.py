@@ -22,7 +22,13 @@ import pyarrow.parquet as pq
 from repro.config import ParamsError, RunParams, resolve
 from repro.data.dataset import SequenceDataset
 from repro.data.meds import SUBJECT, MedsDataset, load_meds
-from repro.data.synthetic import GENERATOR_VERSION, true_probabilities, write_synthetic_meds
+from repro.data.synthetic import (
+    GENERATOR_VERSION,
+    MECHANISMS,
+    check_mechanisms,
+    true_probabilities,
+    write_synthetic_meds,
+)
 from repro.data.tasks import LABEL_PREFIX, label_columns
 from repro.data.timelines import Timelines
 from repro.data.tokenizer import Encoded, Tokenizer
@@ -46,6 +52,8 @@ class Prepared:
     n_events: int
     seconds: dict[str, float] = field(default_factory=dict)
     cache_dir: Path | None = None  # where the tokenized data are cached (None: built in memory)
+    truth: pd.DataFrame | None = None  # the synthetic generator's truth per subject (None on real data)
+    dropped_labels: dict[str, pd.DataFrame] = field(default_factory=dict)  # task -> labels left out, counts
 
     @property
     def synthetic(self) -> bool:
@@ -78,6 +86,9 @@ def synthetic_dir(params: RunParams) -> Path:
     """Where the embedded synthetic cohort of these parameters lives (shared by runs, deterministic)."""
     d = params.data
     name = f"synthetic-v{GENERATOR_VERSION}-n{d.n_subjects}-seed{d.generator_seed}-shard{d.shard_size}"
+    strengths = check_mechanisms(d.mechanisms)
+    if strengths != MECHANISMS:  # the default cohort keeps its plain name
+        name += "-m" + "-".join(f"{k}{v:g}" for k, v in strengths.items())
     return resolve("outputs/.cache") / name
 
 
@@ -100,6 +111,7 @@ def ensure_meds(params: RunParams, data_dir: str | Path | None = None) -> Path:
             d.split_fractions,
             progress=True,
             workers=workers,
+            mechanisms=d.mechanisms,
         )
     return out
 
@@ -151,6 +163,15 @@ def prepare(
         if truth is not None:
             _attach_truth(df, task, truth, probs)
         labels[task] = df.reset_index(drop=True)
+    dropped = {}
+    for task, df in labels.items():
+        labels[task], dropped[task] = drop_thin_labels(df, params.eval.min_label_positives)
+    for task, df in labels.items():
+        if not any(c.startswith(LABEL_PREFIX) or c == "label" for c in df.columns):
+            raise ParamsError(
+                f"task {task}: every label has fewer than eval.min_label_positives="
+                f"{params.eval.min_label_positives} positives or negatives in a split; remove {task} from tasks"
+            )
     seconds = dict(data.seconds)
     seconds["prepare_total"] = time.perf_counter() - t0
     return Prepared(
@@ -165,7 +186,27 @@ def prepare(
         n_events=data.n_events,
         seconds=seconds,
         cache_dir=data.cache_dir,
+        truth=truth,
+        dropped_labels={task: d for task, d in dropped.items() if len(d)},
     )
+
+
+def drop_thin_labels(df: pd.DataFrame, min_positives: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A multi-label task frame without its label columns that have fewer than `min_positives` positives or
+    negatives in any split, and those labels with their positives per split (empty if none).
+
+    The same rule on every data set: a label without positives in train cannot be fitted, and one with a
+    handful in held_out gives an AUROC no interval can bound.
+    """
+    rows, gone = [], []
+    for col in [c for c in label_columns(df) if c != "label"]:
+        pos = df.groupby("split")[col].sum().reindex(SPLITS, fill_value=0)
+        neg = df.groupby("split")[col].count().reindex(SPLITS, fill_value=0) - pos
+        if min(pos.min(), neg.min()) < min_positives:
+            group = col.removeprefix(LABEL_PREFIX)
+            rows.append({"label": group, **{f"positives in {k}": int(v) for k, v in pos.items()}})
+            gone += [col, f"true_prob::{group}"]
+    return df.drop(columns=[c for c in gone if c in df.columns]), pd.DataFrame(rows)
 
 
 def _attach_truth(df: pd.DataFrame, task: str, truth: pd.DataFrame, probs: dict) -> None:

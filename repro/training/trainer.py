@@ -184,16 +184,16 @@ class Trainer:
 
     def _run(self, name: str, task: str, seed: int) -> ModelRun:
         t0 = time.perf_counter()
-        full = self.prep.params.tokenizer.max_len * 1000 if name == "count_lr" else None  # whole history
-        tr_items, tr_df = self.samples(task, meds.train_split, max_len=full)
+        # counts + LR reads the same max_len window as the sequence models (DESIGN.md section 7)
+        tr_items, tr_df = self.samples(task, meds.train_split)
         cols = label_columns(tr_df)
         frames = []
         if name == "count_lr":
             from repro.models.baselines import CountLogistic, count_matrix
 
             vocab = self.prep.tokenizer.vocab_size
-            tu_items, tu_df = self.samples(task, meds.tuning_split, max_len=full)
-            ho_items, ho_df = self.samples(task, meds.held_out_split, max_len=full)
+            tu_items, tu_df = self.samples(task, meds.tuning_split)
+            ho_items, ho_df = self.samples(task, meds.held_out_split)
             # one count matrix per split serves every label (conditions has 20)
             x_tr, x_tu = count_matrix(tr_items, vocab), count_matrix(tu_items, vocab)
             fitted = [
