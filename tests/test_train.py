@@ -215,3 +215,46 @@ def test_a_finished_cuda_checkpoint_is_reused_by_another_fit(tmp_path):
     assert res.resumed_from == 3 and res.steps_run == 0
     for (k, a), b in zip(first.state_dict().items(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
+
+
+def test_weight_decay_spares_a_log_d_norms_and_biases():
+    from repro.models.registry import build_model
+    from repro.training.loop import decay_groups
+
+    model = build_model("ehrmamba", 40, d_model=16, n_layers=1, d_state=4)
+    decay, no_decay = decay_groups(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    spared = {names[id(p)] for p in no_decay}
+    assert any(n.endswith("A_log") for n in spared) and any(n.endswith(".D") for n in spared)
+    assert all(p.ndim >= 2 and not getattr(p, "_no_weight_decay", False) for p in decay)
+    assert all(names[id(p)].endswith(("A_log", ".D")) or p.ndim < 2 for p in no_decay)
+    assert any("norm" in n for n in spared) and any(n.endswith("bias") for n in spared)
+    assert len(decay) + len(no_decay) == len([p for p in model.parameters() if p.requires_grad])
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"lr": 2e-3},
+        {"seed": 1},
+        {"params": TrainParams(batch_size=2, checkpoint_every=3)},
+        {"data": "labels"},
+    ],
+)
+def test_a_checkpoint_from_other_settings_or_data_is_never_resumed(tmp_path, change):
+    params = TrainParams(batch_size=4, checkpoint_every=3, warmup_frac=0.2)
+    data, dev, ckpt = _data(), torch.device("cpu"), tmp_path / "run.pt"
+    first = _model("ehrmamba")
+    first.set_n_outputs(1)
+    loop.fit(first, data, params, "classify", 6, 1e-3, 0, dev, ckpt, progress=False)
+    again = _model("ehrmamba")
+    again.set_n_outputs(1)
+    same = loop.fit(again, data, params, "classify", 6, 1e-3, 0, dev, ckpt, progress=False)
+    assert same.resumed_from == 6 and same.steps_run == 0  # the same run finds its finished checkpoint
+    kw = {"params": params, "lr": 1e-3, "seed": 0} | {k: v for k, v in change.items() if k != "data"}
+    if change.get("data") == "labels":
+        data = SequenceDataset(data.items, 1.0 - data.labels)
+    other = _model("ehrmamba")
+    other.set_n_outputs(1)
+    res = loop.fit(other, data, kw["params"], "classify", 6, kw["lr"], kw["seed"], dev, ckpt, progress=False)
+    assert res.resumed_from == 0 and res.steps_run == 6

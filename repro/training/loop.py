@@ -187,6 +187,49 @@ def _global_batch(
     return batch
 
 
+def run_key(
+    data: SequenceDataset,
+    params: TrainParams,
+    objective: str,
+    steps: int,
+    lr: float,
+    seed: int,
+    spec: dict | None,
+) -> str:
+    """A hash of everything that changes a run's weights: the training settings, objective, steps, learning
+    rate, seed, the model's build arguments and the samples themselves (every token id, label and mask), so a
+    checkpoint is resumed only by the run that wrote it.
+    """
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    h = hashlib.sha256()
+    settings = {"train": asdict(params), "objective": objective, "steps": steps, "lr": lr, "seed": seed}
+    h.update(json.dumps(settings | {"spec": spec or {}}, sort_keys=True, default=str).encode())
+    for e in data.items:
+        for value in vars(e).values():
+            if isinstance(value, np.ndarray):
+                h.update(np.ascontiguousarray(value).tobytes())
+    for extra in (data.labels, data.mask):
+        if extra is not None:
+            h.update(np.ascontiguousarray(extra).tobytes())
+    return h.hexdigest()[:16]
+
+
+def decay_groups(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """(decayed, not decayed) trainable parameters: weight decay only on matrices, never on vectors (norms,
+    biases) nor on a parameter flagged `_no_weight_decay` (Mamba's A_log and D, Mamba2's dt_bias), as
+    mamba_ssm and Hugging Face leave them: decaying A_log pulls every state's decay rate toward one value.
+    """
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            keep = p.ndim >= 2 and not getattr(p, "_no_weight_decay", False)
+            (decay if keep else no_decay).append(p)
+    return decay, no_decay
+
+
 def hide_values(batch: dict[str, torch.Tensor]) -> None:
     """MLM: a corrupted position must not keep what its value arrays say about the hidden token.
 
@@ -231,8 +274,7 @@ def fit(
             f"cannot feed {world} processes"
         )
     model.to(device)
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+    decay, no_decay = decay_groups(model)
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": params.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=lr,
@@ -241,6 +283,7 @@ def fit(
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(steps, params.warmup_frac))
     result = TrainResult(objective=objective)
+    key = run_key(data, params, objective, steps, lr, seed, spec)
     start = 0
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -248,7 +291,11 @@ def fit(
         # on the CPU: the RNG states must stay CPU byte tensors (torch.set_rng_state refuses CUDA ones);
         # load_state_dict moves the weights and the optimizer state to the model's device
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        if state.get("objective") == objective and state.get("steps") == steps:
+        if state.get("key") != key:
+            # trained under other settings or data (another learning rate, tokenizer, cohort): its weights
+            # are not this run's, so the run starts afresh and overwrites the file at its first save
+            print(f"{desc or objective}: {checkpoint} was trained under other settings; not resumed")
+        else:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
@@ -332,6 +379,7 @@ def fit(
                     "objective": objective,
                     "losses": result.losses,
                     "spec": spec or {},
+                    "key": key,
                 },
             )
     if device.type == "cuda":
