@@ -49,7 +49,7 @@ def test_report_embeds_exist():
 
 
 def test_report_states_the_rules_the_code_applies():
-    from repro.evaluation.results import OVERALL_RULE
+    from repro.evaluation.results import ALL_RULE, OVERALL_RULE
     from repro.evaluation.significance import VERDICT_RULE
     from repro.profiling.scaling import H2_RULE, H4_MEMORY_RULE
 
@@ -57,6 +57,7 @@ def test_report_states_the_rules_the_code_applies():
     for name, rule in [
         ("VERDICT_RULE", VERDICT_RULE),
         ("OVERALL_RULE", OVERALL_RULE),
+        ("ALL_RULE", ALL_RULE),
         ("H2_RULE", H2_RULE),
         ("H4_MEMORY_RULE", H4_MEMORY_RULE),
     ]:

@@ -338,7 +338,7 @@ def test_long_history_runs_score_every_length(prep, tmp_path, keep_threads):
     assert table["auroc_all"].between(0, 1).all()
     cmp = long_history.h4_accuracy_comparisons(runs, history, 32, 20, 0.95, "mortality_1m")
     assert cmp["comparison"].tolist() == ["EHRMamba @ 64 − Transformer (SDPA) @ 64"]
-    assert long_history.headline(cmp, table) in {"supported", "not supported", "inconclusive"}
+    assert long_history.headline(cmp, table) == "one seed"  # the long-history runs train one seed
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -107,3 +107,17 @@ def test_reliability_frame_counts_every_held_out_row_and_tracks_a_calibrated_mod
     assert np.abs(f["observed"] - f["predicted"]).max() < 0.06
     table = results.calibration_table(results.evaluate_all(preds, 50, 0.95), ["mortality_1m"])
     assert list(table.columns) == ["task", "model", "Brier (95% CI)", "ECE (95% CI)"]
+
+
+def test_a_comparison_trained_with_one_seed_is_never_supported():
+    rng = np.random.default_rng(3)
+    two = results.paired_comparisons(
+        _preds(rng, ["good", "bad"]), [("good", "bad")], n_boot=200, ci=0.95, n_perm=200
+    )
+    assert two["verdict"].iloc[0] == "supported" and two["seeds"].iloc[0] == 2
+    one = results.paired_comparisons(
+        _preds(rng, ["good", "bad"], seeds=(0,)), [("good", "bad")], n_boot=200, ci=0.95, n_perm=200
+    )
+    assert one["lo"].iloc[0] > 0 and one["p (BH)"].iloc[0] < 0.05  # the statistics alone would say supported
+    assert one["verdict"].iloc[0] == "one seed" and one["seeds"].iloc[0] == 1
+    assert results.overall_verdict(one["verdict"]) == "inconclusive"

@@ -30,6 +30,7 @@ from repro.evaluation.metrics import (
     oracle_metrics,
 )
 from repro.evaluation.significance import (
+    ONE_SEED,
     VERDICT_RULE,
     aggregate_seeds,
     benjamini_hochberg,
@@ -357,7 +358,8 @@ def paired_comparisons(
 ) -> pd.DataFrame:
     """new − baseline in held-out AUROC per task for each (new, baseline) pair: bootstrap CI on the same
     resampled patients, a paired permutation p-value (patient-level swaps), Benjamini-Hochberg across every
-    comparison in the frame (one notebook's family), and the verdict of VERDICT_RULE."""
+    comparison in the frame (one notebook's family), and the verdict of VERDICT_RULE ("one seed" when either
+    model has predictions from a single training seed)."""
     ens = seed_ensemble(preds[preds["split"] == meds.held_out_split])
     rows = []
     for task in dict.fromkeys(ens["task"]):
@@ -372,8 +374,11 @@ def paired_comparisons(
     if out.empty:
         return out
     out["p (BH)"] = benjamini_hochberg(out["p (perm.)"].to_numpy())
+    seeds = preds.groupby("model")["seed"].nunique() if "seed" in preds else pd.Series(dtype=int)
+    out["seeds"] = [int(min(seeds.get(n, 1), seeds.get(b, 1))) for n, b in zip(out["new"], out["baseline"])]
     out["verdict"] = [
-        verdict(lo, hi, p, alpha=alpha) for lo, hi, p in zip(out["lo"], out["hi"], out["p (BH)"])
+        ONE_SEED if k < 2 else verdict(lo, hi, p, alpha=alpha)
+        for lo, hi, p, k in zip(out["lo"], out["hi"], out["p (BH)"], out["seeds"])
     ]
     out[f"ΔAUROC ({ci * 100:g}% CI)"] = [
         f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in zip(out["ΔAUROC"], out["lo"], out["hi"])
@@ -385,7 +390,8 @@ def comparison_table(comparisons: pd.DataFrame, ci: float) -> pd.DataFrame:
     """The columns the report shows."""
     if comparisons.empty:
         return comparisons
-    return comparisons[["task", "comparison", f"ΔAUROC ({ci * 100:g}% CI)", "p (perm.)", "p (BH)", "verdict"]]
+    cols = ["task", "comparison", "seeds", f"ΔAUROC ({ci * 100:g}% CI)", "p (perm.)", "p (BH)", "verdict"]
+    return comparisons[[c for c in cols if c in comparisons]]
 
 
 def h1_comparisons(

@@ -25,8 +25,11 @@ VERDICT_RULE = (
     "and the improvement survives the multiple-comparison correction). "
     "Not supported: hi < margin and, when the margin is 0, p_adj < alpha (the CI rules out an improvement as "
     "large as the margin; with margin 0 the baseline is significantly better after the same correction). "
-    "Inconclusive: anything else, including missing values."
+    "Inconclusive: anything else, including missing values. "
+    "One seed: either model was trained with a single seed; the CI resamples patients but not training, so a "
+    "rerun can move the difference beyond it, and such a comparison is never supported."
 )
+ONE_SEED = "one seed"
 
 
 def paired_permutation_test(
