@@ -41,7 +41,11 @@ jobs = [(m, t, s) for s in params.seeds for m in params.models for t in params.t
 runs = run_all(prep, f"{run_dir}/work", jobs, workers=params.train.workers)
 preds = results.predictions_frame(runs)
 n_boot, ci = params.eval.n_bootstrap, params.eval.ci
-stat_kw = {"alpha": params.eval.alpha, "n_perm": params.eval.n_permutations}
+stat_kw = {
+    "alpha": params.eval.alpha,
+    "n_perm": params.eval.n_permutations,
+    "effect": params.eval.effect_of_interest,
+}
 evaluated = results.evaluate_all(preds, n_boot, ci)
 
 # %%

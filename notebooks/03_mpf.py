@@ -39,7 +39,11 @@ done = run_all(prep, f"{run_dir}/work", jobs, workers=params.train.workers)
 runs = [r for d in done for r in (d.values() if isinstance(d, dict) else [d])]
 preds = results.predictions_frame(runs)
 n_boot, ci = params.eval.n_bootstrap, params.eval.ci
-stat_kw = {"alpha": params.eval.alpha, "n_perm": params.eval.n_permutations}
+stat_kw = {
+    "alpha": params.eval.alpha,
+    "n_perm": params.eval.n_permutations,
+    "effect": params.eval.effect_of_interest,
+}
 comparisons = results.mpf_comparisons(preds, params.mpf_models, n_boot, ci, **stat_kw)
 
 # %%

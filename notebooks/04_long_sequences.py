@@ -59,6 +59,7 @@ comparisons = long_history.h4_accuracy_comparisons(
     eff.long_task,
     alpha=params.eval.alpha,
     n_perm=params.eval.n_permutations,
+    effect=params.eval.effect_of_interest,
 )
 sub = table.attrs["subgroup"]
 print(

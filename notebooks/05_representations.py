@@ -40,7 +40,11 @@ params = load_run_params(params_file, data_dir or None)
 runs, stats = run_variants(params, data_dir or None, f"{run_dir}/work", workers=params.train.workers)
 preds = results.predictions_frame(runs)
 n_boot, ci = params.eval.n_bootstrap, params.eval.ci
-stat_kw = {"alpha": params.eval.alpha, "n_perm": params.eval.n_permutations}
+stat_kw = {
+    "alpha": params.eval.alpha,
+    "n_perm": params.eval.n_permutations,
+    "effect": params.eval.effect_of_interest,
+}
 evaluated = results.evaluate_all(preds, n_boot, ci)
 comparisons = results.paired_comparisons(preds, pairs(params), n_boot, ci, **stat_kw)
 h5 = results.overall_verdict(comparisons["verdict"]) if len(comparisons) else "inconclusive"

@@ -192,8 +192,13 @@ class EvalParams:
     # a label of a multi-label task (conditions) is scored only with at least this many positives and as many
     # negatives in each of train, tuning and held_out; the others are left out before training, and listed
     min_label_positives: int = 5
+    # the smallest difference in AUROC worth detecting: a comparison whose minimum detectable difference
+    # (80 % power) is larger reads "underpowered" instead of "inconclusive"
+    effect_of_interest: float = 0.02
 
     def __post_init__(self) -> None:
+        if not 0 < self.effect_of_interest < 0.5:
+            raise ParamsError(f"eval.effect_of_interest must be in (0, 0.5), got {self.effect_of_interest}")
         if self.min_label_positives < 1:
             raise ParamsError(f"eval.min_label_positives must be >= 1, got {self.min_label_positives}")
         if self.n_bootstrap < 10:

@@ -121,3 +121,16 @@ def test_a_comparison_trained_with_one_seed_is_never_supported():
     assert one["lo"].iloc[0] > 0 and one["p (BH)"].iloc[0] < 0.05  # the statistics alone would say supported
     assert one["verdict"].iloc[0] == "one seed" and one["seeds"].iloc[0] == 1
     assert results.overall_verdict(one["verdict"]) == "inconclusive"
+
+
+def test_an_inconclusive_comparison_that_could_not_see_the_effect_reads_underpowered():
+    rng = np.random.default_rng(4)
+    kw = {"n_boot": 300, "ci": 0.95, "n_perm": 200}
+    small = results.paired_comparisons(_preds(rng, ["a", "b"], n=60), [("a", "b")], **kw)  # equal skill
+    assert small["MDE"].iloc[0] > 0.02 and small["verdict"].iloc[0] == "underpowered"
+    big = results.paired_comparisons(_preds(rng, ["a", "b"], n=60), [("a", "b")], effect=0.5, **kw)
+    assert big["verdict"].iloc[0] == "inconclusive"  # an effect of 0.5 would have been seen
+    sure = results.paired_comparisons(
+        _preds(np.random.default_rng(3), ["good", "bad"]), [("good", "bad")], **kw
+    )
+    assert sure["verdict"].iloc[0] == "supported"  # a finding is reported whatever its MDE

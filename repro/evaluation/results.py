@@ -31,10 +31,12 @@ from repro.evaluation.metrics import (
 )
 from repro.evaluation.significance import (
     ONE_SEED,
+    UNDERPOWERED,
     VERDICT_RULE,
     aggregate_seeds,
     benjamini_hochberg,
     macro_permutation_test,
+    min_detectable,
     paired_permutation_test,
     verdict,
 )
@@ -355,11 +357,13 @@ def paired_comparisons(
     ci: float,
     alpha: float = 0.05,
     n_perm: int = 2000,
+    effect: float = 0.02,
 ) -> pd.DataFrame:
     """new − baseline in held-out AUROC per task for each (new, baseline) pair: bootstrap CI on the same
     resampled patients, a paired permutation p-value (patient-level swaps), Benjamini-Hochberg across every
-    comparison in the frame (one notebook's family), and the verdict of VERDICT_RULE ("one seed" when either
-    model has predictions from a single training seed)."""
+    comparison in the frame (one notebook's family), the minimum detectable difference (MDE, 80 % power), and
+    the verdict of VERDICT_RULE ("one seed" when either model has predictions from a single training seed,
+    "underpowered" for an inconclusive one whose MDE exceeds `effect`)."""
     ens = seed_ensemble(preds[preds["split"] == meds.held_out_split])
     rows = []
     for task in dict.fromkeys(ens["task"]):
@@ -376,9 +380,10 @@ def paired_comparisons(
     out["p (BH)"] = benjamini_hochberg(out["p (perm.)"].to_numpy())
     seeds = preds.groupby("model")["seed"].nunique() if "seed" in preds else pd.Series(dtype=int)
     out["seeds"] = [int(min(seeds.get(n, 1), seeds.get(b, 1))) for n, b in zip(out["new"], out["baseline"])]
+    out["MDE"] = [min_detectable(lo, hi, ci, alpha) for lo, hi in zip(out["lo"], out["hi"])]
     out["verdict"] = [
-        ONE_SEED if k < 2 else verdict(lo, hi, p, alpha=alpha)
-        for lo, hi, p, k in zip(out["lo"], out["hi"], out["p (BH)"], out["seeds"])
+        _verdict(lo, hi, p, k, mde, alpha, effect)
+        for lo, hi, p, k, mde in zip(out["lo"], out["hi"], out["p (BH)"], out["seeds"], out["MDE"])
     ]
     out[f"ΔAUROC ({ci * 100:g}% CI)"] = [
         f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in zip(out["ΔAUROC"], out["lo"], out["hi"])
@@ -386,11 +391,28 @@ def paired_comparisons(
     return out
 
 
+def _verdict(lo: float, hi: float, p: float, seeds: int, mde: float, alpha: float, effect: float) -> str:
+    """VERDICT_RULE with its two labels: "one seed" first, "underpowered" in place of an inconclusive."""
+    if seeds < 2:
+        return ONE_SEED
+    v = verdict(lo, hi, p, alpha=alpha)
+    return UNDERPOWERED if v == "inconclusive" and not mde <= effect else v
+
+
 def comparison_table(comparisons: pd.DataFrame, ci: float) -> pd.DataFrame:
     """The columns the report shows."""
     if comparisons.empty:
         return comparisons
-    cols = ["task", "comparison", "seeds", f"ΔAUROC ({ci * 100:g}% CI)", "p (perm.)", "p (BH)", "verdict"]
+    cols = [
+        "task",
+        "comparison",
+        "seeds",
+        f"ΔAUROC ({ci * 100:g}% CI)",
+        "MDE",
+        "p (perm.)",
+        "p (BH)",
+        "verdict",
+    ]
     return comparisons[[c for c in cols if c in comparisons]]
 
 

@@ -27,9 +27,28 @@ VERDICT_RULE = (
     "large as the margin; with margin 0 the baseline is significantly better after the same correction). "
     "Inconclusive: anything else, including missing values. "
     "One seed: either model was trained with a single seed; the CI resamples patients but not training, so a "
-    "rerun can move the difference beyond it, and such a comparison is never supported."
+    "rerun can move the difference beyond it, and such a comparison is never supported. "
+    "Underpowered: an inconclusive comparison whose minimum detectable difference, (z(1 - alpha/2) + z(0.8)) "
+    "times the standard error of d read from its bootstrap CI, exceeds the effect of interest: it could not "
+    "have found an effect of that size, so its silence says nothing."
 )
 ONE_SEED = "one seed"
+UNDERPOWERED = "underpowered"
+
+
+def min_detectable(lo: float, hi: float, ci: float = 0.95, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest true difference a paired comparison would detect with `power` at level `alpha`: the
+    standard error of the difference, read off its percentile bootstrap CI [lo, hi] (a normal
+    approximation), times z(1 - alpha/2) + z(power). Its n, prevalence and the models' correlation all act
+    through that standard error.
+
+    >>> round(min_detectable(-0.0392, 0.0392), 3)  # SE 0.02
+    0.056
+    """
+    from scipy.stats import norm
+
+    se = (hi - lo) / (2 * norm.ppf(0.5 + ci / 2))
+    return float(se * (norm.ppf(1 - alpha / 2) + norm.ppf(power)))
 
 
 def paired_permutation_test(
