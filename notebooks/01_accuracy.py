@@ -95,7 +95,7 @@ h1_all = (
 )
 print(f"H1 headline (EHRMamba beats CEHR-BERT on mortality_1m): {h1}")
 print(f"H1 across all models and tasks: {h1_all}")
-print("Rule per comparison:", significance.VERDICT_RULE)
+print("Rule per comparison:", significance.VERDICT_RULE, significance.LABEL_RULE)
 print("Rule across all models and tasks:", results.ALL_RULE)
 
 # %%

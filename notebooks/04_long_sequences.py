@@ -98,7 +98,7 @@ h4_accuracy = long_history.headline(comparisons, table)
 h4_all = results.overall_verdict(comparisons["verdict"]) if len(comparisons) else "inconclusive"
 print(f"H4 accuracy headline (EHRMamba beats the best Transformer run on long histories): {h4_accuracy}")
 print(f"H4 accuracy across Transformers: {h4_all}")
-print("Rule per comparison:", significance.VERDICT_RULE)
+print("Rule per comparison:", significance.VERDICT_RULE, significance.LABEL_RULE)
 
 # %%
 save_json(

@@ -50,7 +50,7 @@ def test_report_embeds_exist():
 
 def test_report_states_the_rules_the_code_applies():
     from repro.evaluation.results import ALL_RULE, OVERALL_RULE
-    from repro.evaluation.significance import VERDICT_RULE
+    from repro.evaluation.significance import LABEL_RULE, VERDICT_RULE
     from repro.profiling.scaling import H2_RULE, H4_MEMORY_RULE
 
     text = " ".join((ROOT / "report.qmd").read_text().split())
@@ -58,6 +58,7 @@ def test_report_states_the_rules_the_code_applies():
         ("VERDICT_RULE", VERDICT_RULE),
         ("OVERALL_RULE", OVERALL_RULE),
         ("ALL_RULE", ALL_RULE),
+        ("LABEL_RULE", LABEL_RULE),
         ("H2_RULE", H2_RULE),
         ("H4_MEMORY_RULE", H4_MEMORY_RULE),
     ]:

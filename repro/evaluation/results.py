@@ -392,7 +392,7 @@ def paired_comparisons(
 
 
 def _verdict(lo: float, hi: float, p: float, seeds: int, mde: float, alpha: float, effect: float) -> str:
-    """VERDICT_RULE with its two labels: "one seed" first, "underpowered" in place of an inconclusive."""
+    """VERDICT_RULE, then LABEL_RULE: "one seed" first, "underpowered" in place of an inconclusive."""
     if seeds < 2:
         return ONE_SEED
     v = verdict(lo, hi, p, alpha=alpha)

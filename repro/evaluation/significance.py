@@ -25,7 +25,10 @@ VERDICT_RULE = (
     "and the improvement survives the multiple-comparison correction). "
     "Not supported: hi < margin and, when the margin is 0, p_adj < alpha (the CI rules out an improvement as "
     "large as the margin; with margin 0 the baseline is significantly better after the same correction). "
-    "Inconclusive: anything else, including missing values. "
+    "Inconclusive: anything else, including missing values."
+)
+# Two labels that replace the rule's verdict (applied by repro.evaluation.results.paired_comparisons)
+LABEL_RULE = (
     "One seed: either model was trained with a single seed; the CI resamples patients but not training, so a "
     "rerun can move the difference beyond it, and such a comparison is never supported. "
     "Underpowered: an inconclusive comparison whose minimum detectable difference, (z(1 - alpha/2) + z(0.8)) "
