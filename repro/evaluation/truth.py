@@ -24,7 +24,6 @@ from repro.data.meds import SUBJECT
 from repro.data.synthetic import check_mechanisms
 from repro.data.tasks import label_columns
 
-MECHANISM_TASKS = ("mortality_1m", "inhospital_mortality_24h")  # the tasks whose truth the mechanisms set
 _Split = Callable[[pd.DataFrame], tuple[np.ndarray, np.ndarray]]
 
 
