@@ -88,6 +88,7 @@ fig = figures.reliability_figure(results.reliability_frame(preds, "mortality_1m"
 #| tbl-cap: "H1 comparisons: EHRMamba minus each other model in held-out AUROC with a paired bootstrap 95 % CI (same resampled patients for both), a paired permutation p-value (patient-level swaps), that p adjusted by Benjamini-Hochberg across all comparisons of this notebook, and the computed verdict."
 real = preds[preds["task"] != "null_task"]
 comparisons = results.h1_comparisons(real, "ehrmamba", params.models, n_boot, ci, **stat_kw)
+comparisons = results.mark_undertrained(comparisons, runs)
 figures.show_table(results.comparison_table(comparisons, ci))
 h1 = results.h1_verdict(comparisons)
 h1_all = (
@@ -104,6 +105,7 @@ print("Rule across all models and tasks:", results.ALL_RULE)
 null = results.h1_comparisons(
     preds[preds["task"] == "null_task"], "ehrmamba", params.models, n_boot, ci, **stat_kw
 )
+null = results.mark_undertrained(null, runs)
 figures.show_table(results.comparison_table(null, ci), empty="the null task is not in this run's tasks")
 
 # %%
@@ -117,13 +119,24 @@ recovered = (
 fig = figures.mechanism_figure(recovered, {m: results.label(m) for m in params.models})
 
 # %%
+#| label: fig-learning
+#| fig-cap: "Learning curves: the validation metric on a fixed subset of the tuning split against tokens seen, one line per model and seed; pretraining loss per objective (CLM and MLM are different losses, never compared) and finetuning AUROC on mortality_1m. Each run keeps the weights of its best validation and stops early once train.patience validations in a row fail to improve it."
+fig = figures.learning_figure(results.learning_curves(runs))
+
+# %%
+#| label: tbl-convergence
+#| tbl-cap: "Were the models trained to their plateau? Per model: the pretraining and finetuning runs that ended by early stopping or on a plateau (best validation within 0.5 % over the last 20 % of steps), the epochs they saw, and whether the held-out mortality_1m AUROC is clearly above chance (95 % CI lower bound above 0.5). A comparison between models that are not on their plateau says little about the architectures."
+convergence = results.convergence_table(runs, evaluated)
+figures.show_table(convergence)
+
+# %%
 #| label: fig-loss
 #| fig-cap: "Training loss per step: pretraining (once per backbone and seed) and finetuning (every task and seed), averaged per model."
 fig = figures.loss_figure(results.loss_curves(runs))
 
 # %%
 #| label: tbl-training
-#| tbl-cap: "How each model was trained: parameters actually built, kernel path, steps, wall time and training throughput, one row per training run."
+#| tbl-cap: "How each model was trained, one row per training run: parameters actually built, kernel path, steps run of the budget's, epochs seen, the step whose weights were kept (best validation) and its score, how the run ended (early stop, plateau at budget, or still improving when the budget ran out), wall time and training throughput."
 figures.show_table(results.training_table(runs), floatfmt=".1f")
 
 # %%
@@ -133,6 +146,7 @@ save_json(
         "h1_overall": h1_all,
         "comparisons": results.comparison_table(comparisons, ci).to_dict(orient="records"),
         "training": results.training_table(runs).to_dict(orient="records"),
+        "convergence": convergence.to_dict(orient="records"),
         "kernel_paths": sorted({r.kernel_path for r in runs}),
         "null_comparisons": results.comparison_table(null, ci).to_dict(orient="records"),
         "mechanism_recovery": recovered.to_dict(orient="records"),

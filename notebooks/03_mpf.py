@@ -45,6 +45,7 @@ stat_kw = {
     "effect": params.eval.effect_of_interest,
 }
 comparisons = results.mpf_comparisons(preds, params.mpf_models, n_boot, ci, **stat_kw)
+comparisons = results.mark_undertrained(comparisons, runs)
 
 # %%
 #| label: tbl-mpf

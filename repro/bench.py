@@ -8,6 +8,9 @@
 - `python -m repro.bench zoo --params params/default.yaml --steps 300`: every backbone of a params file
   trained a few hundred steps at its size, losses printed: does every model learn on this device
   (repro.profiling.bench_zoo)?
+- `python -m repro.bench learn --params params/default.yaml --steps 1500`: our EHRMamba against mamba_ssm's
+  MambaLMHeadModel of the same size, same stream, loop and steps, two seeds: validation CLM loss side by
+  side (repro.profiling.bench_learn).
 """
 
 from __future__ import annotations
@@ -37,7 +40,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--every", type=int, default=50, help="loss window (steps)")
     p.add_argument("--n-subjects", type=int, default=None, help="override data.n_subjects")
     p.add_argument("--out", default=None, help="also write the numbers as JSON here")
+    q = sub.add_parser("learn", help="our EHRMamba against the reference Mamba: validation CLM loss per step")
+    q.add_argument("--params", default="params/default.yaml")
+    q.add_argument("--steps", type=int, default=1500)
+    q.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    q.add_argument("--every", type=int, default=100, help="validate every this many steps")
+    q.add_argument("--n-subjects", type=int, default=None, help="override data.n_subjects")
+    q.add_argument("--out", default=None, help="also write the numbers as JSON here")
+    q.add_argument(
+        "--arms", nargs="+", default=["ours", "reference"], help="add ablations: untied tokens-only"
+    )
     args = parser.parse_args(argv)
+    if args.command == "learn":
+        from repro.profiling.bench_learn import learn
+
+        return learn(
+            args.params, args.steps, args.seeds, args.every, args.n_subjects, args.out, tuple(args.arms)
+        )
     if args.command == "zoo":
         from repro.profiling.bench_zoo import zoo
 

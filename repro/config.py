@@ -141,32 +141,69 @@ class TokenizerParams:
             raise ParamsError(f"tokenizer.min_count must be >= 1, got {self.min_count}")
 
 
+# what `train.per_model` may set for one model: the settings the paper and the reference implementations
+# choose per family (learning rate, warmup, decay, batch, budget)
+PER_MODEL_KEYS = (
+    "lr",
+    "finetune_lr",
+    "warmup_frac",
+    "weight_decay",
+    "batch_size",
+    "pretrain_epochs",
+    "finetune_epochs",
+)
+
+
 @dataclass
 class TrainParams:
-    """Optimisation settings shared by pretraining and finetuning."""
+    """Optimisation settings shared by pretraining and finetuning.
+
+    Budgets are in epochs (passes over the training samples); `pretrain_steps` / `finetune_steps`, when set,
+    replace them with a fixed step count (tests and benchmarks). Every run validates on a fixed subset of
+    the tuning split `val_per_epoch` times per epoch and at its end, keeps the best weights (lowest loss when
+    pretraining, highest AUROC when finetuning) and stops once `patience` validations in a row failed to
+    improve on the best by `min_delta` (relative).
+    """
 
     batch_size: int = 16
     eval_batch_size: int = 64
-    pretrain_steps: int = 40
-    finetune_steps: int = 60
+    pretrain_epochs: float = 1.0
+    finetune_epochs: float = 1.0
+    pretrain_steps: int | None = None
+    finetune_steps: int | None = None
     lr: float = 1e-3
     finetune_lr: float = 5e-4
     weight_decay: float = 0.01
     warmup_frac: float = 0.1
     grad_clip: float = 1.0
     mlm_probability: float = 0.15
+    val_per_epoch: float = 4.0
+    val_samples: int = 2048
+    patience: int = 4  # 0: never stop early (the best checkpoint is still kept)
+    min_delta: float = 0.001
     checkpoint_every: int = 50
     num_threads: int = 0
     workers: int = 1  # parallel training processes (on a GPU they share it: small models leave it idle)
     group_by_length: int = 50  # batches of similar length, from megabatches of this many batches (0: random)
+    # settings of one model that differ from the above, e.g. {ehrmamba: {lr: 0.002}} (keys: PER_MODEL_KEYS)
+    per_model: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "eval_batch_size"):
+        for name in ("batch_size", "eval_batch_size", "val_samples"):
             if getattr(self, name) < 1:
                 raise ParamsError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("pretrain_steps", "finetune_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ParamsError(f"train.{name} must be >= 0 (or left out), got {getattr(self, name)}")
+        for name in ("pretrain_epochs", "finetune_epochs"):
             if getattr(self, name) < 0:
                 raise ParamsError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.val_per_epoch <= 0:
+            raise ParamsError(f"train.val_per_epoch must be > 0, got {self.val_per_epoch}")
+        if self.patience < 0 or self.min_delta < 0:
+            raise ParamsError(
+                f"train.patience and train.min_delta must be >= 0, got {self.patience}, {self.min_delta}"
+            )
         if not 0 < self.lr < 1 or not 0 < self.finetune_lr < 1:
             raise ParamsError(
                 f"train.lr / train.finetune_lr must be in (0, 1), got {self.lr}, {self.finetune_lr}"
@@ -179,6 +216,37 @@ class TrainParams:
             raise ParamsError(f"train.workers must be >= 1, got {self.workers}")
         if not 0 < self.mlm_probability < 1:
             raise ParamsError(f"train.mlm_probability must be in (0, 1), got {self.mlm_probability}")
+        for model, overrides in self.per_model.items():
+            if model not in MODEL_NAMES:
+                raise ParamsError(f"train.per_model has unknown model {model!r}; known: {list(MODEL_NAMES)}")
+            if not isinstance(overrides, dict):
+                raise ParamsError(f"train.per_model.{model} must be a mapping, got {overrides!r}")
+            bad = sorted(set(overrides) - set(PER_MODEL_KEYS))
+            if bad:
+                raise ParamsError(
+                    f"train.per_model.{model} has unknown keys {bad}; allowed: {list(PER_MODEL_KEYS)}"
+                )
+            try:
+                self.for_model(model)
+            except ParamsError as exc:
+                raise ParamsError(f"train.per_model.{model}: {exc}") from None
+
+    def for_model(self, model: str) -> TrainParams:
+        """These settings with `model`'s entries of `per_model` applied (its own copy: nothing is shared)."""
+        overrides = {
+            k: int(v) if k == "batch_size" else float(v) for k, v in self.per_model.get(model, {}).items()
+        }
+        return dataclasses.replace(self, per_model={}, **overrides) if overrides else self
+
+    def steps(self, phase: str, n_samples: int) -> int:
+        """Steps of `phase` ("pretrain" or "finetune") over `n_samples`: the fixed count when set, else the
+        epoch budget in whole batches (at least one step when the budget is not zero)."""
+        fixed = getattr(self, f"{phase}_steps")
+        if fixed is not None:
+            return int(fixed)
+        epochs = getattr(self, f"{phase}_epochs")
+        per_epoch = max(1, n_samples // min(self.batch_size, max(n_samples, 1)))
+        return 0 if epochs == 0 else max(1, round(epochs * per_epoch))
 
 
 @dataclass

@@ -55,8 +55,8 @@ def test_representation_variants_are_checked_when_the_params_load(tmp_path):
 
     p = load_params("params/smoke.yaml")
     assert p.representations.tokenizer(p.tokenizer, "default") == p.tokenizer
-    assert p.representations.tokenizer(p.tokenizer, "xVal").values == "xval"
-    assert p.representations.tokenizer(p.tokenizer, "xVal").max_len == p.tokenizer.max_len
+    assert p.representations.tokenizer(p.tokenizer, "soft bins").values == "soft"
+    assert p.representations.tokenizer(p.tokenizer, "soft bins").max_len == p.tokenizer.max_len
     for bad, msg in (
         ({"x": {"values": "bogus"}}, "representations.variants.x: tokenizer.values"),
         ({"x": {"max_len": 9}}, "max_len is the shared token budget"),
@@ -73,7 +73,13 @@ def test_representation_pairs_compare_every_combination_with_ehrmamba_default():
     from repro.evaluation import representations
     from repro.training import variants
 
-    p = load_params("params/smoke.yaml")
+    p = load_params(
+        "params/smoke.yaml",
+        {
+            "representations.variants": {"xVal": {"values": "xval"}},
+            "representations.models": ["ehrmamba", "transformer"],
+        },
+    )
     pairs = variants.pairs(p)
     assert all(base == "ehrmamba|default" for _, base in pairs)
     assert len(pairs) == len(variants.variants(p)) * len(p.representations.models) - 1

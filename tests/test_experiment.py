@@ -177,3 +177,23 @@ def test_a_run_pickled_under_an_old_module_path_counts_as_not_cached(tmp_path):
 
 class _Old:
     pass
+
+
+def test_runs_are_validated_on_tuning_and_the_tables_say_how_they_ended(prep, tmp_path):
+    from repro.evaluation import results
+
+    trainer = Trainer(prep, tmp_path / "work", progress=False)
+    runs = [trainer.run("ehrmamba", "mortality_1m", 0), trainer.run("count_lr", "mortality_1m", 0)]
+    ft = runs[0].finetune
+    assert ft.metric == "auroc" and [v["step"] for v in ft.val] == [2] and ft.best_step == 2
+    assert runs[0].pretrain.metric == "loss" and runs[0].pretrain.val[-1]["tokens"] > 0
+    table = results.training_table(runs)
+    assert table["ended"].tolist() == ["budget (still improving)"] * 2 + ["-"]
+    assert table["steps"].tolist() == ["2 / 2", "2 / 2", "-"]
+    curves = results.learning_curves(runs)
+    assert set(curves["phase"]) == {"pretraining", "finetuning"} and curves["tokens"].gt(0).all()
+    preds = results.predictions_frame(runs)
+    conv = results.convergence_table(runs, results.evaluate_all(preds, 20, 0.95)).set_index("model")
+    assert conv.loc["EHRMamba", "finetuning: on plateau"] == "0 / 1"
+    assert conv.loc["Counts + LR", "pretraining: on plateau"] == "-"
+    assert conv["above chance"].isin(["yes", "NO: not clearly above chance"]).all()

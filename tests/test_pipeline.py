@@ -135,7 +135,7 @@ def test_smoke_report_end_to_end():
     subprocess.run(cmd, cwd=ROOT, check=True)
     html = (out / "report.html").read_text().replace("\xa0", " ").replace("&nbsp;", " ")
     assert (out / "report.pdf").read_bytes()[:4] == b"%PDF"
-    for needle in ("Table 1", "Figure 1", "EHRMamba", "CEHR-BERT", "Counts + LR", "Oracle"):
+    for needle in ("Table 1", "Figure 1", "EHRMamba", "CEHR-BERT", "Counts + LR", "Oracle", "on plateau"):
         assert needle in html, needle
     assert "??" not in html
     manifest = json.loads((out / "manifest.json").read_text())

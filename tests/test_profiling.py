@@ -317,7 +317,7 @@ def test_efficiency_sweep_uses_matched_sizes(prep, keep_threads):
 def test_long_history_runs_score_every_length(prep, tmp_path, keep_threads):
     view = long_history.at_length(prep, 64)
     assert view.params.tokenizer.max_len == 64 and view.tokenizer.params.max_len == 64
-    assert prep.params.tokenizer.max_len == 256  # the run's own view is untouched
+    assert prep.params.tokenizer.max_len == 128  # the run's own view is untouched (smoke's max_len)
     runs = long_history.long_history_runs(prep, tmp_path)
     assert [(r.model, r.length, r.status) for r in runs] == [
         ("ehrmamba", 16, "ok"),

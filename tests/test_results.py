@@ -134,3 +134,33 @@ def test_an_inconclusive_comparison_that_could_not_see_the_effect_reads_underpow
         _preds(np.random.default_rng(3), ["good", "bad"]), [("good", "bad")], **kw
     )
     assert sure["verdict"].iloc[0] == "supported"  # a finding is reported whatever its MDE
+
+
+def test_a_comparison_with_a_model_short_of_its_plateau_reads_undertrained():
+    import pandas as pd
+
+    from repro.training.loop import TrainResult
+    from repro.training.trainer import ModelRun
+
+    rising = TrainResult(
+        "classify", metric="auroc", val=[{"step": s, "auroc": a} for s, a in [(10, 0.6), (20, 0.7)]]
+    )
+    flat = TrainResult("classify", metric="auroc", stop="early stop", val=[{"step": 10, "auroc": 0.7}])
+    empty = pd.DataFrame()
+    runs = [
+        ModelRun("ehrmamba", "mortality_1m", 0, empty, 1, "x", None, flat, 0.0),
+        ModelRun("transformer", "mortality_1m", 0, empty, 1, "x", None, rising, 0.0),
+        ModelRun("transformer", "los_1w", 0, empty, 1, "x", None, flat, 0.0),
+        ModelRun("count_lr", "mortality_1m", 0, empty, 1, "sklearn", None, None, 0.0),
+    ]
+    comparisons = pd.DataFrame(
+        {
+            "new": ["ehrmamba"] * 4,
+            "baseline": ["transformer", "transformer", "count_lr", "transformer"],
+            "task": ["mortality_1m", "los_1w", "mortality_1m", "mortality_1m"],
+            "verdict": ["supported", "supported", "not supported", "one seed"],
+        }
+    )
+    marked = results.mark_undertrained(comparisons, runs)
+    assert marked["verdict"].tolist() == ["undertrained", "supported", "not supported", "one seed"]
+    assert results.undertrained(runs) == {("transformer", "mortality_1m")}

@@ -258,3 +258,109 @@ def test_a_checkpoint_from_other_settings_or_data_is_never_resumed(tmp_path, cha
     other.set_n_outputs(1)
     res = loop.fit(other, data, kw["params"], "classify", 6, kw["lr"], kw["seed"], dev, ckpt, progress=False)
     assert res.resumed_from == 0 and res.steps_run == 6
+
+
+def _planted(monkeypatch, curve, metric="auroc"):
+    """Replace validation by a planted curve; remember the weights each validation saw."""
+    seen = []
+
+    def fake(model, val, objective, device, batch_size, mlm_probability=0.15):
+        seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        value = curve[len(seen) - 1]
+        return {"loss": 1.0 - value if metric == "auroc" else value, "auroc": value}
+
+    monkeypatch.setattr(loop, "validate", fake)
+    return seen
+
+
+def test_early_stopping_keeps_the_best_validated_weights(tmp_path, monkeypatch):
+    curve = [0.60, 0.70, 0.80, 0.79, 0.795, 0.78, 0.90, 0.91]  # best 0.80 at the third validation
+    seen = _planted(monkeypatch, curve)
+    data = _data(32)
+    params = TrainParams(batch_size=4, val_per_epoch=4, patience=3, min_delta=0.0, checkpoint_every=1000)
+    model = _model()
+    ckpt = tmp_path / "ft.pt"
+    res = loop.fit(model, data, params, "classify", 100, 1e-2, 0, torch.device("cpu"), ckpt, progress=False,
+                   val=_data(8, seed=1))  # fmt: skip
+    # 8 steps per epoch, a validation every 2 steps; patience 3 ends the run at the sixth validation
+    assert [v["step"] for v in res.val] == [2, 4, 6, 8, 10, 12]
+    assert res.stop == "early stop" and res.best_step == 6 and res.steps_run == 12
+    assert res.epochs == pytest.approx(12 * 4 / 32) and res.converged()
+    final = model.state_dict()
+    assert all(torch.equal(final[k], seen[2][k]) for k in final)
+    assert not all(torch.equal(final[k], seen[-1][k]) for k in final)
+    # an early-stopped run is finished: resuming it trains nothing and gives back the same weights
+    again = _model()
+    res2 = loop.fit(again, data, params, "classify", 100, 1e-2, 0, torch.device("cpu"), ckpt, progress=False,
+                    val=_data(8, seed=1))  # fmt: skip
+    assert res2.steps_run == 0 and res2.best_step == 6 and res2.stop == "early stop"
+    assert all(torch.equal(again.state_dict()[k], final[k]) for k in final)
+
+
+def test_pretraining_selects_on_the_lowest_loss(monkeypatch):
+    _planted(monkeypatch, [3.0, 2.5, 2.6, 2.4, 2.45], metric="loss")
+    params = TrainParams(batch_size=4, val_per_epoch=4, patience=0)
+    res = loop.fit(_model(), _data(32), params, "clm", 10, 1e-3, 0, torch.device("cpu"), progress=False,
+                   val=_data(8, seed=1))  # fmt: skip
+    # patience 0: never stops early, but the kept step is still the best one
+    assert res.stop == "budget" and res.steps_run == 10 and res.best_step == 8
+
+
+@pytest.mark.parametrize(
+    ("curve", "metric", "expected"),
+    [
+        ([0.6, 0.7, 0.75, 0.80, 0.82], "auroc", False),  # still rising over the last 20 % of steps
+        ([0.6, 0.7, 0.80, 0.801, 0.802], "auroc", True),  # +0.25 % over the last 20 %: a plateau
+        ([3.0, 2.0, 1.50, 1.49, 1.495], "loss", True),
+        ([3.0, 2.0, 1.80, 1.70, 1.60], "loss", False),
+    ],
+)
+def test_plateau_rule_on_planted_curves(curve, metric, expected):
+    val = [{"step": 10 * (i + 1), metric: v} for i, v in enumerate(curve)]
+    res = loop.TrainResult("classify" if metric == "auroc" else "clm", val=val, metric=metric)
+    assert res.converged() is expected
+    assert res.status == ("plateau at budget" if expected else "budget (still improving)")
+
+
+def test_epoch_budgets_and_per_model_settings():
+    from repro.config import ParamsError
+
+    tp = TrainParams(
+        batch_size=10, pretrain_epochs=2.5, finetune_epochs=0.0, per_model={"ehrmamba": {"lr": 0.003}}
+    )
+    assert tp.steps("pretrain", 101) == 25 and tp.steps("finetune", 101) == 0
+    assert TrainParams(finetune_steps=7).steps("finetune", 10_000) == 7  # a fixed count wins
+    assert tp.for_model("ehrmamba").lr == 0.003 and tp.for_model("transformer").lr == tp.lr
+    with pytest.raises(ParamsError, match="per_model.ehrmamba has unknown keys"):
+        TrainParams(per_model={"ehrmamba": {"momentum": 0.9}})
+    with pytest.raises(ParamsError, match="per_model.ehrmamba: train.lr"):
+        TrainParams(per_model={"ehrmamba": {"lr": 2.0}})
+    with pytest.raises(ParamsError, match="unknown model"):
+        TrainParams(per_model={"gpt": {"lr": 0.1}})
+
+
+@pytest.mark.parametrize(
+    ("name", "objective"), [("ehrmamba", "clm"), ("cehr_bert", "mlm"), ("ehrmamba", "classify")]
+)
+def test_validation_is_repeatable_and_scores_the_objective(name, objective):
+    model, val = _model(name), _data(24, seed=3)
+    a = loop.validate(model, val, objective, torch.device("cpu"), 8)
+    # the same masks at every validation of a run; other batches give the same mean where nothing is drawn
+    b = loop.validate(model, val, objective, torch.device("cpu"), 8 if objective == "mlm" else 5)
+    assert np.isfinite(a["loss"]) and a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    assert ("auroc" in a) is (objective == "classify") and model.training
+    if objective == "classify":
+        assert 0.0 <= a["auroc"] <= 1.0
+
+
+@pytest.mark.parametrize("arm", ["untied", "tokens-only"])
+def test_bench_learn_ablations_change_only_their_part(arm):
+    from repro.profiling.bench_learn import ablation
+
+    model = _model()
+    batch = collate([_data(2)[0], _data(2)[1]])
+    changed = ablation(_model(), arm)
+    assert changed(batch, head="lm").shape == model(batch, head="lm").shape
+    tied = changed.lm_head.proj.weight is changed.backbone.embedding.concept.weight
+    assert tied is (arm != "untied")
+    assert (changed.n_params() < model.n_params()) is (arm == "tokens-only")

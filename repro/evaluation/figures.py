@@ -155,6 +155,50 @@ def loss_figure(curves: pd.DataFrame, window: int = 10) -> plt.Figure:
     return fig
 
 
+def learning_figure(curves: pd.DataFrame, task: str = "mortality_1m") -> plt.Figure:
+    """Validation metric against tokens seen, one line per model and seed: pretraining loss per objective
+    (CLM and MLM losses are not comparable, so each has its panel) and finetuning AUROC on `task`. A curve
+    still rising at its right end was stopped by its budget, not by its plateau."""
+    panels = []
+    if not curves.empty:
+        pre = curves[curves["phase"] == "pretraining"]
+        for objective in dict.fromkeys(pre["objective"]):
+            panels.append(
+                (
+                    pre[pre["objective"] == objective],
+                    "loss",
+                    f"pretraining: validation {objective.upper()} loss",
+                )
+            )
+        ft = curves[(curves["phase"] == "finetuning") & (curves["task"] == task)]
+        if not ft.empty:
+            panels.append((ft, "auroc", f"finetuning {task}: validation AUROC"))
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.6 * max(1, len(panels)), 3.4))
+    axes = np.atleast_1d(axes)
+    if not panels:
+        axes[0].text(0.5, 0.5, "no run validated", ha="center", va="center")
+        axes[0].set_axis_off()
+    for ax, (g, y, title) in zip(axes, panels):
+        g = g.assign(mtokens=g["tokens"] / 1e6)
+        sns.lineplot(
+            data=g,
+            x="mtokens",
+            y=y,
+            hue="model",
+            units="seed",
+            estimator=None,
+            ax=ax,
+            linewidth=1.1,
+            marker="o",
+            markersize=3,
+        )
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("tokens seen (millions)")
+        ax.legend(frameon=False, fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
 def mechanism_figure(recovered: pd.DataFrame, labels: dict[str, str] | None = None) -> plt.Figure:
     """Models x mechanisms heat map of the share of each mechanism's signal a model recovered (1: as much as
     the true risk, 0: none); the number in each cell is the share."""

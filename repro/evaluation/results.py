@@ -32,6 +32,7 @@ from repro.evaluation.metrics import (
 from repro.evaluation.significance import (
     ONE_SEED,
     UNDERPOWERED,
+    UNDERTRAINED,
     VERDICT_RULE,
     aggregate_seeds,
     benjamini_hochberg,
@@ -391,6 +392,32 @@ def paired_comparisons(
     return out
 
 
+def undertrained(runs: Sequence[ModelRun]) -> set[tuple[str, str]]:
+    """(model, task) pairs, named as in the predictions, with a training run that ended still improving:
+    its pretraining or its finetuning on that task, for any seed (LABEL_RULE's "undertrained"). Runs
+    without validation (fixed step budgets) and models without training (counts + LR) are not listed."""
+    out = set()
+    for r in runs:
+        for res in (r.pretrain, r.finetune):
+            if res is not None and getattr(res, "val", None) and not res.converged():
+                out.add((run_key(r), r.task))
+    return out
+
+
+def mark_undertrained(comparisons: pd.DataFrame, runs: Sequence[ModelRun]) -> pd.DataFrame:
+    """The comparisons with "undertrained" in place of the verdict where either model is undertrained on
+    the task ("one seed" stays: it is the stronger reason)."""
+    if comparisons.empty:
+        return comparisons
+    short = undertrained(runs)
+    out = comparisons.copy()
+    hit = [(n, t) in short or (b, t) in short for n, b, t in zip(out["new"], out["baseline"], out["task"])]
+    out["verdict"] = [
+        UNDERTRAINED if h and v != ONE_SEED else v for h, v in zip(hit, out["verdict"], strict=True)
+    ]
+    return out
+
+
 def _verdict(lo: float, hi: float, p: float, seeds: int, mde: float, alpha: float, effect: float) -> str:
     """VERDICT_RULE, then LABEL_RULE: "one seed" first, "underpowered" in place of an inconclusive."""
     if seeds < 2:
@@ -506,10 +533,30 @@ def loss_curves(runs: Sequence[ModelRun]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def training_table(runs: Sequence[ModelRun]) -> pd.DataFrame:
-    """How each model was trained, one row per training run: parameters, kernel path, steps, time, tokens/s."""
+def learning_curves(runs: Sequence[ModelRun]) -> pd.DataFrame:
+    """Every validation of every training run: step, tokens seen, validation loss (and AUROC when
+    finetuning), with the run's model, phase, task and seed."""
     rows = []
     for r, phase, res in _phases(runs):
+        if res is None:
+            continue
+        model = "BigBird" if phase.startswith("pretrain") and r.model == "multibird" else label(run_key(r))
+        kind = "pretraining" if phase.startswith("pretrain") else "finetuning"
+        task = "" if kind == "pretraining" else ("MPF" if "MPF" in phase else r.task)
+        for v in getattr(res, "val", []):
+            rows.append(
+                {"model": model, "phase": kind, "objective": res.objective, "task": task, "seed": r.seed, **v}
+            )
+    return pd.DataFrame(rows)
+
+
+def training_table(runs: Sequence[ModelRun]) -> pd.DataFrame:
+    """How each model was trained, one row per training run: parameters, kernel path, the budget and the
+    steps and epochs it ran, the step whose weights were kept and how it ended, time and tokens/s."""
+    rows = []
+    for r, phase, res in _phases(runs):
+        val = getattr(res, "val", None) or []
+        best = next((v for v in val if v["step"] == res.best_step), None) if val else None
         rows.append(
             {
                 "model": "BigBird"
@@ -519,12 +566,50 @@ def training_table(runs: Sequence[ModelRun]) -> pd.DataFrame:
                 "seed": r.seed,
                 "parameters": r.n_params,
                 "kernel path": r.kernel_path,
-                "steps": 0 if res is None else len(res.losses),
+                "steps": "-"
+                if res is None
+                else f"{len(res.losses)} / {getattr(res, 'budget', 0) or len(res.losses)}",
+                "epochs": "-" if res is None else f"{getattr(res, 'epochs', 0.0):.2f}",
+                "best step": "-" if best is None else res.best_step,
+                "best val": "-" if best is None else f"{best[res.metric]:.3f} {res.metric}",
+                "ended": "-" if res is None else (res.status if val else "budget (no validation)"),
                 "seconds": round(r.seconds if res is None else res.seconds, 1),
                 "tokens/s": f"{res.tokens / res.seconds:,.0f}" if res is not None and res.seconds else "-",
             }
         )
     return pd.DataFrame(rows)
+
+
+def convergence_table(
+    runs: Sequence[ModelRun], evaluated: dict[str, dict[str, dict]], task: str = "mortality_1m"
+) -> pd.DataFrame:
+    """One row per model: how many of its pretraining and finetuning runs ended on their plateau (early
+    stop, or best validation within 0.5 % over the last 20 % of steps), the epochs they saw, and whether its
+    held-out AUROC on `task` is clearly above chance (the CI's lower bound above 0.5)."""
+    rows: dict[str, dict[str, list]] = {}
+    for r, phase, res in _phases(runs):
+        model = "BigBird" if phase.startswith("pretrain") and r.model == "multibird" else label(run_key(r))
+        row = rows.setdefault(model, {"pretraining": [], "finetuning": []})
+        if res is not None and getattr(res, "val", None):
+            row["pretraining" if phase.startswith("pretrain") else "finetuning"].append(res)
+    out = []
+    for model, phases in rows.items():
+        entry: dict[str, object] = {"model": model}
+        for phase, results in phases.items():
+            done = sum(res.converged() for res in results)
+            epochs = [res.epochs for res in results]
+            entry[f"{phase}: on plateau"] = f"{done} / {len(results)}" if results else "-"
+            entry[f"{phase}: epochs"] = f"{min(epochs):.2f}-{max(epochs):.2f}" if results else "-"
+        m = evaluated.get(task, {}).get(model)
+        if m is None:
+            entry[f"{task} AUROC"], entry["above chance"] = "-", "-"
+        else:
+            a = m["auroc"]
+            lo = a["lo"]
+            entry[f"{task} AUROC"] = f"{a['estimate']:.3f} [{lo:.3f}, {a['hi']:.3f}]"
+            entry["above chance"] = "yes" if lo > 0.5 else "NO: not clearly above chance"
+        out.append(entry)
+    return pd.DataFrame(out)
 
 
 def h1_verdict(comparisons: pd.DataFrame, task: str = "mortality_1m", baseline: str = "cehr_bert") -> str:

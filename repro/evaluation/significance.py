@@ -33,10 +33,15 @@ LABEL_RULE = (
     "rerun can move the difference beyond it, and such a comparison is never supported. "
     "Underpowered: an inconclusive comparison whose minimum detectable difference, (z(1 - alpha/2) + z(0.8)) "
     "times the standard error of d read from its bootstrap CI, exceeds the effect of interest: it could not "
-    "have found an effect of that size, so its silence says nothing."
+    "have found an effect of that size, so its silence says nothing. "
+    "Undertrained: a training run behind either model on the task (its pretraining or its finetuning, any "
+    "seed) ended while still improving (no early stop, and its best validation improved by more than 0.5 % "
+    "over its last 20 % of steps); a difference between models short of their plateau says nothing about "
+    "the architectures, so the comparison gets no verdict."
 )
 ONE_SEED = "one seed"
 UNDERPOWERED = "underpowered"
+UNDERTRAINED = "undertrained"
 
 
 def min_detectable(lo: float, hi: float, ci: float = 0.95, alpha: float = 0.05, power: float = 0.8) -> float:

@@ -114,12 +114,35 @@ def run_table(params, env: dict, sha: str | None) -> pd.DataFrame:
         ("bootstrap resamples", f"{params.eval.n_bootstrap:,}"),
         ("permutations per test", f"{params.eval.n_permutations:,}"),
         ("alpha (after Benjamini-Hochberg)", f"{params.eval.alpha:g}"),
+        ("max_len", str(params.tokenizer.max_len)),
+        ("pretraining / finetuning budget", _budget(params.train)),
         (
-            "max_len / pretraining / finetuning steps",
-            f"{params.tokenizer.max_len} / {params.train.pretrain_steps} / {params.train.finetune_steps}",
+            "validation / early stopping",
+            f"{params.train.val_per_epoch:g} per epoch on {params.train.val_samples:,} tuning samples; "
+            + (
+                f"stop after {params.train.patience} without a {params.train.min_delta:.1%} improvement"
+                if params.train.patience
+                else "no early stopping"
+            )
+            + "; best weights kept",
         ),
+        ("learning rate: pretraining / finetuning", f"{params.train.lr:g} / {params.train.finetune_lr:g}"),
+        *[
+            (f"{model}: own settings", ", ".join(f"{k} {v:g}" for k, v in kw.items()))
+            for model, kw in params.train.per_model.items()
+        ],
     ]
     return pd.DataFrame(rows, columns=["item", "value"])
+
+
+def _budget(train) -> str:
+    parts = []
+    for phase in ("pretrain", "finetune"):
+        fixed = getattr(train, f"{phase}_steps")
+        parts.append(
+            f"{fixed} steps" if fixed is not None else f"{getattr(train, f'{phase}_epochs'):g} epochs"
+        )
+    return " / ".join(parts)
 
 
 def timing_table(manifest: dict) -> pd.DataFrame:

@@ -46,7 +46,7 @@ def _comparison(rows: list[dict], task: str | None, text: str) -> str:
 def _count(verdicts: list[str]) -> str:
     n = {
         v: verdicts.count(v)
-        for v in ("supported", "not supported", "inconclusive", "underpowered", "one seed")
+        for v in ("supported", "not supported", "inconclusive", "underpowered", "undertrained", "one seed")
     }
     return ", ".join(f"{k} {v}" for k, v in n.items() if v) or "no comparison"
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import meds
 import torch
 
 from repro.data.dataset import SequenceDataset
-from repro.training.loop import fit, init_distributed
+from repro.training.loop import fit, init_distributed, val_subset
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="ehrmamba")
     p.add_argument("--out", required=True, help="checkpoint path (resumed from when it exists)")
     p.add_argument("--data", default=None, help="a MEDS directory (default: the params' cohort)")
-    p.add_argument("--steps", type=int, default=None, help="default: train.pretrain_steps")
+    p.add_argument("--steps", type=int, default=None, help="default: the params' pretraining budget")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     rank, world, device = init_distributed()
@@ -44,15 +45,17 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(prep, Path(args.out).parent, progress=False)
         model = trainer.build(args.model, args.seed)
         objective = getattr(model.backbone, "pretrain_objective", "clm" if model.causal else "mlm")
-        steps = args.steps or params.train.pretrain_steps
+        tp = params.train.for_model(args.model)
         data = SequenceDataset(pretrain_samples(prep))
+        val = val_subset(SequenceDataset(pretrain_samples(prep, meds.tuning_split)), tp.val_samples)
+        steps = args.steps or tp.steps("pretrain", len(data))
         spec = {
             "name": args.model,
             "vocab_size": prep.tokenizer.vocab_size,
             **trainer.build_kwargs(args.model),
         }
-        res = fit(model, data, params.train, objective, steps, params.train.lr, args.seed, device,
-                  checkpoint=Path(args.out), spec=spec, progress=rank == 0, desc=f"{objective} {args.model}")  # fmt: skip
+        res = fit(model, data, tp, objective, steps, tp.lr, args.seed, device, checkpoint=Path(args.out),
+                  spec=spec, progress=rank == 0, desc=f"{objective} {args.model}", val=val)  # fmt: skip
         if rank == 0:
             summary = {
                 "model": args.model,
@@ -65,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
                 "seconds": round(res.seconds, 2),
                 "tokens_per_s": round(res.tokens / res.seconds) if res.seconds else None,
                 "final_loss": res.losses[-1] if res.losses else None,
+                "best_step": res.best_step,
+                "best_val_loss": next((v["loss"] for v in res.val if v["step"] == res.best_step), None),
+                "stop": res.stop,
             }
             print(json.dumps(summary))
     finally:

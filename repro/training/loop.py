@@ -34,14 +34,43 @@ from repro.data.dataset import IGNORE, SequenceDataset, batch_indices, clm_label
 
 @dataclass
 class TrainResult:
-    """What a training loop did: losses per step, wall time, steps run in this process."""
+    """What a training loop did: losses per step, validations, the step whose weights were kept and why it
+    stopped, wall time and tokens of this process's steps."""
 
     objective: str
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     steps_run: int = 0
     resumed_from: int = 0
-    tokens: int = 0
+    tokens: int = 0  # tokens of every step taken (resumed runs included)
+    budget: int = 0  # steps the budget allowed
+    epochs: float = 0.0  # passes over the training samples actually made
+    val: list[dict[str, float]] = field(default_factory=list)  # step, tokens, loss (+ auroc when finetuning)
+    metric: str = "loss"  # what picks the best step: "loss" (lower is better) or "auroc"
+    best_step: int = 0  # 0: no validation (the last weights are kept)
+    stop: str = "budget"  # "early stop" (patience ran out) or "budget"
+
+    def converged(self, tail: float = 0.2, tol: float = 0.005) -> bool:
+        """Whether the run ended on its plateau: it stopped early, or its best validation metric improved by
+        less than `tol` (relative) over its last `tail` of steps."""
+        if self.stop == "early stop":
+            return True
+        if len(self.val) < 2:
+            return False
+        sign = -1.0 if self.metric == "loss" else 1.0
+        last = self.val[-1]["step"]
+        before = [sign * v[self.metric] for v in self.val if v["step"] <= (1 - tail) * last]
+        if not before:
+            return False
+        best_before, best = max(before), max(sign * v[self.metric] for v in self.val)
+        return best - best_before <= tol * abs(best_before)
+
+    @property
+    def status(self) -> str:
+        """The training table's word on how the run ended."""
+        if self.stop == "early stop":
+            return "early stop"
+        return "plateau at budget" if self.converged() else "budget (still improving)"
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -195,10 +224,12 @@ def run_key(
     lr: float,
     seed: int,
     spec: dict | None,
+    val: SequenceDataset | None = None,
 ) -> str:
     """A hash of everything that changes a run's weights: the training settings, objective, steps, learning
-    rate, seed, the model's build arguments and the samples themselves (every token id, label and mask), so a
-    checkpoint is resumed only by the run that wrote it.
+    rate, seed, the model's build arguments and the samples themselves (every token id, label and mask, of
+    the training and of the validation set that picks the kept step), so a checkpoint is resumed only by the
+    run that wrote it.
     """
     import hashlib
     import json
@@ -207,14 +238,79 @@ def run_key(
     h = hashlib.sha256()
     settings = {"train": asdict(params), "objective": objective, "steps": steps, "lr": lr, "seed": seed}
     h.update(json.dumps(settings | {"spec": spec or {}}, sort_keys=True, default=str).encode())
-    for e in data.items:
-        for value in vars(e).values():
-            if isinstance(value, np.ndarray):
-                h.update(np.ascontiguousarray(value).tobytes())
-    for extra in (data.labels, data.mask):
-        if extra is not None:
-            h.update(np.ascontiguousarray(extra).tobytes())
+    for ds in (data, val):
+        if ds is None:
+            h.update(b"no validation")
+            continue
+        for e in ds.items:
+            for value in vars(e).values():
+                if isinstance(value, np.ndarray):
+                    h.update(np.ascontiguousarray(value).tobytes())
+        for extra in (ds.labels, ds.mask):
+            if extra is not None:
+                h.update(np.ascontiguousarray(extra).tobytes())
     return h.hexdigest()[:16]
+
+
+def val_subset(data: SequenceDataset, n: int, seed: int = 0) -> SequenceDataset:
+    """At most `n` samples of `data`, a fixed random subset (the same at every validation and on resume)."""
+    if len(data) <= n:
+        return data
+    keep = np.sort(np.random.default_rng(seed).choice(len(data), size=n, replace=False))
+    labels = None if data.labels is None else data.labels[keep]
+    mask = None if data.mask is None else data.mask[keep]
+    return SequenceDataset([data.items[int(i)] for i in keep], labels, mask)
+
+
+# MLM validation masks come from this seed, so every validation of a run scores the same corruption
+VAL_MASK_SEED = 20_240_601
+
+
+@torch.no_grad()
+def validate(
+    model: torch.nn.Module,
+    val: SequenceDataset,
+    objective: str,
+    device: torch.device,
+    batch_size: int,
+    mlm_probability: float = 0.15,
+) -> dict[str, float]:
+    """Validation loss of `objective` on `val` (mean per token, or per output when classifying), plus the
+    mean AUROC over output columns that hold both classes when classifying."""
+    if objective == "classify":
+        probs = predict(model, val, device, batch_size)
+        labels = val.labels
+        mask = np.ones_like(labels) if val.mask is None else val.mask
+        p = np.clip(probs, 1e-7, 1 - 1e-7)
+        bce = -(labels * np.log(p) + (1 - labels) * np.log(1 - p))
+        out = {"loss": float((bce * mask).sum() / max(mask.sum(), 1.0))}
+        from sklearn.metrics import roc_auc_score
+
+        aucs = []
+        for j in range(labels.shape[1]):
+            rows = mask[:, j] > 0
+            y = labels[rows, j]
+            if 0 < y.sum() < len(y):
+                aucs.append(roc_auc_score(y, probs[rows, j]))
+        out["auroc"] = float(np.mean(aucs)) if aucs else float("nan")
+        return out
+    model.eval()
+    gen = torch.Generator().manual_seed(VAL_MASK_SEED)
+    vocab_size = int(getattr(model, "vocab_size", 0) or 0)
+    values = getattr(model, "value_head", None) is not None
+    padding = _padding(model, device)
+    order = np.argsort(val.lengths(), kind="stable")
+    total = torch.zeros((), device=device)
+    count = torch.zeros((), device=device)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = _to(_global_batch(val, idx, objective, vocab_size, gen, mlm_probability, padding), device)
+        with _autocast(device):
+            loss_sum, n = _loss_sum(model, batch, objective, values)
+        total += loss_sum.float()
+        count += n.float()
+    model.train()
+    return {"loss": float(total / count.clamp_min(1.0))}
 
 
 def decay_groups(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
@@ -260,8 +356,11 @@ def fit(
     spec: dict[str, Any] | None = None,
     progress: bool = True,
     desc: str = "",
+    val: SequenceDataset | None = None,
 ) -> TrainResult:
-    """Train `model` for `steps` steps of `objective` ("clm", "mlm" or "classify"), resuming from `checkpoint`.
+    """Train `model` for at most `steps` steps of `objective` ("clm", "mlm" or "classify"), resuming from
+    `checkpoint`; with `val`, validate every epoch / `params.val_per_epoch` steps and at the end, stop after
+    `params.patience` validations without improvement and leave the model holding its best validated weights.
 
     `spec` (the model's build arguments) is stored in the checkpoint so it can rebuild the model.
     """
@@ -282,9 +381,14 @@ def fit(
         fused=device.type == "cuda",
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(steps, params.warmup_frac))
-    result = TrainResult(objective=objective)
-    key = run_key(data, params, objective, steps, lr, seed, spec)
+    metric = "auroc" if objective == "classify" else "loss"
+    result = TrainResult(objective=objective, budget=steps, metric=metric)
+    per_epoch = max(1, len(data) // min(params.batch_size, len(data)))
+    every = max(1, round(per_epoch / params.val_per_epoch))
+    key = run_key(data, params, objective, steps, lr, seed, spec, val)
     start = 0
+    best: dict[str, torch.Tensor] | None = None  # the best validated weights, on the CPU
+    bad = 0  # validations since the best
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     if checkpoint is not None and checkpoint.is_file():
@@ -303,7 +407,12 @@ def fit(
             gen.set_state(state["mlm_rng"])
             start = int(state["step"])
             result.losses = list(state["losses"])
+            result.val = list(state.get("val", []))
+            result.tokens = int(state.get("tokens", 0))
+            result.best_step = int(state.get("best_step", 0))
+            result.stop = state.get("stop", "budget")
             result.resumed_from = start
+            best, bad = state.get("best_model"), int(state.get("bad", 0))
     vocab_size = int(getattr(model, "vocab_size", 0) or 0)
     values = objective in ("clm", "mlm") and getattr(model, "value_head", None) is not None
     net = model
@@ -334,54 +443,101 @@ def fit(
         first = len(result.losses)
         pending.clear()
         result.losses.extend(values)
-        bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
-        if bad:
+        bad_at = [i for i, v in enumerate(values) if not math.isfinite(v)]
+        if bad_at:
             raise FloatingPointError(
-                f"{desc or objective}: loss is {values[bad[0]]} at step {first + bad[0]}"
+                f"{desc or objective}: loss is {values[bad_at[0]]} at step {first + bad_at[0]}"
             )
         bar.set_postfix(loss=f"{values[-1]:.3f}")
 
+    def check(done: int) -> bool:
+        """Validate at step `done`; keep the weights when best; True when patience has run out."""
+        nonlocal best, bad
+        scores = validate(model, val, objective, device, params.eval_batch_size, params.mlm_probability)
+        result.val.append({"step": done, "tokens": result.tokens, **scores})
+        value = scores[metric]
+        past = [v[metric] for v in result.val[:-1]]
+        if not past:
+            improved = True
+        elif metric == "loss":
+            improved = value < min(past) - params.min_delta * abs(min(past))
+        else:
+            improved = value > max(past) + params.min_delta * abs(max(past))
+        if improved or best is None:
+            best = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            result.best_step, bad = done, 0
+        else:
+            bad += 1
+        stop = params.patience > 0 and bad >= params.patience
+        if world > 1:  # rank 0 decides, so ranks whose bf16 sums differ in the last bit still agree
+            flag = torch.tensor([float(stop)], device=device)
+            torch.distributed.broadcast(flag, 0)
+            stop = bool(flag.item())
+        return stop
+
+    def save(done: int) -> None:
+        _save(
+            checkpoint,
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "mlm_rng": gen.get_state(),
+                "step": done,
+                "steps": steps,
+                "objective": objective,
+                "losses": result.losses,
+                "val": result.val,
+                "tokens": result.tokens,
+                "best_model": best,
+                "best_step": result.best_step,
+                "bad": bad,
+                "stop": result.stop,
+                "spec": spec or {},
+                "key": key,
+            },
+        )
+
     padding = _padding(model, device)
     lengths = data.lengths() if params.group_by_length else None
-    for step in bar:
-        idx = batch_indices(len(data), params.batch_size, seed, step, lengths, params.group_by_length)
-        full = _global_batch(data, idx, objective, vocab_size, gen, params.mlm_probability, padding)
-        batch = _to({k: v[rank::world] for k, v in full.items()}, device)
-        with _autocast(device):
-            loss_sum, count = _loss_sum(net, batch, objective, values)
-        # one collective per step carries the global loss sum (for the log) and the global count
-        sum_global, n_global = _all_sum(torch.stack([loss_sum.detach().float(), count.float()]), world)
-        n_global = n_global.clamp_min(1.0)
-        loss = loss_sum * world / n_global  # DDP averages gradients over ranks: this makes them global means
-        pending.append(sum_global / n_global)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
-        opt.step()
-        sched.step()
-        result.tokens += int(full["attention_mask"].sum())  # the global batch's tokens
-        result.steps_run += 1
-        done = step + 1
-        save = rank == 0 and checkpoint is not None and (done % params.checkpoint_every == 0 or done == steps)
-        if save or done % LOSS_READ_EVERY == 0 or done == steps:
-            read_losses()
-        if save:
-            _save(
-                checkpoint,
-                {
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                    "mlm_rng": gen.get_state(),
-                    "step": done,
-                    "steps": steps,
-                    "objective": objective,
-                    "losses": result.losses,
-                    "spec": spec or {},
-                    "key": key,
-                },
-            )
+    done = start
+    if result.stop != "early stop":
+        for step in bar:
+            idx = batch_indices(len(data), params.batch_size, seed, step, lengths, params.group_by_length)
+            full = _global_batch(data, idx, objective, vocab_size, gen, params.mlm_probability, padding)
+            batch = _to({k: v[rank::world] for k, v in full.items()}, device)
+            with _autocast(device):
+                loss_sum, count = _loss_sum(net, batch, objective, values)
+            # one collective per step carries the global loss sum (for the log) and the global count
+            sum_global, n_global = _all_sum(torch.stack([loss_sum.detach().float(), count.float()]), world)
+            n_global = n_global.clamp_min(1.0)
+            loss = loss_sum * world / n_global  # DDP averages gradients over ranks: they become global means
+            pending.append(sum_global / n_global)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
+            opt.step()
+            sched.step()
+            result.tokens += int(full["attention_mask"].sum())  # the global batch's tokens
+            result.steps_run += 1
+            done = step + 1
+            stop = val is not None and (done % every == 0 or done == steps) and check(done)
+            if stop:
+                result.stop = "early stop"
+            write = rank == 0 and checkpoint is not None
+            write = write and (done % params.checkpoint_every == 0 or done == steps or stop)
+            if write or done % LOSS_READ_EVERY == 0 or done == steps or stop:
+                read_losses()
+            if write:
+                save(done)
+            if stop:
+                break
+    bar.close()
+    done = max(done, len(result.losses))
+    if best is not None:  # the run ends holding the weights of its best validation
+        model.load_state_dict(best)
+    result.epochs = done * min(params.batch_size, len(data)) / len(data)
     if device.type == "cuda":
         torch.cuda.synchronize()
     result.seconds = time.perf_counter() - t0

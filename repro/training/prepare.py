@@ -249,10 +249,11 @@ def encode_samples(
     return items, df
 
 
-def pretrain_samples(prep: Prepared) -> list[Encoded]:
-    """Train subjects' most recent `max_len` tokens of their whole history (no labels, no other split)."""
+def pretrain_samples(prep: Prepared, split: str = meds.train_split) -> list[Encoded]:
+    """A split's subjects' most recent `max_len` tokens of their whole history, no labels: the train split
+    pretrains, the tuning split validates pretraining."""
     index = prep.timelines.index()
-    ids = [s for s in prep.dataset.subjects(meds.train_split) if int(s) in index]
+    ids = [s for s in prep.dataset.subjects(split) if int(s) in index]
     return [prep.tokenizer.encode(prep.timelines, index[int(s)]) for s in ids]
 
 

@@ -20,7 +20,7 @@ from repro.config import resolve
 from repro.data.dataset import SequenceDataset
 from repro.data.tasks import label_columns
 from repro.data.tokenizer import Encoded
-from repro.training.loop import TrainResult, fit, predict, resolve_device
+from repro.training.loop import TrainResult, fit, predict, resolve_device, val_subset
 from repro.training.prepare import (
     Prepared,
     encode_samples,
@@ -60,7 +60,7 @@ class Trainer:
         self.progress = progress
         self._pretrained: dict[tuple[str, int], tuple[dict, TrainResult | None]] = {}
         self._data: dict[tuple, tuple[list[Encoded], pd.DataFrame]] = {}
-        self._pretrain: list[Encoded] | None = None
+        self._pretrain: dict[str, list[Encoded]] = {}
         self._kwargs: dict[str, dict[str, Any]] = {}
         self._mpf: dict[tuple[str, int], dict[str, ModelRun]] = {}
         self._stored: dict[str, Any] = {}  # runs read from work/runs/, so each file is read once
@@ -76,10 +76,14 @@ class Trainer:
             self._data[key] = encode_samples(self.prep, task, split, prompt, max_len)
         return self._data[key]
 
-    def _pretrain_items(self) -> list[Encoded]:
-        if self._pretrain is None:
-            self._pretrain = pretrain_samples(self.prep)
-        return self._pretrain
+    def _pretrain_items(self, split: str = meds.train_split) -> list[Encoded]:
+        if split not in self._pretrain:
+            self._pretrain[split] = pretrain_samples(self.prep, split)
+        return self._pretrain[split]
+
+    def _val(self, data: SequenceDataset) -> SequenceDataset:
+        """The fixed subset of a tuning-split dataset that validates a run."""
+        return val_subset(data, self.prep.params.train.val_samples)
 
     def build_kwargs(self, name: str) -> dict[str, Any]:
         """The backbone's build arguments; matched to EHRMamba's parameter count when params.match_params."""
@@ -115,14 +119,16 @@ class Trainer:
             model = self.build(name, seed)
             objective = getattr(model.backbone, "pretrain_objective", "clm" if model.causal else "mlm")
             res = None
-            tp = self.prep.params.train
-            if objective and tp.pretrain_steps:
+            tp = self.prep.params.train.for_model(name)
+            data = SequenceDataset(self._pretrain_items())
+            steps = tp.steps("pretrain", len(data))
+            if objective and steps:
                 res = fit(
                     model,
-                    SequenceDataset(self._pretrain_items()),
+                    data,
                     tp,
                     objective,
-                    tp.pretrain_steps,
+                    steps,
                     tp.lr,
                     seed,
                     self.device,
@@ -134,6 +140,7 @@ class Trainer:
                     },
                     progress=self.progress,
                     desc=f"pretrain {name} s{seed}",
+                    val=self._val(SequenceDataset(self._pretrain_items(meds.tuning_split))),
                 )
             self._pretrained[key] = (
                 {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
@@ -209,19 +216,22 @@ class Trainer:
         else:
             model, pre = self.pretrained(name, seed)
             model.set_n_outputs(len(cols))
-            tp = self.prep.params.train
+            tp = self.prep.params.train.for_model(name)
+            data = SequenceDataset(tr_items, tr_df[cols].to_numpy())
+            tu_items, tu_df = self.samples(task, meds.tuning_split)
             ft = fit(
                 model,
-                SequenceDataset(tr_items, tr_df[cols].to_numpy()),
+                data,
                 tp,
                 "classify",
-                tp.finetune_steps,
+                tp.steps("finetune", len(data)),
                 tp.finetune_lr,
                 seed + 1000,
                 self.device,
                 checkpoint=self.work_dir / f"{name}-seed{seed}-{task}-finetune.pt",
                 progress=self.progress,
                 desc=f"finetune {name} {task} s{seed}",
+                val=self._val(SequenceDataset(tu_items, tu_df[cols].to_numpy())),
             )
             for split in (meds.tuning_split, meds.held_out_split):
                 items, df = self.samples(task, split)
@@ -252,9 +262,14 @@ class Trainer:
         prompt = "last" if model.causal else "first"
         tasks = self.prep.params.tasks
         data, spans = mpf_dataset({t: self.samples(t, meds.train_split, prompt) for t in tasks})
+        val, _ = mpf_dataset({t: self.samples(t, meds.tuning_split, prompt) for t in tasks})
         model.set_n_outputs(data.labels.shape[1])
-        tp = self.prep.params.train
-        steps = tp.finetune_steps * len(tasks)
+        tp = self.prep.params.train.for_model(name)
+        # a fixed step budget is per task, so MPF gets the single-task runs' total; an epoch budget over the
+        # pooled samples is that total already
+        steps = tp.steps("finetune", len(data))
+        if tp.finetune_steps is not None:
+            steps = tp.finetune_steps * len(tasks)
         ft = fit(
             model,
             data,
@@ -267,6 +282,7 @@ class Trainer:
             checkpoint=self.work_dir / f"{name}-seed{seed}-mpf.pt",
             progress=self.progress,
             desc=f"MPF {name} s{seed}",
+            val=self._val(val),
         )
         out = {}
         for task in tasks:
