@@ -85,7 +85,7 @@ fig = figures.reliability_figure(results.reliability_frame(preds, "mortality_1m"
 
 # %%
 #| label: tbl-h1
-#| tbl-cap: "H1 comparisons: EHRMamba minus each other model in held-out AUROC with a paired bootstrap 95 % CI (same resampled patients for both), a paired permutation p-value (patient-level swaps), that p adjusted by Benjamini-Hochberg across all comparisons of this notebook, and the computed verdict."
+#| tbl-cap: "H1 comparisons: EHRMamba minus each other model in held-out AUROC (seed ensembles) with a two-level bootstrap 95 % CI (each model's seeds resampled, then the same patients for both), a paired permutation p-value (patient-level swaps), that p adjusted by Benjamini-Hochberg across all comparisons of this notebook, and the computed verdict."
 real = preds[preds["task"] != "null_task"]
 comparisons = results.h1_comparisons(real, "ehrmamba", params.models, n_boot, ci, **stat_kw)
 comparisons = results.mark_undertrained(comparisons, runs)
@@ -120,7 +120,7 @@ fig = figures.mechanism_figure(recovered, {m: results.label(m) for m in params.m
 
 # %%
 #| label: fig-learning
-#| fig-cap: "Learning curves: the validation metric on a fixed subset of the tuning split against tokens seen, one line per model and seed; pretraining loss per objective (CLM and MLM are different losses, never compared) and finetuning AUROC on mortality_1m. Each run keeps the weights of its best validation and stops early once train.patience validations in a row fail to improve it."
+#| fig-cap: "Learning curves: the validation metric on a fixed subset of the tuning split against the tokens seen in that phase, one line per model and seed; pretraining loss per objective (CLM and MLM are different losses, never compared) and finetuning AUROC on mortality_1m. Each run keeps the weights of its best validation and stops early once train.patience validations in a row fail to improve it."
 fig = figures.learning_figure(results.learning_curves(runs))
 
 # %%

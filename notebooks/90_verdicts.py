@@ -37,6 +37,19 @@ print(verdicts.abstract_line(table))
 figures.show_table(table.drop(columns=["section"]))
 
 # %%
+#| label: tbl-false-positives
+#| tbl-cap: "The comparison procedure's false-positive rate, measured: pairs of models with equal true AUROC (correlated scores, three training seeds each, 200 patients, prevalence 0.2) put through the same two-level bootstrap, permutation test and verdict rule as every comparison of the report (alpha 0.05 after BH, the effect of interest for underpowered), on one label (mortality-like) and on three labels sharing each patient's risk (conditions-like, rows clustered by patient). The rate is the share called supported, with a Wilson 95 % interval; any claim adds not supported."
+from repro.evaluation import null_simulation
+
+false_positives = null_simulation.false_positive_table(
+    params.eval.null_simulations,
+    params.eval.null_resamples,
+    params.eval.alpha,
+    params.eval.effect_of_interest,
+)
+figures.show_table(false_positives)
+
+# %%
 #| label: tbl-timing
 #| tbl-cap: "Wall time of each notebook of this run and, on a GPU node, the GPU-busy share: the mean of `nvidia-smi`'s utilization (the share of each 0.5 s sample with a kernel running, over every process) while the notebook ran. Busy is not full: a small kernel counts as busy. The verdicts notebook and the render are not included."
 import json
@@ -48,6 +61,10 @@ figures.show_table(summary.timing_table(manifest))
 
 # %%
 save_json(
-    {"verdicts": table.to_dict(orient="records"), "params_hash": params.hash()},
+    {
+        "verdicts": table.to_dict(orient="records"),
+        "false_positives": false_positives.to_dict(orient="records"),
+        "params_hash": params.hash(),
+    },
     f"{run_dir}/results/90_verdicts.json",
 )

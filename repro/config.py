@@ -263,8 +263,17 @@ class EvalParams:
     # the smallest difference in AUROC worth detecting: a comparison whose minimum detectable difference
     # (80 % power) is larger reads "underpowered" instead of "inconclusive"
     effect_of_interest: float = 0.02
+    # null pairs of models simulated through the comparison procedure to measure its false-positive rate
+    # (notebook 90; repro.evaluation.null_simulation), each with this many resamples and permutations
+    null_simulations: int = 400
+    null_resamples: int = 200
 
     def __post_init__(self) -> None:
+        if self.null_simulations < 0 or self.null_resamples < 10:
+            raise ParamsError(
+                f"eval.null_simulations must be >= 0 and eval.null_resamples >= 10, got "
+                f"{self.null_simulations}, {self.null_resamples}"
+            )
         if not 0 < self.effect_of_interest < 0.5:
             raise ParamsError(f"eval.effect_of_interest must be in (0, 0.5), got {self.effect_of_interest}")
         if self.min_label_positives < 1:

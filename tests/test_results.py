@@ -64,7 +64,8 @@ def test_same_model_twice_has_permutation_p_one_and_is_inconclusive():
     c = results.paired_comparisons(pd.concat([p, twin]), [("a", "b")], n_boot=200, ci=0.95, n_perm=199)
     row = c.iloc[0]
     assert row["ΔAUROC"] == 0 and row["p (perm.)"] == 1.0 and row["p (BH)"] == 1.0
-    assert row["verdict"] == "inconclusive"
+    # the seed level resamples each model's two seeds on its own, so the twins' CI has width and straddles 0
+    assert row["lo"] < 0 < row["hi"] and row["verdict"] in ("inconclusive", "underpowered")
 
 
 def test_permutation_p_is_small_for_a_clearly_better_model_and_bh_is_applied():

@@ -9,7 +9,7 @@ from sklearn.metrics import roc_auc_score
 
 from repro.data.tasks import null_labels
 from repro.evaluation import significance
-from repro.evaluation.bootstrap import bootstrap_metrics, macro_paired_auroc
+from repro.evaluation.bootstrap import bootstrap_metrics, two_level_paired_auroc
 from repro.evaluation.metrics import macro_evaluate
 from repro.evaluation.truth import SIDES, recovery
 
@@ -27,13 +27,32 @@ def _labels(n=150, k=4, seed=0):
 
 
 def test_macro_difference_is_the_mean_of_per_label_differences_on_shared_resamples():
+    """With one seed per model the two-level bootstrap is the patient bootstrap: the macro difference of each
+    resample is the mean of the per-label differences on the same resampled patients."""
     labels = _labels()
-    est, boot_a, boot_b, d = macro_paired_auroc(labels, n_boot=200, seed=3)
+    est, d = two_level_paired_auroc([(y, s, a[None], b[None]) for y, s, a, b in labels], n_boot=200, seed=3)
     want = np.mean([roc_auc_score(y, a) - roc_auc_score(y, b) for y, _, a, b in labels])
     assert est == pytest.approx(want, abs=1e-12)
-    per_label = [bootstrap_metrics(y, {"a": a}, s, ("auroc",), 200, 3)["a"]["auroc"] for y, s, a, _ in labels]
-    np.testing.assert_allclose(boot_a, np.mean(per_label, axis=0))
-    np.testing.assert_allclose(d, boot_a - boot_b)
+    # the same patient draws as the plain patient bootstrap (one chunk here; its cluster counts come first)
+    per_label = [bootstrap_metrics(y, {"a": a, "b": b}, s, ("auroc",), 200, 3) for y, s, a, b in labels]
+    boot = np.mean([r["a"]["auroc"] - r["b"]["auroc"] for r in per_label], axis=0)
+    np.testing.assert_allclose(d, boot, atol=1e-12)
+
+
+def test_two_level_bootstrap_on_a_hand_computed_case():
+    """Model a has two seeds, one ranking every patient right (AUROC 1), one every patient wrong (AUROC 0);
+    their average is constant (AUROC 1/2). Model b has one seed of constant scores (AUROC 1/2). Resampling
+    seeds gives a's ensemble AUROC 1 (both draws the first seed, probability 1/4), 0 (1/4) or 1/2 (1/2),
+    whatever patients are drawn, so the differences are +1/2, -1/2 and 0 with those probabilities; a
+    patient-only bootstrap would see 0 every time."""
+    y = np.array([1, 0] * 30, dtype=float)
+    subjects = np.arange(60)
+    a = np.stack([y, 1.0 - y])
+    b = np.full((1, 60), 0.3)
+    est, d = two_level_paired_auroc([(y, subjects, a, b)], n_boot=4000, seed=1)
+    assert est == pytest.approx(0.0)
+    shares = [np.mean(np.isclose(d, v)) for v in (0.5, -0.5, 0.0)]
+    assert shares == pytest.approx([0.25, 0.25, 0.5], abs=0.03) and sum(shares) == pytest.approx(1.0)
 
 
 def test_macro_permutation_kernel_equals_the_row_path(monkeypatch):

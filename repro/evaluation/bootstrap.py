@@ -347,24 +347,46 @@ def paired_bootstrap(
     return pd.DataFrame(rows)[cols]
 
 
-def macro_paired_auroc(
-    labels: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], n_boot: int = 2000, seed: int = 0
-) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
-    """Macro AUROC of two models over labels that share their patients, on the same patient resamples.
+def seed_scores(df: pd.DataFrame, model: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One model's held-out predictions of one label as (labels, subject ids, scores [seeds, rows]), rows
+    sorted by subject, so two models' matrices pair row by row."""
+    g = df[df["model"] == model]
+    wide = g.pivot_table(index="subject_id", columns="seed", values="score", aggfunc="first").sort_index()
+    if wide.isna().any().any():
+        raise ValueError(f"model {model!r}: not every seed scored every subject")
+    y = g.groupby("subject_id")["label"].first().reindex(wide.index).to_numpy(np.float64)
+    return y, wide.index.to_numpy(), wide.to_numpy(np.float64).T
 
-    `labels`: one (y, subject ids, scores a, scores b) per label, rows in the same subject order in every
-    label, so one seed draws the same resample weights for each (as the cluster bootstrap consumes the rng
-    by cluster count and chunk size only). Returns the observed macro difference a - b and the resampled
-    macro AUROC of a, of b, and of a - b.
+
+def two_level_paired_auroc(
+    labels: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], n_boot: int = 2000, seed: int = 0
+) -> tuple[float, np.ndarray]:
+    """AUROC of model a's seed ensemble minus model b's (the macro average over labels), and its two-level
+    bootstrap: each resample draws each model's training seeds with replacement and averages their scores,
+    then draws patients with replacement (clustered), so the interval carries training randomness as well
+    as patient sampling. With one seed per model it is the patient bootstrap.
+
+    `labels`: one (y, subject ids, scores a [seeds_a, n], scores b [seeds_b, n]) per label, rows in the same
+    subject order in every label. The seed draws and patient draws of a resample are shared by every label
+    (one trained model scores all of them). Returns the observed difference and the resampled differences.
     """
     ref = labels[0][1]
     if any(not np.array_equal(s, ref) for _, s, _, _ in labels):
-        raise ValueError("macro AUROC: every label must hold the same subjects in the same order")
-    est, boot_a, boot_b = [], [], []
-    for y, subjects, sa, sb in labels:
-        est.append(metric_values(y, sa, "auroc")[0] - metric_values(y, sb, "auroc")[0])
-        b = bootstrap_metrics(y, {"a": sa, "b": sb}, subjects, ("auroc",), n_boot, seed)
-        boot_a.append(b["a"]["auroc"])
-        boot_b.append(b["b"]["auroc"])
-    a, b = np.mean(boot_a, axis=0), np.mean(boot_b, axis=0)
-    return float(np.mean(est)), a, b, a - b
+        raise ValueError("two-level bootstrap: every label must hold the same subjects in the same order")
+    ka, kb = labels[0][2].shape[0], labels[0][3].shape[0]
+    est = np.mean([metric_values(y, a.mean(0), "auroc")[0] - metric_values(y, b.mean(0), "auroc")[0]
+                   for y, _, a, b in labels])  # fmt: skip
+    rng = np.random.default_rng(seed)
+    codes, _ = _cluster_codes(ref, len(ref))
+    out = []
+    for counts in cluster_bootstrap_counts(ref, n_boot, rng, len(ref)):
+        k = counts.shape[0]
+        w = counts[:, codes]
+        wa = rng.multinomial(ka, np.full(ka, 1.0 / ka), size=k) / ka  # seed weights of each resample
+        wb = rng.multinomial(kb, np.full(kb, 1.0 / kb), size=k) / kb
+        d = np.zeros(k)
+        for y, _, a, b in labels:
+            d += weighted_metrics(y, wa @ a, w, ("auroc",))["auroc"]
+            d -= weighted_metrics(y, wb @ b, w, ("auroc",))["auroc"]
+        out.append(d / len(labels))
+    return float(est), np.concatenate(out)

@@ -16,10 +16,10 @@ import pandas as pd
 from repro.evaluation.batched_metrics import ECE_BINS
 from repro.evaluation.bootstrap import (
     bootstrap_pvalue,
-    macro_paired_auroc,
-    paired_bootstrap,
     paired_scores,
     percentile_ci,
+    seed_scores,
+    two_level_paired_auroc,
 )
 from repro.evaluation.metrics import (
     binary_metrics,
@@ -300,22 +300,29 @@ def forest_frame(evaluated: dict[str, dict[str, dict]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _compare(task: str, t: pd.DataFrame, new: str, base: str, n_boot: int, ci: float, n_perm: int) -> dict:
-    """new - baseline on one task: paired bootstrap CI and paired permutation p-value (of the macro AUROC
-    over labels for a multi-label task)."""
+def _compare(
+    task: str, t: pd.DataFrame, raw: pd.DataFrame, new: str, base: str, n_boot: int, ci: float, n_perm: int
+) -> dict:
+    """new - baseline on one task (the macro AUROC over labels for a multi-label task): the difference of
+    the seed ensembles with a two-level bootstrap CI (seeds, then patients) from the per-seed predictions
+    `raw`, and a paired permutation p-value on the seed-averaged scores `t`."""
+    labels = []
+    for target, g in raw.groupby("target", sort=True):
+        y, subjects, a = seed_scores(g, new)
+        y_b, subjects_b, b = seed_scores(g, base)
+        if not (np.array_equal(subjects, subjects_b) and np.array_equal(y, y_b)):
+            raise ValueError(f"{task} {target}: {new} and {base} are not scored on the same samples")
+        labels.append((y, subjects, a, b))
+    est, d = two_level_paired_auroc(labels, n_boot, seed=0)
+    ci_d = percentile_ci(d, ci)
+    lo, hi, p_boot = ci_d["lo"], ci_d["hi"], bootstrap_pvalue(d)
     if multilabel(t):
-        labels = []
+        perm = []
         for _, g in t.sort_values(["target", "subject_id"], kind="stable").groupby("target", sort=True):
             y, subjects, scores = paired_scores(g, [new, base])
-            labels.append((y, subjects, scores[new], scores[base]))
-        est, _, _, d = macro_paired_auroc(labels, n_boot, seed=0)
-        ci_d = percentile_ci(d, ci)
-        lo, hi, p_boot = ci_d["lo"], ci_d["hi"], bootstrap_pvalue(d)
-        p_perm = macro_permutation_test([(y, a, b) for y, _, a, b in labels], labels[0][1], n_perm, 0)
+            perm.append((y, subjects, scores[new], scores[base]))
+        p_perm = macro_permutation_test([(y, a, b) for y, _, a, b in perm], perm[0][1], n_perm, 0)
     else:
-        res = paired_bootstrap(t, [new, base], "auroc", n_boot=n_boot, seed=0, ci=ci, pairs=[(new, base)])
-        r = res[res["kind"] == "difference"].iloc[0]
-        est, lo, hi, p_boot = r["estimate"], r["lo"], r["hi"], r["p_value"]
         y, subjects, scores = paired_scores(t, [new, base])
         p_perm = paired_permutation_test(y, scores[new], scores[base], "auroc", n_perm, 0, subjects)
     return {
@@ -365,13 +372,15 @@ def paired_comparisons(
     comparison in the frame (one notebook's family), the minimum detectable difference (MDE, 80 % power), and
     the verdict of VERDICT_RULE ("one seed" when either model has predictions from a single training seed,
     "underpowered" for an inconclusive one whose MDE exceeds `effect`)."""
-    ens = seed_ensemble(preds[preds["split"] == meds.held_out_split])
+    held_out = preds[preds["split"] == meds.held_out_split]
+    ens = seed_ensemble(held_out)
     rows = []
     for task in dict.fromkeys(ens["task"]):
         t = ens[ens["task"] == task]
+        raw = held_out[held_out["task"] == task]
         present = set(t["model"].unique())
         rows += [
-            _compare(task, t[t["model"].isin([new, base])], new, base, n_boot, ci, n_perm)
+            _compare(task, t[t["model"].isin([new, base])], raw, new, base, n_boot, ci, n_perm)
             for new, base in pairs
             if new in present and base in present
         ]

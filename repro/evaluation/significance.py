@@ -18,9 +18,10 @@ from repro.evaluation.bootstrap import (
 )
 
 VERDICT_RULE = (
-    "Let d = new - baseline (for metrics where lower is better, baseline - new), with its paired bootstrap CI "
-    "[lo, hi] (patients resampled) and p_adj, the Benjamini-Hochberg adjusted p-value of a paired permutation "
-    "test (the two models' within-model score ranks swapped within a random half of the patients). "
+    "Let d = new - baseline (for metrics where lower is better, baseline - new), with its two-level bootstrap CI "
+    "[lo, hi] (each model's training seeds resampled, then patients) and p_adj, the Benjamini-Hochberg adjusted "
+    "p-value of a paired permutation test on the seed-averaged scores (the two models' within-model score ranks "
+    "swapped within a random half of the patients). "
     "Supported: lo > margin and p_adj < alpha (the whole CI shows an improvement larger than the margin, "
     "and the improvement survives the multiple-comparison correction). "
     "Not supported: hi < margin and, when the margin is 0, p_adj < alpha (the CI rules out an improvement as "
@@ -238,9 +239,10 @@ def verdict(
 ) -> str:
     """Verdict on 'new beats baseline' from the CI of d = new - baseline and its adjusted p-value.
 
-    Let d = new - baseline (for metrics where lower is better, baseline - new), with its paired bootstrap CI
-    [lo, hi] (patients resampled) and p_adj, the Benjamini-Hochberg adjusted p-value of a paired permutation
-    test (the two models' within-model score ranks swapped within a random half of the patients). Supported: lo > margin and p_adj < alpha (the
+    Let d = new - baseline (for metrics where lower is better, baseline - new), with its two-level bootstrap CI
+    [lo, hi] (each model's training seeds resampled, then patients) and p_adj, the Benjamini-Hochberg adjusted
+    p-value of a paired permutation test on the seed-averaged scores (the two models' within-model score ranks
+    swapped within a random half of the patients). Supported: lo > margin and p_adj < alpha (the
     whole CI shows an improvement larger than the margin, and the improvement survives the multiple-comparison
     correction). Not supported: hi < margin and, when the margin is 0, p_adj < alpha (the CI rules out an
     improvement as large as the margin; with margin 0 the baseline is significantly better after the same

@@ -1,0 +1,128 @@
+"""How often does the whole comparison procedure call a difference that is not there? Null pairs of models
+(equal true AUROC, correlated scores, several rows per patient, several training seeds) go through the same
+`paired_comparisons` the notebooks use, at the report's thresholds; the share of "supported" verdicts is
+the procedure's false-positive rate, reported with a Wilson interval.
+
+Written here because no library simulates this pipeline: the rate belongs to our rules (two-level
+bootstrap CI, permutation p, Benjamini-Hochberg, labels), not to any one test.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy.stats import norm
+
+
+def null_pair(
+    rng: np.random.Generator,
+    n_patients: int = 200,
+    n_labels: int = 1,
+    prevalence: float = 0.2,
+    n_seeds: int = 3,
+    model_corr: float = 0.6,
+    seed_sd: float = 0.5,
+) -> pd.DataFrame:
+    """Held-out predictions of two models that are equally good by construction.
+
+    Each patient has a latent risk shared by its `n_labels` rows (a multi-label task's rows cluster by
+    patient, as the pipeline's one sample per patient and label); both models score each row's risk plus
+    noise correlated between the models (`model_corr`) plus per-seed noise (`seed_sd`, training randomness).
+    The models differ only in their noise draws, so their true AUROC is equal.
+    """
+    patient_risk = rng.normal(0, 1, n_patients)
+    subjects = np.tile(np.arange(n_patients), n_labels)
+    targets = np.repeat([f"l{j}" for j in range(n_labels)] if n_labels > 1 else ["label"], n_patients)
+    risk = patient_risk[subjects] + rng.normal(0, 0.5, len(subjects))
+    logit = risk + np.log(prevalence / (1 - prevalence))
+    y = (rng.random(len(subjects)) < 1 / (1 + np.exp(-logit))).astype(int)
+    shared = rng.normal(0, 1, len(subjects))
+    frames = []
+    for model in ("a", "b"):
+        own = model_corr**0.5 * shared + (1 - model_corr) ** 0.5 * rng.normal(0, 1, len(subjects))
+        for seed in range(n_seeds):
+            score = risk + own + seed_sd * rng.normal(0, 1, len(subjects))
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "subject_id": subjects,
+                        "split": "held_out",
+                        "target": targets,
+                        "label": y,
+                        "score": 1 / (1 + np.exp(-score)),
+                        "model": model,
+                        "task": "null",
+                        "seed": seed,
+                    }
+                )
+            )
+    return pd.concat(frames, ignore_index=True)
+
+
+def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion k / n."""
+    if n == 0:
+        return float("nan"), float("nan")
+    z = norm.ppf(0.5 + level / 2)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(centre - half), float(centre + half)
+
+
+def false_positive_rate(
+    n_sims: int,
+    n_boot: int,
+    n_perm: int,
+    alpha: float = 0.05,
+    effect: float = 0.02,
+    seed: int = 0,
+    ci: float = 0.95,
+    **pair_kw: float,
+) -> dict[str, float]:
+    """Share of null pairs the procedure calls "supported" (a beats b), with its Wilson 95 % interval; also the
+    share of any claim ("supported" or "not supported")."""
+    from repro.evaluation.results import paired_comparisons
+
+    rng = np.random.default_rng(seed)
+    verdicts = []
+    for _ in range(n_sims):
+        preds = null_pair(rng, **pair_kw)
+        c = paired_comparisons(preds, [("a", "b")], n_boot, ci, alpha=alpha, n_perm=n_perm, effect=effect)
+        verdicts.append(c["verdict"].iloc[0])
+    supported = sum(v == "supported" for v in verdicts)
+    claims = sum(v in ("supported", "not supported") for v in verdicts)
+    lo, hi = wilson(supported, n_sims)
+    return {
+        "simulations": n_sims,
+        "supported": supported,
+        "rate": supported / n_sims,
+        "lo": lo,
+        "hi": hi,
+        "any claim": claims / n_sims,
+    }
+
+
+# the two kinds of null pairs the report simulates: (name, labels per patient)
+KINDS = (("one label", 1), ("three labels, clustered", 3))
+
+
+def false_positive_table(n_sims: int, n_resamples: int, alpha: float, effect: float) -> pd.DataFrame:
+    """The report's table: `n_sims` null pairs split over KINDS, each through the procedure with
+    `n_resamples` bootstrap resamples and permutations; the rate called supported with its interval."""
+    rows = []
+    if n_sims < len(KINDS):
+        return pd.DataFrame(columns=["null pairs", "simulations", "supported (95 % CI)", "any claim"])
+    for kind, n_labels in KINDS:
+        fp = false_positive_rate(
+            n_sims // len(KINDS), n_resamples, n_resamples, alpha, effect, seed=n_labels, n_labels=n_labels
+        )
+        rows.append(
+            {
+                "null pairs": kind,
+                "simulations": fp["simulations"],
+                "supported (95 % CI)": f"{fp['rate']:.3f} [{fp['lo']:.3f}, {fp['hi']:.3f}]",
+                "any claim": f"{fp['any claim']:.3f}",
+            }
+        )
+    return pd.DataFrame(rows)
