@@ -90,10 +90,8 @@ real = preds[preds["task"] != "null_task"]
 comparisons = results.h1_comparisons(real, "ehrmamba", params.models, n_boot, ci, **stat_kw)
 comparisons = results.mark_undertrained(comparisons, runs)
 figures.show_table(results.comparison_table(comparisons, ci))
-h1 = results.h1_verdict(comparisons)
-h1_all = (
-    results.overall_verdict(comparisons["verdict"], combine="all") if len(comparisons) else "inconclusive"
-)
+h1 = results.rule_verdict(comparisons, params.hypotheses["H1"])
+h1_all = results.rule_verdict(comparisons, params.hypotheses["H1 (all)"])
 print(f"H1 headline (EHRMamba beats CEHR-BERT on mortality_1m): {h1}")
 print(f"H1 across all models and tasks: {h1_all}")
 print("Rule per comparison:", significance.VERDICT_RULE, significance.LABEL_RULE)

@@ -95,7 +95,7 @@ figures.show_table(ef.long_history_table(table, ci))
 #| tbl-cap: "H4, accuracy: EHRMamba at the longest length it trained at minus each Transformer at the longest length it trained at, held-out AUROC on the long-history subgroup (same resampled patients), paired permutation p-values with their Benjamini-Hochberg adjustment, and the computed verdict."
 figures.show_table(results.comparison_table(comparisons, ci))
 h4_accuracy = long_history.headline(comparisons, table)
-h4_all = results.overall_verdict(comparisons["verdict"]) if len(comparisons) else "inconclusive"
+h4_all = results.rule_verdict(comparisons, params.hypotheses["H4 (accuracy)"])
 print(f"H4 accuracy headline (EHRMamba beats the best Transformer run on long histories): {h4_accuracy}")
 print(f"H4 accuracy across Transformers: {h4_all}")
 print("Rule per comparison:", significance.VERDICT_RULE, significance.LABEL_RULE)

@@ -48,7 +48,7 @@ stat_kw = {
 evaluated = results.evaluate_all(preds, n_boot, ci)
 comparisons = results.paired_comparisons(preds, pairs(params), n_boot, ci, **stat_kw)
 comparisons = results.mark_undertrained(comparisons, runs)
-h5 = results.overall_verdict(comparisons["verdict"]) if len(comparisons) else "inconclusive"
+h5 = results.rule_verdict(comparisons, params.hypotheses["H5"])
 print(f"H5 (some representation beats EHRMamba's default): {h5}")
 print("Rule per comparison:", significance.VERDICT_RULE, significance.LABEL_RULE)
 print("Rule across comparisons:", results.OVERALL_RULE)

@@ -37,6 +37,13 @@ print(verdicts.abstract_line(table))
 figures.show_table(table.drop(columns=["section"]))
 
 # %%
+#| label: tbl-rules
+#| tbl-cap: "The written rule of each hypothesis, from the run's parameters (`hypotheses`): its primary comparisons, the family over which Benjamini-Hochberg adjusts the p-values, how the comparison verdicts combine into the hypothesis's verdict, and why."
+from repro.evaluation import results
+
+figures.show_table(results.rules_table(params.hypotheses))
+
+# %%
 #| label: tbl-false-positives
 #| tbl-cap: "The comparison procedure's false-positive rate, measured: pairs of models with equal true AUROC (correlated scores, three training seeds each, 200 patients, prevalence 0.2) put through the same two-level bootstrap, permutation test and verdict rule as every comparison of the report (alpha 0.05 after BH, the effect of interest for underpowered), on one label (mortality-like) and on three labels sharing each patient's risk (conditions-like, rows clustered by patient). The rate is the share called supported, with a Wilson 95 % interval; any claim adds not supported."
 from repro.evaluation import null_simulation

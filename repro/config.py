@@ -418,6 +418,79 @@ class RepresentationParams:
             raise ParamsError(f"representations.variants.{variant}: {exc}") from None
 
 
+COMBINE = ("all", "any", "majority")
+# the hypotheses whose verdict combines comparison verdicts by a written rule (params `hypotheses`)
+HYPOTHESES = ("H1", "H1 (all)", "H3", "H4 (accuracy)", "H5")
+
+
+@dataclass
+class HypothesisRule:
+    """How one hypothesis is decided: its primary comparisons ("new-baseline@task"; empty: every comparison
+    of its family), the family over which Benjamini-Hochberg adjusts (in words, as the notebook forms it),
+    how the comparison verdicts combine (all / any / majority) and why."""
+
+    primary: list[str] = field(default_factory=list)
+    combine: str = "any"
+    family: str = ""
+    why: str = ""
+
+    def __post_init__(self) -> None:
+        if self.combine not in COMBINE:
+            raise ParamsError(f"combine must be one of {list(COMBINE)}, got {self.combine!r}")
+        self.pairs()
+
+    def pairs(self) -> list[tuple[str, str, str]]:
+        """The primary comparisons as (new, baseline, task)."""
+        out = []
+        for entry in self.primary:
+            models, _, task = entry.partition("@")
+            new, _, base = models.partition("-")
+            if not (new and base and task) or new not in MODEL_NAMES or base not in MODEL_NAMES:
+                raise ParamsError(
+                    f"primary comparison {entry!r} must read new-baseline@task with known models"
+                )
+            if task not in TASK_NAMES:
+                raise ParamsError(f"primary comparison {entry!r}: unknown task {task!r}")
+            out.append((new, base, task))
+        return out
+
+
+def default_hypotheses() -> dict[str, HypothesisRule]:
+    """The report's rules; a params file overrides any of them by name."""
+    h1_family = (
+        "notebook 01: EHRMamba against each other model on each task (the null task is its own family)"
+    )
+    return {
+        "H1": HypothesisRule(
+            ["ehrmamba-cehr_bert@mortality_1m"],
+            "all",
+            h1_family,
+            "the paper's headline: EHRMamba beats CEHR-BERT on mortality",
+        ),
+        "H1 (all)": HypothesisRule(
+            [], "all", h1_family, "EHRMamba beats every other model on every task needs every comparison"
+        ),
+        "H3": HypothesisRule(
+            [],
+            "any",
+            "notebook 03: each backbone's MPF run against its single-task runs, per task",
+            "per backbone: MPF helps when it helps on some task and hurts on none",
+        ),
+        "H4 (accuracy)": HypothesisRule(
+            [],
+            "any",
+            "notebook 04: EHRMamba at its longest length against each Transformer at its longest, long histories",
+            "EHRMamba reads long histories better when it beats some Transformer there and loses to none",
+        ),
+        "H5": HypothesisRule(
+            [],
+            "any",
+            "notebook 05: each representation and model against EHRMamba with the default tokens",
+            "some representation beats the default when one comparison is supported and none contradicts it",
+        ),
+    }
+
+
 @dataclass
 class RunParams:
     """One named run: everything a notebook needs to reproduce its numbers."""
@@ -438,8 +511,15 @@ class RunParams:
     representations: RepresentationParams = field(default_factory=RepresentationParams)
     # notebooks `repro run` may execute at once (see pipeline.STAGES); the timing notebooks always run alone
     notebook_jobs: int = 1
+    # how each hypothesis combines its comparisons (HypothesisRule); a named rule replaces its default whole,
+    # names left out keep their defaults
+    hypotheses: dict[str, HypothesisRule] = field(default_factory=default_hypotheses)
 
     def __post_init__(self) -> None:
+        bad = [h for h in self.hypotheses if h not in HYPOTHESES]
+        if bad:
+            raise ParamsError(f"hypotheses has unknown entries {bad}; known: {list(HYPOTHESES)}")
+        self.hypotheses = default_hypotheses() | self.hypotheses
         if self.notebook_jobs < 1:
             raise ParamsError(f"notebook_jobs must be >= 1, got {self.notebook_jobs}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -504,6 +584,17 @@ def _build(cls: type, raw: Any, where: str) -> Any:
         raise ParamsError(f"{where or 'params'}: {exc}") from exc
 
 
+def _build_named(cls: type, value: Any, path: str) -> Any:
+    """A mapping's dataclass value (a hypothesis rule), its errors prefixed with where it sits."""
+    if isinstance(value, cls):
+        return value
+    try:
+        return _build(cls, value, path)
+    except ParamsError as exc:
+        msg = str(exc)
+        raise ParamsError(msg if path in msg else f"{path}: {msg}") from None
+
+
 def _check_type(value: Any, hint: Any, path: str) -> Any:
     """Coerce YAML scalars to the annotated type, naming the parameter when impossible."""
     origin = typing.get_origin(hint)
@@ -536,6 +627,8 @@ def _check_type(value: Any, hint: Any, path: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ParamsError(f"{path} must be a mapping, got {value!r}")
+        if dataclasses.is_dataclass(args[1]):
+            return {k: _build_named(args[1], v, f"{path}.{k}") for k, v in value.items()}
         return {k: _check_type(v, args[1], f"{path}.{k}") for k, v in value.items()}
     return value
 

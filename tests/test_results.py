@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 
@@ -165,3 +167,46 @@ def test_a_comparison_with_a_model_short_of_its_plateau_reads_undertrained():
     marked = results.mark_undertrained(comparisons, runs)
     assert marked["verdict"].tolist() == ["undertrained", "supported", "not supported", "one seed"]
     assert results.undertrained(runs) == {("transformer", "mortality_1m")}
+
+
+def test_each_hypothesis_is_decided_by_its_written_rule():
+    from repro.config import HypothesisRule, default_hypotheses
+
+    c = pd.DataFrame(
+        {
+            "new": ["ehrmamba"] * 4,
+            "baseline": ["cehr_bert", "cehr_bert", "transformer", "lstm"],
+            "task": ["mortality_1m", "los_1w", "mortality_1m", "mortality_1m"],
+            "verdict": ["undertrained", "supported", "supported", "inconclusive"],
+        }
+    )
+    rules = default_hypotheses()
+    assert results.rule_verdict(c, rules["H1"]) == "undertrained"  # its one primary comparison, label kept
+    assert results.rule_verdict(c, rules["H1 (all)"]) == "inconclusive"  # not every comparison is supported
+    assert results.rule_verdict(c, rules["H5"]) == "supported"  # any, none contradicting
+    assert results.rule_verdict(c, HypothesisRule(combine="majority")) == "inconclusive"  # 2 of 4
+    assert results.rule_verdict(c.iloc[1:], HypothesisRule(combine="majority")) == "supported"  # 2 of 3
+    missing = HypothesisRule(["ehrmamba-bigbird@mortality_1m"], "all")
+    assert results.rule_verdict(c, missing) == results.NOT_RUN
+    assert results.rule_verdict(c.iloc[:0], rules["H5"]) == results.NOT_RUN
+    table = results.rules_table(rules).set_index("hypothesis")
+    assert list(table.index) == ["H1", "H1 (all)", "H3", "H4 (accuracy)", "H5"]
+    assert table.loc["H1", "primary comparisons"] == "EHRMamba − CEHR-BERT on mortality_1m"
+    assert table.loc["H1 (all)", "combined"] == "all must be supported"
+
+
+def test_hypothesis_rules_in_params_are_checked_and_merged():
+    import pytest
+
+    from repro.config import ParamsError, load_params
+
+    p = load_params("params/smoke.yaml", {"hypotheses": {"H5": {"combine": "majority"}}})
+    assert p.hypotheses["H5"].combine == "majority" and p.hypotheses["H1"].combine == "all"
+    for bad, msg in (
+        ({"H1": {"combine": "most"}}, "hypotheses.H1: combine must be one of"),
+        ({"H1": {"primary": ["ehrmamba@mortality_1m"]}}, "must read new-baseline@task"),
+        ({"H1": {"primary": ["ehrmamba-lstm@mortality_2m"]}}, "unknown task"),
+        ({"H9": {}}, "hypotheses has unknown entries ['H9']"),
+    ):
+        with pytest.raises(ParamsError, match=re.escape(msg)):
+            load_params("params/smoke.yaml", {"hypotheses": bad})

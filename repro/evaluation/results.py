@@ -13,6 +13,7 @@ import meds
 import numpy as np
 import pandas as pd
 
+from repro.config import HypothesisRule
 from repro.evaluation.batched_metrics import ECE_BINS
 from repro.evaluation.bootstrap import (
     bootstrap_pvalue,
@@ -60,7 +61,8 @@ __all__ = [
     "overall_verdict",
     "loss_curves",
     "training_table",
-    "h1_verdict",
+    "rule_verdict",
+    "rules_table",
 ]
 
 MODEL_LABELS = {
@@ -476,7 +478,8 @@ def overall_verdict(verdicts: Sequence[str], combine: str = "any") -> str:
     combine="any" (a claim about some task): supported when some comparison supports it and none contradicts
     it; not supported when some contradicts it and none supports it; otherwise inconclusive. combine="all"
     (a claim about every comparison, "EHRMamba beats every model"): supported only when every comparison is;
-    not supported when any is not; otherwise inconclusive.
+    not supported when any is not; otherwise inconclusive. combine="majority": supported (not supported)
+    when more than half of the comparisons are supported (not supported); otherwise inconclusive.
 
     >>> overall_verdict(["supported", "inconclusive"]), overall_verdict(["supported", "inconclusive"], "all")
     ('supported', 'inconclusive')
@@ -486,13 +489,63 @@ def overall_verdict(verdicts: Sequence[str], combine: str = "any") -> str:
         if v and all(x == "supported" for x in v):
             return "supported"
         return "not supported" if "not supported" in v else "inconclusive"
+    if combine == "majority":
+        for word in ("supported", "not supported"):
+            if v and v.count(word) * 2 > len(v):
+                return word
+        return "inconclusive"
     if combine != "any":
-        raise ValueError(f"combine must be 'any' or 'all', got {combine!r}")
+        raise ValueError(f"combine must be 'any', 'all' or 'majority', got {combine!r}")
     if "supported" in v and "not supported" not in v:
         return "supported"
     if "not supported" in v and "supported" not in v:
         return "not supported"
     return "inconclusive"
+
+
+NOT_RUN = "inconclusive (comparison not run)"
+
+
+def rule_verdict(comparisons: pd.DataFrame, rule: HypothesisRule) -> str:
+    """A hypothesis's verdict by its written rule: its primary comparisons (all of the frame when it names
+    none) combined as it says. A single primary comparison keeps its own label (one seed, underpowered,
+    undertrained); a primary comparison missing from the frame makes the verdict "comparison not run"."""
+    if comparisons.empty:
+        return NOT_RUN
+    rows = comparisons
+    if rule.primary:
+        keys = list(zip(comparisons["new"], comparisons["baseline"], comparisons["task"], strict=True))
+        wanted = set(rule.pairs())
+        rows = comparisons[[k in wanted for k in keys]]
+        if len(rows) < len(wanted):
+            return NOT_RUN
+    if len(rows) == 1:
+        return str(rows["verdict"].iloc[0])
+    return overall_verdict(rows["verdict"], rule.combine)
+
+
+def rules_table(hypotheses: dict[str, HypothesisRule]) -> pd.DataFrame:
+    """The written rule of each hypothesis, as the params give it and the notebooks apply it."""
+    words = {
+        "all": "all must be supported",
+        "any": "any supported, none contradicting",
+        "majority": "a majority",
+    }
+    return pd.DataFrame(
+        [
+            {
+                "hypothesis": name,
+                "primary comparisons": ", ".join(
+                    f"{label(n)} − {label(b)} on {t}" for n, b, t in rule.pairs()
+                )
+                or "every comparison of the family",
+                "BH family": rule.family,
+                "combined": words[rule.combine],
+                "why": rule.why,
+            }
+            for name, rule in hypotheses.items()
+        ]
+    )
 
 
 OVERALL_RULE = (
@@ -619,11 +672,3 @@ def convergence_table(
             entry["above chance"] = "yes" if lo > 0.5 else "NO: not clearly above chance"
         out.append(entry)
     return pd.DataFrame(out)
-
-
-def h1_verdict(comparisons: pd.DataFrame, task: str = "mortality_1m", baseline: str = "cehr_bert") -> str:
-    """The H1 headline: EHRMamba vs CEHR-BERT on mortality, from the computed comparison row."""
-    if comparisons.empty:
-        return "inconclusive (comparison not run)"
-    row = comparisons[(comparisons["task"] == task) & (comparisons["baseline"] == baseline)]
-    return "inconclusive (comparison not run)" if row.empty else str(row["verdict"].iloc[0])
