@@ -245,8 +245,11 @@ class TrainParams:
         if fixed is not None:
             return int(fixed)
         epochs = getattr(self, f"{phase}_epochs")
-        per_epoch = max(1, n_samples // min(self.batch_size, max(n_samples, 1)))
-        return 0 if epochs == 0 else max(1, round(epochs * per_epoch))
+        return 0 if epochs == 0 else max(1, round(epochs * self.steps_per_epoch(n_samples)))
+
+    def steps_per_epoch(self, n_samples: int) -> int:
+        """Whole batches in one pass over `n_samples` (the loop's batches: a batch never exceeds the data)."""
+        return max(1, n_samples // min(self.batch_size, max(n_samples, 1)))
 
 
 @dataclass

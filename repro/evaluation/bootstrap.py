@@ -351,7 +351,7 @@ def seed_scores(df: pd.DataFrame, model: str) -> tuple[np.ndarray, np.ndarray, n
     """One model's held-out predictions of one label as (labels, subject ids, scores [seeds, rows]), rows
     sorted by subject, so two models' matrices pair row by row."""
     g = df[df["model"] == model]
-    wide = g.pivot_table(index="subject_id", columns="seed", values="score", aggfunc="first").sort_index()
+    wide = g.pivot(index="subject_id", columns="seed", values="score").sort_index()  # raises on a repeat
     if wide.isna().any().any():
         raise ValueError(f"model {model!r}: not every seed scored every subject")
     y = g.groupby("subject_id")["label"].first().reindex(wide.index).to_numpy(np.float64)

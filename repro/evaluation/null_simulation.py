@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from scipy.stats import norm
+from scipy.stats import binomtest
 
 
 def null_pair(
@@ -59,17 +59,6 @@ def null_pair(
     return pd.concat(frames, ignore_index=True)
 
 
-def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion k / n."""
-    if n == 0:
-        return float("nan"), float("nan")
-    z = norm.ppf(0.5 + level / 2)
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return float(centre - half), float(centre + half)
-
-
 def false_positive_rate(
     n_sims: int,
     n_boot: int,
@@ -92,7 +81,8 @@ def false_positive_rate(
         verdicts.append(c["verdict"].iloc[0])
     supported = sum(v == "supported" for v in verdicts)
     claims = sum(v in ("supported", "not supported") for v in verdicts)
-    lo, hi = wilson(supported, n_sims)
+    interval = binomtest(supported, n_sims).proportion_ci(0.95, method="wilson")
+    lo, hi = float(interval.low), float(interval.high)
     return {
         "simulations": n_sims,
         "supported": supported,

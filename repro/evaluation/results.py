@@ -42,6 +42,7 @@ from repro.evaluation.significance import (
     paired_permutation_test,
     verdict,
 )
+from repro.training.loop import TrainResult
 from repro.training.trainer import ModelRun
 
 __all__ = [
@@ -410,7 +411,7 @@ def undertrained(runs: Sequence[ModelRun]) -> set[tuple[str, str]]:
     out = set()
     for r in runs:
         for res in (r.pretrain, r.finetune):
-            if res is not None and getattr(res, "val", None) and not res.converged():
+            if res is not None and res.val and not res.converged():
                 out.add((run_key(r), r.task))
     return out
 
@@ -560,34 +561,35 @@ ALL_RULE = (
 )
 
 
-def _phases(runs: Sequence[ModelRun]) -> list[tuple[ModelRun, str, object]]:
-    """(run, phase name, TrainResult or None), each training run once: pretraining is shared by a backbone's
-    tasks and its MPF run, and one MPF run serves every task."""
+def _phases(runs: Sequence[ModelRun]) -> list[tuple[ModelRun, str, str, str, TrainResult | None]]:
+    """(run, phase name, model label, "pretraining" or "finetuning", TrainResult or None), each training run
+    once: pretraining is shared by a backbone's tasks and its MPF run (MultiBird's is BigBird's), and one MPF
+    run serves every task."""
     out, seen = [], set()
     for r in runs:
         backbone = "bigbird" if r.model == "multibird" else r.model
+        model = label(run_key(r))
         if r.pretrain is not None and ("pretrain", backbone, r.seed) not in seen:
             seen.add(("pretrain", backbone, r.seed))
-            out.append((r, f"pretrain ({r.pretrain.objective.upper()})", r.pretrain))
+            phase = f"pretrain ({r.pretrain.objective.upper()})"
+            out.append(
+                (r, phase, label("bigbird") if r.model == "multibird" else model, "pretraining", r.pretrain)
+            )
         if r.finetune is None:
-            out.append((r, f"fit {r.task}", None))
+            out.append((r, f"fit {r.task}", model, "finetuning", None))
         elif r.mode != "MPF":
-            out.append((r, f"finetune {r.task}", r.finetune))
+            out.append((r, f"finetune {r.task}", model, "finetuning", r.finetune))
         elif ("mpf", backbone, r.seed) not in seen:
             seen.add(("mpf", backbone, r.seed))
-            out.append((r, "finetune MPF (all tasks)", r.finetune))
+            out.append((r, "finetune MPF (all tasks)", model, "finetuning", r.finetune))
     return out
 
 
 def loss_curves(runs: Sequence[ModelRun]) -> pd.DataFrame:
     """Per-step training losses of every pretraining and finetuning run."""
     rows = []
-    for r, phase, res in _phases(runs):
+    for r, phase, model, kind, res in _phases(runs):
         if res is not None:
-            model = (
-                "BigBird" if phase.startswith("pretrain") and r.model == "multibird" else label(run_key(r))
-            )
-            kind = "pretraining" if phase.startswith("pretrain") else "finetuning"
             rows += [
                 {"model": model, "phase": kind, "run": phase, "step": i, "loss": v, "seed": r.seed}
                 for i, v in enumerate(res.losses)
@@ -599,13 +601,11 @@ def learning_curves(runs: Sequence[ModelRun]) -> pd.DataFrame:
     """Every validation of every training run: step, tokens seen, validation loss (and AUROC when
     finetuning), with the run's model, phase, task and seed."""
     rows = []
-    for r, phase, res in _phases(runs):
+    for r, phase, model, kind, res in _phases(runs):
         if res is None:
             continue
-        model = "BigBird" if phase.startswith("pretrain") and r.model == "multibird" else label(run_key(r))
-        kind = "pretraining" if phase.startswith("pretrain") else "finetuning"
         task = "" if kind == "pretraining" else ("MPF" if "MPF" in phase else r.task)
-        for v in getattr(res, "val", []):
+        for v in res.val:
             rows.append(
                 {"model": model, "phase": kind, "objective": res.objective, "task": task, "seed": r.seed, **v}
             )
@@ -616,25 +616,20 @@ def training_table(runs: Sequence[ModelRun]) -> pd.DataFrame:
     """How each model was trained, one row per training run: parameters, kernel path, the budget and the
     steps and epochs it ran, the step whose weights were kept and how it ended, time and tokens/s."""
     rows = []
-    for r, phase, res in _phases(runs):
-        val = getattr(res, "val", None) or []
-        best = next((v for v in val if v["step"] == res.best_step), None) if val else None
+    for r, phase, model, _, res in _phases(runs):
+        best = None if res is None else next((v for v in res.val if v["step"] == res.best_step), None)
         rows.append(
             {
-                "model": "BigBird"
-                if phase.startswith("pretrain") and r.model == "multibird"
-                else label(run_key(r)),
+                "model": model,
                 "phase": phase,
                 "seed": r.seed,
                 "parameters": r.n_params,
                 "kernel path": r.kernel_path,
-                "steps": "-"
-                if res is None
-                else f"{len(res.losses)} / {getattr(res, 'budget', 0) or len(res.losses)}",
-                "epochs": "-" if res is None else f"{getattr(res, 'epochs', 0.0):.2f}",
+                "steps": "-" if res is None else f"{len(res.losses)} / {res.budget or len(res.losses)}",
+                "epochs": "-" if res is None else f"{res.epochs:.2f}",
                 "best step": "-" if best is None else res.best_step,
                 "best val": "-" if best is None else f"{best[res.metric]:.3f} {res.metric}",
-                "ended": "-" if res is None else (res.status if val else "budget (no validation)"),
+                "ended": "-" if res is None else (res.status if res.val else "budget (no validation)"),
                 "seconds": round(r.seconds if res is None else res.seconds, 1),
                 "tokens/s": f"{res.tokens / res.seconds:,.0f}" if res is not None and res.seconds else "-",
             }
@@ -649,11 +644,10 @@ def convergence_table(
     stop, or best validation within 0.5 % over the last 20 % of steps), the epochs they saw, and whether its
     held-out AUROC on `task` is clearly above chance (the CI's lower bound above 0.5)."""
     rows: dict[str, dict[str, list]] = {}
-    for r, phase, res in _phases(runs):
-        model = "BigBird" if phase.startswith("pretrain") and r.model == "multibird" else label(run_key(r))
+    for _, _, model, kind, res in _phases(runs):
         row = rows.setdefault(model, {"pretraining": [], "finetuning": []})
-        if res is not None and getattr(res, "val", None):
-            row["pretraining" if phase.startswith("pretrain") else "finetuning"].append(res)
+        if res is not None and res.val:
+            row[kind].append(res)
     out = []
     for model, phases in rows.items():
         entry: dict[str, object] = {"model": model}
@@ -667,8 +661,7 @@ def convergence_table(
             entry[f"{task} AUROC"], entry["above chance"] = "-", "-"
         else:
             a = m["auroc"]
-            lo = a["lo"]
-            entry[f"{task} AUROC"] = f"{a['estimate']:.3f} [{lo:.3f}, {a['hi']:.3f}]"
-            entry["above chance"] = "yes" if lo > 0.5 else "NO: not clearly above chance"
+            entry[f"{task} AUROC"] = f"{a['estimate']:.3f} [{a['lo']:.3f}, {a['hi']:.3f}]"
+            entry["above chance"] = "yes" if a["lo"] > 0.5 else "NO: not clearly above chance"
         out.append(entry)
     return pd.DataFrame(out)

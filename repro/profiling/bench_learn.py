@@ -118,7 +118,7 @@ def learn(
     data = SequenceDataset(pretrain_samples(prep))
     tp = params.train.for_model("ehrmamba")
     val = val_subset(SequenceDataset(pretrain_samples(prep, meds.tuning_split)), tp.val_samples)
-    per_epoch = max(1, len(data) // tp.batch_size)
+    per_epoch = tp.steps_per_epoch(len(data))
     # validate every `every` steps, never stop early: both models take every step
     tp = dataclasses.replace(tp, val_per_epoch=per_epoch / every, patience=0, checkpoint_every=10**9)
     kw = trainer.build_kwargs("ehrmamba")

@@ -383,7 +383,7 @@ def fit(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(steps, params.warmup_frac))
     metric = "auroc" if objective == "classify" else "loss"
     result = TrainResult(objective=objective, budget=steps, metric=metric)
-    per_epoch = max(1, len(data) // min(params.batch_size, len(data)))
+    per_epoch = params.steps_per_epoch(len(data))
     every = max(1, round(per_epoch / params.val_per_epoch))
     key = run_key(data, params, objective, steps, lr, seed, spec, val)
     start = 0
