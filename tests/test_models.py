@@ -114,6 +114,23 @@ def test_pool_positions():
     torch.testing.assert_close(pool(hidden, mask, causal=False), hidden[:, 0])
 
 
+def test_pool_option_mean_pools_an_encoder():
+    """`pool: mean` (a model_sizes entry) makes an encoder classify from the mean over its real tokens, not
+    [CLS]; the classifier's input is the masked mean of the backbone's hidden states."""
+    batch = make_batch()
+    m = model("cehr_bert", pool="mean", dropout=0.0).eval()
+    assert m.pool_mode == "mean" and m.build_args["pool"] == "mean"
+    with torch.no_grad():
+        hidden = m.hidden(batch)
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        expected = m.cls_head.proj((hidden * mask).sum(1) / mask.sum(1))
+        torch.testing.assert_close(m.classify(batch), expected)
+        assert not torch.allclose(m.classify(batch), m.cls_head.proj(hidden[:, 0]))
+    assert model("cehr_bert").pool_mode is None and model("lstm").pool_mode == "mean"
+    with pytest.raises(ValueError, match="pool"):
+        model("cehr_bert", pool="max")
+
+
 def test_registry_rejects_unknown_names_and_kwargs():
     with pytest.raises(ValueError, match="'multibird'"):
         build_model("multibird", V)  # BigBird + MPF: a training choice, not a backbone

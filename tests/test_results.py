@@ -84,12 +84,35 @@ def test_permutation_p_is_small_for_a_clearly_better_model_and_bh_is_applied():
     ]
 
 
-def test_paper_table_layout_without_transcribed_numbers():
+def test_paper_table_sets_every_paper_cell_beside_ours():
     p = _preds(np.random.default_rng(2), ["ehrmamba", "cehr_bert"])
+    cond = _preds(np.random.default_rng(4), ["ehrmamba"]).assign(task="conditions")
+    cond = pd.concat([cond.assign(target=g) for g in ("I10", "E78")], ignore_index=True)
+    cond.loc[cond["target"] == "E78", "score"] = 1 - cond.loc[cond["target"] == "E78", "score"]
+    preds = pd.concat([p, cond], ignore_index=True)
     ev = results.evaluate_all(p, n_boot=50, ci=0.95)
-    t = results.paper_table(ev, synthetic=True)
-    assert list(t["model"]) == ["CEHR-BERT (paper: CEHR-BERT)", "EHRMamba (paper: EHRMamba)"]
-    assert (t["AUROC paper"] == "—").all()  # nothing transcribed: never a made-up number
+    t = results.paper_table(ev, synthetic=True, preds=preds).set_index(["task", "model"])
+    assert len(t) == 36  # 6 paper rows (3 tasks + 3 conditions) x 6 paper models, 3 metrics each: 108 cells
+    cell = re.compile(r"0\.\d{2,3} \(0\.\d{2,3}\)\*?")
+    for name in ("AUROC", "AUPRC", "F1"):
+        assert t[f"{name} paper"].map(lambda c: bool(cell.fullmatch(c))).all()
+    mamba = t.loc[("mortality_1m (paper: mortality)", "EHRMamba (paper: EHRMamba)")]
+    assert mamba["AUROC paper"] == "0.976 (0.005)*" and mamba["F1 paper"] == "0.784 (0.002)*"
+    assert mamba["AUROC ours"] == f"{ev['mortality_1m']['EHRMamba']['auroc']['estimate']:.3f}"
+    xgb = t.loc[("conditions: E78 (paper: lipoid metabolism)", "Counts + LR (paper: XGBoost)")]
+    assert xgb["AUROC paper"] == "0.91 (0.00)" and xgb["AUROC ours"] == "—"  # as printed; not run: no number
+    # a condition label is scored on its own: E78's scores were flipped, so its AUROC is 1 - I10's
+    i10 = float(t.loc[("conditions: I10 (paper: hypertension)", "EHRMamba (paper: EHRMamba)"), "AUROC ours"])
+    e78 = float(
+        t.loc[("conditions: E78 (paper: lipoid metabolism)", "EHRMamba (paper: EHRMamba)"), "AUROC ours"]
+    )
+    assert i10 > 0.7 and abs(i10 + e78 - 1) < 2e-3
+    assert (
+        t.loc[("conditions: E87 (paper: fluid electrolyte acid base)", "EHRMamba (paper: EHRMamba)")].filter(
+            like="ours"
+        )
+        == "—"
+    ).all()  # a label this run does not have
     assert (t["data"] == "ours: synthetic; paper: MIMIC-IV").all()
 
 

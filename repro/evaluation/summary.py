@@ -94,6 +94,13 @@ def split_sizes(prep: Prepared) -> dict[str, int]:
     return {k: int(v) for k, v in prep.dataset.splits["split"].value_counts().items()}
 
 
+def _models_built(params) -> set[str]:
+    """Backbones the run builds: its models (MultiBird is BigBird), the timed ones and the H4 / H5 ones."""
+    names = {*params.models, *params.efficiency.models, *params.efficiency.long_models}
+    names |= set(params.representations.models) | set(params.mpf_models)
+    return {"bigbird" if n == "multibird" else n for n in names}
+
+
 def run_table(params, env: dict, sha: str | None) -> pd.DataFrame:
     """The run's identity for the appendix: parameters hash, commit, device and package versions."""
     rows = [
@@ -130,6 +137,11 @@ def run_table(params, env: dict, sha: str | None) -> pd.DataFrame:
         *[
             (f"{model}: own settings", ", ".join(f"{k} {v:g}" for k, v in kw.items()))
             for model, kw in params.train.per_model.items()
+        ],
+        *[
+            (f"{model}: size", ", ".join(f"{k} {v}" for k, v in kw.items()))
+            for model, kw in params.model_sizes.items()
+            if kw and model in _models_built(params)
         ],
     ]
     return pd.DataFrame(rows, columns=["item", "value"])

@@ -37,6 +37,9 @@ class LMHead(nn.Module):
         return self.proj(hidden)
 
 
+POOL_MODES = (None, "mean")
+
+
 def pool(hidden: Tensor, attention_mask: Tensor, causal: bool, mode: str | None = None) -> Tensor:
     """One vector per sequence: the last real token for causal models, position 0 ([CLS]) for encoders.
 
@@ -93,8 +96,11 @@ class EHRModel(nn.Module):
         n_out: int = 1,
         cls_dropout: float = 0.1,
         value_head: bool = False,
+        pool: str | None = None,
     ) -> None:
         super().__init__()
+        if pool not in POOL_MODES:
+            raise ValueError(f"pool must be one of {POOL_MODES}, got {pool!r}")
         concept = backbone.embedding.concept
         if concept.num_embeddings != vocab_size:
             raise ValueError(f"backbone vocabulary is {concept.num_embeddings}, EHRModel got {vocab_size}")
@@ -105,6 +111,7 @@ class EHRModel(nn.Module):
         self.cls_head = ClassificationHead(backbone.d_model, n_out, cls_dropout)
         # xVal's numeric head: the value (train z-score) of the next (CLM) or masked (MLM) numeric token
         self.value_head = nn.Linear(backbone.d_model, 1) if value_head else None
+        self.pool = pool  # None: the backbone's own pooling (its `pool` attribute, else last token / [CLS])
         self.build_args: dict | None = None  # set by registry.build_model; checkpoints carry it
 
     @property
@@ -113,8 +120,9 @@ class EHRModel(nn.Module):
 
     @property
     def pool_mode(self) -> str | None:
-        """The backbone's ``pool`` attribute: None (last token / [CLS] by causality) or "mean"."""
-        return getattr(self.backbone, "pool", None)
+        """The classification pooling: the model's ``pool`` argument, else the backbone's ``pool`` attribute;
+        None is the last token (causal) or [CLS] (encoders), "mean" the mean over real tokens."""
+        return self.pool or getattr(self.backbone, "pool", None)
 
     @property
     def pretrain_objective(self) -> str | None:
