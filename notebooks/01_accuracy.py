@@ -65,8 +65,8 @@ figures.show_table(results.condition_labels_table(preds))
 
 # %%
 #| label: tbl-paper
-#| tbl-cap: "Our held-out results in the layout of the EHRMamba paper's Table 1 (count baseline in the XGBoost row), beside the paper's numbers where transcribed. Different data when this run is synthetic: the columns are not comparable as numbers, only as a ranking."
-figures.show_table(results.paper_table(evaluated, prep.synthetic))
+#| tbl-cap: "Our held-out results in the layout of the EHRMamba paper's Table 1 (count baseline in the XGBoost row), beside every cell of the paper's table as printed: mean (SD over three seeds), * a significant improvement over the best baseline. The paper's three conditions are three labels of our conditions task; — where this run did not train the model or has no such label. Different data when this run is synthetic: the columns are not comparable as numbers, only as a ranking."
+figures.show_table(results.paper_table(evaluated, prep.synthetic, preds))
 
 # %%
 #| label: fig-auroc
@@ -90,6 +90,9 @@ real = preds[preds["task"] != "null_task"]
 comparisons = results.h1_comparisons(real, "ehrmamba", params.models, n_boot, ci, **stat_kw)
 comparisons = results.mark_undertrained(comparisons, runs)
 figures.show_table(results.comparison_table(comparisons, ci))
+
+
+# %%
 h1 = results.rule_verdict(comparisons, params.hypotheses["H1"])
 h1_all = results.rule_verdict(comparisons, params.hypotheses["H1 (all)"])
 print(f"H1 headline (EHRMamba beats CEHR-BERT on mortality_1m): {h1}")

@@ -77,6 +77,9 @@ figures.show_table(ef.epoch_table(epochs))
 #| label: tbl-h2
 #| tbl-cap: "H2 comparisons: EHRMamba against each Transformer per batch size at the longest length both trained at (time and memory ratios EHRMamba / Transformer), or the length where one ran out of memory, and the computed verdict."
 figures.show_table(ef.comparison_table(comparisons), floatfmt=".2f")
+
+
+# %%
 h2 = results.overall_verdict(comparisons["verdict"]) if len(comparisons) else "inconclusive"
 print(f"H2 (EHRMamba uses less training time and memory than the Transformers as length grows): {h2}")
 print("Rule per comparison:", scaling.H2_RULE)

@@ -51,6 +51,9 @@ comparisons = results.mark_undertrained(comparisons, runs)
 #| label: tbl-mpf
 #| tbl-cap: "H3: MPF minus single-task finetuning of the same backbone, held-out AUROC per task, with two-level bootstrap 95 % CIs (seeds, then patients), paired permutation p-values and their Benjamini-Hochberg adjustment across this notebook's comparisons, and computed verdicts."
 figures.show_table(results.comparison_table(comparisons, ci))
+
+
+# %%
 verdicts = {
     b: results.rule_verdict(comparisons[comparisons["baseline"] == b], params.hypotheses["H3"])
     for b in params.mpf_models

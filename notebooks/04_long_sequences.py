@@ -76,6 +76,9 @@ figures.show_table(ef.boundary_table(boundary))
 #| label: tbl-h4-memory
 #| tbl-cap: "H4, memory: EHRMamba against each Transformer on the boundary sweep (the length where one of the two ran out of memory while the other trained) and the computed verdict."
 figures.show_table(ef.comparison_table(memory))
+
+
+# %%
 h4_memory = results.overall_verdict(memory["verdict"]) if len(memory) else "inconclusive"
 print(f"H4 memory (Transformers run out of memory where EHRMamba trains): {h4_memory}")
 print("Rule:", scaling.H4_MEMORY_RULE)
@@ -94,6 +97,9 @@ figures.show_table(ef.long_history_table(table, ci))
 #| label: tbl-h4
 #| tbl-cap: "H4, accuracy: EHRMamba at the longest length it trained at minus each Transformer at the longest length it trained at, held-out AUROC on the long-history subgroup (same resampled patients), paired permutation p-values with their Benjamini-Hochberg adjustment, and the computed verdict."
 figures.show_table(results.comparison_table(comparisons, ci))
+
+
+# %%
 h4_accuracy = long_history.headline(comparisons, table)
 h4_all = results.rule_verdict(comparisons, params.hypotheses["H4 (accuracy)"])
 print(f"H4 accuracy headline (EHRMamba beats the best Transformer run on long histories): {h4_accuracy}")

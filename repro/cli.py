@@ -7,6 +7,7 @@ column or parameter and exits with status 2; a bug still shows its traceback.
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -124,9 +125,15 @@ def main(argv: list[str] | None = None) -> int:
             for line in prepare_data(args.params, args.data):
                 print(line)
         elif args.command == "render":
+            from repro.config import project_root
+            from repro.report.pipeline import REPORT_FILES
             from repro.report.render import render_report
 
             run_dir = Path(args.run_dir)
+            if (run_dir / "report.qmd").is_file():  # a run made before a report file existed gets today's
+                for f in REPORT_FILES:
+                    if not (run_dir / f).exists():
+                        shutil.copy2(project_root() / f, run_dir / f)
             written = render_report(run_dir / "report.qmd", run_dir, engine=args.engine)
             for p in written.values():
                 print(p)

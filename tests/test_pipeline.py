@@ -163,7 +163,9 @@ def _tiny_project(root, fail_flag, counter):
     (root / "notebooks" / "b.py").write_text(
         cell + f"# %%\nimport os\nassert not os.path.exists({str(fail_flag)!r}), 'planted failure'\n"
     )
-    for f in ("report.qmd", "_quarto.yml"):
+    from repro.report.pipeline import REPORT_FILES
+
+    for f in REPORT_FILES:
         (root / f).write_text("")
     params = root / "tiny.yaml"
     params.write_text(f"name: tiny\ndevice: cpu\ndata:\n  synthetic: true\n  meds_dir: {root / 'no-data'}\n")
@@ -192,6 +194,28 @@ def test_resume_reruns_only_the_notebook_that_failed(tmp_path, monkeypatch):
     assert not failed.exists()
     with pytest.raises(notebook_exec.RunError, match="no failed run to resume"):
         pipeline.run(str(params), render=False, notebooks=("a", "b"), resume=True, force=True)
+
+
+def test_a_render_that_fails_after_the_notebooks_keeps_the_finished_run(tmp_path, monkeypatch):
+    from repro.report import notebook_exec, pipeline, render
+    from repro.report.pandoc import RenderError
+
+    params = _tiny_project(tmp_path, tmp_path / "never", tmp_path / "count.txt")
+    monkeypatch.setattr(pipeline, "project_root", lambda: tmp_path)
+    monkeypatch.setattr(pipeline, "_check_cohort", lambda params, data_dir: None)
+
+    def no_pandoc(qmd, out_dir, engine="auto"):
+        raise RenderError(f"the offline renderer needs pandoc, rendering {qmd}")
+
+    monkeypatch.setattr(render, "render_report", no_pandoc)
+    final = tmp_path / "outputs" / "tiny"
+    with pytest.raises(notebook_exec.RunError, match=r"every notebook ran.*needs pandoc") as err:
+        pipeline.run(str(params), notebooks=("a", "b"))
+    assert f"repro render {final}" in str(err.value) and ".staging" not in str(err.value)
+    assert (final / "notebooks" / "b.ipynb").exists() and not (tmp_path / "outputs" / "tiny.failed").exists()
+    manifest = json.loads((final / "manifest.json").read_text())
+    assert sorted(manifest["notebooks"]) == ["a", "b"] and "needs pandoc" in manifest["render"]["error"]
+    assert not [p for p in (tmp_path / "outputs").iterdir() if p.name.startswith(".staging")]
 
 
 def test_plan_runs_every_notebook_once_and_timing_notebooks_alone():
@@ -224,7 +248,7 @@ def test_notebooks_of_a_group_run_at_the_same_time(tmp_path, monkeypatch):
             "    assert time.time() - t < 60, 'the other notebook never started'\n    time.sleep(0.1)\n"
         )
     (tmp_path / "notebooks" / "c.py").write_text(head + "# %%\nassert False, 'planted failure'\n")
-    for f in ("report.qmd", "_quarto.yml"):
+    for f in pipeline.REPORT_FILES:
         (tmp_path / f).write_text("")
     params = tmp_path / "tiny.yaml"
     params.write_text(f"name: tiny\ndevice: cpu\nnotebook_jobs: 2\ndata:\n  meds_dir: {tmp_path}\n")

@@ -226,3 +226,43 @@ def test_pdf_tables_leave_column_widths_to_typst() -> None:
     ast["blocks"] = offline._typst_tables(ast["blocks"])
     typ = pandoc._pandoc(exe, json.dumps(ast), "json", "typst")
     assert "columns: 3," in typ and "%" not in typ
+
+
+def test_show_table_marks_missing_values_in_every_view(monkeypatch):
+    import numpy as np
+    import pandas as pd
+    from IPython import display as ipd
+
+    from repro.evaluation import figures
+
+    shown = {}
+    monkeypatch.setattr(ipd, "display", lambda out, raw: shown.update(out))
+    figures.show_table(pd.DataFrame({"AUROC": [0.81234, np.nan], "CI": ["[0.7, 0.9]", "nan"], "n": [3, 4]}))
+    for view in ("text/markdown", "text/html", "text/plain"):
+        assert "nan" not in shown[view].lower() and "None" not in shown[view]
+        assert shown[view].count(figures.MISSING) == 2
+    assert "0.812" in shown["text/markdown"] and "<td>0.812</td>" in shown["text/html"]
+
+
+def test_embedded_cells_output_only_their_table_or_figure():
+    """Quarto embeds a labelled cell's whole output: a print there would sit above the table."""
+    for nb in sorted((Path(__file__).parents[1] / "notebooks").glob("*.py")):
+        for cell in nb.read_text().split("# %%"):
+            label = re.search(r"^#\| label: (\S+)$", cell, re.M)
+            if label:
+                assert "print(" not in cell, f"{nb.name}: cell {label.group(1)} prints"
+
+
+def test_quarto_config_breaks_long_tables_and_links_no_notebook_previews():
+    import yaml
+
+    root = Path(__file__).parents[1]
+    cfg = yaml.safe_load((root / "_quarto.yml").read_text())
+    typst, html = cfg["format"]["typst"], cfg["format"]["html"]
+    assert html["notebook-links"] is False and typst["notebook-links"] is False
+    assert typst["papersize"] == "a4"
+    header = (root / typst["include-in-header"]).read_text()
+    assert "#show figure: set block(breakable: true)" in header
+    from repro.report.pipeline import REPORT_FILES
+
+    assert typst["include-in-header"] in REPORT_FILES  # copied into every run, so `repro render` finds it

@@ -11,20 +11,27 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+MISSING = "—"  # how a missing value reads in every table
+
 
 def show_table(
     df: pd.DataFrame, index: bool = False, floatfmt: str = ".3f", empty: str = "nothing to show"
 ) -> None:
     """Display a table with text/markdown and text/html representations (an empty one as a one-row note
-    saying `empty`, so the report's embed always finds a table)."""
+    saying `empty`, so the report's embed always finds a table). Missing values, and cells already
+    formatted as "nan", show as MISSING."""
     from IPython.display import display
 
     if df.empty:
         df, index = pd.DataFrame({"note": [empty]}), False
-
-    md = df.to_markdown(index=index, floatfmt=floatfmt)
-    html = df.to_html(index=index, float_format=lambda x: format(x, floatfmt), border=0)
-    display({"text/markdown": md, "text/html": html, "text/plain": df.to_string(index=index)}, raw=True)
+    missing = df.isna() | df.apply(lambda c: c.astype(str).str.strip().str.lower().eq("nan"))
+    cells = df.astype(object)
+    # None is what tabulate's missingval replaces; the HTML and text views get the mark itself
+    md = cells.mask(missing, None).to_markdown(index=index, floatfmt=floatfmt, missingval=MISSING)
+    marked = cells.mask(missing, MISSING)
+    html = marked.to_html(index=index, float_format=lambda x: format(x, floatfmt), border=0)
+    text = marked.to_string(index=index)
+    display({"text/markdown": md, "text/html": html, "text/plain": text}, raw=True)
 
 
 def style() -> None:

@@ -81,6 +81,28 @@ def kernel_paths(params: RunParams, device: str | None = None) -> list[dict[str,
     return rows
 
 
+def renderer() -> tuple[str, bool]:
+    """(what would render the report, whether anything would): Quarto when on PATH, else the offline
+    renderer's pandoc and typst; checked here so a GPU run does not find out after its notebooks."""
+    import shutil
+    import subprocess
+
+    quarto = shutil.which("quarto")
+    if quarto:
+        out = subprocess.run([quarto, "--version"], capture_output=True, text=True, check=False).stdout
+        return f"quarto {out.strip() or '(version unknown)'} at {quarto}", True
+    from repro.report.pandoc import RenderError, _pandoc_path
+
+    try:
+        pandoc = _pandoc_path()
+    except RenderError as err:
+        return f"no quarto on PATH, and {err}", False
+    typst = _import("typst", "compile")
+    if typst.startswith("missing"):
+        return f"no quarto on PATH; pandoc at {pandoc}, typst {typst} (pip install typst)", False
+    return f"offline renderer: pandoc at {pandoc}, typst {typst}", True
+
+
 def main(params_file: str, device: str | None = None) -> int:
     """Print the report; 1 when the params' device cannot run every model on its fast path."""
     params = load_params(resolve(params_file))
@@ -89,6 +111,8 @@ def main(params_file: str, device: str | None = None) -> int:
     print(f"repro doctor for {params_file} (device: {want})")
     for item, status in packages():
         print(f"  {item:<{width}} {status}")
+    how, can_render = renderer()
+    print(f"  {'report renderer':<{width}} {how}")
     if want == "cuda" and not torch.cuda.is_available():
         print(f"  {'verdict':<{width}} FAIL: the params ask for cuda and no CUDA device is visible")
         return 1
@@ -98,6 +122,12 @@ def main(params_file: str, device: str | None = None) -> int:
     bad = [r["model"] for r in rows if r["status"] != "ok"]
     if bad:
         print(f"  {'verdict':<{width}} FAIL: {', '.join(bad)} would not run on the fast path (see above)")
+        return 1
+    if not can_render:
+        print(
+            f"  {'verdict':<{width}} FAIL: nothing here renders the report; install Quarto or pypandoc-binary "
+            "and typst, or run with --no-render and render elsewhere (repro render RUN_DIR)"
+        )
         return 1
     print(f"  {'verdict':<{width}} ok: every model runs on the path shown")
     return 0

@@ -1,9 +1,10 @@
 """`repro run`: execute every notebook with papermill into a staging folder, write a manifest, render.
 
 A run is built in `outputs/.staging-<name>-<pid>` and moved to `outputs/<name>` only when every
-notebook ran and the report rendered, so an error never leaves a half-written run where a complete
-one was. A failed run is kept as `outputs/<name>.failed/` with the partial executed notebook, and the
-error names the notebook and the cell.
+notebook ran, so an error never leaves a half-written run where a complete one was. A failed run is kept
+as `outputs/<name>.failed/` with the partial executed notebook, and the error names the notebook and the
+cell. Rendering comes after the move: a render that fails leaves the finished run in `outputs/<name>`
+(its manifest records the error) and says which command renders it.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ NOTEBOOKS = (
     "05_representations",
     "90_verdicts",
 )
-REPORT_FILES = ("report.qmd", "_quarto.yml")
+REPORT_FILES = ("report.qmd", "_quarto.yml", "report-header.typ")
 # Notebooks that run at the same time when params.notebook_jobs > 1; each stage starts once the one before
 # it has finished. 03 and 05 reuse the runs 01 trained; 02 and 04 time training steps, so they have the
 # GPU to themselves; 90 reads every other notebook's results.
@@ -351,17 +352,6 @@ def run(
         save_json(manifest, staging / "manifest.json")
         for f in REPORT_FILES:
             shutil.copy2(root / f, staging / f)
-        if render:
-            from repro.report.render import render_report
-
-            t0 = time.perf_counter()
-            written = render_report(staging / "report.qmd", staging, engine=engine)
-            manifest["render"] = {
-                "seconds": round(time.perf_counter() - t0, 1),
-                "files": sorted(p.name for p in written.values()),
-            }
-        manifest["seconds_total"] = round(time.perf_counter() - t_run, 1)
-        save_json(manifest, staging / "manifest.json")
     except BaseException as exc:
         shutil.rmtree(failed, ignore_errors=True)
         if staging.exists():
@@ -369,6 +359,43 @@ def run(
         if isinstance(exc, RunError):  # point at where the partial notebook now lies
             raise RunError(str(exc).replace(str(staging), str(failed))) from None
         raise
+    # Every notebook finished: from here on nothing moves the run aside. A render that fails leaves it in
+    # place as a finished run (the manifest says why), to be rendered again with `repro render`.
+    render_error = None
+    try:
+        render_error = _render(staging, engine, manifest) if render else None
+    finally:  # an interrupt while rendering still leaves the finished run in place
+        manifest["seconds_total"] = round(time.perf_counter() - t_run, 1)
+        save_json(manifest, staging / "manifest.json")
+        _install(staging, final, outputs, name)
+    if render_error is not None:
+        raise RunError(
+            f"{name}: every notebook ran and the run is at {final}, but rendering failed: "
+            f"{str(render_error).replace(str(staging), str(final))}\n"
+            f"Once that is fixed, render it with: repro render {final}"
+        )
+    return final
+
+
+def _render(staging: Path, engine: str, manifest: dict) -> Exception | None:
+    """Render the staged run's report into it; the error, if any, is returned (and kept in the manifest)."""
+    from repro.report.render import render_report
+
+    t0 = time.perf_counter()
+    try:
+        written = render_report(staging / "report.qmd", staging, engine=engine)
+    except Exception as exc:  # noqa: BLE001 - any renderer failure must leave the finished run in place
+        manifest["render"] = {"error": f"{type(exc).__name__}: {exc}".replace(str(staging), "<run>")}
+        return exc
+    manifest["render"] = {
+        "seconds": round(time.perf_counter() - t0, 1),
+        "files": sorted(p.name for p in written.values()),
+    }
+    return None
+
+
+def _install(staging: Path, final: Path, outputs: Path, name: str) -> None:
+    """Move the finished run into outputs/<name>, replacing an earlier one, and drop an old failed run."""
     if final.exists():
         trash = outputs / f".trash-{name}-{os.getpid()}"
         os.replace(final, trash)
@@ -377,4 +404,3 @@ def run(
     else:
         os.replace(staging, final)
     shutil.rmtree(outputs / f"{name}.failed", ignore_errors=True)
-    return final
