@@ -61,6 +61,11 @@ figures.show_table(summary.cohort_table(prep, lengths))
 fig = figures.token_length_figure(lengths, params.tokenizer.max_len)
 
 # %%
+#| label: tbl-preflight
+#| tbl-cap: "Pre-flight, checked before any training: samples and positives per task, label and split. A binary task below eval.min_label_positives positives or negatives in a split stops the run; a condition label below it is left out (listed here)."
+figures.show_table(summary.preflight_table(prep))
+
+# %%
 #| label: tbl-tokenizer
 #| tbl-cap: "Tokenizer: vocabulary and bins fitted on the train split only, and what was dropped or unknown."
 figures.show_table(summary.tokenizer_table(prep))

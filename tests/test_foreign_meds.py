@@ -35,7 +35,11 @@ def test_sample_dataset_with_static_rows_reads_through_code_patterns(simple_stat
     events = meds.read_events(meds.load_meds(simple_static_MEDS))
     assert (events["time"] == -1).any()  # static rows (null time) are kept as static
     prep = _prepare(simple_static_MEDS, ["mortality_1m"])
-    assert prepare.check_cohort(prep).startswith("0 of 6 subjects have no visit")
+    # six subjects: every visit read, but too few deaths to train on, said before any training
+    with pytest.raises(
+        ParamsError, match=r"task mortality_1m: cannot be trained or evaluated: positives 0 / 0 / 0"
+    ):
+        prepare.check_cohort(prep)
     vocab = set(prep.tokenizer.itos)
     assert {"HR//Q1", "TEMP//Q1"} <= vocab  # foreign vitals read as labs: quantile-binned tokens
     assert not any(v.startswith(("ADMISSION//", "DISCHARGE")) for v in vocab)  # visits became [VS] / [VE]
@@ -69,3 +73,38 @@ def test_extra_columns_and_text_values_do_not_change_the_tokens(tmp_path):
     b = _prepare(extra, ["mortality_1m"], CodePatterns())
     assert a.tokenizer.itos == b.tokenizer.itos
     assert np.array_equal(a.timelines.token_ids, b.timelines.token_ids) and len(a.timelines.token_ids) > 0
+
+
+def test_dry_run_stops_on_a_dataset_without_admissions(generated_sample_MEDS, tmp_path):
+    import yaml
+
+    from repro.report.pipeline import dry_run
+
+    params = yaml.safe_load(open("params/smoke.yaml"))
+    params["tasks"] = ["mortality_1m"]
+    (tmp_path / "foreign.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(
+        ParamsError, match=r"task mortality_1m: no sample in the train split .*\(0 of \d+ subjects"
+    ):
+        dry_run(str(tmp_path / "foreign.yaml"), str(generated_sample_MEDS), name="pytest-foreign-dry")
+
+
+def test_preflight_counts_samples_and_positives_per_split(simple_static_MEDS):
+    prep = _prepare(simple_static_MEDS, ["mortality_1m"])
+    counts = prepare.label_counts(prep)
+    assert counts[["samples train", "samples tuning", "samples held_out"]].sum(axis=1).item() == 6
+    (line,) = prepare.preflight_lines(counts)
+    assert (
+        line.startswith("mortality_1m: samples ")
+        and "positives 0 / 0 / 0 (train / tuning / held_out)" in line
+    )
+
+
+def test_preflight_table_suppresses_small_cells_on_real_data(simple_static_MEDS):
+    from repro.evaluation.summary import preflight_table
+
+    prep = _prepare(simple_static_MEDS, ["mortality_1m"])
+    assert not prep.synthetic
+    row = preflight_table(prep).iloc[0]
+    assert row["task"] == "mortality_1m" and row["status"] == "trained"
+    assert {row[f"samples {s}"] for s in ("train", "tuning", "held_out")} <= {"<10", "0"}

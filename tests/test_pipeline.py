@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -144,13 +145,18 @@ def test_smoke_report_end_to_end():
 
 
 def test_dry_run_checks_everything_and_writes_nothing(capsys):
-    before = sorted(p.name for p in (ROOT / "outputs").iterdir()) if (ROOT / "outputs").exists() else []
+    def listing():
+        out = ROOT / "outputs"
+        return sorted(p.name for p in out.iterdir() if p.name != ".cache") if out.exists() else []
+
+    before = listing()
     assert main(["run", "params/smoke.yaml", "--dry-run", "--name", "pytest-dry"]) == 0
     out = capsys.readouterr().out
     assert "notebook 90_verdicts: parameters injected" in out and out.strip().endswith(
-        "nothing was trained or written"
+        "nothing was trained or written (the data cache is filled)"
     )
-    assert sorted(p.name for p in (ROOT / "outputs").iterdir()) == before
+    assert re.search(r"pre-flight: mortality_1m: samples \d+ / \d+ / \d+, positives \d+ / \d+ / \d+", out)
+    assert listing() == before
 
 
 def _tiny_project(root, fail_flag, counter):
@@ -178,7 +184,7 @@ def test_resume_reruns_only_the_notebook_that_failed(tmp_path, monkeypatch):
     fail_flag, counter = tmp_path / "fail", tmp_path / "count.txt"
     params = _tiny_project(tmp_path, fail_flag, counter)
     monkeypatch.setattr(pipeline, "project_root", lambda: tmp_path)
-    monkeypatch.setattr(pipeline, "_check_cohort", lambda params, data_dir: None)  # no data in this project
+    monkeypatch.setattr(pipeline, "_check_cohort", lambda params, data_dir: [])  # no data in this project
     fail_flag.write_text("x")
     with pytest.raises(
         notebook_exec.RunError, match=r"notebook b failed in cell 3 \(AssertionError: planted failure\)"
@@ -202,7 +208,7 @@ def test_a_render_that_fails_after_the_notebooks_keeps_the_finished_run(tmp_path
 
     params = _tiny_project(tmp_path, tmp_path / "never", tmp_path / "count.txt")
     monkeypatch.setattr(pipeline, "project_root", lambda: tmp_path)
-    monkeypatch.setattr(pipeline, "_check_cohort", lambda params, data_dir: None)
+    monkeypatch.setattr(pipeline, "_check_cohort", lambda params, data_dir: [])
 
     def no_pandoc(qmd, out_dir, engine="auto"):
         raise RenderError(f"the offline renderer needs pandoc, rendering {qmd}")
@@ -253,7 +259,7 @@ def test_notebooks_of_a_group_run_at_the_same_time(tmp_path, monkeypatch):
     params = tmp_path / "tiny.yaml"
     params.write_text(f"name: tiny\ndevice: cpu\nnotebook_jobs: 2\ndata:\n  meds_dir: {tmp_path}\n")
     monkeypatch.setattr(pipeline, "project_root", lambda: tmp_path)
-    monkeypatch.setattr(pipeline, "_check_cohort", lambda params, data_dir: None)
+    monkeypatch.setattr(pipeline, "_check_cohort", lambda params, data_dir: [])
     monkeypatch.setattr(pipeline, "STAGES", (("a", "b"),))
     out = pipeline.run(str(params), render=False, notebooks=("a", "b"))
     manifest = json.loads((out / "manifest.json").read_text())

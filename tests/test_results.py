@@ -87,8 +87,8 @@ def test_permutation_p_is_small_for_a_clearly_better_model_and_bh_is_applied():
 def test_paper_table_sets_every_paper_cell_beside_ours():
     p = _preds(np.random.default_rng(2), ["ehrmamba", "cehr_bert"])
     cond = _preds(np.random.default_rng(4), ["ehrmamba"]).assign(task="conditions")
-    cond = pd.concat([cond.assign(target=g) for g in ("I10", "E78")], ignore_index=True)
-    cond.loc[cond["target"] == "E78", "score"] = 1 - cond.loc[cond["target"] == "E78", "score"]
+    cond = pd.concat([cond.assign(target=g) for g in ("10//I10", "10//E78")], ignore_index=True)
+    cond.loc[cond["target"] == "10//E78", "score"] = 1 - cond.loc[cond["target"] == "10//E78", "score"]
     preds = pd.concat([p, cond], ignore_index=True)
     ev = results.evaluate_all(p, n_boot=50, ci=0.95)
     t = results.paper_table(ev, synthetic=True, preds=preds).set_index(["task", "model"])
@@ -99,18 +99,20 @@ def test_paper_table_sets_every_paper_cell_beside_ours():
     mamba = t.loc[("mortality_1m (paper: mortality)", "EHRMamba (paper: EHRMamba)")]
     assert mamba["AUROC paper"] == "0.976 (0.005)*" and mamba["F1 paper"] == "0.784 (0.002)*"
     assert mamba["AUROC ours"] == f"{ev['mortality_1m']['EHRMamba']['auroc']['estimate']:.3f}"
-    xgb = t.loc[("conditions: E78 (paper: lipoid metabolism)", "Counts + LR (paper: XGBoost)")]
+    xgb = t.loc[("conditions: 10//E78 (paper: lipoid metabolism)", "Counts + LR (paper: XGBoost)")]
     assert xgb["AUROC paper"] == "0.91 (0.00)" and xgb["AUROC ours"] == "—"  # as printed; not run: no number
     # a condition label is scored on its own: E78's scores were flipped, so its AUROC is 1 - I10's
-    i10 = float(t.loc[("conditions: I10 (paper: hypertension)", "EHRMamba (paper: EHRMamba)"), "AUROC ours"])
+    i10 = float(
+        t.loc[("conditions: 10//I10 (paper: hypertension)", "EHRMamba (paper: EHRMamba)"), "AUROC ours"]
+    )
     e78 = float(
-        t.loc[("conditions: E78 (paper: lipoid metabolism)", "EHRMamba (paper: EHRMamba)"), "AUROC ours"]
+        t.loc[("conditions: 10//E78 (paper: lipoid metabolism)", "EHRMamba (paper: EHRMamba)"), "AUROC ours"]
     )
     assert i10 > 0.7 and abs(i10 + e78 - 1) < 2e-3
     assert (
-        t.loc[("conditions: E87 (paper: fluid electrolyte acid base)", "EHRMamba (paper: EHRMamba)")].filter(
-            like="ours"
-        )
+        t.loc[
+            ("conditions: 10//E87 (paper: fluid electrolyte acid base)", "EHRMamba (paper: EHRMamba)")
+        ].filter(like="ours")
         == "—"
     ).all()  # a label this run does not have
     assert (t["data"] == "ours: synthetic; paper: MIMIC-IV").all()

@@ -29,6 +29,28 @@ def token_lengths(prep: Prepared, task: str = "mortality_1m") -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def preflight_table(prep: Prepared) -> pd.DataFrame:
+    """Samples and positives per task, label and split (`prepare.label_counts`), with the labels left out
+    before training because a split had fewer than eval.min_label_positives positives or negatives."""
+    from repro.training.prepare import label_counts
+
+    kept = label_counts(prep).assign(status="trained")
+    k = prep.params.eval.min_label_positives
+    gone = [
+        {"task": task, "label": row["label"], **{c: v for c, v in row.items() if c.startswith("positives")}}
+        for task, d in prep.dropped_labels.items()
+        for row in d.to_dict(orient="records")
+    ]
+    gone_frame = pd.DataFrame(gone).rename(columns=lambda c: c.replace("positives in ", "positives "))
+    if len(gone_frame):
+        gone_frame["status"] = f"left out: fewer than {k} positives or negatives in a split"
+    out = pd.concat([kept, gone_frame], ignore_index=True)
+    counts = [c for c in out.columns if c.startswith(("samples ", "positives "))]
+    suppress = not prep.synthetic  # real data: small cells as "<10", like every cohort table
+    out[counts] = out[counts].map(lambda n: "" if pd.isna(n) else _count(int(n), suppress))
+    return out
+
+
 def cohort_table(prep: Prepared, lengths: pd.DataFrame) -> pd.DataFrame:
     """One column per split: subjects, admissions, label counts and prevalence, token length quantiles."""
     suppress = not prep.synthetic

@@ -183,6 +183,7 @@ def dry_run(
         )
     _check_device(params, params_path)
     lines.append(f"device: {params.device}")
+    lines += _ready_data(params, data_dir)  # labels and tokens (cached), as the run's first step
     with tempfile.TemporaryDirectory() as tmp:
         for nb in notebooks:
             src, nb_in = root / "notebooks" / f"{nb}.py", Path(tmp) / f"{nb}.ipynb"
@@ -202,7 +203,7 @@ def dry_run(
                 progress_bar=False,
             )
             lines.append(f"notebook {nb}: parameters injected (papermill prepare-only)")
-    lines.append("dry run passed: nothing was trained or written")
+    lines.append("dry run passed: nothing was trained or written (the data cache is filled)")
     return lines
 
 
@@ -213,16 +214,25 @@ def _run_name(name: str | None, params_path: Path) -> str:
     return name
 
 
-def _check_cohort(params, data_dir: str | None) -> None:
-    """Label and tokenize once, before any notebook (they reuse the cache), and stop on an empty task."""
+def _check_cohort(params, data_dir: str | None) -> list[str]:
+    """Label and tokenize once, before any notebook (they reuse the cache); return the pre-flight lines
+    (samples and positives per task and split) and stop on a task that cannot be trained or evaluated."""
     import gc
 
-    from repro.training.prepare import check_cohort, prepare
+    from repro.training.prepare import check_cohort, label_counts, preflight_lines, prepare
 
     prep = prepare(params, data_dir)
-    print(f"cohort: {check_cohort(prep)}", file=sys.stderr)
+    lines = [f"pre-flight: {line}" for line in preflight_lines(label_counts(prep))]
+    lines += [
+        f"pre-flight: {task}: label {row['label']} left out (fewer than eval.min_label_positives="
+        f"{params.eval.min_label_positives} positives in a split)"
+        for task, dropped in prep.dropped_labels.items()
+        for row in dropped.to_dict(orient="records")
+    ]
+    lines.append(f"cohort: {check_cohort(prep)}")
     del prep
     gc.collect()
+    return lines
 
 
 def prepare_data(params_file: str, data_dir: str | None = None) -> list[str]:
@@ -234,18 +244,19 @@ def prepare_data(params_file: str, data_dir: str | None = None) -> list[str]:
     from repro.training.variants import prepare_variants
 
     params = load_run_params(Path(params_file).resolve(), data_dir)
-    _ready_data(params, data_dir)
-    return prepare_variants(params, data_dir)
+    lines = _ready_data(params, data_dir)
+    return lines + prepare_variants(params, data_dir)
 
 
-def _ready_data(params, data_dir: str | None) -> None:
-    """Validate user data, or generate the synthetic cohort once; then label and tokenize it (cached)."""
+def _ready_data(params, data_dir: str | None) -> list[str]:
+    """Validate user data, or generate the synthetic cohort once; then label and tokenize it (cached) and
+    return the pre-flight lines (it stops on a task that cannot be trained, before any training)."""
     check_data(None if params.data.synthetic else params.data.meds_dir)  # load_run_params put --data there
     if not data_dir and params.data.synthetic and not params.data.meds_dir:
         from repro.training.prepare import ensure_meds
 
         ensure_meds(params)  # generate the synthetic cohort once, with a progress bar in the terminal
-    _check_cohort(params, data_dir)
+    return _check_cohort(params, data_dir)
 
 
 def _check_target(final: Path, force: bool) -> None:
@@ -289,7 +300,8 @@ def run(
     if resume and not (failed / "manifest.json").exists():
         raise RunError(f"--resume: no failed run to resume at {failed}")
     _check_device(params, params_path)
-    _ready_data(params, data_dir)
+    for line in _ready_data(params, data_dir):
+        print(line, file=sys.stderr)
 
     staging = outputs / f".staging-{name}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)

@@ -60,9 +60,49 @@ class Prepared:
         return self.params.data.synthetic and not self.params.data.meds_dir
 
 
+def label_counts(prep: Prepared) -> pd.DataFrame:
+    """Samples and positives per split for every task and label of the run (aggregates only): what the
+    pre-flight prints and checks before any training."""
+    rows = []
+    for task in prep.params.tasks:
+        df = prep.labels.get(task)
+        if df is None:
+            continue
+        for col in label_columns(df):
+            n = df.groupby("split")[col].count().reindex(SPLITS, fill_value=0)
+            pos = df.groupby("split")[col].sum().reindex(SPLITS, fill_value=0)
+            row = {"task": task, "label": "" if col == "label" else col.removeprefix(LABEL_PREFIX)}
+            row |= {f"samples {k}": int(v) for k, v in n.items()}
+            row |= {f"positives {k}": int(v) for k, v in pos.items()}
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def preflight_lines(counts: pd.DataFrame) -> list[str]:
+    """One line per task: samples and positives per split (a multi-label task: its labels and their fewest
+    positives per split)."""
+    lines = []
+    for task, g in counts.groupby("task", sort=False):
+        n = " / ".join(str(int(g[f"samples {k}"].iloc[0])) for k in SPLITS)
+        if len(g) == 1 and g["label"].iloc[0] == "":
+            pos = " / ".join(str(int(g[f"positives {k}"].iloc[0])) for k in SPLITS)
+            lines.append(f"{task}: samples {n}, positives {pos} ({' / '.join(SPLITS)})")
+        else:
+            low = " / ".join(str(int(g[f"positives {k}"].min())) for k in SPLITS)
+            lines.append(
+                f"{task}: samples {n}, {len(g)} labels, fewest positives of a label {low} ({' / '.join(SPLITS)})"
+            )
+    return lines
+
+
 def check_cohort(prep: Prepared) -> str:
-    """One line on subjects without a visit (they are dropped from every task); a ParamsError naming the
-    task, the split and the code patterns when a task of the run has no sample left in a split."""
+    """Stop before any training, in one line naming the task, when a task of the run cannot be trained or
+    evaluated: no sample left in a split (with the visit code patterns that define samples), or a binary
+    task with fewer than `eval.min_label_positives` positives or negatives in a split (its counts).
+    Condition labels under that threshold were already left out by `prepare` (listed in the report).
+
+    Returns one line on subjects without a visit (they are dropped from every task).
+    """
     n_subjects = len(prep.split_of)
     with_visit = int((prep.n_visits.reindex(list(prep.split_of), fill_value=0) > 0).sum())
     codes = prep.params.data.codes
@@ -76,6 +116,17 @@ def check_cohort(prep: Prepared) -> str:
                     f"{n_subjects} subjects have a visit from data.codes.visit_start={codes.visit_start!r} to "
                     f"visit_end={codes.visit_end!r}); fix data.codes or remove {task} from tasks"
                 )
+    k = prep.params.eval.min_label_positives
+    counts = label_counts(prep)
+    for r in counts[counts["label"] == ""].to_dict(orient="records"):
+        pos = [r[f"positives {s}"] for s in SPLITS]
+        neg = [r[f"samples {s}"] - p for s, p in zip(SPLITS, pos, strict=True)]
+        if min(pos + neg) < k:
+            raise ParamsError(
+                f"task {r['task']}: cannot be trained or evaluated: positives {' / '.join(map(str, pos))} and "
+                f"negatives {' / '.join(map(str, neg))} in {' / '.join(SPLITS)}; every split needs at least "
+                f"eval.min_label_positives={k} of each: remove {r['task']} from tasks"
+            )
     return (
         f"{n_subjects - with_visit:,} of {n_subjects:,} subjects have no visit ({codes.visit_start!r} ... "
         f"{codes.visit_end!r}) and are dropped from every task"
