@@ -20,7 +20,7 @@ import yaml
 
 # The synthetic cohort's mortality mechanisms (repro.data.synthetic documents each and its default strength).
 MECHANISM_NAMES = ("count", "long_range", "order", "trend", "timing", "interaction")
-TASK_NAMES = (
+OUR_TASKS = (
     "mortality_1m",
     "inhospital_mortality_24h",
     "los_1w",
@@ -28,6 +28,11 @@ TASK_NAMES = (
     "conditions",
     "null_task",
 )
+# The EHRMamba paper's tasks that ours do not already cover (its length of stay is los_1w, its
+# readmission readmission_1m): mortality within 32 days, and three conditions as separate binary tasks
+# whose diagnosis groups are `CodePatterns.condition_*` (repro.data.tasks documents each).
+PAPER_TASKS = ("mortality_32d", "condition_hypertension", "condition_fluid_electrolyte", "condition_lipoid")
+TASK_NAMES = (*OUR_TASKS, *PAPER_TASKS)
 BACKBONES = ("ehrmamba", "cehr_bert", "bigbird", "transformer", "mamba2", "hybrid", "lstm")
 MODEL_NAMES = (*BACKBONES, "multibird", "count_lr")  # multibird = BigBird finetuned with MPF
 
@@ -50,6 +55,11 @@ class CodePatterns:
     died_in_hospital: str = r"^HOSPITAL_DISCHARGE//DIED"
     stamped_at_discharge: str = r"^(DIAGNOSIS//|PROCEDURE//ICD//|DRG//)"
     diagnosis_group: str = r"^DIAGNOSIS//ICD//(\d+//[A-Z0-9]{3})"  # capture group = the condition group
+    # The paper's three condition tasks, as patterns over those groups ("<ICD version>//<3 characters>"):
+    # the paper names categories, not codes; these are their ICD-9 categories and ICD-10 equivalents.
+    condition_hypertension: str = r"^(9//40[1-5]|10//I1[0-6])$"  # hypertensive diseases
+    condition_fluid_electrolyte: str = r"^(9//276|10//E8[67])$"  # fluid, electrolyte, acid-base balance
+    condition_lipoid: str = r"^(9//272|10//E78)$"  # disorders of lipoid (lipoprotein) metabolism
     lab: str = r"^LAB//"
     medication: str = r"^MEDICATION//"
     procedure: str = r"^(PROCEDURE//|INFUSION_START//)"
@@ -501,7 +511,7 @@ class RunParams:
     name: str = "smoke"
     device: str = "auto"
     seeds: list[int] = field(default_factory=lambda: [0])
-    tasks: list[str] = field(default_factory=lambda: list(TASK_NAMES))
+    tasks: list[str] = field(default_factory=lambda: list(OUR_TASKS))
     models: list[str] = field(default_factory=lambda: list(MODEL_NAMES))
     model_sizes: dict[str, dict[str, Any]] = field(default_factory=dict)
     match_params: bool = True  # comparison presets: other backbones matched to EHRMamba's count (10 %)

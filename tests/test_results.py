@@ -111,11 +111,18 @@ def test_paper_table_sets_every_paper_cell_beside_ours():
     assert i10 > 0.7 and abs(i10 + e78 - 1) < 2e-3
     assert (
         t.loc[
-            ("conditions: 10//E87 (paper: fluid electrolyte acid base)", "EHRMamba (paper: EHRMamba)")
+            ("condition_fluid_electrolyte (paper: fluid electrolyte acid base)", "EHRMamba (paper: EHRMamba)")
         ].filter(like="ours")
         == "—"
     ).all()  # a label this run does not have
     assert (t["data"] == "ours: synthetic; paper: MIMIC-IV").all()
+    # the paper's own definition, when the run has it, takes the row
+    p32 = p.assign(task="mortality_32d", score=1 - p["score"])
+    ev32 = results.evaluate_all(pd.concat([p, p32], ignore_index=True), n_boot=50, ci=0.95)
+    t32 = results.paper_table(ev32, synthetic=True, preds=preds).set_index(["task", "model"])
+    row = t32.loc[("mortality_32d (paper: mortality)", "EHRMamba (paper: EHRMamba)")]
+    assert row["AUROC ours"] == f"{ev32['mortality_32d']['EHRMamba']['auroc']['estimate']:.3f}"
+    assert not any(task.startswith("mortality_1m") for task, _ in t32.index)
 
 
 def test_reliability_frame_counts_every_held_out_row_and_tracks_a_calibrated_model():

@@ -103,3 +103,21 @@ def test_truth_of_the_other_tasks_matches_their_labels(cohort):
     hf = cond["label::10//I50"]
     q = pd.Series(tp, index=truth.index).reindex(hf.index)
     assert abs(hf.mean() - q.mean()) < 0.04
+
+
+def test_truth_of_the_paper_tasks_matches_their_labels(cohort):
+    ev = read_events(load_meds(cohort))
+    truth = pq.read_table(cohort / "truth" / "last_admission.parquet").to_pandas()
+    probs = true_probabilities(truth)
+    assert np.array_equal(probs["mortality_32d"], probs["mortality_1m"])  # no death 31-32 days after
+    for task, group in (
+        ("condition_hypertension", "I10"),
+        ("condition_fluid_electrolyte", "E87"),
+        ("condition_lipoid", "E78"),
+    ):
+        # the generator's one group in each category: the task's truth is that group's
+        assert np.allclose(probs[task], probs["conditions"][group]), task
+        lab = build_task(task, ev, CodePatterns()).set_index("subject_id")["label"]
+        q = pd.Series(probs[task], index=truth["subject_id"]).reindex(lab.index)
+        assert abs(lab.mean() - q.mean()) < 0.04, task  # calibrated on average
+        assert lab[q > q.median()].mean() > 2 * lab[q <= q.median()].mean(), task

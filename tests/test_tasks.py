@@ -8,10 +8,13 @@ from conftest import hand_events, ts
 
 from repro.config import CodePatterns
 from repro.data.tasks import (
+    CONDITION_TASKS,
     LABEL_PREFIX,
     build_task,
     label_columns,
     los_1w,
+    mortality_1m,
+    mortality_32d,
     readmission_1m,
 )
 
@@ -80,3 +83,60 @@ def test_conditions_groups_chosen_on_train_only():
 
 def test_label_columns_binary():
     assert label_columns(build_task("mortality_1m", hand_events(), P)) == ["label"]
+
+
+def test_paper_mortality_counts_deaths_up_to_32_days_after_the_last_discharge():
+    t0 = ts("2150-01-01")
+    rows = [(sid, t0, t0 + 2 * D) for sid in range(4)]
+    deaths = pd.Series(
+        {0: t0 + 2 * D + 29 * D, 1: t0 + 2 * D + 31 * D, 2: t0 + 2 * D + 32 * D, 3: t0 + 2 * D + 33 * D}
+    )
+    paper = mortality_32d(visits(rows), deaths).set_index("subject_id")
+    ours = mortality_1m(visits(rows), deaths).set_index("subject_id")
+    assert paper["label"].tolist() == [1, 1, 1, 0] and ours["label"].tolist() == [1, 0, 0, 0]
+    assert (paper["prediction_time"] == t0 + 2 * D).all()  # the last event: the discharge
+
+
+def _two_stays(sid: int, first_dx: str, last_dx: str, t0: int) -> list[tuple]:
+    """A subject with a diagnosis stamped at each of two discharges."""
+    return [
+        (sid, t0, "HOSPITAL_ADMISSION//EW EMER.//EMERGENCY ROOM"),
+        (sid, t0 + 2 * D, f"DIAGNOSIS//ICD//{first_dx}"),
+        (sid, t0 + 2 * D, "HOSPITAL_DISCHARGE//HOME"),
+        (sid, t0 + 40 * D, "HOSPITAL_ADMISSION//EW EMER.//EMERGENCY ROOM"),
+        (sid, t0 + 43 * D, f"DIAGNOSIS//ICD//{last_dx}"),
+        (sid, t0 + 43 * D, "HOSPITAL_DISCHARGE//HOME"),
+    ]
+
+
+def test_paper_condition_tasks_read_their_codes_in_the_last_admission_only():
+    t0 = ts("2150-01-01")
+    dx = {  # subject: (diagnosis of the first stay, of the last stay)
+        1: ("10//K219", "10//I10"),  # essential hypertension (ICD-10)
+        2: ("10//K219", "9//4019"),  # essential hypertension (ICD-9)
+        3: ("10//K219", "10//I132"),  # hypertensive heart and kidney disease
+        4: ("10//K219", "10//E871"),  # hyposmolality: fluid / electrolyte
+        5: ("10//K219", "9//2761"),  # the same in ICD-9
+        6: ("10//K219", "10//E785"),  # hyperlipidaemia
+        7: ("10//K219", "9//2724"),  # the same in ICD-9
+        8: ("10//I10", "10//K219"),  # hypertension in the first stay only: not a positive
+        9: ("10//K219", "10//I20"),  # angina: none of the three
+    }
+    rows = [r for sid, (a, b) in dx.items() for r in _two_stays(sid, a, b, t0)]
+    ev = pd.DataFrame(
+        {
+            "subject_id": np.array([r[0] for r in rows], np.int64),
+            "time": np.array([r[1] for r in rows], np.int64),
+            "code": [r[2] for r in rows],
+            "numeric_value": np.full(len(rows), np.nan, np.float32),
+        }
+    )
+    got = {name: build_task(name, ev, P).set_index("subject_id") for name in CONDITION_TASKS}
+    positives = {name: sorted(g.index[g["label"] == 1]) for name, g in got.items()}
+    assert positives == {
+        "condition_hypertension": [1, 2, 3],
+        "condition_fluid_electrolyte": [4, 5],
+        "condition_lipoid": [6, 7],
+    }
+    for g in got.values():  # predicted at the first discharge: the stay holding the diagnosis is not input
+        assert (g["prediction_time"] == t0 + 2 * D).all() and len(g) == len(dx)

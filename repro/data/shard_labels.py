@@ -15,7 +15,7 @@ from repro.data.meds import (
     TIME,
     ShardArrays,
 )
-from repro.data.tasks import LABEL_PREFIX, TASKS, conditions
+from repro.data.tasks import CONDITION_TASKS, LABEL_PREFIX, TASKS, condition_task, conditions
 from repro.data.tokenizer import Tokenizer
 
 N_CONDITION_GROUPS = inspect.signature(conditions).parameters["n_groups"].default
@@ -32,6 +32,7 @@ class CodeTable:
     death: np.ndarray  # bool
     birth: np.ndarray  # bool
     group: np.ndarray  # object: diagnosis group (the pattern's capture group) or None
+    condition_patterns: dict[str, str]  # the paper's condition tasks: task -> pattern over groups
 
 
 def code_table(dictionary: list[str], tok: Tokenizer) -> CodeTable:
@@ -58,6 +59,7 @@ def code_table(dictionary: list[str], tok: Tokenizer) -> CodeTable:
         death=flags(p.death),
         birth=flags(p.birth),
         group=np.array(groups, dtype=object),
+        condition_patterns={name: getattr(p, name) for name in CONDITION_TASKS},
     )
 
 
@@ -176,12 +178,15 @@ def label_shard(sh: ShardArrays, ct: CodeTable, v: ShardVisits, tasks: list[str]
     """`build_task` for each task on one shard's subjects (identical rows, since tasks are per subject)."""
     visits = v.frame()
     deaths = _first_time_per_subject(sh, ct.death)
-    frames = {name: TASKS[name](visits, deaths) for name in tasks if name != "conditions"}
+    frames = {name: TASKS[name](visits, deaths) for name in tasks if name in TASKS}
     base = present = None
-    if "conditions" in tasks:
+    if "conditions" in tasks or set(tasks) & set(CONDITION_TASKS):
         # The same samples as readmission_1m: predicted at the second-to-last discharge.
         base = TASKS["readmission_1m"](visits, deaths).drop(columns="label")
         present = _present_groups(sh, ct, v)
+        # one shard holds every event of its subjects, so the paper's condition tasks are labelled here
+        for name in set(tasks) & set(CONDITION_TASKS):
+            frames[name] = condition_task(base, present, ct.condition_patterns[name])
     return ShardLabels(frames, base, present, visits.groupby(SUBJECT).size())
 
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,8 +54,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from repro.config import MECHANISM_NAMES
-from repro.data.tasks import NULL_RATE
+from repro.config import MECHANISM_NAMES, CodePatterns
+from repro.data.tasks import CONDITION_TASKS, NULL_RATE
 
 GENERATOR_VERSION = 5  # bump when the generated data change, so cached cohorts are not reused
 US_PER_HOUR = 3_600_000_000
@@ -662,13 +663,23 @@ def true_probabilities(truth: pa.Table | object) -> dict[str, np.ndarray]:
     mortality_1m = P(die in stay) + P(survive stay) * P(die within 30 d after);
     inhospital_mortality_24h = P(die in stay); los_1w = P(stay > 7 days); readmission_1m = P(next
     admission within 30 days of the second-to-last discharge) (NaN with one admission);
-    conditions = {group: P(group diagnosed in the last admission)}; null_task = its constant rate.
+    conditions = {group: P(group diagnosed in the last admission)}; null_task = its constant rate;
+    mortality_32d = mortality_1m (no death falls 31-32 days after discharge); each paper condition task =
+    P(any of its groups diagnosed in the last admission).
     """
     df = truth.to_pandas() if hasattr(truth, "to_pandas") else truth
     p_in = df["p_in_hospital"].to_numpy()
     p_post = df["p_post_30d"].to_numpy()
-    return {
+    patterns = CodePatterns()
+    paper_conditions = {}
+    for name in CONDITION_TASKS:  # P(any of the task's groups diagnosed in the last admission)
+        groups = [g for g, _, _, _ in CONDITIONS if re.search(getattr(patterns, name), f"10//{g}")]
+        p_none = np.prod([1.0 - df[f"p_condition_{g}"].to_numpy() for g in groups], axis=0)
+        paper_conditions[name] = 1.0 - p_none
+    return paper_conditions | {
         "mortality_1m": p_in + (1.0 - p_in) * p_post,
+        # deaths after discharge fall 1-30 days after it, or 35 days or later: the same 32-day probability
+        "mortality_32d": p_in + (1.0 - p_in) * p_post,
         "inhospital_mortality_24h": p_in,
         "los_1w": df["p_los_7d"].to_numpy(),
         "readmission_1m": df["p_readmission_30d"].to_numpy(),

@@ -79,7 +79,7 @@ def _last_visits(visits: pd.DataFrame) -> pd.DataFrame:
     return visits.groupby(SUBJECT, sort=True).tail(1).reset_index(drop=True)
 
 
-def mortality_1m(visits: pd.DataFrame, deaths: pd.Series) -> pd.DataFrame:
+def mortality_1m(visits: pd.DataFrame, deaths: pd.Series, days: int = 30) -> pd.DataFrame:
     """Death in the last admission or within 30 days after its discharge; predicted at discharge.
 
     Out-of-hospital deaths in MIMIC-IV carry a date only (00:00), so a death dated on the admission
@@ -88,7 +88,7 @@ def mortality_1m(visits: pd.DataFrame, deaths: pd.Series) -> pd.DataFrame:
     last = _last_visits(visits)
     death = last[SUBJECT].map(deaths)
     admit_day = last["admit"] - last["admit"] % US_PER_DAY
-    in_window = death.notna() & (death >= admit_day) & (death <= last["discharge"] + 30 * US_PER_DAY)
+    in_window = death.notna() & (death >= admit_day) & (death <= last["discharge"] + days * US_PER_DAY)
     label = last["died_in_hospital"] | in_window
     return pd.DataFrame(
         {
@@ -99,6 +99,12 @@ def mortality_1m(visits: pd.DataFrame, deaths: pd.Series) -> pd.DataFrame:
             "label": label.to_numpy().astype(np.int64),
         }
     )
+
+
+def mortality_32d(visits: pd.DataFrame, deaths: pd.Series) -> pd.DataFrame:
+    """The paper's mortality: death within 32 days after the last event of the history, which here is the
+    last admission's discharge (death in that stay counts); predicted at that discharge."""
+    return mortality_1m(visits, deaths, days=32)
 
 
 def inhospital_mortality_24h(visits: pd.DataFrame, deaths: pd.Series) -> pd.DataFrame:
@@ -247,6 +253,18 @@ def conditions(
 LABEL_PREFIX = "label::"
 
 
+def condition_task(base: pd.DataFrame, present: pd.DataFrame, pattern: str) -> pd.DataFrame:
+    """One of the paper's condition tasks: a diagnosis group matching `pattern` (a `CodePatterns.condition_*`)
+    recorded in the last admission; the samples and prediction time of `conditions` (the second-to-last
+    discharge, so the admission that holds the diagnosis is not in the input).
+
+    `base`: readmission_1m's rows without the label; `present`: `condition_groups`.
+    """
+    rx = re.compile(pattern)
+    hit = present.loc[present["group"].map(lambda g: rx.search(g) is not None), SUBJECT].unique()
+    return base.assign(label=np.isin(base[SUBJECT].to_numpy(), hit).astype(np.int64))
+
+
 def label_columns(df: pd.DataFrame) -> list[str]:
     """The label column(s) of a task frame: ["label"] for binary tasks, ["label::<group>", ...] for conditions."""
     multi = [c for c in df.columns if c.startswith(LABEL_PREFIX)]
@@ -259,7 +277,9 @@ TASKS = {
     "los_1w": los_1w,
     "readmission_1m": readmission_1m,
     "null_task": null_task,
+    "mortality_32d": mortality_32d,
 }
+CONDITION_TASKS = ("condition_hypertension", "condition_fluid_electrolyte", "condition_lipoid")
 
 
 def build_task(
@@ -273,11 +293,15 @@ def build_task(
 
     `conditions` needs `train_subjects`: its groups are chosen on the train split only.
     """
-    if name not in TASKS and name != "conditions":
-        raise ValueError(f"unknown task {name!r}; known: {sorted([*TASKS, 'conditions'])}")
+    known = [*TASKS, "conditions", *CONDITION_TASKS]
+    if name not in known:
+        raise ValueError(f"unknown task {name!r}; known: {sorted(known)}")
     if visits is None:
         visits = find_visits(events, patterns)
     deaths = death_times(events, patterns)
+    if name in CONDITION_TASKS:
+        base = readmission_1m(visits, deaths).drop(columns="label")
+        return condition_task(base, condition_groups(events, visits, patterns), getattr(patterns, name))
     if name == "conditions":
         if train_subjects is None:
             raise ValueError("task conditions: train_subjects is required (groups are chosen on train)")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from repro.config import TASK_NAMES
+
 PAD, UNK, CLS, VS, VE, REG, MASK = 0, 1, 2, 3, 4, 5, 6
 
 
@@ -14,14 +16,7 @@ SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[VS]", "[VE]", "[REG]", "[MASK]"]
 INTERVALS = [f"[W_{k}]" for k in range(4)] + [f"[M_{k}]" for k in range(13)] + ["[LT]"]
 
 
-TASK_TOKENS = [
-    "[TASK_mortality_1m]",
-    "[TASK_inhospital_mortality_24h]",
-    "[TASK_los_1w]",
-    "[TASK_readmission_1m]",
-    "[TASK_conditions]",
-    "[TASK_null_task]",
-]
+TASK_TOKENS = [f"[TASK_{t}]" for t in TASK_NAMES]  # MPF prompts, one per task a run may have
 
 
 RESERVED = SPECIALS + INTERVALS + TASK_TOKENS

@@ -236,8 +236,9 @@ def paper_table(
     """Our held-out AUROC / AUPRC / F1 in the layout of the EHRMamba paper's Table 1, beside every cell of
     it as printed (repro/resources/paper_table1.yaml: mean (SD over three seeds), "*" significant).
 
-    The paper's three conditions are single binary tasks; ours are three labels of `conditions`, scored
-    from `preds` per label. A model or task this run did not train shows "—" on our side, never a number.
+    Each paper row takes the first of its candidate tasks (paper_table1.yaml `rows`) this run has: the
+    paper's own definition, else ours, else a label of `conditions` scored from `preds`. A model or task
+    this run did not train shows "—" on our side, never a number.
     """
     from importlib.resources import files
 
@@ -245,22 +246,27 @@ def paper_table(
 
     paper = yaml.safe_load(files("repro.resources").joinpath("paper_table1.yaml").read_text())
     values = paper["values"]
-    ours_by_row: list[tuple[str, str, Callable[[str], dict | None]]] = [
-        (task, paper_task, lambda m, task=task: (evaluated.get(task) or {}).get(label(m)))
-        for task, paper_task in paper["tasks"].items()
-    ]
-    ours_by_row += [
-        (
-            f"conditions: {group}",
-            paper_task,
-            lambda m, group=group: None if preds is None else label_metrics(preds, "conditions", group, m),
-        )
-        for group, paper_task in paper["condition_labels"].items()
-    ]
+
+    def ours_of(candidate: str) -> Callable[[str], dict | None] | None:
+        """Our metrics of one candidate row for a model, or None when this run lacks the task / label."""
+        if candidate.startswith("conditions: "):
+            group = candidate.removeprefix("conditions: ")
+            if preds is None or not ((preds["task"] == "conditions") & (preds["target"] == group)).any():
+                return None
+            return lambda m: label_metrics(preds, "conditions", group, m)
+        if candidate not in evaluated:
+            return None
+        return lambda m: evaluated[candidate].get(label(m))
+
+    ours_by_row = []
+    for paper_task, candidates in paper["rows"].items():
+        found = [(c, f) for c in candidates if (f := ours_of(c)) is not None]
+        task, of = found[0] if found else (candidates[0], lambda m: None)
+        ours_by_row.append((task, paper_task, of))
     rows = []
-    for task, paper_task, ours_of in ours_by_row:
+    for task, paper_task, of in ours_by_row:
         for model, paper_model in paper["models"].items():
-            ours = ours_of(model)
+            ours = of(model)
             row = {
                 "task": f"{task} (paper: {paper_task.replace('_', ' ')})",
                 "model": f"{label(model)} (paper: {paper_model})",
