@@ -77,6 +77,9 @@ class DataParams:
     generator_seed: int = 7
     shard_size: int = 250
     split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    # The paper's splits: this fraction of the train split's patients only pretrains and the rest only
+    # finetunes (disjoint; 0: every train patient does both). 57 / (57 + 28) = 0.67 gives its proportions.
+    pretrain_only: float = 0.0
     codes: CodePatterns = field(default_factory=CodePatterns)
     # strengths of the synthetic cohort's mortality mechanisms (logit units; 0 switches one off); a name
     # left out keeps its default (repro.data.synthetic.MECHANISMS)
@@ -101,6 +104,8 @@ class DataParams:
             raise ParamsError(
                 f"data.split_fractions must be 3 numbers summing to 1, got {self.split_fractions}"
             )
+        if not 0 <= self.pretrain_only < 1:
+            raise ParamsError(f"data.pretrain_only must be in [0, 1), got {self.pretrain_only}")
 
 
 TOKEN_VALUES = ("fused", "unfused", "soft", "xval")

@@ -197,3 +197,28 @@ def test_runs_are_validated_on_tuning_and_the_tables_say_how_they_ended(prep, tm
     assert conv.loc["EHRMamba", "finetuning: on plateau"] == "0 / 1"
     assert conv.loc["Counts + LR", "pretraining: on plateau"] == "-"
     assert conv["above chance"].isin(["yes", "NO: not clearly above chance"]).all()
+
+
+def test_paper_splits_keep_pretraining_and_finetuning_patients_apart(prep):
+    import dataclasses
+
+    import meds
+
+    from repro.training.prepare import pretrain_samples
+
+    root = prep.meds_dir
+    params = dataclasses.replace(prep.params, tasks=["mortality_1m", "readmission_1m"])
+    params.data = dataclasses.replace(params.data, pretrain_only=0.67)
+    paper = prepare(params, data_dir=root, cache=False)
+    train = {int(s) for s in paper.dataset.subjects(meds.train_split)}
+    only = set(paper.pretrain_only)
+    assert only < train and 0.5 < len(only) / len(train) < 0.8
+    for task, df in paper.labels.items():  # no pretraining patient is finetuned or scored
+        assert not set(df["subject_id"]) & only, task
+    assert len(pretrain_samples(paper)) == len(only & set(paper.timelines.index()))
+    # held_out and tuning untouched; without the option every train patient does both
+    for task in params.tasks:
+        for split in (meds.tuning_split, meds.held_out_split):
+            before, after = prep.labels[task], paper.labels[task]
+            assert (after["split"] == split).sum() == (before["split"] == split).sum(), (task, split)
+    assert not prep.pretrain_only and len(pretrain_samples(prep)) > len(pretrain_samples(paper))

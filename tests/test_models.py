@@ -131,6 +131,27 @@ def test_pool_option_mean_pools_an_encoder():
         model("cehr_bert", pool="max")
 
 
+def test_cehr_bert_without_absolute_positions():
+    """positions="none": no position table; the output still depends on token order through time only."""
+    with_pos, without = (
+        model("cehr_bert", dropout=0.0).eval(),
+        model("cehr_bert", dropout=0.0, positions="none"),
+    )
+    assert (
+        count_params(with_pos) - count_params(without.eval()) == 512 * SMALL["d_model"]
+    )  # max_len x d_model
+    batch = make_batch()
+    swapped = {k: v.clone() for k, v in batch.items()}
+    for k in swapped:  # swap tokens 1 and 2 of every row with all their side arrays: a pure reordering
+        swapped[k][:, [1, 2]] = batch[k][:, [2, 1]]
+    with torch.no_grad():
+        a, b = without.hidden(batch), without.hidden(swapped)
+        torch.testing.assert_close(a[:, 1], b[:, 2])  # permutation-equivariant without positions
+        assert not torch.allclose(with_pos.hidden(batch)[:, 1], with_pos.hidden(swapped)[:, 2])
+    with pytest.raises(ValueError, match="positions"):
+        model("cehr_bert", positions="rope")
+
+
 def test_registry_rejects_unknown_names_and_kwargs():
     with pytest.raises(ValueError, match="'multibird'"):
         build_model("multibird", V)  # BigBird + MPF: a training choice, not a backbone

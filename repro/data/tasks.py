@@ -149,6 +149,17 @@ NULL_RATE = 0.2  # P(label 1) of the null task
 _NULL_SALT = np.uint64(0x5EED_0F_4E11)
 
 
+def hash_unit(subject_ids, salt: int) -> np.ndarray:
+    """A uniform number in [0, 1) per subject id, a fixed hash (splitmix64's finaliser) of the id and `salt`:
+    the same on any data and independent of every event and of which other subjects are present."""
+    x = np.asarray(subject_ids, dtype=np.int64).astype(np.uint64) ^ np.uint64(salt)
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps by design
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) / 2.0**53
+
+
 def null_labels(subject_ids) -> np.ndarray:
     """Labels drawn independently of every event: a hash of the subject id below NULL_RATE.
 
@@ -157,13 +168,7 @@ def null_labels(subject_ids) -> np.ndarray:
     >>> null_labels(np.arange(10_000)).mean().round(2)
     np.float64(0.2)
     """
-    x = np.asarray(subject_ids, dtype=np.int64).astype(np.uint64) ^ _NULL_SALT
-    with np.errstate(over="ignore"):  # splitmix64's finaliser: uint64 arithmetic wraps by design
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x = x ^ (x >> np.uint64(31))
-    u = (x >> np.uint64(11)).astype(np.float64) / 2.0**53
-    return (u < NULL_RATE).astype(np.int64)
+    return (hash_unit(subject_ids, int(_NULL_SALT)) < NULL_RATE).astype(np.int64)
 
 
 def null_task(visits: pd.DataFrame, deaths: pd.Series) -> pd.DataFrame:

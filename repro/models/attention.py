@@ -22,7 +22,14 @@ def _init_bert(module: nn.Module) -> None:
 
 
 class CEHRBert(nn.Module):
-    """CEHR embeddings + learned absolute positions -> ``n_layers`` encoder layers -> LayerNorm."""
+    """CEHR embeddings + learned absolute positions -> ``n_layers`` encoder layers -> LayerNorm.
+
+    ``positions="none"`` drops the absolute positions (the CEHR embedding's time and visit order still
+    place each token): on the smoke cohort at 512 tokens that brought CEHR-BERT's MLM validation loss
+    from 4.00 to 3.88 after 2 epochs (BigBird, rotary: 3.81); not yet measured at the default size.
+    """
+
+    POSITIONS = ("learned", "none")
 
     causal = False
     pretrain_objective = "mlm"
@@ -39,13 +46,16 @@ class CEHRBert(nn.Module):
         n_types: int = 10,
         max_visits: int = 64,
         dropout: float = 0.1,
+        positions: str = "learned",
     ) -> None:
         super().__init__()
         check_sizes("CEHRBert", vocab_size=vocab_size, d_model=d_model, n_layers=n_layers)
+        if positions not in self.POSITIONS:
+            raise ValueError(f"CEHRBert positions must be one of {self.POSITIONS}, got {positions!r}")
         check_heads("CEHRBert", d_model, n_heads)
         self.d_model, self.max_len = d_model, max_len
         self.embedding = CEHREmbedding(vocab_size, d_model, n_types, max_visits, dropout=dropout)
-        self.position = nn.Embedding(max_len, d_model)
+        self.position = nn.Embedding(max_len, d_model) if positions == "learned" else None
         layer = nn.TransformerEncoderLayer(
             d_model,
             n_heads,
@@ -64,7 +74,9 @@ class CEHRBert(nn.Module):
         """Batch dict (CONTRACTS.md) -> hidden states [B, L, D]; pad positions attend but are never attended."""
         L = batch["input_ids"].shape[1]
         check_length("CEHRBert", L, self.max_len)
-        x = self.embedding(batch) + self.position.weight[:L]
+        x = self.embedding(batch)
+        if self.position is not None:
+            x = x + self.position.weight[:L]
         pad = batch["attention_mask"] == 0
         pad[:, 0] = False  # keep [CLS] attendable so an all-pad row cannot turn the softmax into NaN
         return self.encoder(x, src_key_padding_mask=pad)

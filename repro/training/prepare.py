@@ -29,12 +29,13 @@ from repro.data.synthetic import (
     true_probabilities,
     write_synthetic_meds,
 )
-from repro.data.tasks import LABEL_PREFIX, label_columns
+from repro.data.tasks import LABEL_PREFIX, hash_unit, label_columns
 from repro.data.timelines import Timelines
 from repro.data.tokenizer import Encoded, Tokenizer
 from repro.data.vocab import CLS, N_TOKEN_TYPES
 
 SPLITS = (meds.train_split, meds.tuning_split, meds.held_out_split)
+PRETRAIN_ONLY_SALT = 0x57_28_15  # the paper's 57 / 28 / 15 split
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Prepared:
     cache_dir: Path | None = None  # where the tokenized data are cached (None: built in memory)
     truth: pd.DataFrame | None = None  # the synthetic generator's truth per subject (None on real data)
     dropped_labels: dict[str, pd.DataFrame] = field(default_factory=dict)  # task -> labels left out, counts
+    pretrain_only: frozenset[int] = frozenset()  # train patients that only pretrain (data.pretrain_only)
 
     @property
     def synthetic(self) -> bool:
@@ -202,6 +204,7 @@ def prepare(
         progress=progress,
     )
     split_of = dict(zip(dataset.splits[SUBJECT].astype(int), dataset.splits["split"]))
+    pretrain_only = pretrain_only_subjects(split_of, params.data.pretrain_only)
     labels = {}
     truth = None
     truth_path = root / "truth" / "last_admission.parquet"
@@ -211,6 +214,7 @@ def prepare(
     for task in params.tasks:
         df = data.labels[task].copy()
         df["split"] = df[SUBJECT].map(split_of)
+        df = df[~df[SUBJECT].isin(pretrain_only)]  # the paper's splits: they only pretrain
         if truth is not None:
             _attach_truth(df, task, truth, probs)
         labels[task] = df.reset_index(drop=True)
@@ -239,6 +243,7 @@ def prepare(
         cache_dir=data.cache_dir,
         truth=truth,
         dropped_labels={task: d for task, d in dropped.items() if len(d)},
+        pretrain_only=pretrain_only,
     )
 
 
@@ -300,11 +305,27 @@ def encode_samples(
     return items, df
 
 
+def pretrain_only_subjects(split_of: dict[int, str], fraction: float) -> frozenset[int]:
+    """The train patients that only pretrain under the paper's splits: a fixed hash of the subject id
+    below `fraction`, so the set does not depend on row order, shards or the other patients.
+
+    >>> ids = {i: "train" for i in range(10_000)} | {-1: "held_out"}
+    >>> round(len(pretrain_only_subjects(ids, 0.67)) / 10_000, 2), -1 in pretrain_only_subjects(ids, 0.99)
+    (0.67, False)
+    """
+    if fraction <= 0:
+        return frozenset()
+    train = np.array([s for s, split in split_of.items() if split == meds.train_split], dtype=np.int64)
+    return frozenset(int(s) for s in train[hash_unit(train, PRETRAIN_ONLY_SALT) < fraction])
+
+
 def pretrain_samples(prep: Prepared, split: str = meds.train_split) -> list[Encoded]:
     """A split's subjects' most recent `max_len` tokens of their whole history, no labels: the train split
-    pretrains, the tuning split validates pretraining."""
+    pretrains (only its pretraining patients under the paper's splits), the tuning split validates."""
     index = prep.timelines.index()
     ids = [s for s in prep.dataset.subjects(split) if int(s) in index]
+    if split == meds.train_split and prep.pretrain_only:
+        ids = [s for s in ids if int(s) in prep.pretrain_only]
     return [prep.tokenizer.encode(prep.timelines, index[int(s)]) for s in ids]
 
 
