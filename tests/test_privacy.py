@@ -29,7 +29,8 @@ model_sizes:
 data: {synthetic: true, n_subjects: 400, shard_size: 200}
 tokenizer: {max_len: 64, n_bins: 3}
 train: {batch_size: 16, eval_batch_size: 64, pretrain_steps: 2, finetune_steps: 2, workers: 1, num_threads: 1}
-eval: {n_bootstrap: 20, n_permutations: 20, null_simulations: 4, null_resamples: 20, min_label_positives: 2}
+# 40 held-out patients: in-hospital deaths can be a single one (the pre-flight needs one of each class)
+eval: {n_bootstrap: 20, n_permutations: 20, null_simulations: 4, null_resamples: 20, min_label_positives: 1}
 efficiency:
   models: [ehrmamba, transformer]
   lengths: [16, 32]
