@@ -31,7 +31,8 @@ OUR_TASKS = (
 # The EHRMamba paper's tasks that ours do not already cover (its length of stay is los_1w, its
 # readmission readmission_1m): mortality within 32 days, and three conditions as separate binary tasks
 # whose diagnosis groups are `CodePatterns.condition_*` (repro.data.tasks documents each).
-PAPER_TASKS = ("mortality_32d", "condition_hypertension", "condition_fluid_electrolyte", "condition_lipoid")
+CONDITION_TASKS = ("condition_hypertension", "condition_fluid_electrolyte", "condition_lipoid")
+PAPER_TASKS = ("mortality_32d", *CONDITION_TASKS)
 TASK_NAMES = (*OUR_TASKS, *PAPER_TASKS)
 BACKBONES = ("ehrmamba", "cehr_bert", "bigbird", "transformer", "mamba2", "hybrid", "lstm")
 MODEL_NAMES = (*BACKBONES, "multibird", "count_lr")  # multibird = BigBird finetuned with MPF

@@ -676,10 +676,11 @@ def true_probabilities(truth: pa.Table | object) -> dict[str, np.ndarray]:
         groups = [g for g, _, _, _ in CONDITIONS if re.search(getattr(patterns, name), f"10//{g}")]
         p_none = np.prod([1.0 - df[f"p_condition_{g}"].to_numpy() for g in groups], axis=0)
         paper_conditions[name] = 1.0 - p_none
+    mortality = p_in + (1.0 - p_in) * p_post
     return paper_conditions | {
-        "mortality_1m": p_in + (1.0 - p_in) * p_post,
+        "mortality_1m": mortality,
         # deaths after discharge fall 1-30 days after it, or 35 days or later: the same 32-day probability
-        "mortality_32d": p_in + (1.0 - p_in) * p_post,
+        "mortality_32d": mortality,
         "inhospital_mortality_24h": p_in,
         "los_1w": df["p_los_7d"].to_numpy(),
         "readmission_1m": df["p_readmission_30d"].to_numpy(),

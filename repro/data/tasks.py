@@ -16,7 +16,7 @@ import re
 import numpy as np
 import pandas as pd
 
-from repro.config import CodePatterns
+from repro.config import CONDITION_TASKS, CodePatterns
 from repro.data.meds import CODE, SUBJECT, TIME
 
 US_PER_HOUR = 3_600_000_000
@@ -80,10 +80,10 @@ def _last_visits(visits: pd.DataFrame) -> pd.DataFrame:
 
 
 def mortality_1m(visits: pd.DataFrame, deaths: pd.Series, days: int = 30) -> pd.DataFrame:
-    """Death in the last admission or within 30 days after its discharge; predicted at discharge.
+    """Death in the last admission or within `days` (30) days after its discharge; predicted at discharge.
 
     Out-of-hospital deaths in MIMIC-IV carry a date only (00:00), so a death dated on the admission
-    day still counts; the window is [admit day start, discharge + 30 days], with no hole.
+    day still counts; the window is [admit day start, discharge + `days` days], with no hole.
     """
     last = _last_visits(visits)
     death = last[SUBJECT].map(deaths)
@@ -284,7 +284,6 @@ TASKS = {
     "null_task": null_task,
     "mortality_32d": mortality_32d,
 }
-CONDITION_TASKS = ("condition_hypertension", "condition_fluid_electrolyte", "condition_lipoid")
 
 
 def build_task(

@@ -174,16 +174,9 @@ def dry_run(
     lines = [f"params: {params_path} (hash {params.hash()}), run name {name!r}"]
     _check_target(final, force)
     lines.append(f"output: {final}" + (" (exists; --force will replace it)" if final.exists() else ""))
-    if not params.data.synthetic:  # load_run_params put --data there
-        n = check_data(str(Path(params.data.meds_dir).resolve()))
-        lines.append(f"data: {params.data.meds_dir}: every shard valid, {n:,} events")
-    else:
-        lines.append(
-            f"data: synthetic cohort of {params.data.n_subjects:,} subjects (generated or reused from cache)"
-        )
     _check_device(params, params_path)
     lines.append(f"device: {params.device}")
-    lines += _ready_data(params, data_dir)  # labels and tokens (cached), as the run's first step
+    lines += _ready_data(params, data_dir)  # data validated, labels and tokens (cached): the run's first step
     with tempfile.TemporaryDirectory() as tmp:
         for nb in notebooks:
             src, nb_in = root / "notebooks" / f"{nb}.py", Path(tmp) / f"{nb}.ipynb"
@@ -222,14 +215,15 @@ def _check_cohort(params, data_dir: str | None) -> list[str]:
     from repro.training.prepare import check_cohort, label_counts, preflight_lines, prepare
 
     prep = prepare(params, data_dir)
-    lines = [f"pre-flight: {line}" for line in preflight_lines(label_counts(prep))]
+    counts = label_counts(prep)
+    lines = [f"pre-flight: {line}" for line in preflight_lines(counts)]
     lines += [
         f"pre-flight: {task}: label {row['label']} left out (fewer than eval.min_label_positives="
         f"{params.eval.min_label_positives} positives in a split)"
         for task, dropped in prep.dropped_labels.items()
         for row in dropped.to_dict(orient="records")
     ]
-    lines.append(f"cohort: {check_cohort(prep)}")
+    lines.append(f"cohort: {check_cohort(prep, counts)}")
     del prep
     gc.collect()
     return lines
@@ -250,13 +244,20 @@ def prepare_data(params_file: str, data_dir: str | None = None) -> list[str]:
 
 def _ready_data(params, data_dir: str | None) -> list[str]:
     """Validate user data, or generate the synthetic cohort once; then label and tokenize it (cached) and
-    return the pre-flight lines (it stops on a task that cannot be trained, before any training)."""
-    check_data(None if params.data.synthetic else params.data.meds_dir)  # load_run_params put --data there
+    return the data line and the pre-flight lines (it stops on a task that cannot be trained, before any
+    training)."""
+    if not params.data.synthetic:  # load_run_params put --data there
+        n = check_data(params.data.meds_dir)
+        lines = [f"data: {params.data.meds_dir}: every shard valid, {n:,} events"]
+    else:
+        lines = [
+            f"data: synthetic cohort of {params.data.n_subjects:,} subjects (generated or reused from cache)"
+        ]
     if not data_dir and params.data.synthetic and not params.data.meds_dir:
         from repro.training.prepare import ensure_meds
 
         ensure_meds(params)  # generate the synthetic cohort once, with a progress bar in the terminal
-    return _check_cohort(params, data_dir)
+    return lines + _check_cohort(params, data_dir)
 
 
 def _check_target(final: Path, force: bool) -> None:

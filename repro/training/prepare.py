@@ -97,13 +97,14 @@ def preflight_lines(counts: pd.DataFrame) -> list[str]:
     return lines
 
 
-def check_cohort(prep: Prepared) -> str:
+def check_cohort(prep: Prepared, counts: pd.DataFrame | None = None) -> str:
     """Stop before any training, in one line naming the task, when a task of the run cannot be trained or
     evaluated: no sample left in a split (with the visit code patterns that define samples), or a binary
     task with fewer than `eval.min_label_positives` positives or negatives in a split (its counts).
     Condition labels under that threshold were already left out by `prepare` (listed in the report).
 
-    Returns one line on subjects without a visit (they are dropped from every task).
+    `counts`: `label_counts(prep)`, when the caller has it. Returns one line on subjects without a visit
+    (they are dropped from every task).
     """
     n_subjects = len(prep.split_of)
     with_visit = int((prep.n_visits.reindex(list(prep.split_of), fill_value=0) > 0).sum())
@@ -119,7 +120,7 @@ def check_cohort(prep: Prepared) -> str:
                     f"visit_end={codes.visit_end!r}); fix data.codes or remove {task} from tasks"
                 )
     k = prep.params.eval.min_label_positives
-    counts = label_counts(prep)
+    counts = label_counts(prep) if counts is None else counts
     for r in counts[counts["label"] == ""].to_dict(orient="records"):
         pos = [r[f"positives {s}"] for s in SPLITS]
         neg = [r[f"samples {s}"] - p for s, p in zip(SPLITS, pos, strict=True)]
