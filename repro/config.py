@@ -165,6 +165,7 @@ PER_MODEL_KEYS = (
     "warmup_frac",
     "weight_decay",
     "batch_size",
+    "finetune_batch_size",
     "pretrain_epochs",
     "finetune_epochs",
 )
@@ -182,6 +183,7 @@ class TrainParams:
     """
 
     batch_size: int = 16
+    finetune_batch_size: int | None = None  # None: batch_size (the paper finetuned at other batches)
     eval_batch_size: int = 64
     pretrain_epochs: float = 1.0
     finetune_epochs: float = 1.0
@@ -205,6 +207,8 @@ class TrainParams:
     per_model: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.finetune_batch_size is not None and self.finetune_batch_size < 1:
+            raise ParamsError(f"train.finetune_batch_size must be >= 1, got {self.finetune_batch_size}")
         for name in ("batch_size", "eval_batch_size", "val_samples"):
             if getattr(self, name) < 1:
                 raise ParamsError(f"train.{name} must be >= 1, got {getattr(self, name)}")
@@ -247,12 +251,21 @@ class TrainParams:
             except ParamsError as exc:
                 raise ParamsError(f"train.per_model.{model}: {exc}") from None
 
-    def for_model(self, model: str) -> TrainParams:
-        """These settings with `model`'s entries of `per_model` applied (its own copy: nothing is shared)."""
+    def for_model(self, *models: str) -> TrainParams:
+        """These settings with each of `models`' entries of `per_model` applied in turn (its own copy:
+        nothing is shared); MultiBird's finetuning is ``for_model("bigbird", "multibird")``."""
         overrides = {
-            k: int(v) if k == "batch_size" else float(v) for k, v in self.per_model.get(model, {}).items()
+            k: int(v) if k.endswith("batch_size") else float(v)
+            for model in models
+            for k, v in self.per_model.get(model, {}).items()
         }
         return dataclasses.replace(self, per_model={}, **overrides) if overrides else self
+
+    def finetuning(self) -> TrainParams:
+        """These settings as finetuning uses them: batch_size is finetune_batch_size when that is set."""
+        if self.finetune_batch_size is None or self.finetune_batch_size == self.batch_size:
+            return self
+        return dataclasses.replace(self, batch_size=self.finetune_batch_size)
 
     def steps(self, phase: str, n_samples: int) -> int:
         """Steps of `phase` ("pretrain" or "finetune") over `n_samples`: the fixed count when set, else the
@@ -520,6 +533,9 @@ class RunParams:
     tasks: list[str] = field(default_factory=lambda: list(OUR_TASKS))
     models: list[str] = field(default_factory=lambda: list(MODEL_NAMES))
     model_sizes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # tokens a backbone reads, the most recent of its history (the paper fed CEHR-BERT and the LSTM 512 and
+    # the others 2048); at most tokenizer.max_len, which every backbone left out reads and counts + LR counts
+    input_lengths: dict[str, int] = field(default_factory=dict)
     match_params: bool = True  # comparison presets: other backbones matched to EHRMamba's count (10 %)
     mpf_models: list[str] = field(default_factory=lambda: ["ehrmamba", "cehr_bert"])
     data: DataParams = field(default_factory=DataParams)
@@ -554,6 +570,15 @@ class RunParams:
         bad = [m for m in self.model_sizes if m not in BACKBONES]
         if bad:
             raise ParamsError(f"model_sizes has unknown models {bad}; known: {list(BACKBONES)}")
+        bad = [m for m in self.input_lengths if m not in BACKBONES]
+        if bad:
+            raise ParamsError(f"input_lengths has unknown models {bad}; known: {list(BACKBONES)}")
+        for model, n in self.input_lengths.items():
+            if not isinstance(n, int) or not 4 <= n <= self.tokenizer.max_len:
+                raise ParamsError(
+                    f"input_lengths.{model} must be a whole number of tokens in [4, tokenizer.max_len = "
+                    f"{self.tokenizer.max_len}], got {n!r}"
+                )
         bad = [m for m in self.mpf_models if m not in BACKBONES]
         if bad:
             raise ParamsError(f"mpf_models has unknown backbones {bad}; known: {list(BACKBONES)}")

@@ -222,3 +222,34 @@ def test_paper_splits_keep_pretraining_and_finetuning_patients_apart(prep):
             before, after = prep.labels[task], paper.labels[task]
             assert (after["split"] == split).sum() == (before["split"] == split).sum(), (task, split)
     assert not prep.pretrain_only and len(pretrain_samples(prep)) > len(pretrain_samples(paper))
+
+
+def test_a_model_with_its_own_input_length_reads_only_its_most_recent_tokens(prep, tmp_path):
+    """The paper fed CEHR-BERT and the LSTM 512 tokens and the others 2048: `input_lengths` cuts one
+    model's samples (pretraining and finetuning) to the tail of the run's window, the others keep it."""
+    import dataclasses
+
+    import meds
+
+    from repro.config import ParamsError
+    from repro.training.prepare import model_kwargs, pretrain_samples
+
+    short = 16
+    params = dataclasses.replace(prep.params, input_lengths={"cehr_bert": short})
+    cut = dataclasses.replace(prep, params=params)
+    trainer = Trainer(cut, tmp_path / "work", progress=False)
+    assert trainer.input_len("cehr_bert") == short and trainer.input_len("ehrmamba") is None
+    assert model_kwargs(params, "cehr_bert")["max_len"] == short
+    assert model_kwargs(params, "transformer")["max_len"] == params.tokenizer.max_len
+    full, _ = trainer.samples("mortality_1m", meds.train_split)
+    mine, _ = trainer.samples("mortality_1m", meds.train_split, max_len=short)
+    assert max(len(e) for e in full) > short >= max(len(e) for e in mine)
+    long_one = next(i for i, e in enumerate(full) if len(e) > short)
+    # the most recent tokens are kept: the short sample ends as the full one does
+    assert list(mine[long_one].input_ids[-4:]) == list(full[long_one].input_ids[-4:])
+    assert max(len(e) for e in pretrain_samples(cut, meds.train_split, short)) <= short
+    run = trainer.run("cehr_bert", "mortality_1m", 0)
+    assert run.pretrain.steps_run and set(run.predictions["split"]) == {"tuning", "held_out"}
+    for bad in ({"cehr_bert": params.tokenizer.max_len + 1}, {"xgboost": 512}, {"lstm": 2.5}):
+        with pytest.raises(ParamsError, match="input_lengths"):
+            dataclasses.replace(prep.params, input_lengths=bad)

@@ -337,6 +337,23 @@ def test_epoch_budgets_and_per_model_settings():
         TrainParams(per_model={"ehrmamba": {"lr": 2.0}})
     with pytest.raises(ParamsError, match="unknown model"):
         TrainParams(per_model={"gpt": {"lr": 0.1}})
+    # the paper's per-model batches: pretraining at batch_size, finetuning at finetune_batch_size; MultiBird's
+    # entries apply on top of BigBird's
+    paper = TrainParams(
+        batch_size=32,
+        finetune_epochs=1.0,
+        per_model={
+            "bigbird": {"finetune_batch_size": 26, "finetune_epochs": 3, "lr": 5e-5},
+            "multibird": {"finetune_epochs": 6},
+        },
+    )
+    bird = paper.for_model("bigbird")
+    assert bird.batch_size == 32 and bird.finetuning().batch_size == 26
+    assert bird.finetuning().steps("finetune", 260) == 30 and paper.finetuning() is paper
+    multi = paper.for_model("bigbird", "multibird")
+    assert (multi.finetune_epochs, multi.finetune_batch_size, multi.lr) == (6.0, 26, 5e-5)
+    with pytest.raises(ParamsError, match="finetune_batch_size"):
+        TrainParams(finetune_batch_size=0)
 
 
 @pytest.mark.parametrize(

@@ -143,7 +143,13 @@ def run_table(params, env: dict, sha: str | None) -> pd.DataFrame:
         ("bootstrap resamples", f"{params.eval.n_bootstrap:,}"),
         ("permutations per test", f"{params.eval.n_permutations:,}"),
         ("alpha (after Benjamini-Hochberg)", f"{params.eval.alpha:g}"),
-        ("max_len", str(params.tokenizer.max_len)),
+        (
+            "input tokens (the most recent)",
+            ", ".join(
+                [f"{m} {n:,}" for m, n in params.input_lengths.items()]
+                + [f"{'the others' if params.input_lengths else 'every model'} {params.tokenizer.max_len:,}"]
+            ),
+        ),
         ("pretraining / finetuning budget", _budget(params.train)),
         (
             "validation / early stopping",

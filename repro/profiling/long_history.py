@@ -59,6 +59,12 @@ def at_length(prep, length: int, sizes: Mapping[str, Mapping[str, Any]] | None =
     train = dataclasses.replace(
         params.train,
         batch_size=eff.long_batch_size,
+        finetune_batch_size=None,
+        # H4 trains every model at its one long batch: per-model batches (the paper's) do not apply
+        per_model={
+            m: {k: v for k, v in kw.items() if not k.endswith("batch_size")}
+            for m, kw in params.train.per_model.items()
+        },
         # scoring batches hold as many tokens as the run's own at max_len (never fewer rows than training)
         eval_batch_size=max(
             eff.long_batch_size, params.train.eval_batch_size * params.tokenizer.max_len // length
@@ -69,7 +75,7 @@ def at_length(prep, length: int, sizes: Mapping[str, Mapping[str, Any]] | None =
     )
     tok_params = dataclasses.replace(params.tokenizer, max_len=length)
     new = dataclasses.replace(
-        params, tokenizer=tok_params, train=train, model_sizes=sizes, match_params=False
+        params, tokenizer=tok_params, train=train, model_sizes=sizes, match_params=False, input_lengths={}
     )
     tok = copy.copy(prep.tokenizer)
     tok.params = tok_params

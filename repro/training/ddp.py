@@ -46,8 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         model = trainer.build(args.model, args.seed)
         objective = getattr(model.backbone, "pretrain_objective", "clm" if model.causal else "mlm")
         tp = params.train.for_model(args.model)
-        data = SequenceDataset(pretrain_samples(prep))
-        val = val_subset(SequenceDataset(pretrain_samples(prep, meds.tuning_split)), tp.val_samples)
+        n = trainer.input_len(args.model)
+        data = SequenceDataset(pretrain_samples(prep, meds.train_split, n))
+        val = val_subset(SequenceDataset(pretrain_samples(prep, meds.tuning_split, n)), tp.val_samples)
         steps = args.steps or tp.steps("pretrain", len(data))
         spec = {
             "name": args.model,

@@ -279,6 +279,22 @@ def _attach_truth(df: pd.DataFrame, task: str, truth: pd.DataFrame, probs: dict)
             df[f"true_prob::{group}"] = df[SUBJECT].map(pd.Series(probs["conditions"][key], index=ids))
 
 
+def input_len(params: RunParams, name: str) -> int:
+    """Tokens model `name` reads, the most recent of each history: `params.input_lengths`, else
+    tokenizer.max_len (MultiBird reads what BigBird reads; counts + LR always counts tokenizer.max_len)."""
+    backbone = "bigbird" if name == "multibird" else name
+    return int(params.input_lengths.get(backbone, params.tokenizer.max_len))
+
+
+def _tokenizer_at(prep: Prepared, max_len: int | None) -> Tokenizer:
+    """The run's tokenizer keeping the most recent `max_len` tokens (None: the run's tokenizer.max_len)."""
+    if max_len is None or max_len == prep.tokenizer.params.max_len:
+        return prep.tokenizer
+    tok = copy.copy(prep.tokenizer)
+    tok.params = dataclasses.replace(tok.params, max_len=max_len)
+    return tok
+
+
 def encode_samples(
     prep: Prepared, task: str, split: str, prompt: str | None = None, max_len: int | None = None
 ) -> tuple[list[Encoded], pd.DataFrame]:
@@ -290,10 +306,7 @@ def encode_samples(
     df = prep.labels[task]
     df = df[df["split"] == split].reset_index(drop=True)
     index = prep.timelines.index()
-    tok = prep.tokenizer
-    if max_len is not None:
-        tok = copy.copy(tok)
-        tok.params = dataclasses.replace(tok.params, max_len=max_len)
+    tok = _tokenizer_at(prep, max_len)
     task_id = tok.task_token_id(task)
     first = task_id if prompt == "first" else CLS
     items = [
@@ -320,14 +333,18 @@ def pretrain_only_subjects(split_of: dict[int, str], fraction: float) -> frozens
     return frozenset(int(s) for s in train[hash_unit(train, PRETRAIN_ONLY_SALT) < fraction])
 
 
-def pretrain_samples(prep: Prepared, split: str = meds.train_split) -> list[Encoded]:
-    """A split's subjects' most recent `max_len` tokens of their whole history, no labels: the train split
-    pretrains (only its pretraining patients under the paper's splits), the tuning split validates."""
+def pretrain_samples(
+    prep: Prepared, split: str = meds.train_split, max_len: int | None = None
+) -> list[Encoded]:
+    """A split's subjects' most recent `max_len` (default tokenizer.max_len) tokens of their whole history,
+    no labels: the train split pretrains (only its pretraining patients under the paper's splits), the
+    tuning split validates."""
     index = prep.timelines.index()
     ids = [s for s in prep.dataset.subjects(split) if int(s) in index]
     if split == meds.train_split and prep.pretrain_only:
         ids = [s for s in ids if int(s) in prep.pretrain_only]
-    return [prep.tokenizer.encode(prep.timelines, index[int(s)]) for s in ids]
+    tok = _tokenizer_at(prep, max_len)
+    return [tok.encode(prep.timelines, index[int(s)]) for s in ids]
 
 
 def model_kwargs(params: RunParams, name: str) -> dict[str, Any]:
@@ -335,7 +352,7 @@ def model_kwargs(params: RunParams, name: str) -> dict[str, Any]:
     kw = dict(params.model_sizes.get(name, {}))
     kw.update(n_types=N_TOKEN_TYPES, max_visits=params.tokenizer.max_visits)
     if name in LENGTH_BOUND:
-        kw.setdefault("max_len", params.tokenizer.max_len)
+        kw.setdefault("max_len", input_len(params, name))
     if params.tokenizer.values == "xval":
         kw["value_head"] = True  # xVal pretrains a numeric head beside the token head
     return kw

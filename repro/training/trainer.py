@@ -24,6 +24,7 @@ from repro.training.loop import TrainResult, fit, predict, resolve_device, val_s
 from repro.training.prepare import (
     Prepared,
     encode_samples,
+    input_len,
     long_predictions,
     model_kwargs,
     mpf_dataset,
@@ -60,7 +61,7 @@ class Trainer:
         self.progress = progress
         self._pretrained: dict[tuple[str, int], tuple[dict, TrainResult | None]] = {}
         self._data: dict[tuple, tuple[list[Encoded], pd.DataFrame]] = {}
-        self._pretrain: dict[str, list[Encoded]] = {}
+        self._pretrain: dict[tuple[str, int | None], list[Encoded]] = {}
         self._kwargs: dict[str, dict[str, Any]] = {}
         self._mpf: dict[tuple[str, int], dict[str, ModelRun]] = {}
         self._stored: dict[str, Any] = {}  # runs read from work/runs/, so each file is read once
@@ -76,10 +77,16 @@ class Trainer:
             self._data[key] = encode_samples(self.prep, task, split, prompt, max_len)
         return self._data[key]
 
-    def _pretrain_items(self, split: str = meds.train_split) -> list[Encoded]:
-        if split not in self._pretrain:
-            self._pretrain[split] = pretrain_samples(self.prep, split)
-        return self._pretrain[split]
+    def _pretrain_items(self, split: str = meds.train_split, max_len: int | None = None) -> list[Encoded]:
+        if (split, max_len) not in self._pretrain:
+            self._pretrain[split, max_len] = pretrain_samples(self.prep, split, max_len)
+        return self._pretrain[split, max_len]
+
+    def input_len(self, name: str) -> int | None:
+        """The tokens `name` reads when the params give it its own length (params.input_lengths), else None:
+        the run's tokenizer.max_len, whose encoded samples every such model shares."""
+        n = input_len(self.prep.params, name)
+        return None if n == self.prep.params.tokenizer.max_len else n
 
     def _val(self, data: SequenceDataset) -> SequenceDataset:
         """The fixed subset of a tuning-split dataset that validates a run."""
@@ -120,7 +127,8 @@ class Trainer:
             objective = getattr(model.backbone, "pretrain_objective", "clm" if model.causal else "mlm")
             res = None
             tp = self.prep.params.train.for_model(name)
-            data = SequenceDataset(self._pretrain_items())
+            n = self.input_len(name)
+            data = SequenceDataset(self._pretrain_items(meds.train_split, n))
             steps = tp.steps("pretrain", len(data))
             if objective and steps:
                 res = fit(
@@ -140,7 +148,7 @@ class Trainer:
                     },
                     progress=self.progress,
                     desc=f"pretrain {name} s{seed}",
-                    val=self._val(SequenceDataset(self._pretrain_items(meds.tuning_split))),
+                    val=self._val(SequenceDataset(self._pretrain_items(meds.tuning_split, n))),
                 )
             self._pretrained[key] = (
                 {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
@@ -191,8 +199,10 @@ class Trainer:
 
     def _run(self, name: str, task: str, seed: int) -> ModelRun:
         t0 = time.perf_counter()
-        # counts + LR reads the same max_len window as the sequence models (DESIGN.md section 7)
-        tr_items, tr_df = self.samples(task, meds.train_split)
+        # counts + LR reads the run's max_len window, as every sequence model without its own input length
+        # (DESIGN.md section 7)
+        n = None if name == "count_lr" else self.input_len(name)
+        tr_items, tr_df = self.samples(task, meds.train_split, max_len=n)
         cols = label_columns(tr_df)
         frames = []
         if name == "count_lr":
@@ -216,9 +226,9 @@ class Trainer:
         else:
             model, pre = self.pretrained(name, seed)
             model.set_n_outputs(len(cols))
-            tp = self.prep.params.train.for_model(name)
+            tp = self.prep.params.train.for_model(name).finetuning()
             data = SequenceDataset(tr_items, tr_df[cols].to_numpy())
-            tu_items, tu_df = self.samples(task, meds.tuning_split)
+            tu_items, tu_df = self.samples(task, meds.tuning_split, max_len=n)
             ft = fit(
                 model,
                 data,
@@ -234,7 +244,7 @@ class Trainer:
                 val=self._val(SequenceDataset(tu_items, tu_df[cols].to_numpy())),
             )
             for split in (meds.tuning_split, meds.held_out_split):
-                items, df = self.samples(task, split)
+                items, df = self.samples(task, split, max_len=n)
                 frames.append(
                     long_predictions(
                         df, predict(model, SequenceDataset(items), self.device, tp.eval_batch_size)
@@ -261,10 +271,12 @@ class Trainer:
         model, pre = self.pretrained(name, seed)
         prompt = "last" if model.causal else "first"
         tasks = self.prep.params.tasks
-        data, spans = mpf_dataset({t: self.samples(t, meds.train_split, prompt) for t in tasks})
-        val, _ = mpf_dataset({t: self.samples(t, meds.tuning_split, prompt) for t in tasks})
+        n = self.input_len(name)
+        data, spans = mpf_dataset({t: self.samples(t, meds.train_split, prompt, n) for t in tasks})
+        val, _ = mpf_dataset({t: self.samples(t, meds.tuning_split, prompt, n) for t in tasks})
         model.set_n_outputs(data.labels.shape[1])
-        tp = self.prep.params.train.for_model(name)
+        # BigBird's MPF run is MultiBird: its own settings (params.train.per_model.multibird) win
+        tp = self.prep.params.train.for_model(name, *(["multibird"] if name == "bigbird" else [])).finetuning()
         # a fixed step budget is per task, so MPF gets the single-task runs' total; an epoch budget over the
         # pooled samples is that total already
         steps = tp.steps("finetune", len(data))
@@ -288,7 +300,7 @@ class Trainer:
         for task in tasks:
             frames = []
             for split in (meds.tuning_split, meds.held_out_split):
-                it, df = self.samples(task, split, prompt)
+                it, df = self.samples(task, split, prompt, n)
                 p = predict(model, SequenceDataset(it), self.device, tp.eval_batch_size)[:, spans[task]]
                 frames.append(long_predictions(df, p))
             out[task] = ModelRun(
