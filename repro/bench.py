@@ -11,6 +11,10 @@
 - `python -m repro.bench learn --params params/default.yaml --steps 1500`: our EHRMamba against mamba_ssm's
   MambaLMHeadModel of the same size, same stream, loop and steps, two seeds: validation CLM loss side by
   side (repro.profiling.bench_learn).
+- `python -m repro.bench paper --out bench-paper.json`: the paper's efficiency claim measured its way,
+  EHRMamba against MultiBird at the paper's sizes and 2048 tokens: tokens/s at the paper's batch sizes, the
+  largest batch that fits, and time per epoch extrapolated to the paper's data beside its numbers, with the
+  EHRMamba / MultiBird ratios (repro.profiling.bench_paper).
 """
 
 from __future__ import annotations
@@ -29,10 +33,17 @@ def main(argv: list[str] | None = None) -> int:
         from repro.profiling.bench_step import main as step_main
 
         return step_main(argv[1:])
+    if argv and argv[0] == "paper":
+        from repro.profiling.bench_paper import main as paper_main
+
+        return paper_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m repro.bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("data", help="the MEDS data path at scale (see python -m repro.bench data --help)")
     sub.add_parser("step", help="EHRMamba vs bare mamba_ssm train step on one GPU (see ... step --help)")
+    sub.add_parser(
+        "paper", help="the paper's epoch time and largest batch, EHRMamba vs MultiBird (... paper --help)"
+    )
     p = sub.add_parser("zoo", help="train every backbone a few hundred steps and print its losses")
     p.add_argument("--params", default="params/default.yaml")
     p.add_argument("--steps", type=int, default=300)

@@ -276,7 +276,9 @@ class Trainer:
         val, _ = mpf_dataset({t: self.samples(t, meds.tuning_split, prompt, n) for t in tasks})
         model.set_n_outputs(data.labels.shape[1])
         # BigBird's MPF run is MultiBird: its own settings (params.train.per_model.multibird) win
-        tp = self.prep.params.train.for_model(name, *(["multibird"] if name == "bigbird" else [])).finetuning()
+        tp = self.prep.params.train.for_model(
+            name, *(["multibird"] if name == "bigbird" else [])
+        ).finetuning()
         # a fixed step budget is per task, so MPF gets the single-task runs' total; an epoch budget over the
         # pooled samples is that total already
         steps = tp.steps("finetune", len(data))
