@@ -34,6 +34,7 @@ from repro.training.trainer import Trainer
 figures.style()
 params = load_run_params(params_file, data_dir or None)
 prep = prepare(params, data_dir or None)
+params = prep.params  # without any task dropped by eval.untrainable: drop
 print(check_cohort(prep))
 lengths = summary.token_lengths(prep)
 print(

@@ -37,6 +37,7 @@ from repro.training.prepare import prepare
 figures.style()
 params = load_run_params(params_file, data_dir or None)
 prep = prepare(params, data_dir or None)
+params = prep.params  # without any task dropped by eval.untrainable: drop
 jobs = [(m, t, s) for s in params.seeds for m in params.models for t in params.tasks]
 runs = run_all(prep, f"{run_dir}/work", jobs, workers=params.train.workers)
 preds = results.predictions_frame(runs)
@@ -90,6 +91,12 @@ real = preds[preds["task"] != "null_task"]
 comparisons = results.h1_comparisons(real, "ehrmamba", params.models, n_boot, ci, **stat_kw)
 comparisons = results.mark_undertrained(comparisons, runs)
 figures.show_table(results.comparison_table(comparisons, ci))
+
+# %%
+#| label: tbl-h1-summary
+#| tbl-cap: "H1 in one row per comparison: EHRMamba minus each other model in held-out AUROC on the headline task of H1's rule, with its CI and verdict, the range of the differences over every task, and how many tasks got each verdict. Every task's comparison is in the appendix."
+headline = next((t for *_, t in params.hypotheses["H1"].pairs()), params.tasks[0])
+figures.show_table(results.comparison_summary(comparisons, ci, headline), empty="no comparison was run")
 
 
 # %%

@@ -34,6 +34,7 @@ from repro.training.prepare import prepare
 figures.style()
 params = load_run_params(params_file, data_dir or None)
 prep = prepare(params, data_dir or None)
+params = prep.params  # without any task dropped by eval.untrainable: drop
 jobs = [(m, t, s) for s in params.seeds for m in params.mpf_models for t in [*params.tasks, "mpf"]]
 done = run_all(prep, f"{run_dir}/work", jobs, workers=params.train.workers)
 runs = [r for d in done for r in (d.values() if isinstance(d, dict) else [d])]

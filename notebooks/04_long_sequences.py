@@ -40,6 +40,7 @@ from repro.training.prepare import prepare
 figures.style()
 params = load_run_params(params_file, data_dir or None)
 prep = prepare(params, data_dir or None)
+params = prep.params  # without any task dropped by eval.untrainable: drop
 eff = params.efficiency
 n_boot, ci = params.eval.n_bootstrap, params.eval.ci
 bounds = sweep.efficiency_sweep(
@@ -96,7 +97,12 @@ figures.show_table(ef.long_history_table(table, ci))
 # %%
 #| label: tbl-h4
 #| tbl-cap: "H4, accuracy: EHRMamba at the longest length it trained at minus each Transformer at the longest length it trained at, held-out AUROC on the long-history subgroup (same resampled patients), paired permutation p-values with their Benjamini-Hochberg adjustment, and the computed verdict."
-figures.show_table(results.comparison_table(comparisons, ci))
+no_comparison = (
+    f"no comparison: no held-out subject has a history longer than {sub['threshold']} tokens"
+    if not sub["n_subjects"]
+    else "no comparison: no Transformer was trained and scored on the subgroup beside EHRMamba"
+)
+figures.show_table(results.comparison_table(comparisons, ci), empty=no_comparison)
 
 
 # %%

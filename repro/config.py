@@ -292,6 +292,10 @@ class EvalParams:
     # a label of a multi-label task (conditions) is scored only with at least this many positives and as many
     # negatives in each of train, tuning and held_out; the others are left out before training, and listed
     min_label_positives: int = 5
+    # a task that cannot be trained or evaluated (no sample in a split, fewer than min_label_positives
+    # positives or negatives in a split, every condition label left out): "stop" the run before any training,
+    # or "drop" it from tasks, named with its counts in the pre-flight and the report's pre-flight table
+    untrainable: str = "stop"
     # the smallest difference in AUROC worth detecting: a comparison whose minimum detectable difference
     # (80 % power) is larger reads "underpowered" instead of "inconclusive"
     effect_of_interest: float = 0.02
@@ -310,6 +314,8 @@ class EvalParams:
             raise ParamsError(f"eval.effect_of_interest must be in (0, 0.5), got {self.effect_of_interest}")
         if self.min_label_positives < 1:
             raise ParamsError(f"eval.min_label_positives must be >= 1, got {self.min_label_positives}")
+        if self.untrainable not in ("stop", "drop"):
+            raise ParamsError(f"eval.untrainable must be stop or drop, got {self.untrainable!r}")
         if self.n_bootstrap < 10:
             raise ParamsError(f"eval.n_bootstrap must be >= 10, got {self.n_bootstrap}")
         if self.n_permutations < 10:
@@ -355,6 +361,10 @@ class EfficiencyParams:
     long_finetune_steps: int = 200
     long_seed: int = 0
     cpu_threads: int = 0  # torch threads for sweeps and H4 runs on a CPU; 0 keeps train.num_threads
+    # The paper's own efficiency claim (repro.profiling.bench_paper) in notebook 02: EHRMamba 768 x 32 against
+    # MultiBird at 2048 tokens, about 100 s on an H200; CUDA with mamba_ssm only, a CPU run says it was not run.
+    paper_bench: bool = False
+    paper_bench_max_batch: int = 512  # cap of its largest-batch search
 
     def __post_init__(self) -> None:
         for name in ("models", "long_models"):
@@ -382,6 +392,10 @@ class EfficiencyParams:
             )
         if self.cpu_threads < 0:
             raise ParamsError(f"efficiency.cpu_threads must be >= 0, got {self.cpu_threads}")
+        if self.paper_bench_max_batch < 1:
+            raise ParamsError(
+                f"efficiency.paper_bench_max_batch must be >= 1, got {self.paper_bench_max_batch}"
+            )
         if self.long_history_tokens < 1:
             raise ParamsError(f"efficiency.long_history_tokens must be >= 1, got {self.long_history_tokens}")
 

@@ -171,3 +171,15 @@ def test_paper_batches_agree_with_the_mimic_iv_preset():
     assert train.for_model("ehrmamba").finetuning().batch_size == bp.PAPER_BATCH[("ehrmamba", "finetune")]
     mpf = train.for_model("bigbird", "multibird").finetuning()
     assert mpf.batch_size == bp.PAPER_BATCH[("multibird", "finetune")]
+
+
+def test_notebook_table_says_why_it_was_not_measured():
+    """Notebook 02's table: off in params, or on but on a CPU, gives one row naming the reason, no run."""
+    smoke = load_params(resolve("params/smoke.yaml"))
+    off, res = bp.for_run(smoke, 100)
+    assert res is None and "efficiency.paper_bench is off" in off.iloc[0, 0]
+    on = load_params(resolve("params/smoke.yaml"), {"efficiency.paper_bench": True})
+    cpu, res = bp.for_run(on, 100)
+    assert res is None and cpu.iloc[0, 0].startswith("not measured: the run is on cpu")
+    with pytest.raises(Exception, match="efficiency.paper_bench_max_batch"):
+        load_params(resolve("params/smoke.yaml"), {"efficiency.paper_bench_max_batch": 0})

@@ -253,3 +253,34 @@ def test_a_model_with_its_own_input_length_reads_only_its_most_recent_tokens(pre
     for bad in ({"cehr_bert": params.tokenizer.max_len + 1}, {"xgboost": 512}, {"lstm": 2.5}):
         with pytest.raises(ParamsError, match="input_lengths"):
             dataclasses.replace(prep.params, input_lengths=bad)
+
+
+def test_an_untrainable_task_stops_the_run_or_is_dropped_by_the_switch(prep):
+    """eval.untrainable: "stop" names the task and its counts before any training; "drop" leaves it out of
+    the params every notebook loops over and lists why in the pre-flight table."""
+    import dataclasses
+
+    from repro.config import ParamsError
+    from repro.evaluation.summary import preflight_table
+    from repro.training.prepare import check_cohort, drop_untrainable
+
+    labels = dict(prep.labels)
+    labels["los_1w"] = labels["los_1w"].assign(label=0)  # one class everywhere
+    labels["conditions"] = labels["conditions"].drop(columns=[c for c in labels["conditions"] if "::" in c])
+    bad = dataclasses.replace(prep, labels=labels)
+    with pytest.raises(
+        ParamsError, match=r"task conditions: every label .*\(or set eval.untrainable: drop\)"
+    ):
+        check_cohort(bad)
+    dropped = drop_untrainable(bad)
+    assert "los_1w" not in dropped.params.tasks and "conditions" not in dropped.params.tasks
+    assert set(dropped.labels) == set(dropped.params.tasks) and "mortality_1m" in dropped.params.tasks
+    assert "positives 0 / 0 / 0" in dropped.dropped_tasks["los_1w"]
+    assert "every label" in dropped.dropped_tasks["conditions"]
+    check_cohort(dropped)  # nothing left to stop on
+    table = preflight_table(dropped)
+    assert table.loc[table["task"] == "los_1w", "status"].str.startswith("dropped").all()
+    # a task the run cannot do without (H4's long task) is not dropped silently
+    labels["mortality_1m"] = labels["mortality_1m"].assign(label=0)
+    with pytest.raises(ParamsError, match=r"would drop .*mortality_1m.*, but .* must be among tasks"):
+        drop_untrainable(dataclasses.replace(prep, labels=labels))

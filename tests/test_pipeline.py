@@ -144,6 +144,36 @@ def test_smoke_report_end_to_end():
     assert "reference-chunked" in manifest["kernel_paths"]  # CPU: EHRMamba's PyTorch scan, recorded
 
 
+@pytest.mark.e2e
+def test_h4_without_long_histories_renders_a_sentence_not_a_failure(tmp_path):
+    """No held-out history longer than efficiency.long_history_tokens: notebook 04 runs, and its empty H4
+    comparison renders as a line that says why (it once failed the whole render)."""
+    import yaml
+
+    from repro.report.render import render_report
+
+    raw = yaml.safe_load((ROOT / "params" / "smoke.yaml").read_text())
+    raw["efficiency"]["long_history_tokens"] = 10**6
+    params = tmp_path / "nolong.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    name = "pytest-nolong"
+    out = ROOT / "outputs" / name
+    try:
+        assert main(["run", str(params), "--name", name, "--force", "--notebooks", "04"]) == 0
+        qmd = out / "mini.qmd"
+        qmd.write_text(
+            "---\ntitle: H4\n---\n\n{{< embed notebooks/04_long_sequences.ipynb#tbl-long-history >}}\n\n"
+            "{{< embed notebooks/04_long_sequences.ipynb#tbl-h4 >}}\n"
+        )
+        html = " ".join(
+            render_report(qmd, out, formats=["html"], engine="offline")["html"].read_text().split()
+        )
+        assert "no held-out subject has a history longer than 1000000 tokens" in html
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(ROOT / "outputs" / f"{name}.failed", ignore_errors=True)
+
+
 def test_dry_run_checks_everything_and_writes_nothing(capsys):
     def listing():
         out = ROOT / "outputs"

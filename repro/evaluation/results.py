@@ -496,6 +496,37 @@ def comparison_table(comparisons: pd.DataFrame, ci: float) -> pd.DataFrame:
     return comparisons[[c for c in cols if c in comparisons]]
 
 
+def comparison_summary(comparisons: pd.DataFrame, ci: float, headline: str) -> pd.DataFrame:
+    """One row per comparison (pair of models) over its tasks: the ``headline`` task's difference and verdict,
+    the range of the differences and how many tasks got each verdict. The report's body shows this; the
+    full per-task table goes to the appendix, where a reader can find any single row.
+
+    >>> c = pd.DataFrame({"comparison": ["A − B", "A − B", "A − C"], "task": ["m", "l", "m"],
+    ...     "ΔAUROC": [0.02, -0.01, 0.0], "ΔAUROC (95% CI)": ["+0.020 [x]", "-0.010 [y]", "+0.000 [z]"],
+    ...     "verdict": ["supported", "inconclusive", "inconclusive"]})
+    >>> comparison_summary(c, 0.95, "m").iloc[0].to_dict()["verdicts over tasks"]
+    '1 supported, 1 inconclusive'
+    """
+    if comparisons.empty:
+        return comparisons
+    ci_col = f"ΔAUROC ({ci * 100:g}% CI)"
+    rows = []
+    for name, g in comparisons.groupby("comparison", sort=False):
+        head = g[g["task"] == headline]
+        counts = g["verdict"].value_counts()
+        rows.append(
+            {
+                "comparison": name,
+                f"{headline}: {ci_col}": head[ci_col].iloc[0] if len(head) else "not compared",
+                f"{headline}: verdict": head["verdict"].iloc[0] if len(head) else "-",
+                "tasks": len(g),
+                "ΔAUROC over tasks": f"{g['ΔAUROC'].min():+.3f} to {g['ΔAUROC'].max():+.3f}",
+                "verdicts over tasks": ", ".join(f"{n} {v}" for v, n in counts.items()),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def h1_comparisons(
     preds: pd.DataFrame, new: str, baselines: Sequence[str], n_boot: int, ci: float, **kw: float
 ) -> pd.DataFrame:

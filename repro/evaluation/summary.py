@@ -31,7 +31,8 @@ def token_lengths(prep: Prepared, task: str = "mortality_1m") -> pd.DataFrame:
 
 def preflight_table(prep: Prepared) -> pd.DataFrame:
     """Samples and positives per task, label and split (`prepare.label_counts`), with the labels left out
-    before training because a split had fewer than eval.min_label_positives positives or negatives."""
+    before training because a split had fewer than eval.min_label_positives positives or negatives, and the
+    tasks dropped because they could not be trained (eval.untrainable: drop; why, with their counts)."""
     from repro.training.prepare import label_counts
 
     kept = label_counts(prep).assign(status="trained")
@@ -44,7 +45,13 @@ def preflight_table(prep: Prepared) -> pd.DataFrame:
     gone_frame = pd.DataFrame(gone).rename(columns=lambda c: c.replace("positives in ", "positives "))
     if len(gone_frame):
         gone_frame["status"] = f"left out: fewer than {k} positives or negatives in a split"
-    out = pd.concat([kept, gone_frame], ignore_index=True)
+    tasks = pd.DataFrame(
+        [
+            {"task": t, "label": "", "status": f"dropped (eval.untrainable: drop): {why}"}
+            for t, why in prep.dropped_tasks.items()
+        ]
+    )
+    out = pd.concat([kept, gone_frame, tasks], ignore_index=True)
     counts = [c for c in out.columns if c.startswith(("samples ", "positives "))]
     suppress = not prep.synthetic  # real data: small cells as "<10", like every cohort table
     out[counts] = out[counts].map(lambda n: "" if pd.isna(n) else _count(int(n), suppress))

@@ -544,12 +544,14 @@ def run(
     max_batch: int = 1024,
     vocab: int = DEFAULT_VOCAB,
     params_file: str = "params/mimic-iv.yaml",
+    params: RunParams | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Every (model, phase) measured, ratios and the note: the dict ``--out`` writes.
 
     ``sizes`` overrides the paper's sizes key by key (tests pass tiny models); without it the CPU is
-    refused, and CUDA is refused without mamba_ssm's kernels (``refusal``).
+    refused, and CUDA is refused without mamba_ssm's kernels (``refusal``). Training settings and tokenizer
+    limits come from ``params`` when given (notebook 02: the run's own), else from ``params_file``.
     """
     from repro.config import load_params, resolve
     from repro.training.loop import resolve_device
@@ -563,7 +565,10 @@ def run(
     why = refusal(device, sizes)
     if why:
         raise RuntimeError(why)
-    params = load_params(resolve(params_file))
+    if params is None:
+        params = load_params(resolve(params_file))
+    else:
+        params_file = f"{params.name} (the run's params)"
     merged = merged_sizes(sizes)
     rows = []
     for phase in phases:
@@ -623,6 +628,42 @@ def run(
     }
     results["note"] = note(results)
     return results
+
+
+def for_run(
+    params: RunParams, vocab: int, progress: bool = False
+) -> tuple[pd.DataFrame, dict[str, Any] | None]:
+    """(the table notebook 02 shows, the results or None): measured when ``efficiency.paper_bench`` is on
+    and the run is on CUDA with mamba_ssm, else a one-row table that says why it was not run.
+
+    ``vocab`` is the run's vocabulary (the paper gives none). Refusals and failures are shown, not raised:
+    the rest of the efficiency notebook stands without this table.
+
+    >>> from repro.config import load_params
+    >>> for_run(load_params("params/smoke.yaml"), 100)[0].iloc[0, 0][:60]
+    'not measured: efficiency.paper_bench is off in these params '
+    """
+    from repro.training.loop import resolve_device
+
+    eff = params.efficiency
+    why = None
+    if not eff.paper_bench:
+        why = (
+            "efficiency.paper_bench is off in these params (it needs a GPU with mamba_ssm, ~100 s on an H200)"
+        )
+    else:
+        device = resolve_device(params.device)
+        why = (
+            f"the run is on {device.type}: the paper's sizes need a GPU with mamba_ssm"
+            if device.type != "cuda"
+            else refusal(device)
+        )
+    if why:
+        return pd.DataFrame({"the paper's efficiency claim": [f"not measured: {why}"]}), None
+    results = run(
+        device=device, vocab=vocab, max_batch=eff.paper_bench_max_batch, params=params, progress=progress
+    )
+    return paper_table(results), results
 
 
 def _clean(x: Any) -> Any:

@@ -223,6 +223,10 @@ def _check_cohort(params, data_dir: str | None) -> list[str]:
         for task, dropped in prep.dropped_labels.items()
         for row in dropped.to_dict(orient="records")
     ]
+    lines += [
+        f"pre-flight: task {task} dropped (eval.untrainable: drop): {why}"
+        for task, why in prep.dropped_tasks.items()
+    ]
     lines.append(f"cohort: {check_cohort(prep, counts)}")
     del prep
     gc.collect()

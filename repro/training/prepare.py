@@ -55,6 +55,7 @@ class Prepared:
     cache_dir: Path | None = None  # where the tokenized data are cached (None: built in memory)
     truth: pd.DataFrame | None = None  # the synthetic generator's truth per subject (None on real data)
     dropped_labels: dict[str, pd.DataFrame] = field(default_factory=dict)  # task -> labels left out, counts
+    dropped_tasks: dict[str, str] = field(default_factory=dict)  # task -> why (eval.untrainable: drop)
     pretrain_only: frozenset[int] = frozenset()  # train patients that only pretrain (data.pretrain_only)
 
     @property
@@ -68,7 +69,7 @@ def label_counts(prep: Prepared) -> pd.DataFrame:
     rows = []
     for task in prep.params.tasks:
         df = prep.labels.get(task)
-        if df is None:
+        if df is None or not _has_label(df):
             continue
         for col in label_columns(df):
             n = df.groupby("split")[col].count().reindex(SPLITS, fill_value=0)
@@ -97,43 +98,87 @@ def preflight_lines(counts: pd.DataFrame) -> list[str]:
     return lines
 
 
-def check_cohort(prep: Prepared, counts: pd.DataFrame | None = None) -> str:
-    """Stop before any training, in one line naming the task, when a task of the run cannot be trained or
-    evaluated: no sample left in a split (with the visit code patterns that define samples), or a binary
-    task with fewer than `eval.min_label_positives` positives or negatives in a split (its counts).
-    Condition labels under that threshold were already left out by `prepare` (listed in the report).
+def _has_label(df: pd.DataFrame) -> bool:
+    """Whether a task frame kept a label column (a multi-label task may have lost all of them)."""
+    return any(c.startswith(LABEL_PREFIX) or c == "label" for c in df.columns)
 
-    `counts`: `label_counts(prep)`, when the caller has it. Returns one line on subjects without a visit
-    (they are dropped from every task).
-    """
+
+def untrainable_tasks(prep: Prepared, counts: pd.DataFrame | None = None) -> dict[str, str]:
+    """The run's tasks that cannot be trained or evaluated, each with why (counts, and what to change):
+    no sample left in a split (with the visit code patterns that define samples), a binary task with fewer
+    than `eval.min_label_positives` positives or negatives in a split, or a multi-label task whose every
+    label was left out. `counts`: `label_counts(prep)`, when the caller has it."""
     n_subjects = len(prep.split_of)
     with_visit = int((prep.n_visits.reindex(list(prep.split_of), fill_value=0) > 0).sum())
     codes = prep.params.data.codes
+    k = prep.params.eval.min_label_positives
+    out: dict[str, str] = {}
     for task in prep.params.tasks:
         df = prep.labels.get(task)
         for split in (meds.train_split, meds.held_out_split):
             n = 0 if df is None else int(df["subject_id"].map(prep.split_of).eq(split).sum())
-            if n == 0:
-                raise ParamsError(
-                    f"task {task}: no sample in the {split} split after its filters ({with_visit} of "
-                    f"{n_subjects} subjects have a visit from data.codes.visit_start={codes.visit_start!r} to "
+            if n == 0 and task not in out:
+                out[task] = (
+                    f"no sample in the {split} split after its filters ({with_visit} of {n_subjects} subjects "
+                    f"have a visit from data.codes.visit_start={codes.visit_start!r} to "
                     f"visit_end={codes.visit_end!r}); fix data.codes or remove {task} from tasks"
                 )
-    k = prep.params.eval.min_label_positives
+        if task not in out and df is not None and not _has_label(df):
+            out[task] = (
+                f"every label has fewer than eval.min_label_positives={k} positives or negatives in a split; "
+                f"remove {task} from tasks"
+            )
     counts = label_counts(prep) if counts is None else counts
-    for r in counts[counts["label"] == ""].to_dict(orient="records"):
+    for r in counts[counts["label"] == ""].to_dict(orient="records") if len(counts) else []:
         pos = [r[f"positives {s}"] for s in SPLITS]
         neg = [r[f"samples {s}"] - p for s, p in zip(SPLITS, pos, strict=True)]
-        if min(pos + neg) < k:
-            raise ParamsError(
-                f"task {r['task']}: cannot be trained or evaluated: positives {' / '.join(map(str, pos))} and "
-                f"negatives {' / '.join(map(str, neg))} in {' / '.join(SPLITS)}; every split needs at least "
+        if min(pos + neg) < k and r["task"] not in out:
+            out[r["task"]] = (
+                f"cannot be trained or evaluated: positives {' / '.join(map(str, pos))} and negatives "
+                f"{' / '.join(map(str, neg))} in {' / '.join(SPLITS)}; every split needs at least "
                 f"eval.min_label_positives={k} of each: remove {r['task']} from tasks"
             )
+    return out
+
+
+def check_cohort(prep: Prepared, counts: pd.DataFrame | None = None) -> str:
+    """Stop before any training, in one line naming the task and its counts, when a task of the run cannot
+    be trained or evaluated (`untrainable_tasks`; with `eval.untrainable: drop`, `prepare` has already left
+    such tasks out). Condition labels under the threshold were already left out by `prepare` (listed in the
+    report).
+
+    Returns one line on subjects without a visit (they are dropped from every task).
+    """
+    bad = untrainable_tasks(prep, counts)
+    if bad:
+        task, why = next(iter(bad.items()))
+        raise ParamsError(f"task {task}: {why} (or set eval.untrainable: drop)")
+    n_subjects = len(prep.split_of)
+    with_visit = int((prep.n_visits.reindex(list(prep.split_of), fill_value=0) > 0).sum())
+    codes = prep.params.data.codes
     return (
         f"{n_subjects - with_visit:,} of {n_subjects:,} subjects have no visit ({codes.visit_start!r} ... "
         f"{codes.visit_end!r}) and are dropped from every task"
     )
+
+
+def drop_untrainable(prep: Prepared) -> Prepared:
+    """`prep` without the tasks that cannot be trained (`eval.untrainable: drop`): its params list only the
+    others, so every notebook loops over the same tasks, and `dropped_tasks` says why each went."""
+    bad = untrainable_tasks(prep)
+    if not bad:
+        return prep
+    kept = [t for t in prep.params.tasks if t not in bad]
+    if not kept:
+        raise ParamsError(
+            f"eval.untrainable: drop leaves no task: {'; '.join(f'{t}: {w}' for t, w in bad.items())}"
+        )
+    try:
+        params = dataclasses.replace(prep.params, tasks=kept)
+    except ParamsError as exc:
+        raise ParamsError(f"eval.untrainable: drop would drop {list(bad)}, but {exc}") from None
+    labels = {t: df for t, df in prep.labels.items() if t in kept}
+    return dataclasses.replace(prep, params=params, labels=labels, dropped_tasks=bad)
 
 
 def synthetic_dir(params: RunParams) -> Path:
@@ -223,14 +268,14 @@ def prepare(
     for task, df in labels.items():
         labels[task], dropped[task] = drop_thin_labels(df, params.eval.min_label_positives)
     for task, df in labels.items():
-        if not any(c.startswith(LABEL_PREFIX) or c == "label" for c in df.columns):
+        if params.eval.untrainable == "stop" and not _has_label(df):
             raise ParamsError(
                 f"task {task}: every label has fewer than eval.min_label_positives="
                 f"{params.eval.min_label_positives} positives or negatives in a split; remove {task} from tasks"
             )
     seconds = dict(data.seconds)
     seconds["prepare_total"] = time.perf_counter() - t0
-    return Prepared(
+    prep = Prepared(
         params=params,
         meds_dir=root,
         dataset=dataset,
@@ -246,6 +291,7 @@ def prepare(
         dropped_labels={task: d for task, d in dropped.items() if len(d)},
         pretrain_only=pretrain_only,
     )
+    return drop_untrainable(prep) if params.eval.untrainable == "drop" else prep
 
 
 def drop_thin_labels(df: pd.DataFrame, min_positives: int) -> tuple[pd.DataFrame, pd.DataFrame]:
