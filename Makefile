@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PARAMS ?= params/smoke.yaml
 BIN := $(VENV)/bin
 
-.PHONY: install etl-venv report test unit slow e2e lint clean
+.PHONY: install etl-venv report test unit slow e2e lint lab kernels clean
 
 install: $(VENV)/.installed
 
@@ -14,11 +14,21 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[report,dev]"
+	$(BIN)/python -m pip install -q -e ".[report,dev,notebook]"
 	touch $@
 
 report: install
 	$(BIN)/repro run $(PARAMS) --force
+
+# JupyterLab on notebooks/: each py:percent file opens as a notebook (jupytext), reads any params file and
+# writes to outputs/interactive/. The settings folder makes "Jupytext Notebook" the default viewer of .py files.
+lab: install
+	JUPYTERLAB_SETTINGS_DIR=$(CURDIR)/.jupyter/lab/user-settings $(BIN)/jupyter lab --ServerApp.root_dir=notebooks
+
+# On a GPU node, in the environment that runs the report (conda env of environment.yml): mamba-ssm and
+# causal-conv1d built for this GPU's architecture only, the wheels kept for the next node (repro.kernels).
+kernels:
+	python -m repro.kernels build
 
 unit: install
 	$(BIN)/python -m pytest -q

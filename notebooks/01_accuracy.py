@@ -28,11 +28,12 @@ run_dir = "outputs/interactive"  # repro run passes its own run folder
 data_dir = ""
 
 # %%
-from repro.config import load_run_params
+from repro.config import BACKBONES, load_run_params
 from repro.evaluation import figures, results, significance, truth
 from repro.evaluation.store import save_json
 from repro.training.grid import run_all
 from repro.training.prepare import prepare
+from repro.training.trainer import Trainer
 
 figures.style()
 params = load_run_params(params_file, data_dir or None)
@@ -132,6 +133,15 @@ fig = figures.mechanism_figure(recovered, {m: results.label(m) for m in params.m
 fig = figures.learning_figure(results.learning_curves(runs))
 
 # %%
+#| label: tbl-pretrain-loss
+#| tbl-cap: "What pretraining learned, judged on its own objective: each pretrained backbone's loss per scored token and its perplexity on the held-out patients' histories (the weights kept at its best validation), averaged over seeds, with a 95 % CI from resampling patients. CLM (next token) and MLM (15 % of tokens masked, the same masks for every model) are different tasks: compare within an objective only."
+trainer = Trainer(prep, f"{run_dir}/work", progress=False)
+pretrained = [m for m in params.models if m in BACKBONES]
+heldout = {(m, s): trainer.heldout_losses(m, s) for m in pretrained for s in params.seeds}
+pretrain_loss = results.pretrain_loss_table(heldout, n_boot, ci)
+figures.show_table(pretrain_loss, empty="no backbone of this run was pretrained")
+
+# %%
 #| label: tbl-convergence
 #| tbl-cap: "Were the models trained to their plateau? Per model: the pretraining and finetuning runs that ended by early stopping or on a plateau (best validation within 0.5 % over the last 20 % of steps), the epochs they saw, and whether the held-out mortality_1m AUROC is clearly above chance (95 % CI lower bound above 0.5). A comparison between models that are not on their plateau says little about the architectures."
 convergence = results.convergence_table(runs, evaluated)
@@ -155,6 +165,7 @@ save_json(
         "comparisons": results.comparison_table(comparisons, ci).to_dict(orient="records"),
         "training": results.training_table(runs).to_dict(orient="records"),
         "convergence": convergence.to_dict(orient="records"),
+        "pretrain_heldout_loss": pretrain_loss.to_dict(orient="records"),
         "kernel_paths": sorted({r.kernel_path for r in runs}),
         "null_comparisons": results.comparison_table(null, ci).to_dict(orient="records"),
         "mechanism_recovery": recovered.to_dict(orient="records"),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "repro"
 STAGES = (
+    "kernels",  # building the CUDA kernels for a node: imports nothing of repro
     "config",
     "resources",
     "data",
@@ -23,7 +24,7 @@ STAGES = (
     "cli",
     "bench",
 )
-RANK = {"config": 0, "resources": 0, "data": 1, "models": 2, "training": 3, "evaluation": 4}
+RANK = {"kernels": 0, "config": 0, "resources": 0, "data": 1, "models": 2, "training": 3, "evaluation": 4}
 RANK |= {"profiling": 5, "report": 6, "cli": 7, "bench": 7}
 
 

@@ -6,6 +6,7 @@ import re
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from repro.evaluation import results, significance
 
@@ -242,3 +243,19 @@ def test_hypothesis_rules_in_params_are_checked_and_merged():
     ):
         with pytest.raises(ParamsError, match=re.escape(msg)):
             load_params("params/smoke.yaml", {"hypotheses": bad})
+
+
+def test_token_loss_weighs_patients_by_their_tokens_and_averages_seeds():
+    from repro.evaluation.metrics import token_loss
+
+    # seed 0: patients with 1 and 3 tokens, losses 3.0 and 3 x 1.0 -> (3 + 3) / 4 = 1.5 per token (not 2.0)
+    # seed 1: every token at 2.0; the seeds' mean is 1.75
+    sums = np.array([[3.0, 3.0], [2.0, 6.0]])
+    counts = np.array([[1.0, 3.0], [1.0, 3.0]])
+    t = token_loss(sums, counts, n_boot=200, ci=0.95)
+    assert t["loss"] == pytest.approx(1.75) and t["perplexity"] == pytest.approx(np.exp(1.75))
+    assert t["lo"] <= t["loss"] <= t["hi"] and t["patients"] == 2 and t["tokens"] == 4.0
+    # the resamples: both draws the 1-token patient -> (3.0 + 2.0) / 2 = 2.5; both the 3-token one -> 1.5
+    assert t["lo"] >= 1.5 - 1e-9 and t["hi"] <= 2.5 + 1e-9 and t["hi"] > t["lo"]
+    with pytest.raises(ValueError, match="one shape"):
+        token_loss(sums, counts[:, :1])

@@ -381,3 +381,19 @@ def test_bench_learn_ablations_change_only_their_part(arm):
     tied = changed.lm_head.proj.weight is changed.backbone.embedding.concept.weight
     assert tied is (arm != "untied")
     assert (changed.n_params() < model.n_params()) is (arm == "tokens-only")
+
+
+@pytest.mark.parametrize(("name", "objective"), [("ehrmamba", "clm"), ("cehr_bert", "mlm")])
+def test_row_losses_are_each_samples_own_and_sum_to_the_validation_loss(name, objective):
+    """Per-patient held-out losses (what their bootstrap resamples) add up to validate's mean, and row i is
+    sample i's loss whatever batch it shared: padding never enters a row."""
+    model, data = _model(name), _data(n=10)
+    device = torch.device("cpu")
+    sums, counts = loop.row_losses(model, data, objective, device, batch_size=4)
+    assert sums.shape == counts.shape == (10,) and counts.sum() > 0  # a short MLM row may have no mask
+    mean = loop.validate(model, data, objective, device, batch_size=4)["loss"]
+    assert sums.sum() / counts.sum() == pytest.approx(mean, rel=1e-5)
+    if objective == "clm":  # MLM masks depend on the batch's draw; CLM rows are deterministic
+        one = SequenceDataset([data.items[3]])
+        s1, c1 = loop.row_losses(model, one, objective, device, batch_size=1)
+        assert c1[0] == counts[3] and s1[0] == pytest.approx(sums[3], rel=1e-4)

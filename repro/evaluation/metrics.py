@@ -211,3 +211,37 @@ def _macro(points: list[dict], boots: list[dict], names: tuple[str, ...], ci: fl
     out = _with_cis(point, {k: np.mean([b[k] for b in boots], axis=0) for k in names}, ci)
     out["n_labels"] = len(points)
     return out
+
+
+def token_loss(
+    sums: np.ndarray, counts: np.ndarray, n_boot: int = 2000, ci: float = 0.95, seed: int = 0
+) -> dict[str, float]:
+    """Loss per token over patients, averaged over seeds, with a patient bootstrap CI, and its perplexity.
+
+    ``sums`` / ``counts``: (seeds, patients) loss sums and scored-token counts, the same patients in every
+    row. Each resample draws patients with replacement (the same draw for every seed), and its loss is the
+    seeds' mean of sum / count: a ratio estimator, so a patient with a long history weighs by its tokens.
+
+    >>> token_loss(np.array([[2.0, 4.0]]), np.array([[1.0, 2.0]]), n_boot=50)["loss"]
+    2.0
+    """
+    from repro.evaluation.bootstrap import cluster_bootstrap_weights, percentile_ci
+
+    sums, counts = np.atleast_2d(sums).astype(float), np.atleast_2d(counts).astype(float)
+    if sums.shape != counts.shape or not counts.sum(axis=1).all():
+        raise ValueError(f"need (seeds, patients) sums and counts of one shape with tokens, got {sums.shape}")
+    point = float(np.mean(sums.sum(1) / counts.sum(1)))
+    boots = []
+    for w in cluster_bootstrap_weights(None, n_boot, np.random.default_rng(seed), sums.shape[1]):
+        boots.append(((w @ sums.T) / np.clip(w @ counts.T, 1e-12, None)).mean(axis=1))
+    interval = percentile_ci(np.concatenate(boots), ci)
+    return {
+        "loss": point,
+        "lo": interval["lo"],
+        "hi": interval["hi"],
+        "perplexity": float(np.exp(point)),
+        "perplexity_lo": float(np.exp(interval["lo"])),
+        "perplexity_hi": float(np.exp(interval["hi"])),
+        "patients": int(sums.shape[1]),
+        "tokens": float(counts.sum(1).mean()),
+    }

@@ -496,6 +496,40 @@ def comparison_table(comparisons: pd.DataFrame, ci: float) -> pd.DataFrame:
     return comparisons[[c for c in cols if c in comparisons]]
 
 
+PRETRAIN_WORDS = {"clm": "next token (CLM)", "mlm": "masked tokens, 15 % (MLM)"}
+
+
+def pretrain_loss_table(
+    losses: dict[tuple[str, int], tuple[str, np.ndarray, np.ndarray] | None], n_boot: int, ci: float
+) -> pd.DataFrame:
+    """Held-out loss and perplexity of each pretrained backbone against its own objective, seeds averaged,
+    with a patient bootstrap CI (``metrics.token_loss``). ``losses``: ``Trainer.heldout_losses`` per
+    (model, seed). CLM and MLM losses measure different tasks: the table orders rows by objective and a
+    reader compares within one only."""
+    from repro.evaluation.metrics import token_loss
+
+    rows = []
+    for model in dict.fromkeys(m for m, _ in losses):
+        got = [v for (m, _), v in losses.items() if m == model and v is not None]
+        if not got:
+            continue
+        objective = got[0][0]
+        t = token_loss(np.stack([g[1] for g in got]), np.stack([g[2] for g in got]), n_boot, ci)
+        rows.append(
+            {
+                "objective": PRETRAIN_WORDS.get(objective, objective),
+                "model": label(model),
+                "seeds": len(got),
+                "held-out patients": t["patients"],
+                "tokens scored": f"{t['tokens']:,.0f}",
+                f"loss per token ({ci * 100:g}% CI)": f"{t['loss']:.3f} [{t['lo']:.3f}, {t['hi']:.3f}]",
+                "perplexity": f"{t['perplexity']:.2f} [{t['perplexity_lo']:.2f}, {t['perplexity_hi']:.2f}]",
+            }
+        )
+    out = pd.DataFrame(rows)
+    return out.sort_values("objective", kind="stable").reset_index(drop=True) if len(out) else out
+
+
 def comparison_summary(comparisons: pd.DataFrame, ci: float, headline: str) -> pd.DataFrame:
     """One row per comparison (pair of models) over its tasks: the ``headline`` task's difference and verdict,
     the range of the differences and how many tasks got each verdict. The report's body shows this; the

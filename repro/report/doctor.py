@@ -1,6 +1,7 @@
 """`repro doctor`: what this machine will run, before a long batch job finds out the hard way.
 
-Reports Python, torch, CUDA and the GPU, whether mamba_ssm's CUDA kernels and causal-conv1d import, and
+Reports Python, torch, CUDA and the GPU, whether mamba_ssm's CUDA kernels and causal-conv1d import (and
+where each came from: a wheel `make kernels` built for this GPU, or the package index), and
 the kernel path each model of a params file actually takes in a tiny forward pass on the params' device.
 Exit status 1 when the params ask for CUDA and a model would fall back to a slow reference path (the
 path that made an earlier reproduction's Mamba epochs 18x slower), or CUDA is missing; 0 otherwise.
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 
 from repro.config import RunParams, load_params, resolve
+from repro.kernels import provenance
 from repro.profiling import sweep, timing
 
 TINY_VOCAB = 64
@@ -53,6 +55,8 @@ def packages() -> list[tuple[str, str]]:
             _import("selective_scan_cuda") if cuda else "not checked (no GPU)",
         ),
         ("causal_conv1d (optional)", _import("causal_conv1d")),
+        ("mamba_ssm came from", provenance("mamba_ssm")),
+        ("causal_conv1d came from", provenance("causal_conv1d")),
         ("triton", _import("triton")),
     ]
     return rows

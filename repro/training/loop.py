@@ -152,51 +152,70 @@ def _save(path: Path, state: dict[str, Any]) -> None:
         raise
 
 
+def _row_losses(
+    net: torch.nn.Module, batch: dict[str, torch.Tensor], objective: str, values: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the per-token / per-output losses, their count), one of each per row of the batch.
+
+    Per row so that a held-out loss can be resampled by patient (``row_losses``); training sums them
+    (``_loss_sum``). The model is called through ``forward(batch, head)`` (DDP's hook). ``values`` (xVal):
+    the numeric head's squared error on each numeric target is added to the row's sum, so a number weighs
+    as much as one token's cross-entropy.
+    """
+    if objective == "clm":
+        if values:
+            logits, pred = net(batch, head="lm+value")
+            mask = (batch["value_mask"] * batch["attention_mask"])[:, 1:]
+            mse = ((pred[:, :-1].float() - batch["values"][:, 1:]) ** 2 * mask).sum(1)
+        else:
+            logits, mse = net(batch, head="lm"), 0.0
+        labels = clm_labels(batch["input_ids"], batch["attention_mask"])[:, 1:]
+        loss = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+            labels.reshape(-1),
+            ignore_index=IGNORE,
+            reduction="none",
+        ).view(labels.shape)
+        return loss.sum(1) + mse, (labels != IGNORE).sum(1)
+    if objective == "mlm":
+        if values:
+            logits, pred = net(batch, head="lm+value")
+            mse = ((pred.float() - batch["value_target"]) ** 2 * batch["value_target_mask"]).sum(1)
+            mse = mse + pred.sum() * 0.0
+        else:
+            logits, mse = net(batch, head="lm"), 0.0
+        labels = batch["mlm_labels"]
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(),
+            labels.reshape(-1),
+            ignore_index=IGNORE,
+            reduction="none",
+        ).view(labels.shape)
+        # the zero term keeps every output in the graph
+        return loss.sum(1) + mse + logits.sum() * 0.0, (labels != IGNORE).sum(1)
+    if objective == "classify":
+        logits = net(batch, head="cls").float()
+        labels = batch["labels"]
+        loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+        if loss.dim() == 1:
+            loss = loss[:, None]
+        if "label_mask" not in batch:
+            return loss.sum(1), torch.full((loss.shape[0],), loss.shape[1], device=loss.device)
+        mask = batch["label_mask"].view(loss.shape)  # MPF: only the columns of each sample's task count
+        return (loss * mask).sum(1), mask.sum(1)
+    raise ValueError(f"unknown objective {objective!r}")
+
+
 def _loss_sum(
     net: torch.nn.Module, batch: dict[str, torch.Tensor], objective: str, values: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the per-token / per-output losses, their count) of this process's rows.
 
     Sums, not means, so that ranks holding different numbers of tokens still give the global batch's mean
-    once divided by the global count. The model is called through ``forward(batch, head)`` (DDP's hook).
-    ``values`` (xVal): the numeric head's squared error on each numeric target is added to the sum, so a
-    number weighs as much as one token's cross-entropy.
+    once divided by the global count.
     """
-    if objective == "clm":
-        if values:
-            logits, pred = net(batch, head="lm+value")
-            mask = (batch["value_mask"] * batch["attention_mask"])[:, 1:]
-            mse = ((pred[:, :-1].float() - batch["values"][:, 1:]) ** 2 * mask).sum()
-        else:
-            logits, mse = net(batch, head="lm"), 0.0
-        labels = clm_labels(batch["input_ids"], batch["attention_mask"])[:, 1:].reshape(-1)
-        loss = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels, ignore_index=IGNORE, reduction="sum"
-        )
-        return loss + mse, (labels != IGNORE).sum()
-    if objective == "mlm":
-        if values:
-            logits, pred = net(batch, head="lm+value")
-            mse = ((pred.float() - batch["value_target"]) ** 2 * batch["value_target_mask"]).sum()
-            mse = mse + pred.sum() * 0.0
-        else:
-            logits, mse = net(batch, head="lm"), 0.0
-        labels = batch["mlm_labels"].reshape(-1)
-        loss = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), labels, ignore_index=IGNORE, reduction="sum"
-        )
-        return loss + mse + logits.sum() * 0.0, (
-            labels != IGNORE
-        ).sum()  # the zero term keeps every output in the graph
-    if objective == "classify":
-        logits = net(batch, head="cls").float()
-        labels = batch["labels"]
-        loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
-        if "label_mask" not in batch:
-            return loss.sum(), torch.tensor(loss.numel(), device=loss.device)
-        mask = batch["label_mask"]  # MPF: only the columns of each sample's task count
-        return (loss * mask).sum(), mask.sum()
-    raise ValueError(f"unknown objective {objective!r}")
+    rows, count = _row_losses(net, batch, objective, values)
+    return rows.sum(), count.sum()
 
 
 def _global_batch(
@@ -311,6 +330,35 @@ def validate(
         count += n.float()
     model.train()
     return {"loss": float(total / count.clamp_min(1.0))}
+
+
+@torch.no_grad()
+def row_losses(
+    model: torch.nn.Module,
+    data: SequenceDataset,
+    objective: str,
+    device: torch.device,
+    batch_size: int,
+    mlm_probability: float = 0.15,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(loss sum, loss count) per sample of ``data``, in its order, under ``objective`` (clm or mlm): what
+    a held-out loss and its patient bootstrap are computed from. The MLM corruption is drawn with the
+    validation seed, so every model and run sees the same masks."""
+    model.eval()
+    gen = torch.Generator().manual_seed(VAL_MASK_SEED)
+    vocab_size = int(getattr(model, "vocab_size", 0) or 0)
+    values = getattr(model, "value_head", None) is not None
+    padding = _padding(model, device)
+    order = np.argsort(data.lengths(), kind="stable")
+    sums, counts = np.zeros(len(data)), np.zeros(len(data))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = _to(_global_batch(data, idx, objective, vocab_size, gen, mlm_probability, padding), device)
+        with _autocast(device):
+            loss, n = _row_losses(model, batch, objective, values)
+        sums[idx], counts[idx] = loss.float().cpu().numpy(), n.float().cpu().numpy()
+    model.train()
+    return sums, counts
 
 
 def decay_groups(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:

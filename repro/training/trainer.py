@@ -20,7 +20,7 @@ from repro.config import resolve
 from repro.data.dataset import SequenceDataset
 from repro.data.tasks import label_columns
 from repro.data.tokenizer import Encoded
-from repro.training.loop import TrainResult, fit, predict, resolve_device, val_subset
+from repro.training.loop import TrainResult, fit, predict, resolve_device, row_losses, val_subset
 from repro.training.prepare import (
     Prepared,
     encode_samples,
@@ -158,6 +158,21 @@ class Trainer:
         model = self.build(name, seed)
         model.load_state_dict(state)
         return model, res
+
+    def heldout_losses(self, name: str, seed: int) -> tuple[str, np.ndarray, np.ndarray] | None:
+        """(objective, loss sum, loss count per held-out patient) of backbone ``name`` after pretraining,
+        against its own objective (CLM or MLM); None when it was not pretrained (the LSTM, a zero budget).
+        Loads the pretrained checkpoint, so a notebook after the training pool recomputes nothing."""
+        model, res = self.pretrained(name, seed)
+        objective = getattr(model.backbone, "pretrain_objective", "clm" if model.causal else "mlm")
+        if not objective or res is None:
+            return None
+        data = SequenceDataset(self._pretrain_items(meds.held_out_split, self.input_len(name)))
+        tp = self.prep.params.train
+        sums, counts = row_losses(
+            model.to(self.device), data, objective, self.device, tp.eval_batch_size, tp.mlm_probability
+        )
+        return objective, sums, counts
 
     def run_job(self, job: tuple[str, str, int]):
         """A (model, task, seed) job; task "mpf" returns the model's multitask runs (dict by task)."""
