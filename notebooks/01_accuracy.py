@@ -41,6 +41,8 @@ prep = prepare(params, data_dir or None)
 params = prep.params  # without any task dropped by eval.untrainable: drop
 jobs = [(m, t, s) for s in params.seeds for m in params.models for t in params.tasks]
 runs = run_all(prep, f"{run_dir}/work", jobs, workers=params.train.workers)
+trainer = Trainer(prep, f"{run_dir}/work", progress=False)  # reads the pool's checkpoints: trains nothing
+pretrained = [m for m in params.models if m in BACKBONES]
 preds = results.predictions_frame(runs)
 n_boot, ci = params.eval.n_bootstrap, params.eval.ci
 stat_kw = {
@@ -100,6 +102,53 @@ headline = next((t for *_, t in params.hypotheses["H1"].pairs()), params.tasks[0
 figures.show_table(results.comparison_summary(comparisons, ci, headline), empty="no comparison was run")
 
 
+# %% [markdown]
+# What did pretraining alone give each backbone? A logistic-regression probe reads its frozen hidden states
+# at the prediction time (pooled as its finetuning head pools them, and as the mean over the input), fitted
+# on train with its regularisation chosen on tuning; the gap to the finetuned model is what finetuning added.
+
+# %%
+probe_runs = [
+    r for m in pretrained for t in params.probes.tasks for s in params.seeds for r in trainer.probes(m, t, s)
+]
+probed = sorted({r.model.split(results.PROBE)[0] for r in probe_runs}, key=pretrained.index)
+probe_preds = results.predictions_frame(probe_runs) if probe_runs else preds.iloc[:0]
+probe_eval = results.evaluate_all(probe_preds, n_boot, ci) if probe_runs else {}
+probe_frame = results.probe_frame(
+    {t: {**evaluated.get(t, {}), **probe_eval.get(t, {})} for t in params.probes.tasks},
+    probed,
+    params.probes.tasks,
+)
+probe_pairs = [
+    (f"ehrmamba{results.PROBE}{p}", f"{b}{results.PROBE}{p}")
+    for p in params.probes.poolings
+    for b in probed
+    if b != "ehrmamba" and "ehrmamba" in probed
+]
+probe_comparisons = (
+    results.paired_comparisons(probe_preds, probe_pairs, n_boot, ci, **stat_kw)
+    if probe_pairs
+    else preds.iloc[:0]
+)
+probe_seconds = {
+    m: sum(r.seconds for r in probe_runs if r.model.startswith(m + results.PROBE)) for m in probed
+}
+
+# %%
+#| label: tbl-probes
+#| tbl-cap: "Frozen representations against finetuning: held-out AUROC (95 % CI) of each pretrained backbone finetuned (as in H1) and of a logistic-regression probe on its frozen hidden states at the prediction time, pooled as its finetuning head pools them (head: the last token for causal models, [CLS] or the mean for encoders) or as the mean over the input (mean); the probe is fitted on train with C chosen on tuning, seeds averaged like every model."
+figures.show_table(results.probe_table(probe_frame, ci), empty="no pretrained backbone to probe in this run")
+
+# %%
+#| label: fig-probes
+#| fig-cap: "Probe against finetuned held-out AUROC per backbone and pooling, with 95 % CIs; the dashed line is equality. The vertical distance below the line is what finetuning added to the frozen representation."
+fig = figures.probe_figure(probe_frame)
+
+# %%
+#| label: tbl-probe-comparisons
+#| tbl-cap: "EHRMamba's probe minus each other backbone's probe at the same pooling, held-out AUROC with the same two-level bootstrap CI, permutation p-values (BH-adjusted within this table), minimum detectable difference and verdict rules as H1."
+figures.show_table(results.comparison_table(probe_comparisons, ci), empty="no pair of probes to compare")
+
 # %%
 h1 = results.rule_verdict(comparisons, params.hypotheses["H1"])
 h1_all = results.rule_verdict(comparisons, params.hypotheses["H1 (all)"])
@@ -135,8 +184,6 @@ fig = figures.learning_figure(results.learning_curves(runs))
 # %%
 #| label: tbl-pretrain-loss
 #| tbl-cap: "What pretraining learned, judged on its own objective: each pretrained backbone's loss per scored token and its perplexity on the held-out patients' histories (the weights kept at its best validation), averaged over seeds, with a 95 % CI from resampling patients. CLM (next token) and MLM (15 % of tokens masked, the same masks for every model) are different tasks: compare within an objective only."
-trainer = Trainer(prep, f"{run_dir}/work", progress=False)
-pretrained = [m for m in params.models if m in BACKBONES]
 heldout = {(m, s): trainer.heldout_losses(m, s) for m in pretrained for s in params.seeds}
 pretrain_loss = results.pretrain_loss_table(heldout, n_boot, ci)
 figures.show_table(pretrain_loss, empty="no backbone of this run was pretrained")
@@ -166,6 +213,9 @@ save_json(
         "training": results.training_table(runs).to_dict(orient="records"),
         "convergence": convergence.to_dict(orient="records"),
         "pretrain_heldout_loss": pretrain_loss.to_dict(orient="records"),
+        "probes": probe_frame.to_dict(orient="records"),
+        "probe_comparisons": results.comparison_table(probe_comparisons, ci).to_dict(orient="records"),
+        "probe_seconds": probe_seconds,
         "kernel_paths": sorted({r.kernel_path for r in runs}),
         "null_comparisons": results.comparison_table(null, ci).to_dict(orient="records"),
         "mechanism_recovery": recovered.to_dict(orient="records"),

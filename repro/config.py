@@ -400,6 +400,24 @@ class EfficiencyParams:
             raise ParamsError(f"efficiency.long_history_tokens must be >= 1, got {self.long_history_tokens}")
 
 
+@dataclass
+class ProbeParams:
+    """Frozen-representation probes (notebook 01): each pretrained backbone's hidden states at the prediction
+    time, pooled as its finetuning head pools them ("head") and as the mean over the input ("mean"), read by
+    an L2 logistic regression fitted on train with C chosen on tuning by AUROC."""
+
+    tasks: list[str] = field(default_factory=lambda: ["mortality_1m"])
+    poolings: list[str] = field(default_factory=lambda: ["head", "mean"])
+    grid: list[float] = field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0])
+
+    def __post_init__(self) -> None:
+        bad = [p for p in self.poolings if p not in ("head", "mean")]
+        if bad or not self.poolings:
+            raise ParamsError(f"probes.poolings must list head and/or mean, got {self.poolings}")
+        if not self.grid or min(self.grid) <= 0:
+            raise ParamsError(f"probes.grid must list positive regularisation strengths C, got {self.grid}")
+
+
 def _default_variants() -> dict[str, dict[str, Any]]:
     return {
         "10 bins": {"n_bins": 10},
@@ -558,6 +576,7 @@ class RunParams:
     eval: EvalParams = field(default_factory=EvalParams)
     efficiency: EfficiencyParams = field(default_factory=EfficiencyParams)
     representations: RepresentationParams = field(default_factory=RepresentationParams)
+    probes: ProbeParams = field(default_factory=ProbeParams)
     # notebooks `repro run` may execute at once (see pipeline.STAGES); the timing notebooks always run alone
     notebook_jobs: int = 1
     # how each hypothesis combines its comparisons (HypothesisRule); a named rule replaces its default whole,
@@ -601,6 +620,9 @@ class RunParams:
             raise ParamsError(f"representations.tasks {bad} must be among tasks {self.tasks}")
         for variant in self.representations.variants:
             self.representations.tokenizer(self.tokenizer, variant)  # a bad override fails here, not in 05
+        bad = [t for t in self.probes.tasks if t not in self.tasks]
+        if bad:
+            raise ParamsError(f"probes.tasks {bad} must be among tasks {self.tasks}")
         if self.efficiency.long_task not in self.tasks:
             raise ParamsError(
                 f"efficiency.long_task {self.efficiency.long_task!r} must be one of tasks {self.tasks}"

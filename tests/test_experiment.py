@@ -284,3 +284,20 @@ def test_an_untrainable_task_stops_the_run_or_is_dropped_by_the_switch(prep):
     labels["mortality_1m"] = labels["mortality_1m"].assign(label=0)
     with pytest.raises(ParamsError, match=r"would drop .*mortality_1m.*, but .* must be among tasks"):
         drop_untrainable(dataclasses.replace(prep, labels=labels))
+
+
+def test_probes_read_frozen_pretrained_states_and_score_only_tuning_and_held_out(prep, tmp_path):
+    """One probe run per pooling, named as the report names them; no train subject is scored; a backbone
+    without pretraining (the LSTM) gets none."""
+    import meds
+
+    trainer = Trainer(prep, tmp_path, progress=False)
+    runs = trainer.probes("ehrmamba", "mortality_1m", 0)
+    assert [r.model for r in runs] == ["ehrmamba+probe:head", "ehrmamba+probe:mean"]
+    for r in runs:
+        p = r.predictions
+        assert set(p["split"]) == {meds.tuning_split, meds.held_out_split}
+        assert p["score"].between(0, 1).all() and r.finetune is None and r.pretrain is not None
+        held = prep.labels["mortality_1m"]
+        assert len(p) == int(held["split"].isin([meds.tuning_split, meds.held_out_split]).sum())
+    assert trainer.probes("ehrmamba", "mortality_1m", 0)[0].predictions.equals(runs[0].predictions)  # cached

@@ -397,3 +397,36 @@ def test_row_losses_are_each_samples_own_and_sum_to_the_validation_loss(name, ob
         one = SequenceDataset([data.items[3]])
         s1, c1 = loop.row_losses(model, one, objective, device, batch_size=1)
         assert c1[0] == counts[3] and s1[0] == pytest.approx(sums[3], rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["ehrmamba", "cehr_bert"])
+def test_probe_features_pool_like_the_head_and_ignore_padding(name):
+    """features()["head"] is what the classification head reads (last real token causal, [CLS] encoder),
+    whatever the batch's padding; "mean" averages real tokens only."""
+    from repro.models.heads import pool
+
+    model, data = _model(name).eval(), _data(n=6)
+    device = torch.device("cpu")
+    batched = loop.features(model, data, device, batch_size=6)
+    alone = loop.features(model, SequenceDataset([data.items[2]]), device, batch_size=1)
+    assert batched["head"].shape == batched["mean"].shape == (6, 16)
+    np.testing.assert_allclose(batched["head"][2], alone["head"][0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(batched["mean"][2], alone["mean"][0], rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        b = collate([data[2][:1]])
+        want = pool(model.hidden(b), b["attention_mask"], model.causal, model.pool_mode)[0].numpy()
+    np.testing.assert_allclose(alone["head"][0], want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_probe_learns_its_scaling_and_c_from_train_and_tuning_only():
+    from repro.models.baselines import probe
+
+    rng = np.random.default_rng(0)
+    x_tr, x_tu = rng.normal(size=(200, 4)), rng.normal(size=(100, 4))
+    y_tr, y_tu = (x_tr[:, 0] > 0).astype(int), (x_tu[:, 0] > 0).astype(int)
+    fitted, C = probe(x_tr, y_tr, x_tu, y_tu, [0.01, 1.0])
+    np.testing.assert_allclose(fitted[0].mean_, x_tr.mean(0))  # the scaler saw train rows only
+    shifted, _ = probe(x_tr, y_tr, x_tu + 100.0, y_tu, [C])  # tuning rows never enter the fit
+    np.testing.assert_allclose(shifted[-1].coef_, fitted[-1].coef_)
+    with pytest.raises(ValueError, match="single class"):
+        probe(x_tr, np.zeros(200, int), x_tu, y_tu, [1.0])

@@ -227,3 +227,35 @@ def mechanism_figure(recovered: pd.DataFrame, labels: dict[str, str] | None = No
     ax.tick_params(axis="x", labelrotation=30)
     fig.tight_layout()
     return fig
+
+
+def probe_figure(frame: pd.DataFrame) -> plt.Figure:
+    """Probe against finetuned held-out AUROC per backbone (95 % CIs as bars): above the diagonal the frozen
+    representation alone does better than finetuning it; the gap says what finetuning added."""
+    fig, ax = plt.subplots(figsize=(5.2, 4.2))
+    if frame.empty:
+        ax.text(0.5, 0.5, "no probe was run", ha="center", va="center", transform=ax.transAxes)
+        return fig
+    ft = frame[frame["read by"] == "finetuned"].set_index(["task", "model"])
+    markers = {"probe (head)": "o", "probe (mean)": "s"}
+    colors = dict(
+        zip(frame["model"].unique(), sns.color_palette(n_colors=frame["model"].nunique()), strict=True)
+    )
+    for (task, model, how), g in frame[frame["read by"] != "finetuned"].groupby(
+        ["task", "model", "read by"], sort=False
+    ):
+        if (task, model) not in ft.index:
+            continue
+        x, p = ft.loc[(task, model)], g.iloc[0]
+        ax.errorbar(
+            x["estimate"], p["estimate"],
+            xerr=[[x["estimate"] - x["lo"]], [x["hi"] - x["estimate"]]],
+            yerr=[[p["estimate"] - p["lo"]], [p["hi"] - p["estimate"]]],
+            fmt=markers.get(how, "^"), color=colors[model], capsize=2, label=f"{model}, {how}",
+        )  # fmt: skip
+    lo = float(np.nanmin(frame["lo"].to_numpy())) - 0.02
+    ax.plot([lo, 1], [lo, 1], ls="--", color="grey", lw=1)
+    ax.set(xlabel="finetuned AUROC (held-out)", ylabel="probe AUROC (held-out)", xlim=(lo, 1), ylim=(lo, 1))
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig

@@ -82,10 +82,16 @@ ORACLE = "Oracle (true probability)"
 MPF = "+mpf"
 
 
+PROBE = "+probe:"  # frozen-representation probe runs: <backbone>+probe:<pooling>
+
+
 def label(model: str) -> str:
     """Display name; `name+mpf` is that model finetuned with multitask prompts."""
     if model.endswith(MPF):
         return f"{MODEL_LABELS.get(model.removesuffix(MPF), model)} (MPF)"
+    if PROBE in model:
+        base, pooling = model.split(PROBE)
+        return f"{MODEL_LABELS.get(base, base)} (probe, {pooling})"
     return MODEL_LABELS.get(model, model)
 
 
@@ -528,6 +534,47 @@ def pretrain_loss_table(
         )
     out = pd.DataFrame(rows)
     return out.sort_values("objective", kind="stable").reset_index(drop=True) if len(out) else out
+
+
+def probe_frame(
+    evaluated: dict[str, dict[str, dict]], backbones: Sequence[str], tasks: Sequence[str]
+) -> pd.DataFrame:
+    """Long frame of held-out AUROC (estimate, lo, hi) per backbone, task and how its representation was
+    read: "finetuned" or "probe (<pooling>)"; from ``evaluate_all`` over finetuned and probe predictions."""
+    rows = []
+    for task in tasks:
+        got = evaluated.get(task, {})
+        for b in backbones:
+            for name, how in [(label(b), "finetuned")] + [
+                (label(m), f"probe ({m.split(PROBE)[1]})") for m in (f"{b}{PROBE}head", f"{b}{PROBE}mean")
+            ]:
+                res = got.get(name)
+                if res is None:
+                    continue
+                a = res["auroc"]
+                rows.append(
+                    {
+                        "task": task,
+                        "model": label(b),
+                        "read by": how,
+                        **{k: a[k] for k in ("estimate", "lo", "hi")},
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def probe_table(frame: pd.DataFrame, ci: float) -> pd.DataFrame:
+    """One row per (task, backbone): finetuned AUROC beside each probe's, with CIs."""
+    if frame.empty:
+        return frame
+    cell = frame.assign(
+        v=[f"{e:.3f} [{lo:.3f}, {hi:.3f}]" for e, lo, hi in zip(frame["estimate"], frame["lo"], frame["hi"])]
+    )
+    wide = cell.pivot_table(
+        index=["task", "model"], columns="read by", values="v", aggfunc="first", sort=False
+    )
+    wide.columns = [f"AUROC, {c} ({ci * 100:g}% CI)" for c in wide.columns]
+    return wide.reset_index()
 
 
 def comparison_summary(comparisons: pd.DataFrame, ci: float, headline: str) -> pd.DataFrame:

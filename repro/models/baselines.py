@@ -15,7 +15,7 @@ import scipy.sparse as sp
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import MaxAbsScaler
+from sklearn.preprocessing import MaxAbsScaler, StandardScaler
 
 from repro.data.tokenizer import Encoded
 from repro.data.vocab import SPECIALS
@@ -35,6 +35,38 @@ def count_matrix(items: Sequence[Encoded], vocab_size: int) -> sp.csr_matrix:
     counts = sp.csr_matrix((np.ones(len(r)), (r, c)), shape=(len(items), vocab_size))
     counts.data = np.log1p(counts.data)
     return sp.hstack([counts, sp.csr_matrix(ages[:, None] / 100.0)], format="csr")
+
+
+def tuned_logistic(make, grid: Sequence[float], x_tr, y_tr: np.ndarray, x_tu, y_tu: np.ndarray, who: str):
+    """(the fit at the C of ``grid`` with the best tuning AUROC, that C): ``make(C)`` builds an unfitted
+    pipeline, fitted on train only (its scaler too); ties go to the larger C; a tuning split with one class
+    keeps the first C. The model kept is the grid's own fit: refitting on the same rows would give it again.
+    """
+    if len(np.unique(y_tr)) < 2:
+        raise ValueError(f"{who}: the train labels have a single class; the task cannot be fitted")
+    best, fitted = (-np.inf, 0), []
+    for k, C in enumerate(grid):
+        fitted.append(make(C).fit(x_tr, y_tr))
+        if len(np.unique(y_tu)) < 2:
+            break
+        best = max(best, (roc_auc_score(y_tu, fitted[-1].predict_proba(x_tu)[:, 1]), k))
+    return fitted[best[1]], grid[best[1]]
+
+
+def probe(
+    x_tr: np.ndarray,
+    y_tr: np.ndarray,
+    x_tu: np.ndarray,
+    y_tu: np.ndarray,
+    grid: Sequence[float],
+    seed: int = 0,
+):
+    """A logistic-regression probe on frozen features: standardised on train, C chosen on tuning."""
+
+    def make(C: float):
+        return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000, random_state=seed))
+
+    return tuned_logistic(make, grid, x_tr, y_tr, x_tu, y_tu, "probe")
 
 
 class CountLogistic:
@@ -66,18 +98,7 @@ class CountLogistic:
 
         The model kept is the grid's fit at the chosen C: refitting it on the same rows would give it again.
         """
-        if len(np.unique(y_train)) < 2:
-            raise ValueError("count_lr: the train labels have a single class; the task cannot be fitted")
-        best = (-np.inf, 0)
-        fitted = []
-        for k, C in enumerate(self.grid):
-            fitted.append(self._new(C).fit(x_tr, y_train))
-            if len(np.unique(y_tune)) < 2:
-                break
-            auc = roc_auc_score(y_tune, fitted[-1].predict_proba(x_tu)[:, 1])
-            best = max(best, (auc, k))  # ties: the larger C
-        self.C = self.grid[best[1]]
-        self.model = fitted[best[1]]
+        self.model, self.C = tuned_logistic(self._new, self.grid, x_tr, y_train, x_tu, y_tune, "count_lr")
         return self
 
     def predict(self, items: Sequence[Encoded]) -> np.ndarray:

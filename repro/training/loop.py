@@ -611,6 +611,32 @@ def predict(
     return out
 
 
+@torch.no_grad()
+def features(
+    model: torch.nn.Module, data: SequenceDataset, device: torch.device, batch_size: int = 64
+) -> dict[str, np.ndarray]:
+    """Frozen hidden states, one vector per sample: "head", pooled as the model's classification head pools
+    (last real token for causal models; [CLS], or the mean where the backbone pools by mean, for encoders),
+    and "mean", the mean over real tokens. One backbone pass serves both (what a probe reads)."""
+    from repro.models.heads import pool
+
+    model.to(device).eval()
+    order = np.argsort(data.lengths(), kind="stable")
+    out: dict[str, np.ndarray] = {}
+    padding = _padding(model, device)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = _to(collate([data[int(i)][:1] for i in idx], **padding), device)
+        with _autocast(device):
+            hidden = model.hidden(batch).float()
+        mask = batch["attention_mask"]
+        for name, mode in (("head", model.pool_mode), ("mean", "mean")):
+            vec = pool(hidden, mask, model.causal, mode).cpu().numpy()
+            out.setdefault(name, np.empty((len(data), vec.shape[1]), dtype=np.float32))[idx] = vec
+    model.train()
+    return out
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     """Join torchrun's process group (NCCL on GPUs, gloo on CPUs); (rank, world, this rank's device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -20,7 +20,7 @@ from repro.config import resolve
 from repro.data.dataset import SequenceDataset
 from repro.data.tasks import label_columns
 from repro.data.tokenizer import Encoded
-from repro.training.loop import TrainResult, fit, predict, resolve_device, row_losses, val_subset
+from repro.training.loop import TrainResult, features, fit, predict, resolve_device, row_losses, val_subset
 from repro.training.prepare import (
     Prepared,
     encode_samples,
@@ -173,6 +173,60 @@ class Trainer:
             model.to(self.device), data, objective, self.device, tp.eval_batch_size, tp.mlm_probability
         )
         return objective, sums, counts
+
+    def probes(self, name: str, task: str, seed: int) -> list[ModelRun]:
+        """Frozen-representation probes of backbone ``name`` after pretraining on ``task``: one run per
+        pooling of ``probes.poolings`` (model ``name+probe:<pooling>``), an L2 logistic regression per label
+        fitted on train features with C chosen on tuning (``baselines.probe``), scored on tuning and
+        held_out. Features come from the finetuning inputs (cut before the prediction time) in one pass per
+        split; none for a backbone that was not pretrained. Cached under work/runs/ like every run."""
+        return self._cached(f"{name}-{task}-seed{seed}-probes", lambda: self._probes(name, task, seed))
+
+    def _probes(self, name: str, task: str, seed: int) -> list[ModelRun]:
+        from repro.models.baselines import probe
+
+        t0 = time.perf_counter()
+        model, pre = self.pretrained(name, seed)
+        if pre is None:
+            return []
+        n, bs = self.input_len(name), self.prep.params.train.eval_batch_size
+        split = {}
+        for s in (meds.train_split, meds.tuning_split, meds.held_out_split):
+            items, df = self.samples(task, s, max_len=n)
+            split[s] = (features(model, SequenceDataset(items), self.device, bs), df)
+        cols = label_columns(split[meds.train_split][1])
+        seconds = (time.perf_counter() - t0) / len(self.prep.params.probes.poolings)
+        runs = []
+        for pooling in self.prep.params.probes.poolings:
+            t1 = time.perf_counter()
+            (x_tr, df_tr), (x_tu, df_tu) = (
+                (split[s][0][pooling], split[s][1]) for s in (meds.train_split, meds.tuning_split)
+            )
+            fitted = [
+                probe(
+                    x_tr, df_tr[c].to_numpy(), x_tu, df_tu[c].to_numpy(), self.prep.params.probes.grid, seed
+                )[0]
+                for c in cols
+            ]
+            frames = [
+                long_predictions(df, np.column_stack([m.predict_proba(x[pooling])[:, 1] for m in fitted]))
+                for x, df in (split[meds.tuning_split], split[meds.held_out_split])
+            ]
+            runs.append(
+                ModelRun(
+                    model=f"{name}+probe:{pooling}",
+                    task=task,
+                    seed=seed,
+                    predictions=pd.concat(frames, ignore_index=True),
+                    n_params=len(cols) * (x_tr.shape[1] + 1),
+                    kernel_path="sklearn probe",
+                    pretrain=pre,
+                    finetune=None,
+                    seconds=seconds + time.perf_counter() - t1,
+                    mode="probe",
+                )
+            )
+        return runs
 
     def run_job(self, job: tuple[str, str, int]):
         """A (model, task, seed) job; task "mpf" returns the model's multitask runs (dict by task)."""
