@@ -402,15 +402,24 @@ class EfficiencyParams:
 
 @dataclass
 class ProbeParams:
-    """Frozen-representation probes (notebook 01): each pretrained backbone's hidden states at the prediction
+    """What pretraining learned (notebook 01). Probes: each pretrained backbone's hidden states at the prediction
     time, pooled as its finetuning head pools them ("head") and as the mean over the input ("mean"), read by
     an L2 logistic regression fitted on train with C chosen on tuning by AUROC."""
 
     tasks: list[str] = field(default_factory=lambda: ["mortality_1m"])
     poolings: list[str] = field(default_factory=lambda: ["head", "mean"])
     grid: list[float] = field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0])
+    # forecasting as the paper's Table 5: the causal backbones generate the last k tokens of this many
+    # held-out histories (the first ones long enough, in a fixed order); 0 skips it
+    forecast_patients: int = 500
+    forecast_horizons: list[int] = field(default_factory=lambda: [1, 2, 5, 10])
 
     def __post_init__(self) -> None:
+        if self.forecast_patients < 0 or not self.forecast_horizons or min(self.forecast_horizons) < 1:
+            raise ParamsError(
+                "probes.forecast_patients must be >= 0 and probes.forecast_horizons list integers >= 1, got "
+                f"{self.forecast_patients}, {self.forecast_horizons}"
+            )
         bad = [p for p in self.poolings if p not in ("head", "mean")]
         if bad or not self.poolings:
             raise ParamsError(f"probes.poolings must list head and/or mean, got {self.poolings}")

@@ -301,3 +301,15 @@ def test_probes_read_frozen_pretrained_states_and_score_only_tuning_and_held_out
         held = prep.labels["mortality_1m"]
         assert len(p) == int(held["split"].isin([meds.tuning_split, meds.held_out_split]).sum())
     assert trainer.probes("ehrmamba", "mortality_1m", 0)[0].predictions.equals(runs[0].predictions)  # cached
+
+
+def test_forecasts_of_a_causal_backbone_and_none_for_an_encoder(prep, tmp_path):
+    trainer = Trainer(prep, tmp_path, progress=False)
+    pred, true = trainer.forecasts("ehrmamba", 0)
+    k = max(prep.params.probes.forecast_horizons)
+    assert (
+        pred.shape == true.shape
+        and pred.shape[1] == k
+        and 0 < len(pred) <= prep.params.probes.forecast_patients
+    )
+    assert (pred > 0).all()  # never [PAD]

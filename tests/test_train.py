@@ -430,3 +430,36 @@ def test_a_probe_learns_its_scaling_and_c_from_train_and_tuning_only():
     np.testing.assert_allclose(shifted[-1].coef_, fitted[-1].coef_)
     with pytest.raises(ValueError, match="single class"):
         probe(x_tr, np.zeros(200, int), x_tu, y_tu, [1.0])
+
+
+class _NextIdModel(torch.nn.Module):
+    """A causal 'model' that always predicts the token after the last one (id + 1): forecasts are known."""
+
+    causal = True
+
+    def lm_logits(self, batch):
+        ids = batch["input_ids"]
+        return torch.nn.functional.one_hot((ids + 1).clamp(max=VOCAB - 1), VOCAB).float() * 10
+
+
+def test_forecasting_generates_from_its_own_predictions_on_a_hand_built_history():
+    from repro.evaluation.metrics import forecast_metrics
+    from repro.training.forecast import forecast, token_types
+
+    ids = np.array([2, 10, 11, 12, 13, 14, 15])
+    e = Encoded(ids, np.arange(7) % 3, np.linspace(60, 61, 7).astype(np.float32), np.zeros(7, np.float32),
+                np.ones(7, np.int64), np.ones(7, np.int64))  # fmt: skip
+    types = token_types([e], VOCAB)
+    pred, true = forecast(_NextIdModel(), [e], 3, types, torch.device("cpu"))
+    assert true.tolist() == [[13, 14, 15]] and pred.tolist() == [
+        [13, 14, 15]
+    ]  # fed back: 12 -> 13 -> 14 -> 15
+    jumpy = Encoded(**{**e.__dict__, "input_ids": np.array([2, 10, 11, 12, 20, 14, 15])})
+    pred, true = forecast(_NextIdModel(), [jumpy], 3, types, torch.device("cpu"))
+    assert pred.tolist() == [[13, 14, 15]] and true.tolist() == [[20, 14, 15]]
+    row = forecast_metrics(pred, true, [1, 3], n_boot=20)
+    assert row[0]["accuracy"] == 0.0 and row[1]["accuracy"] == pytest.approx(2 / 3)
+    assert row[1]["cosine"] == pytest.approx(2 / 3)  # bags {13, 14, 15} and {20, 14, 15}
+    assert row[0]["paper accuracy"] == 0.3620
+    with pytest.raises(ValueError, match="k \\+ 2"):
+        forecast(_NextIdModel(), [e], 6, types, torch.device("cpu"))

@@ -577,6 +577,37 @@ def probe_table(frame: pd.DataFrame, ci: float) -> pd.DataFrame:
     return wide.reset_index()
 
 
+def forecast_table(
+    forecasts: dict[tuple[str, int], tuple[np.ndarray, np.ndarray] | None],
+    horizons: Sequence[int],
+    n_boot: int,
+    ci: float,
+) -> pd.DataFrame:
+    """Next-k-token accuracy and cosine similarity per causal backbone and horizon, seeds averaged, with
+    patient-bootstrap CIs, beside the EHRMamba paper's Table 5 (``metrics.forecast_metrics``)."""
+    from repro.evaluation.metrics import forecast_metrics
+
+    rows = []
+    for model in dict.fromkeys(m for m, _ in forecasts):
+        got = [v for (m, _), v in forecasts.items() if m == model and v is not None]
+        if not got:
+            continue
+        for r in forecast_metrics(np.stack([g[0] for g in got]), got[0][1], list(horizons), n_boot, ci):
+            rows.append(
+                {
+                    "model": label(model),
+                    "next tokens": r["next tokens"],
+                    "patients": r["patients"],
+                    "seeds": len(got),
+                    f"accuracy ({ci * 100:g}% CI)": f"{r['accuracy']:.3f} [{r['accuracy_lo']:.3f}, {r['accuracy_hi']:.3f}]",
+                    f"cosine ({ci * 100:g}% CI)": f"{r['cosine']:.3f} [{r['cosine_lo']:.3f}, {r['cosine_hi']:.3f}]",
+                    "paper EHRMamba accuracy": r["paper accuracy"],
+                    "paper EHRMamba cosine": r["paper cosine"],
+                }
+            )
+    return pd.DataFrame(rows)
+
+
 def comparison_summary(comparisons: pd.DataFrame, ci: float, headline: str) -> pd.DataFrame:
     """One row per comparison (pair of models) over its tasks: the ``headline`` task's difference and verdict,
     the range of the differences and how many tasks got each verdict. The report's body shows this; the

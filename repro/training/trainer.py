@@ -228,6 +228,28 @@ class Trainer:
             )
         return runs
 
+    def forecasts(self, name: str, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(generated, true) ids [n, max horizon] of causal backbone ``name`` after CLM pretraining on the
+        first ``probes.forecast_patients`` held-out histories long enough (``forecast.forecast``); None for
+        a backbone that was not pretrained by next-token prediction. Cached under work/runs/."""
+        return self._cached(f"{name}-forecast-seed{seed}", lambda: self._forecasts(name, seed))
+
+    def _forecasts(self, name: str, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+        from repro.training.forecast import forecast, token_types
+
+        model, pre = self.pretrained(name, seed)
+        objective = getattr(model.backbone, "pretrain_objective", "clm" if model.causal else "mlm")
+        pp = self.prep.params.probes
+        if pre is None or objective != "clm" or not pp.forecast_patients:
+            return None
+        k = max(pp.forecast_horizons)
+        n = self.input_len(name)
+        held = [e for e in self._pretrain_items(meds.held_out_split, n) if len(e) >= k + 2]
+        types = token_types(self._pretrain_items(meds.train_split, n), self.prep.tokenizer.vocab_size)
+        return forecast(
+            model, held[: pp.forecast_patients], k, types, self.device, self.prep.params.train.eval_batch_size
+        )
+
     def run_job(self, job: tuple[str, str, int]):
         """A (model, task, seed) job; task "mpf" returns the model's multitask runs (dict by task)."""
         name, task, seed = job
