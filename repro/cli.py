@@ -1,4 +1,4 @@
-"""Command line: `repro run PARAMS`, `repro render RUN_DIR`, `repro doctor`, `repro synth OUT_DIR`.
+"""Command line: `repro run PARAMS`, `repro plan PARAMS`, `repro render RUN_DIR`, `repro doctor`, `repro synth OUT_DIR`.
 
 A user's mistake (bad params, bad MEDS input, an existing run) prints one line naming the file,
 column or parameter and exits with status 2; a bug still shows its traceback.
@@ -71,6 +71,17 @@ def main(argv: list[str] | None = None) -> int:
     p_prep.add_argument("params", help="params/*.yaml")
     p_prep.add_argument("--data", help="a MEDS directory (default: the synthetic cohort the params describe)")
 
+    p_plan = sub.add_parser(
+        "plan", help="every training run of the grid with its steps and tokens, before training"
+    )
+    p_plan.add_argument("params", help="params/*.yaml")
+    p_plan.add_argument("--data", help="a MEDS directory (default: the synthetic cohort the params describe)")
+    p_plan.add_argument(
+        "--measured", metavar="RUN_DIR", help="an earlier run on this kind of node: its tokens/s"
+    )
+    p_plan.add_argument("--gpus", type=int, default=1, help="GPUs to spread the runs over (wall-time bound)")
+    p_plan.add_argument("--out", help="also write the plan as CSV here")
+
     p_render = sub.add_parser("render", help="render report.qmd of an executed run")
     p_render.add_argument("run_dir")
     p_render.add_argument("--engine", choices=["auto", "quarto", "offline"], default="auto")
@@ -124,6 +135,17 @@ def main(argv: list[str] | None = None) -> int:
 
             for line in prepare_data(args.params, args.data):
                 print(line)
+        elif args.command == "plan":
+            from repro.report.pipeline import plan_run
+
+            table, lines = plan_run(args.params, args.data, args.measured, args.gpus)
+            print(table.to_string(index=False))
+            for line in lines:
+                print(line)
+            if args.out:
+                from repro.evaluation.store import save_csv
+
+                print(save_csv(table, args.out))
         elif args.command == "render":
             from repro.config import project_root
             from repro.report.pipeline import REPORT_FILES

@@ -17,3 +17,13 @@ def save_json(obj: Any, path: str | Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str))
     os.replace(tmp, path)
+
+
+def save_csv(df, path: str | Path) -> Path:
+    """Write a DataFrame as CSV atomically (temp file + rename); returns the path written."""
+    path = resolve(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    return path

@@ -15,6 +15,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
@@ -22,6 +23,9 @@ from repro.config import ParamsError, load_run_params, project_root
 from repro.evaluation.store import save_json
 from repro.report.manifest import environment, git_sha
 from repro.report.notebook_exec import RunError, execute_notebook, notebook_json
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 NOTEBOOKS = (
     "00_cohort",
@@ -177,6 +181,8 @@ def dry_run(
     _check_device(params, params_path)
     lines.append(f"device: {params.device}")
     lines += _ready_data(params, data_dir)  # data validated, labels and tokens (cached): the run's first step
+    table, summary = plan_run(params_file, data_dir)
+    lines += [f"plan: {line}" for line in table.to_string(index=False).splitlines()] + summary
     with tempfile.TemporaryDirectory() as tmp:
         for nb in notebooks:
             src, nb_in = root / "notebooks" / f"{nb}.py", Path(tmp) / f"{nb}.ipynb"
@@ -244,6 +250,27 @@ def prepare_data(params_file: str, data_dir: str | None = None) -> list[str]:
     params = load_run_params(Path(params_file).resolve(), data_dir)
     lines = _ready_data(params, data_dir)
     return lines + prepare_variants(params, data_dir)
+
+
+def plan_run(
+    params_file: str, data_dir: str | None = None, measured: str | None = None, gpus: int = 1
+) -> tuple[pd.DataFrame, list[str]]:
+    """The run's cost plan before any training (``repro.training.plan``): every training run with its
+    steps and tokens, projected GPU-hours where ``measured`` (an earlier run folder) gives tokens/s."""
+    from repro.evaluation.results import MODEL_LABELS
+    from repro.training import plan
+    from repro.training.prepare import prepare
+
+    if gpus < 1:
+        raise ParamsError(f"--gpus must be >= 1, got {gpus}")
+    params = load_run_params(Path(params_file).resolve(), data_dir)
+    table = plan.grid(prepare(params, data_dir))
+    if measured:
+        try:
+            table = plan.project(table, plan.measured_throughput(measured), dict(MODEL_LABELS))
+        except FileNotFoundError as exc:
+            raise RunError(f"--measured: {exc}") from None
+    return table, plan.summary(table, gpus)
 
 
 def _ready_data(params, data_dir: str | None) -> list[str]:

@@ -1,0 +1,139 @@
+"""The cost of a run before any training: every training run of the grid, its steps and tokens, and, from the
+tokens/s of a run already made on the same kind of node, the GPU-hours it would take.
+
+Tokens come from the tokenized data (each run's samples at the length its model reads); the steps are the
+budget in epochs (or fixed steps) the params give, so the tokens are an upper bound: early stopping ends a
+run sooner. Throughput is read from an earlier run's training table (``results/01_accuracy.json``), the
+median tokens/s per model and phase; models it did not train have no projection.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import meds
+import numpy as np
+import pandas as pd
+
+from repro.training.prepare import Prepared
+
+
+def grid(prep: Prepared) -> pd.DataFrame:
+    """One row per training run of notebooks 01 and 03: model, phase, task, seeds, samples, steps, batch,
+    mean tokens per sample and the tokens the budget feeds (steps x batch x mean tokens, for every seed)."""
+    from repro.training.prepare import mpf_dataset
+    from repro.training.trainer import Trainer
+
+    params = prep.params
+    trainer = Trainer(prep, "outputs/.plan-unused", progress=False)
+    rows = []
+
+    def add(model: str, phase: str, task: str, n: int, mean_len: float, steps: int, batch: int) -> None:
+        seeds = len(params.seeds)
+        rows.append(
+            {
+                "model": model,
+                "phase": phase,
+                "task": task,
+                "seeds": seeds,
+                "samples": n,
+                "steps": steps,
+                "batch": batch,
+                "tokens per sample": round(mean_len, 1),
+                "tokens (budget, all seeds)": int(steps * min(batch, n) * mean_len * seeds),
+            }
+        )
+
+    neural = [m for m in params.models if m != "count_lr"]
+    backbones = list(dict.fromkeys("bigbird" if m == "multibird" else m for m in neural))
+    for name in backbones:
+        items = trainer._pretrain_items(meds.train_split, trainer.input_len(name))
+        tp = params.train.for_model(name)
+        if name != "lstm" and items:
+            lengths = np.array([len(e) for e in items])
+            add(
+                name,
+                "pretrain",
+                "-",
+                len(items),
+                lengths.mean(),
+                tp.steps("pretrain", len(items)),
+                tp.batch_size,
+            )
+    for name in (m for m in neural if m != "multibird"):
+        ft = params.train.for_model(name).finetuning()
+        for task in params.tasks:
+            items, _ = trainer.samples(task, meds.train_split, max_len=trainer.input_len(name))
+            lengths = np.array([len(e) for e in items])
+            add(
+                name,
+                "finetune",
+                task,
+                len(items),
+                lengths.mean(),
+                ft.steps("finetune", len(items)),
+                ft.batch_size,
+            )
+    mpf = [*params.mpf_models, *(["bigbird"] if "multibird" in params.models else [])]
+    for name in dict.fromkeys(mpf):
+        n = trainer.input_len(name)  # the task prompt replaces a token: lengths as without it
+        data, _ = mpf_dataset({t: trainer.samples(t, meds.train_split, None, n) for t in params.tasks})
+        ft = params.train.for_model(*([name, "multibird"] if name == "bigbird" else [name])).finetuning()
+        add(
+            "multibird" if name == "bigbird" else name,
+            "finetune (MPF)",
+            "all tasks",
+            len(data),
+            float(data.lengths().mean()),
+            ft.steps("finetune", len(data)),
+            ft.batch_size,
+        )
+    return pd.DataFrame(rows)
+
+
+def measured_throughput(run_dir: str | Path) -> dict[tuple[str, str], float]:
+    """Median tokens/s per (model, phase: pretrain / finetune) in an earlier run's training table."""
+    path = Path(run_dir) / "results" / "01_accuracy.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no training table there (run notebook 01 first)")
+    rows = json.loads(path.read_text()).get("training", [])
+    seen: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        tps = str(r.get("tokens/s", "-")).replace(",", "")
+        if tps.replace(".", "", 1).isdigit() and float(tps) > 0:
+            phase = "pretrain" if str(r.get("phase", "")).startswith("pretrain") else "finetune"
+            seen.setdefault((str(r["model"]), phase), []).append(float(tps))
+    return {k: float(np.median(v)) for k, v in seen.items()}
+
+
+def project(
+    plan: pd.DataFrame, throughput: dict[tuple[str, str], float], labels: dict[str, str]
+) -> pd.DataFrame:
+    """The plan with GPU-hours per run from measured tokens/s (keyed by the training table's model label)."""
+    out = plan.copy()
+    tps = [
+        throughput.get((labels.get(m, m), "pretrain" if p == "pretrain" else "finetune"), np.nan)
+        for m, p in zip(out["model"], out["phase"], strict=True)
+    ]
+    out["tokens/s (measured)"] = tps
+    out["GPU-hours (budget)"] = out["tokens (budget, all seeds)"] / np.array(tps, dtype=float) / 3600
+    return out
+
+
+def summary(plan: pd.DataFrame, gpus: int) -> list[str]:
+    """Lines: runs and tokens in all, GPU-hours where projected, and the wall time on 1 and on ``gpus`` GPUs
+    (an ideal split of the runs: a lower bound)."""
+    lines = [
+        f"plan: {len(plan)} training runs x their seeds, {plan['tokens (budget, all seeds)'].sum():,} tokens in the budgets"
+    ]
+    if "GPU-hours (budget)" in plan:
+        known = plan["GPU-hours (budget)"].dropna()
+        missing = sorted(set(plan.loc[plan["GPU-hours (budget)"].isna(), "model"]))
+        hours = float(known.sum())
+        lines.append(
+            f"plan: {hours:.2f} GPU-hours projected ({len(known)} of {len(plan)} runs"
+            + (f"; no measured tokens/s for {', '.join(missing)}" if missing else "")
+            + f"): {hours:.2f} h on 1 GPU, at least {hours / max(gpus, 1):.2f} h on {gpus}"
+        )
+    return lines

@@ -1,0 +1,59 @@
+"""`repro plan`: every training run of the grid with its budget in steps and tokens, and hours from a
+measured run, before anything is trained."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from repro.cli import main
+from repro.config import load_run_params
+from repro.training import plan
+from repro.training.prepare import prepare
+
+
+@pytest.fixture(scope="module")
+def smoke_plan():
+    params = load_run_params("params/smoke.yaml")
+    return params, plan.grid(prepare(params, progress=False))
+
+
+def test_the_grid_lists_every_run_with_its_budget(smoke_plan):
+    params, g = smoke_plan
+    neural = [m for m in params.models if m != "count_lr"]
+    assert set(g.loc[g["phase"] == "pretrain", "model"]) == set(neural) - {"lstm"}
+    ft = g[g["phase"] == "finetune"]
+    assert len(ft) == len(neural) * len(params.tasks)
+    assert len(g[g["phase"] == "finetune (MPF)"]) == len(params.mpf_models)
+    row = ft[(ft["model"] == "ehrmamba") & (ft["task"] == "mortality_1m")].iloc[0]
+    tp = params.train.for_model("ehrmamba").finetuning()
+    assert row["steps"] == tp.steps("finetune", row["samples"]) and row["seeds"] == len(params.seeds)
+    fed = row["steps"] * min(row["batch"], row["samples"]) * row["tokens per sample"] * row["seeds"]
+    assert abs(row["tokens (budget, all seeds)"] - fed) <= fed * 1e-3  # tokens per sample is rounded
+
+
+def test_hours_come_from_a_measured_run_and_unmeasured_models_are_named(smoke_plan, tmp_path):
+    _, g = smoke_plan
+    (tmp_path / "results").mkdir()
+    rows = [
+        {"model": "EHRMamba", "phase": "pretrain (CLM)", "tokens/s": "1,000"},
+        {"model": "EHRMamba", "phase": "pretrain (CLM)", "tokens/s": "3,000"},
+        {"model": "EHRMamba", "phase": "finetune mortality_1m", "tokens/s": "500"},
+        {"model": "Counts + LR", "phase": "fit mortality_1m", "tokens/s": "-"},
+    ]
+    (tmp_path / "results" / "01_accuracy.json").write_text(json.dumps({"training": rows}))
+    tps = plan.measured_throughput(tmp_path)
+    assert tps == {("EHRMamba", "pretrain"): 2000.0, ("EHRMamba", "finetune"): 500.0}
+    projected = plan.project(g, tps, {"ehrmamba": "EHRMamba", "cehr_bert": "CEHR-BERT"})
+    pre = projected[(projected["model"] == "ehrmamba") & (projected["phase"] == "pretrain")].iloc[0]
+    assert pre["GPU-hours (budget)"] == pytest.approx(pre["tokens (budget, all seeds)"] / 2000 / 3600)
+    assert np.isnan(projected.loc[projected["model"] == "cehr_bert", "GPU-hours (budget)"]).all()
+    lines = plan.summary(projected, 4)
+    assert "no measured tokens/s for cehr_bert" in lines[-1] and "on 4" in lines[-1]
+
+
+def test_plan_command_names_a_missing_measured_run(tmp_path, capsys):
+    assert main(["plan", "params/smoke.yaml", "--measured", str(tmp_path)]) == 2
+    assert "--measured" in capsys.readouterr().err
