@@ -183,7 +183,7 @@ fig = figures.learning_figure(results.learning_curves(runs))
 
 # %%
 #| label: tbl-pretrain-loss
-#| tbl-cap: "What pretraining learned, judged on its own objective: each pretrained backbone's loss per scored token and its perplexity on the held-out patients' histories (the weights kept at its best validation), averaged over seeds, with a 95 % CI from resampling patients. CLM (next token) and MLM (15 % of tokens masked, the same masks for every model) are different tasks: compare within an objective only."
+#| tbl-cap: "What pretraining learned, judged on its own objective: each pretrained backbone's loss per scored token and its perplexity on the held-out patients' histories (the weights kept at its best validation), averaged over seeds, with a 95 % CI from resampling patients. CLM (next token) and MLM (train.mlm_probability of the tokens masked, the same masks for every model) are different tasks: compare within an objective only."
 heldout = {(m, s): trainer.heldout_losses(m, s) for m in pretrained for s in params.seeds}
 pretrain_loss = results.pretrain_loss_table(heldout, n_boot, ci)
 figures.show_table(pretrain_loss, empty="no backbone of this run was pretrained")
@@ -194,7 +194,7 @@ forecast_table = results.forecast_table(forecasts, params.probes.forecast_horizo
 
 # %%
 #| label: tbl-forecast
-#| tbl-cap: "Forecasting as the EHRMamba paper's Table 5 reports it: each causal backbone, after next-token pretraining, generates the last k tokens of held-out histories one at a time (greedy, its own predictions fed back; a generated token's side inputs repeat the context's last ones, as VectorInstitute/odyssey generates them). Accuracy@k: the share of the k generated tokens equal to the true one at the same position; cosine@k: cosine similarity of the bags of generated and true tokens; per patient, averaged over seeds and patients, 95 % CIs from resampling patients. The paper defines neither metric: these definitions are ours; its numbers are EHRMamba on MIMIC-IV, ours come from this run's data."
+#| tbl-cap: "Forecasting as the EHRMamba paper's Table 5 reports it: each causal backbone, after next-token pretraining, generates the last k tokens of held-out histories (each ended at its last clinical token: the [VE] [REG] every history ends with would be free points) one at a time (greedy, its own predictions fed back; a generated token's side inputs repeat the context's last ones, as VectorInstitute/odyssey generates them). Accuracy@k: the share of the k generated tokens equal to the true one at the same position; cosine@k: cosine similarity of the bags of generated and true tokens; per patient, averaged over seeds and patients, 95 % CIs from resampling patients. The paper defines neither metric: these definitions are ours; its numbers are EHRMamba on MIMIC-IV, ours come from this run's data."
 figures.show_table(
     forecast_table,
     empty="no causal backbone was pretrained by next-token prediction, or probes.forecast_patients is 0",

@@ -93,6 +93,18 @@ def restrict_arch(setup_py: str, sm: str) -> str:
     return "".join(lines)
 
 
+def arch_list(sm: str) -> str:
+    """nvcc's "90" / "100a" as TORCH_CUDA_ARCH_LIST writes it.
+
+    >>> arch_list("90"), arch_list("100a")
+    ('9.0', '10.0a')
+    """
+    m = re.fullmatch(r"(\d+)(\d)([a-z]?)", sm)
+    if not m:
+        raise ValueError(f"architecture must look like 90 or 100a, got {sm!r}")
+    return f"{m[1]}.{m[2]}{m[3]}"
+
+
 def gpu_arch() -> str:
     """This node's GPU compute capability as nvcc names it ("90" on an H100 / H200)."""
     import torch
@@ -108,7 +120,11 @@ def key(kernel: Kernel, sm: str) -> str:
     import torch
 
     py = f"cp{sys.version_info.major}{sys.version_info.minor}"
-    return f"{kernel.dist}-{kernel.version}-torch{torch.__version__}-{py}-sm{sm}".replace("+", "_")
+    abi = "abi1" if torch._C._GLIBCXX_USE_CXX11_ABI else "abi0"
+    cuda = f"cu{torch.version.cuda}"
+    return f"{kernel.dist}-{kernel.version}-torch{torch.__version__}-{cuda}-{abi}-{py}-sm{sm}".replace(
+        "+", "_"
+    )
 
 
 def _pip(*args: str, env: dict[str, str] | None = None, log: Path | None = None) -> None:
@@ -170,7 +186,7 @@ def build(name: str, sm: str | None = None, sdist_dir: Path | None = None, jobs:
             f"{kernel.env}_FORCE_BUILD": "TRUE",
             "MAX_JOBS": str(jobs or os.cpu_count() or 1),
             "NVCC_THREADS": "1",
-            "TORCH_CUDA_ARCH_LIST": f"{sm[:-1]}.{sm[-1]}",
+            "TORCH_CUDA_ARCH_LIST": arch_list(sm),
         }
         t0 = time.perf_counter()
         log = work / "build.log"

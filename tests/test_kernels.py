@@ -102,3 +102,11 @@ def test_provenance_names_a_kept_wheel_and_admits_what_pip_does_not_record(tmp_p
     assert "kept wheel built for sm_90 in 163 s" in kernels.provenance("mamba_ssm")
     monkeypatch.setattr(kernels.metadata, "distribution", lambda name: Dist(None))
     assert "pip records neither" in kernels.provenance("mamba_ssm")
+
+
+def test_the_kept_wheel_key_names_everything_its_binary_depends_on():
+    import torch
+
+    k = kernels.key(kernels.KERNELS["causal-conv1d"], "90")
+    assert k.endswith("-sm90") and f"cu{torch.version.cuda}" in k and "abi" in k and "+" not in k
+    assert kernels.arch_list("90") == "9.0" and kernels.arch_list("100a") == "10.0a"

@@ -57,3 +57,13 @@ def test_hours_come_from_a_measured_run_and_unmeasured_models_are_named(smoke_pl
 def test_plan_command_names_a_missing_measured_run(tmp_path, capsys):
     assert main(["plan", "params/smoke.yaml", "--measured", str(tmp_path)]) == 2
     assert "--measured" in capsys.readouterr().err
+
+
+def test_mpf_with_a_fixed_step_budget_plans_what_it_trains():
+    from repro.training.trainer import mpf_steps
+
+    params = load_run_params("params/smoke.yaml")
+    params.train.finetune_steps = 5
+    g = plan.grid(prepare(params, progress=False))
+    mpf = g[g["phase"] == "finetune (MPF)"].iloc[0]
+    assert mpf["steps"] == 5 * len(params.tasks) == mpf_steps(params.train, 10, len(params.tasks))

@@ -463,3 +463,44 @@ def test_forecasting_generates_from_its_own_predictions_on_a_hand_built_history(
     assert row[0]["paper accuracy"] == 0.3620
     with pytest.raises(ValueError, match="k \\+ 2"):
         forecast(_NextIdModel(), [e], 6, types, torch.device("cpu"))
+
+
+def test_groups_take_a_free_gpu_and_a_group_out_of_memory_comes_back_to_be_retried(monkeypatch):
+    """Two simulated GPUs: a group that runs out of memory on one returns why (the pool retries it) and the
+    GPU goes back to the free list either way; other errors are raised."""
+    import queue
+
+    from repro.training import grid
+
+    current = {}
+    monkeypatch.setattr(torch.cuda, "set_device", lambda dev: current.update(dev=dev))
+    slots = queue.Queue()
+    for dev in grid.device_slots(2, 2):
+        slots.put(dev)
+
+    def train():
+        if current["dev"] == 0:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    assert grid.run_on_slot(slots, train) == "out of memory on cuda:0"  # slot 0 is taken first
+    assert grid.run_on_slot(slots, train) is None and current["dev"] == 1  # the retry lands on cuda:1
+    assert sorted([slots.get(), slots.get()]) == [0, 1]  # both GPUs are free again
+    slots.put(0)
+
+    def broken():
+        raise ValueError("a bug, not memory")
+
+    with pytest.raises(ValueError, match="a bug"):
+        grid.run_on_slot(slots, broken)
+    assert slots.qsize() == 1
+
+
+def test_a_history_ends_at_its_last_clinical_token_before_forecasting():
+    from repro.data.vocab import REG, VE
+    from repro.training.forecast import history_end
+
+    ids = np.array([2, 10, 11, VE, REG])
+    e = Encoded(ids, np.zeros(5, np.int64), np.zeros(5, np.float32), np.zeros(5, np.float32),
+                np.ones(5, np.int64), np.ones(5, np.int64))  # fmt: skip
+    cut = history_end(e)
+    assert cut.input_ids.tolist() == [2, 10, 11] and len(cut.ages) == 3

@@ -502,7 +502,7 @@ def comparison_table(comparisons: pd.DataFrame, ci: float) -> pd.DataFrame:
     return comparisons[[c for c in cols if c in comparisons]]
 
 
-PRETRAIN_WORDS = {"clm": "next token (CLM)", "mlm": "masked tokens, 15 % (MLM)"}
+PRETRAIN_WORDS = {"clm": "next token (CLM)", "mlm": "masked tokens (MLM)"}
 
 
 def pretrain_loss_table(

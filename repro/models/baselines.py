@@ -44,6 +44,7 @@ def tuned_logistic(make, grid: Sequence[float], x_tr, y_tr: np.ndarray, x_tu, y_
     """
     if len(np.unique(y_tr)) < 2:
         raise ValueError(f"{who}: the train labels have a single class; the task cannot be fitted")
+    grid = sorted(grid)  # ties go to the larger C whatever order the params list
     best, fitted = (-np.inf, 0), []
     for k, C in enumerate(grid):
         fitted.append(make(C).fit(x_tr, y_tr))

@@ -259,12 +259,14 @@ def plan_run(
     steps and tokens, projected GPU-hours where ``measured`` (an earlier run folder) gives tokens/s."""
     from repro.evaluation.results import MODEL_LABELS
     from repro.training import plan
-    from repro.training.prepare import prepare
+    from repro.training.prepare import check_cohort, prepare
 
     if gpus < 1:
         raise ParamsError(f"--gpus must be >= 1, got {gpus}")
     params = load_run_params(Path(params_file).resolve(), data_dir)
-    table = plan.grid(prepare(params, data_dir))
+    prep = prepare(params, data_dir)
+    check_cohort(prep)  # a task that cannot be trained stops here as it would stop the run
+    table = plan.grid(prep)
     if measured:
         try:
             table = plan.project(table, plan.measured_throughput(measured), dict(MODEL_LABELS))

@@ -2,7 +2,9 @@
 
 The paper gives accuracy and cosine similarity for the next 1, 2, 5 and 10 tokens but neither its code
 (VectorInstitute/odyssey holds generation, not the metrics) nor its definitions. What we match is
-odyssey's generation (``odyssey/evals/prediction.py``): each history is cut before its last k real tokens,
+odyssey's generation (``odyssey/evals/prediction.py``): each history, ended at its last clinical token
+(``history_end``: the trailing [VE] [REG] every history has would be free points), is cut before its last k
+tokens,
 the model predicts one token at a time from the context plus its own earlier predictions, and a generated
 token's side inputs repeat the context's last ones, its token type the type that token carries in the
 training data. We generate greedily (odyssey's first version; its later one samples at temperature 0.8).
@@ -19,7 +21,7 @@ import torch
 
 from repro.data.dataset import collate
 from repro.data.tokenizer import Encoded
-from repro.data.vocab import PAD
+from repro.data.vocab import PAD, SPECIALS
 from repro.training.loop import _autocast, _padding, _to
 
 
@@ -29,6 +31,13 @@ def token_types(items: Sequence[Encoded], vocab_size: int) -> np.ndarray:
     for e in items:
         out[e.input_ids] = e.type_ids
     return out
+
+
+def history_end(e: Encoded) -> Encoded:
+    """``e`` up to its last clinical token: without the structural tokens every history ends with
+    ([VE] [REG] here), which a model predicts from the format alone and would inflate short horizons."""
+    real = np.flatnonzero(e.input_ids >= len(SPECIALS))
+    return _cut(e, int(real[-1]) + 1 if len(real) else 0)
 
 
 def _cut(e: Encoded, n: int) -> Encoded:

@@ -341,13 +341,13 @@ def row_losses(
     batch_size: int,
     mlm_probability: float = 0.15,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(loss sum, loss count) per sample of ``data``, in its order, under ``objective`` (clm or mlm): what
-    a held-out loss and its patient bootstrap are computed from. The MLM corruption is drawn with the
+    """(token cross-entropy sum, scored tokens) per sample of ``data``, in its order, under ``objective``
+    (clm or mlm): what a held-out loss, its perplexity and its patient bootstrap are computed from (an xVal
+    model's value error is left out: it is not a token loss). The MLM corruption is drawn with the
     validation seed, so every model and run sees the same masks."""
     model.eval()
     gen = torch.Generator().manual_seed(VAL_MASK_SEED)
     vocab_size = int(getattr(model, "vocab_size", 0) or 0)
-    values = getattr(model, "value_head", None) is not None
     padding = _padding(model, device)
     order = np.argsort(data.lengths(), kind="stable")
     sums, counts = np.zeros(len(data)), np.zeros(len(data))
@@ -355,7 +355,7 @@ def row_losses(
         idx = order[start : start + batch_size]
         batch = _to(_global_batch(data, idx, objective, vocab_size, gen, mlm_probability, padding), device)
         with _autocast(device):
-            loss, n = _row_losses(model, batch, objective, values)
+            loss, n = _row_losses(model, batch, objective)  # token cross-entropy only, no xVal value error
         sums[idx], counts[idx] = loss.float().cpu().numpy(), n.float().cpu().numpy()
     model.train()
     return sums, counts

@@ -23,7 +23,7 @@ def grid(prep: Prepared) -> pd.DataFrame:
     """One row per training run of notebooks 01 and 03: model, phase, task, seeds, samples, steps, batch,
     mean tokens per sample and the tokens the budget feeds (steps x batch x mean tokens, for every seed)."""
     from repro.training.prepare import mpf_dataset
-    from repro.training.trainer import Trainer
+    from repro.training.trainer import Trainer, mpf_steps
 
     params = prep.params
     trainer = Trainer(prep, "outputs/.plan-unused", progress=False)
@@ -46,7 +46,10 @@ def grid(prep: Prepared) -> pd.DataFrame:
         )
 
     neural = [m for m in params.models if m != "count_lr"]
-    backbones = list(dict.fromkeys("bigbird" if m == "multibird" else m for m in neural))
+    # notebook 03 pretrains (and finetunes per task) every MPF backbone, listed in models or not
+    backbones = list(
+        dict.fromkeys(["bigbird" if m == "multibird" else m for m in neural] + params.mpf_models)
+    )
     for name in backbones:
         items = trainer._pretrain_items(meds.train_split, trainer.input_len(name))
         tp = params.train.for_model(name)
@@ -86,7 +89,7 @@ def grid(prep: Prepared) -> pd.DataFrame:
             "all tasks",
             len(data),
             float(data.lengths().mean()),
-            ft.steps("finetune", len(data)),
+            mpf_steps(ft, len(data), len(params.tasks)),
             ft.batch_size,
         )
     return pd.DataFrame(rows)

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from repro.config import resolve
+from repro.config import TrainParams, resolve
 from repro.data.dataset import SequenceDataset
 from repro.data.tasks import label_columns
 from repro.data.tokenizer import Encoded
@@ -168,7 +168,7 @@ class Trainer:
         if not objective or res is None:
             return None
         data = SequenceDataset(self._pretrain_items(meds.held_out_split, self.input_len(name)))
-        tp = self.prep.params.train
+        tp = self.prep.params.train.for_model(name)
         sums, counts = row_losses(
             model.to(self.device), data, objective, self.device, tp.eval_batch_size, tp.mlm_probability
         )
@@ -235,7 +235,7 @@ class Trainer:
         return self._cached(f"{name}-forecast-seed{seed}", lambda: self._forecasts(name, seed))
 
     def _forecasts(self, name: str, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
-        from repro.training.forecast import forecast, token_types
+        from repro.training.forecast import forecast, history_end, token_types
 
         model, pre = self.pretrained(name, seed)
         objective = getattr(model.backbone, "pretrain_objective", "clm" if model.causal else "mlm")
@@ -244,7 +244,7 @@ class Trainer:
             return None
         k = max(pp.forecast_horizons)
         n = self.input_len(name)
-        held = [e for e in self._pretrain_items(meds.held_out_split, n) if len(e) >= k + 2]
+        held = [h for e in self._pretrain_items(meds.held_out_split, n) if len(h := history_end(e)) >= k + 2]
         types = token_types(self._pretrain_items(meds.train_split, n), self.prep.tokenizer.vocab_size)
         return forecast(
             model, held[: pp.forecast_patients], k, types, self.device, self.prep.params.train.eval_batch_size
@@ -372,9 +372,7 @@ class Trainer:
         ).finetuning()
         # a fixed step budget is per task, so MPF gets the single-task runs' total; an epoch budget over the
         # pooled samples is that total already
-        steps = tp.steps("finetune", len(data))
-        if tp.finetune_steps is not None:
-            steps = tp.finetune_steps * len(tasks)
+        steps = mpf_steps(tp, len(data), len(tasks))
         ft = fit(
             model,
             data,
@@ -409,6 +407,14 @@ class Trainer:
                 mode="MPF",
             )
         return out
+
+
+def mpf_steps(tp: TrainParams, n_samples: int, n_tasks: int) -> int:
+    """MPF's finetuning steps: a fixed step budget is per task, so MPF gets the single-task runs' total; an
+    epoch budget over the pooled samples is that total already."""
+    if tp.finetune_steps is not None:
+        return tp.finetune_steps * n_tasks
+    return tp.steps("finetune", n_samples)
 
 
 def job_key(job: tuple[str, str, int]) -> str:
