@@ -40,7 +40,8 @@ params = load_run_params(params_file, data_dir or None)
 prep = prepare(params, data_dir or None)
 params = prep.params  # without any task dropped by eval.untrainable: drop
 jobs = [(m, t, s) for s in params.seeds for m in params.models for t in params.tasks]
-runs = run_all(prep, f"{run_dir}/work", jobs, workers=params.train.workers)
+# the pool also computes the probes and forecasts read below, beside the finetuning runs
+runs = run_all(prep, f"{run_dir}/work", jobs, workers=params.train.workers, probes=True)
 trainer = Trainer(prep, f"{run_dir}/work", progress=False)  # reads the pool's checkpoints: trains nothing
 pretrained = [m for m in params.models if m in BACKBONES]
 preds = results.predictions_frame(runs)

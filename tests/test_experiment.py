@@ -313,3 +313,54 @@ def test_forecasts_of_a_causal_backbone_and_none_for_an_encoder(prep, tmp_path):
         and 0 < len(pred) <= prep.params.probes.forecast_patients
     )
     assert (pred > 0).all()  # never [PAD]
+
+
+def test_the_pool_plans_pretraining_first_then_each_run_from_it_alone(prep, tmp_path):
+    """A backbone's finetuning, MPF, probe and forecasting runs wait for its pretraining and then run as
+    separate stages; jobs sharing one cached run (MultiBird's tasks, BigBird's MPF) stay together."""
+    from repro.training.grid import stages
+
+    jobs = [
+        ("ehrmamba", "mortality_1m", 0),
+        ("ehrmamba", "los_1w", 0),
+        ("ehrmamba", "mpf", 0),
+        ("multibird", "mortality_1m", 0),
+        ("multibird", "los_1w", 0),
+        ("bigbird", "mpf", 0),
+        ("lstm", "mortality_1m", 0),
+        ("count_lr", "mortality_1m", 0),
+    ]
+    got = stages([Trainer(prep, tmp_path, progress=False)], [(prep, tmp_path, jobs)], probes=True)
+    pre, after = got[(0, "ehrmamba", 0)]
+    assert pre.jobs == [("ehrmamba", "pretrain", 0)] and pre.rank[0] == 0
+    kinds = {st.jobs[0][1]: st.rank[0] for st in after}
+    probe_tasks = [t for t in prep.params.probes.tasks if t in prep.params.tasks]
+    assert probe_tasks
+    assert kinds == {"mpf": 1, "mortality_1m": 2, "los_1w": 2, "forecast": 3} | {
+        f"probes:{t}": 3 for t in probe_tasks
+    }
+    pre, after = got[(0, "bigbird", 0)]
+    assert pre.jobs == [("bigbird", "pretrain", 0)]
+    assert [st.jobs for st in after] == [[jobs[3], jobs[4], jobs[5]]]  # one MPF run, trained once
+    assert got[(0, "lstm", 0)][0] is None and got[(0, "count_lr", 0)][0] is None  # nothing to pretrain
+
+
+@pytest.mark.slow
+def test_a_pooled_grid_gives_the_serial_runs_and_caches_the_probes(prep, tmp_path):
+    """Runs finetuned in other processes than their backbone's pretraining read its checkpoint: the same
+    predictions as one process training everything, the pretraining's own time (not the load's), and the
+    probes and forecasts left in work/runs/ for notebook 01."""
+    from repro.training.grid import run_all
+
+    jobs = [("ehrmamba", "mortality_1m", 0), ("ehrmamba", "los_1w", 0), ("count_lr", "mortality_1m", 0)]
+    pooled = run_all(prep, tmp_path / "pool", jobs, workers=2, probes=True)
+    serial = run_all(prep, tmp_path / "serial", jobs, workers=1)
+    for got, want in zip(pooled, serial, strict=True):
+        assert (got.model, got.task) == (want.model, want.task)
+        np.testing.assert_allclose(got.predictions["score"], want.predictions["score"], rtol=1e-5)
+    state = torch.load(tmp_path / "pool" / "ehrmamba-seed0-pretrain.pt", weights_only=False)
+    assert state["seconds"] > 0 and pooled[0].pretrain.seconds == pytest.approx(state["seconds"], rel=0.05)
+    cached = {p.stem for p in (tmp_path / "pool" / "runs").glob("*.pkl")}
+    assert {f"ehrmamba-{t}-seed0-probes" for t in prep.params.probes.tasks} <= cached
+    assert "ehrmamba-forecast-seed0" in cached
+    assert not any("probes" in p.stem for p in (tmp_path / "serial" / "runs").glob("*.pkl"))

@@ -23,7 +23,15 @@ from repro.models.lstm import BiLSTM
 from repro.models.mamba2 import EHRMamba2
 from repro.models.transformer import Transformer
 
-__all__ = ["MODEL_NAMES", "backbone_kwargs", "build_model", "count_params", "describe", "match_params"]
+__all__ = [
+    "MODEL_NAMES",
+    "backbone_kwargs",
+    "build_model",
+    "count_params",
+    "describe",
+    "match_params",
+    "pretrains",
+]
 
 MODEL_NAMES = ("ehrmamba", "cehr_bert", "bigbird", "transformer", "mamba2", "hybrid", "lstm")
 _BACKBONES: dict[str, type[nn.Module]] = {
@@ -45,6 +53,18 @@ def backbone_kwargs(name: str) -> tuple[str, ...]:
         raise ValueError(f"unknown model name {name!r}; expected one of {MODEL_NAMES}")
     params = inspect.signature(_BACKBONES[name]).parameters
     return tuple(k for k in params if k != "vocab_size") + _HEAD_KWARGS
+
+
+def pretrains(name: str) -> bool:
+    """Whether backbone ``name`` has a pretraining objective (all but the LSTM), read off its class so the
+    training pool can plan stages without building a model.
+
+    >>> pretrains("ehrmamba"), pretrains("lstm")
+    (True, False)
+    """
+    if name not in _BACKBONES:
+        raise ValueError(f"unknown model name {name!r}; expected one of {MODEL_NAMES}")
+    return getattr(_BACKBONES[name], "pretrain_objective", "set per instance") is not None
 
 
 def build_model(name: str, vocab_size: int, **kwargs: Any) -> EHRModel:

@@ -1,16 +1,18 @@
-"""A grid of training jobs over worker processes: groups that share a pretrained backbone, longest first."""
+"""A grid of training jobs over worker processes: each backbone's pretraining, then every run from it."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from threadpoolctl import threadpool_limits
 
 from repro.config import from_dict
 from repro.training.prepare import Prepared, prepare
-from repro.training.trainer import Trainer, job_key
+from repro.training.trainer import FORECAST, PRETRAIN, PROBES, Trainer, job_key
 
 
 def _backbone(model: str) -> str:
@@ -68,7 +70,12 @@ def _train_group(
         _WORKER_TRAINER.clear()
         _WORKER_TRAINER[key] = Trainer(prepare(params, meds_dir), work_dir, progress=False)
     trainer = _WORKER_TRAINER[key]
-    torch.set_num_threads(1)  # after Trainer, which applies params.train.num_threads
+    # one thread per worker, for torch (after Trainer, which applies params.train.num_threads) and for the
+    # BLAS under numpy and scikit-learn: the probes' logistic regressions otherwise start a thread per core
+    # in every worker (on the quick H200 run, before this limit, probes beside training took 121-168 s per
+    # backbone against 40-51 s alone; the limit's effect there is not measured yet)
+    torch.set_num_threads(1)
+    threadpool_limits(1)
 
     def train() -> None:
         for job in jobs:
@@ -106,69 +113,142 @@ def schedule(groups: list[tuple[str, int]]) -> list[tuple[str, int]]:
 
 
 Plan = tuple[Prepared, "str | Path", list[tuple[str, str, int]]]
+Job = tuple[str, str, int]
 
 
-def run_plans(plans: list[Plan], workers: int = 1) -> list[list]:
-    """`run_all` for several prepared datasets at once (notebook 05's variants): one pool trains the groups
-    of every plan, so a variant with few groups does not leave workers idle. Returns each plan's runs."""
+@dataclass
+class Stage:
+    """Jobs one worker runs in a row: a backbone's pretraining, or runs that start from it (jobs sharing
+    a cached run, as MultiBird's tasks share BigBird's MPF run, go together so it trains once)."""
+
+    plan: int
+    group: tuple[str, int]  # (backbone, seed)
+    jobs: list[Job]
+    rank: tuple[int, int]  # lower first: the kind (pretraining, MPF, finetuning, probes), the group's order
+
+
+def _kind(job: Job) -> int:
+    """Start order among the runs from one pretrained backbone: MPF (the longest) 1, finetuning 2, probes
+    and forecasting 3 (pretraining itself is 0)."""
+    name, task, _ = job
+    if task == FORECAST or task.startswith(PROBES):
+        return 3
+    return 1 if task == "mpf" or name == "multibird" else 2
+
+
+def stages(trainers: list[Trainer], plans: list[Plan], probes: bool = False) -> dict:
+    """Each (plan, backbone, seed) group's unfinished work as {key: (pretraining stage or None, stages
+    that wait for it)}. The pretraining goes first and alone; then every finetuning run, MPF run, probe and
+    forecast of that backbone is its own stage, so a GPU's workers are not held up behind one group's
+    sequence (the quick H200 run spent 430 s in BigBird's group, pretraining then three runs one after the
+    other, while others sat idle). ``probes``: add ``probes.tasks`` probes and forecasting of every
+    pretrained backbone of the plans (cached, so notebook 01 then reads them)."""
+    from repro.config import BACKBONES
+    from repro.models.registry import pretrains
+
+    order = {
+        g: k
+        for k, g in enumerate(
+            schedule(list(dict.fromkeys((_backbone(j[0]), j[2]) for _, _, jobs in plans for j in jobs)))
+        )
+    }
+    out: dict[tuple[int, str, int], tuple[Stage | None, list[Stage]]] = {}
+    for i, (prep, _, jobs) in enumerate(plans):
+        todo = list(jobs)
+        if probes:
+            pp = prep.params.probes
+            pretrained = [
+                (j[0], j[2]) for j in jobs if j[0] in BACKBONES and j[1] != "mpf" and pretrains(j[0])
+            ]
+            for b, s in dict.fromkeys(pretrained):
+                todo += [(b, PROBES + t, s) for t in pp.tasks if t in prep.params.tasks]
+                todo.append((b, FORECAST, s))
+        by_key: dict[tuple[str, int], dict[str, list[Job]]] = {}
+        for job in todo:
+            if trainers[i].stored(job_key(job)) is None:  # done runs need no worker
+                by_key.setdefault((_backbone(job[0]), job[2]), {}).setdefault(job_key(job), []).append(job)
+        for (b, s), runs in by_key.items():
+            rank = order[(b, s)]
+            after = []
+            for js in runs.values():
+                after.append(Stage(i, (b, s), js, (_kind(js[0]), rank)))
+            pre = Stage(i, (b, s), [(b, PRETRAIN, s)], (0, rank)) if b in BACKBONES and pretrains(b) else None
+            out[(i, b, s)] = (pre, after)
+    return out
+
+
+def run_plans(plans: list[Plan], workers: int = 1, probes: bool = False) -> list[list]:
+    """`run_all` for several prepared datasets at once (notebook 05's variants): one pool trains the stages
+    of every plan, so a variant with few runs does not leave workers idle. Returns each plan's runs.
+
+    The pool keeps at most ``workers`` stages in flight and starts the ready one of lowest rank:
+    pretraining first (it unlocks the most), then MPF runs (the longest), finetuning, probes."""
     from tqdm import tqdm
 
     trainers = [Trainer(prep, work_dir, progress=False) for prep, work_dir, _ in plans]
-    pending: dict[tuple[int, str, int], list] = {}
-    for i, (_, _, jobs) in enumerate(plans):
-        for job in jobs:
-            if trainers[i].stored(job_key(job)) is None:  # done runs need no worker
-                pending.setdefault((i, _backbone(job[0]), job[2]), []).append(job)
+    todo = stages(trainers, plans, probes)
     gpus = _gpus(plans)
     if gpus > 1:
         workers = max(workers, gpus)  # every GPU of the node gets at least one training process
-    if workers > 1 and len(pending) > 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        order = {g: k for k, g in enumerate(schedule(list(dict.fromkeys((b, s) for _, b, s in pending))))}
-        keys = sorted(pending, key=lambda k: (order[(k[1], k[2])], k[0]))
-        ctx = mp.get_context("spawn")
-        manager = ctx.Manager() if gpus > 1 else None
-        slots = None
-        if manager is not None:
-            slots = manager.Queue()
-            for dev in device_slots(gpus, workers):
-                slots.put(dev)
-        try:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-
-                def submit(k):
-                    prep, work_dir, _ = plans[k[0]]
-                    args = (prep.params.to_dict(), str(prep.meds_dir), str(work_dir), pending[k], slots)
-                    return pool.submit(_train_group, *args)
-
-                futures = {submit(k): (k, 0) for k in keys}
-                bar = tqdm(total=len(futures), desc="training (backbone x seed)")
-                while futures:
-                    done = next(as_completed(futures))
-                    k, tries = futures.pop(done)
-                    why = done.result()
-                    if (
-                        why and tries == 0
-                    ):  # out of memory beside other runs: once more, on whichever GPU is free
-                        print(f"training group {k[1:]}: {why}; retrying", file=sys.stderr)
-                        futures[submit(k)] = (k, 1)
-                        continue
-                    if why:  # the notebook's own process tries it last and fails loudly if it still cannot
-                        print(
-                            f"training group {k[1:]}: {why} again; left to the notebook process",
-                            file=sys.stderr,
-                        )
-                    bar.update(1)
-                bar.close()
-        finally:
-            if manager is not None:
-                manager.shutdown()
+    n_stages = sum((pre is not None) + len(after) for pre, after in todo.values())
+    if workers > 1 and n_stages > 1:
+        _pool(plans, todo, workers, gpus, n_stages)
     out = []
     for trainer, (_, _, jobs) in zip(trainers, plans, strict=True):
         out.append([trainer.run_job(job) for job in tqdm(jobs, desc="models x tasks x seeds")])
     return out
+
+
+def _pool(plans: list[Plan], todo: dict, workers: int, gpus: int, n_stages: int) -> None:
+    """Run the stages over ``workers`` processes (spread over ``gpus`` GPUs when there are several); a
+    stage that ran out of memory is retried once on whichever GPU is free, then left to the notebook's
+    own process, which fails loudly if it still cannot (a pretraining left so takes its runs along)."""
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    from tqdm import tqdm
+
+    ready = [(st, 0) for pre, after in todo.values() for st in ([pre] if pre else after)]
+    waiting = {id(pre): after for pre, after in todo.values() if pre}
+    ctx = mp.get_context("spawn")
+    manager = ctx.Manager() if gpus > 1 else None
+    slots = None
+    if manager is not None:
+        slots = manager.Queue()
+        for dev in device_slots(gpus, workers):
+            slots.put(dev)
+    bar = tqdm(total=n_stages, desc="training stages (pretraining, runs, probes)")
+    try:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            running: dict = {}
+            while ready or running:
+                ready.sort(key=lambda item: item[0].rank)
+                while ready and len(running) < workers:
+                    st, tries = ready.pop(0)
+                    prep, work_dir, _ = plans[st.plan]
+                    args = (prep.params.to_dict(), str(prep.meds_dir), str(work_dir), st.jobs, slots)
+                    running[pool.submit(_train_group, *args)] = (st, tries)
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    st, tries = running.pop(fut)
+                    why = fut.result()
+                    if why and tries == 0:  # out of memory beside other runs: once more, wherever is free
+                        print(f"training {st.jobs[0]}: {why}; retrying", file=sys.stderr)
+                        ready.append((st, 1))
+                        continue
+                    if why:
+                        print(
+                            f"training {st.jobs[0]}: {why} again; left to the notebook process",
+                            file=sys.stderr,
+                        )
+                        bar.update(1 + len(waiting.pop(id(st), [])))
+                        continue
+                    ready += [(a, 0) for a in waiting.pop(id(st), [])]
+                    bar.update(1)
+    finally:
+        bar.close()
+        if manager is not None:
+            manager.shutdown()
 
 
 def _gpus(plans: list[Plan]) -> int:
@@ -178,11 +258,18 @@ def _gpus(plans: list[Plan]) -> int:
     return torch.cuda.device_count()
 
 
-def run_all(prep: Prepared, work_dir: str | Path, jobs: list[tuple[str, str, int]], workers: int = 1) -> list:
+def run_all(
+    prep: Prepared,
+    work_dir: str | Path,
+    jobs: list[tuple[str, str, int]],
+    workers: int = 1,
+    probes: bool = False,
+) -> list:
     """Train every (model, task, seed) job (task "mpf": the model's multitask run) and return the runs.
 
-    With workers > 1, groups of jobs that share a pretrained backbone (same backbone and seed) run in
-    parallel processes with one torch thread each, which uses small CPUs better than threads inside one
-    small model; results go through work/runs/, so the order and the numbers do not depend on `workers`.
+    With workers > 1, the stages (each backbone's pretraining, then each run from it) run in parallel
+    processes with one torch thread each, which uses small CPUs better than threads inside one small model;
+    results go through work/runs/ and checkpoints, so the order and the numbers do not depend on `workers`.
+    ``probes``: the pool also computes the probes and forecasts notebook 01 reads (``stages``).
     """
-    return run_plans([(prep, work_dir, jobs)], workers)[0]
+    return run_plans([(prep, work_dir, jobs)], workers, probes)[0]

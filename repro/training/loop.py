@@ -459,6 +459,7 @@ def fit(
             result.tokens = int(state.get("tokens", 0))
             result.best_step = int(state.get("best_step", 0))
             result.stop = state.get("stop", "budget")
+            result.seconds = float(state.get("seconds", 0.0))  # the time already spent, for tokens/s
             result.resumed_from = start
             best, bad = state.get("best_model"), int(state.get("bad", 0))
     vocab_size = int(getattr(model, "vocab_size", 0) or 0)
@@ -473,7 +474,7 @@ def fit(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
         )
     model.train()
-    t0 = time.perf_counter()
+    t0, spent = time.perf_counter(), result.seconds
     bar = tqdm(
         range(start, steps),
         desc=desc or objective,
@@ -542,6 +543,7 @@ def fit(
                 "best_step": result.best_step,
                 "bad": bad,
                 "stop": result.stop,
+                "seconds": spent + time.perf_counter() - t0,
                 "spec": spec or {},
                 "key": key,
             },
@@ -588,7 +590,7 @@ def fit(
     result.epochs = done * min(params.batch_size, len(data)) / len(data)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    result.seconds = time.perf_counter() - t0
+    result.seconds = spent + time.perf_counter() - t0  # a resumed run counts its earlier sessions too
     return result
 
 

@@ -180,7 +180,7 @@ class Trainer:
         fitted on train features with C chosen on tuning (``baselines.probe``), scored on tuning and
         held_out. Features come from the finetuning inputs (cut before the prediction time) in one pass per
         split; none for a backbone that was not pretrained. Cached under work/runs/ like every run."""
-        return self._cached(f"{name}-{task}-seed{seed}-probes", lambda: self._probes(name, task, seed))
+        return self._cached(job_key((name, PROBES + task, seed)), lambda: self._probes(name, task, seed))
 
     def _probes(self, name: str, task: str, seed: int) -> list[ModelRun]:
         from repro.models.baselines import probe
@@ -232,7 +232,7 @@ class Trainer:
         """(generated, true) ids [n, max horizon] of causal backbone ``name`` after CLM pretraining on the
         first ``probes.forecast_patients`` held-out histories long enough (``forecast.forecast``); None for
         a backbone that was not pretrained by next-token prediction. Cached under work/runs/."""
-        return self._cached(f"{name}-forecast-seed{seed}", lambda: self._forecasts(name, seed))
+        return self._cached(job_key((name, FORECAST, seed)), lambda: self._forecasts(name, seed))
 
     def _forecasts(self, name: str, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
         from repro.training.forecast import forecast, history_end, token_types
@@ -251,8 +251,18 @@ class Trainer:
         )
 
     def run_job(self, job: tuple[str, str, int]):
-        """A (model, task, seed) job; task "mpf" returns the model's multitask runs (dict by task)."""
+        """A (model, task, seed) job; task "mpf" returns the model's multitask runs (dict by task).
+
+        The training pool also hands out stages that only need the pretrained backbone: PRETRAIN (trains
+        or loads it; returns None), PROBES + task (``probes``) and FORECAST (``forecasts``)."""
         name, task, seed = job
+        if task == PRETRAIN:
+            self.pretrained(name, seed)
+            return None
+        if task == FORECAST:
+            return self.forecasts(name, seed)
+        if task.startswith(PROBES):
+            return self.probes(name, task.removeprefix(PROBES), seed)
         return self.run_mpf(name, seed) if task == "mpf" else self.run(name, task, seed)
 
     def _cached(self, key: str, compute):
@@ -417,11 +427,21 @@ def mpf_steps(tp: TrainParams, n_samples: int, n_tasks: int) -> int:
     return tp.steps("finetune", n_samples)
 
 
+# Job "tasks" that are stages of a pretrained backbone rather than finetuning runs (``Trainer.run_job``).
+PRETRAIN, FORECAST, PROBES = "pretrain", "forecast", "probes:"
+
+
 def job_key(job: tuple[str, str, int]) -> str:
-    """File stem of a (model, task, seed) job's cached run under work/runs/ (MultiBird is BigBird's MPF run)."""
+    """File stem of a (model, task, seed) job's cached run under work/runs/ (MultiBird is BigBird's MPF run).
+
+    >>> job_key(("multibird", "los_1w", 0)), job_key(("ehrmamba", "probes:mortality_1m", 1))
+    ('bigbird-mpf-seed0', 'ehrmamba-mortality_1m-seed1-probes')
+    """
     name, task, seed = job
     if name == "multibird":
         name, task = "bigbird", "mpf"
+    if task.startswith(PROBES):
+        return f"{name}-{task.removeprefix(PROBES)}-seed{seed}-probes"
     return f"{name}-{task}-seed{seed}"
 
 
