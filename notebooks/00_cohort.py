@@ -22,6 +22,7 @@
 params_file = "params/smoke.yaml"
 run_dir = "outputs/interactive"  # repro run passes its own run folder
 data_dir = ""
+work_dir = ""  # the training cache; "" is the run's own work/ (repro run --work passes another)
 
 # %%
 from repro.config import load_run_params
@@ -33,6 +34,7 @@ from repro.training.trainer import Trainer
 
 figures.style()
 params = load_run_params(params_file, data_dir or None)
+work = work_dir or f"{run_dir}/work"  # the training cache
 prep = prepare(params, data_dir or None)
 params = prep.params  # without any task dropped by eval.untrainable: drop
 print(check_cohort(prep))
@@ -83,10 +85,7 @@ figures.show_table(summary.tokenizer_table(prep))
 # %%
 #| label: tbl-ceiling
 #| tbl-cap: "Per task on held_out: the oracle's AUROC (the true probability: the ceiling) and that of counts + logistic regression on the same token window (seed 0, C chosen on tuning), and the share of the oracle's lift over 0.5 that counts reach. Conditions: the macro average over its labels. Real data: no oracle."
-counts = {
-    t: Trainer(prep, f"{run_dir}/work", progress=False).run("count_lr", t, 0).predictions
-    for t in params.tasks
-}
+counts = {t: Trainer(prep, work, progress=False).run("count_lr", t, 0).predictions for t in params.tasks}
 ceiling = truth.ceiling_table(prep, counts)
 figures.show_table(ceiling)
 

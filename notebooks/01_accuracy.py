@@ -26,6 +26,7 @@
 params_file = "params/smoke.yaml"
 run_dir = "outputs/interactive"  # repro run passes its own run folder
 data_dir = ""
+work_dir = ""  # the training cache; "" is the run's own work/ (repro run --work passes another)
 
 # %%
 from repro.config import BACKBONES, load_run_params
@@ -37,12 +38,13 @@ from repro.training.trainer import Trainer
 
 figures.style()
 params = load_run_params(params_file, data_dir or None)
+work = work_dir or f"{run_dir}/work"  # the training cache
 prep = prepare(params, data_dir or None)
 params = prep.params  # without any task dropped by eval.untrainable: drop
 jobs = [(m, t, s) for s in params.seeds for m in params.models for t in params.tasks]
 # the pool also computes the probes and forecasts read below, beside the finetuning runs
-runs = run_all(prep, f"{run_dir}/work", jobs, workers=params.train.workers, probes=True)
-trainer = Trainer(prep, f"{run_dir}/work", progress=False)  # reads the pool's checkpoints: trains nothing
+runs = run_all(prep, work, jobs, workers=params.train.workers, probes=True)
+trainer = Trainer(prep, work, progress=False)  # reads the pool's checkpoints: trains nothing
 pretrained = [m for m in params.models if m in BACKBONES]
 preds = results.predictions_frame(runs)
 n_boot, ci = params.eval.n_bootstrap, params.eval.ci

@@ -23,6 +23,7 @@
 params_file = "params/smoke.yaml"
 run_dir = "outputs/interactive"  # repro run passes its own run folder
 data_dir = ""
+work_dir = ""  # the training cache; "" is the run's own work/ (repro run --work passes another)
 
 # %%
 from repro.config import load_run_params
@@ -33,10 +34,11 @@ from repro.training.prepare import prepare
 
 figures.style()
 params = load_run_params(params_file, data_dir or None)
+work = work_dir or f"{run_dir}/work"  # the training cache
 prep = prepare(params, data_dir or None)
 params = prep.params  # without any task dropped by eval.untrainable: drop
 jobs = [(m, t, s) for s in params.seeds for m in params.mpf_models for t in [*params.tasks, "mpf"]]
-done = run_all(prep, f"{run_dir}/work", jobs, workers=params.train.workers)
+done = run_all(prep, work, jobs, workers=params.train.workers)
 runs = [r for d in done for r in (d.values() if isinstance(d, dict) else [d])]
 preds = results.predictions_frame(runs)
 n_boot, ci = params.eval.n_bootstrap, params.eval.ci

@@ -28,6 +28,7 @@
 params_file = "params/smoke.yaml"
 run_dir = "outputs/interactive"  # repro run passes its own run folder
 data_dir = ""
+work_dir = ""  # the training cache; "" is the run's own work/ (repro run --work passes another)
 
 # %%
 from repro.config import load_run_params
@@ -39,6 +40,7 @@ from repro.training.prepare import prepare
 
 figures.style()
 params = load_run_params(params_file, data_dir or None)
+work = work_dir or f"{run_dir}/work"  # the training cache
 prep = prepare(params, data_dir or None)
 params = prep.params  # without any task dropped by eval.untrainable: drop
 eff = params.efficiency
@@ -48,7 +50,7 @@ bounds = sweep.efficiency_sweep(
 )
 boundary = scaling.oom_boundary(bounds)
 memory = scaling.h4_memory_comparisons(bounds)
-runs = long_history.long_history_runs(prep, f"{run_dir}/work/long-history")
+runs = long_history.long_history_runs(prep, f"{work}/long-history")
 history = long_history.history_tokens(prep, eff.long_task)
 table = long_history.long_history_auroc(runs, history, eff.long_history_tokens, n_boot, ci, eff.long_task)
 comparisons = long_history.h4_accuracy_comparisons(

@@ -28,6 +28,7 @@
 params_file = "params/smoke.yaml"
 run_dir = "outputs/interactive"  # repro run passes its own run folder
 data_dir = ""
+work_dir = ""  # the training cache; "" is the run's own work/ (repro run --work passes another)
 
 # %%
 from repro.config import load_run_params
@@ -37,7 +38,8 @@ from repro.training.variants import pairs, run_variants
 
 figures.style()
 params = load_run_params(params_file, data_dir or None)
-runs, stats = run_variants(params, data_dir or None, f"{run_dir}/work", workers=params.train.workers)
+work = work_dir or f"{run_dir}/work"  # the training cache
+runs, stats = run_variants(params, data_dir or None, work, workers=params.train.workers)
 preds = results.predictions_frame(runs)
 n_boot, ci = params.eval.n_bootstrap, params.eval.ci
 stat_kw = {

@@ -21,6 +21,7 @@
 params_file = "params/smoke.yaml"
 run_dir = "outputs/interactive"  # repro run passes its own run folder
 data_dir = ""
+work_dir = ""  # the training cache; "" is the run's own work/ (repro run --work passes another)
 
 # %%
 from repro.config import load_run_params

@@ -65,6 +65,28 @@ def main(argv: list[str] | None = None) -> int:
         help="renderer: Quarto when on PATH (auto), or the built-in offline renderer",
     )
 
+    p_run.add_argument(
+        "--work",
+        metavar="DIR",
+        help="training cache to read and fill (where `repro train --shard` trained the grid; default: the run's own)",
+    )
+
+    p_train = sub.add_parser(
+        "train",
+        help="train a slice of the run's grid into a shared work folder (several nodes, SLURM arrays)",
+    )
+    p_train.add_argument("params", help="params/*.yaml")
+    p_train.add_argument(
+        "--data", help="a MEDS directory (default: the synthetic cohort the params describe)"
+    )
+    p_train.add_argument("--work", required=True, metavar="DIR", help="the shared training cache")
+    p_train.add_argument(
+        "--shard",
+        default="0/1",
+        help="i/n: train the i-th of n disjoint slices of the grid (default 0/1: all)",
+    )
+    p_train.add_argument("--workers", type=int, help="training processes (default: train.workers)")
+
     p_prep = sub.add_parser(
         "prepare", help="generate and tokenize the data a run needs (cached), without training"
     )
@@ -125,11 +147,22 @@ def main(argv: list[str] | None = None) -> int:
                 engine=args.engine,
                 notebooks=notebooks,
                 resume=args.resume,
+                work_dir=args.work,
             )
             print(f"run written to {out}")
             for f in ("report.html", "report.pdf"):
                 if (out / f).exists():
                     print(f"  {out / f}")
+        elif args.command == "train":
+            from repro.report.pipeline import train_grid
+            from repro.training.shard import parse_shard
+
+            try:
+                shard = parse_shard(args.shard)
+            except ValueError as exc:
+                parser.error(str(exc))
+            for line in train_grid(args.params, args.data, args.work, shard, args.workers):
+                print(line)
         elif args.command == "prepare":
             from repro.report.pipeline import prepare_data
 

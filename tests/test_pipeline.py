@@ -27,7 +27,7 @@ def test_notebook_has_literal_parameters_cell(name):
     src = cells[0].source
     namespace: dict = {}
     exec(compile(src, name, "exec"), {}, namespace)  # literals only: runs with no imports
-    assert set(namespace) == {"params_file", "run_dir", "data_dir"}
+    assert set(namespace) == {"params_file", "run_dir", "data_dir", "work_dir"}
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)

@@ -30,6 +30,7 @@ __all__ = [
     "count_params",
     "describe",
     "match_params",
+    "pretrain_objective",
     "pretrains",
 ]
 
@@ -55,16 +56,31 @@ def backbone_kwargs(name: str) -> tuple[str, ...]:
     return tuple(k for k in params if k != "vocab_size") + _HEAD_KWARGS
 
 
+def pretrain_objective(name: str, causal: bool | None = None) -> str | None:
+    """What backbone ``name`` pretrains on ("clm", "mlm", or None for the LSTM), read off its class so the
+    training pool can plan stages without building a model; ``causal`` overrides the constructor's default
+    where the class takes one (the transformer).
+
+    >>> pretrain_objective("ehrmamba"), pretrain_objective("lstm"), pretrain_objective("transformer", False)
+    ('clm', None, 'mlm')
+    """
+    if name not in _BACKBONES:
+        raise ValueError(f"unknown model name {name!r}; expected one of {MODEL_NAMES}")
+    cls = _BACKBONES[name]
+    if "pretrain_objective" in vars(cls):
+        return cls.pretrain_objective
+    if causal is None:
+        causal = inspect.signature(cls).parameters["causal"].default
+    return "clm" if causal else "mlm"
+
+
 def pretrains(name: str) -> bool:
-    """Whether backbone ``name`` has a pretraining objective (all but the LSTM), read off its class so the
-    training pool can plan stages without building a model.
+    """Whether backbone ``name`` has a pretraining objective (all but the LSTM).
 
     >>> pretrains("ehrmamba"), pretrains("lstm")
     (True, False)
     """
-    if name not in _BACKBONES:
-        raise ValueError(f"unknown model name {name!r}; expected one of {MODEL_NAMES}")
-    return getattr(_BACKBONES[name], "pretrain_objective", "set per instance") is not None
+    return pretrain_objective(name) is not None
 
 
 def build_model(name: str, vocab_size: int, **kwargs: Any) -> EHRModel:

@@ -252,6 +252,27 @@ def prepare_data(params_file: str, data_dir: str | None = None) -> list[str]:
     return lines + prepare_variants(params, data_dir)
 
 
+def train_grid(
+    params_file: str,
+    data_dir: str | None,
+    work_dir: str,
+    shard: tuple[int, int] = (0, 1),
+    workers: int | None = None,
+) -> list[str]:
+    """`repro train`: slice ``shard`` of the runs notebooks 01, 03 and 05 train, into ``work_dir``, with the
+    params and data exactly as `repro run` hands them to the notebooks (so the cached runs are theirs)."""
+    from repro.training.shard import train_shard
+
+    params_path = Path(params_file).resolve()
+    params = load_run_params(params_path, data_dir)
+    if data_dir:
+        data_dir = str(Path(data_dir).resolve())
+    _check_device(params, params_path)
+    lines = _ready_data(params, data_dir)
+    work = Path(work_dir).resolve()
+    return lines + train_shard(params, data_dir, work, shard, workers or params.train.workers)
+
+
 def plan_run(
     params_file: str, data_dir: str | None = None, measured: str | None = None, gpus: int = 1
 ) -> tuple[pd.DataFrame, list[str]]:
@@ -315,11 +336,13 @@ def run(
     engine: str = "auto",
     notebooks: tuple[str, ...] = NOTEBOOKS,
     resume: bool = False,
+    work_dir: str | None = None,
 ) -> Path:
     """Execute the notebooks for `params_file` into outputs/<name>/ and render the report there.
 
     ``resume``: continue ``outputs/<name>.failed/`` (same params and data), skipping the notebooks that
-    finished there and reusing its training cache."""
+    finished there and reusing its training cache. ``work_dir``: the training cache to read and fill
+    instead of the run's own ``work/`` (where ``repro train --shard`` trained the grid)."""
     root = project_root()
     params_path = Path(params_file)
     params_path = params_path if params_path.is_absolute() else (Path.cwd() / params_path).resolve()
@@ -371,7 +394,15 @@ def run(
         "notebooks": dict(done),
         "groups": groups_done,
     }
-    parameters = {"params_file": str(params_path), "run_dir": str(staging), "data_dir": data_dir or ""}
+    if work_dir:
+        work_dir = str(Path(work_dir).resolve())
+        manifest["work_dir"] = work_dir
+    parameters = {
+        "params_file": str(params_path),
+        "run_dir": str(staging),
+        "data_dir": data_dir or "",
+        "work_dir": work_dir or "",
+    }
     todo = tuple(nb for nb in notebooks if nb not in done)
     t_run = time.perf_counter()
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,8 +79,11 @@ def _train_group(
     threadpool_limits(1)
 
     def train() -> None:
-        for job in jobs:
-            trainer.run_job(job)
+        if not jobs:
+            return
+        with stage_lock(work_dir, jobs[0]):
+            for job in jobs:
+                trainer.run_job(job)
 
     if slots is None:
         train()
@@ -136,15 +140,16 @@ def _kind(job: Job) -> int:
     return 1 if task == "mpf" or name == "multibird" else 2
 
 
-def stages(trainers: list[Trainer], plans: list[Plan], probes: bool = False) -> dict:
+def stages(trainers: list[Trainer], plans: list[Plan], probes: bool | list[bool] = False) -> dict:
     """Each (plan, backbone, seed) group's unfinished work as {key: (pretraining stage or None, stages
     that wait for it)}. The pretraining goes first and alone; then every finetuning run, MPF run, probe and
     forecast of that backbone is its own stage, so a GPU's workers are not held up behind one group's
     sequence (the quick H200 run spent 430 s in BigBird's group, pretraining then three runs one after the
     other, while others sat idle). ``probes``: add ``probes.tasks`` probes and forecasting of every
-    pretrained backbone of the plans (cached, so notebook 01 then reads them)."""
+    pretrained backbone of the plans (or of the plans flagged in a list; cached, so notebook 01 then reads
+    them)."""
     from repro.config import BACKBONES
-    from repro.models.registry import pretrains
+    from repro.models.registry import pretrain_objective, pretrains
 
     order = {
         g: k
@@ -152,17 +157,20 @@ def stages(trainers: list[Trainer], plans: list[Plan], probes: bool = False) -> 
             schedule(list(dict.fromkeys((_backbone(j[0]), j[2]) for _, _, jobs in plans for j in jobs)))
         )
     }
+    flags = probes if isinstance(probes, list) else [probes] * len(plans)
     out: dict[tuple[int, str, int], tuple[Stage | None, list[Stage]]] = {}
     for i, (prep, _, jobs) in enumerate(plans):
         todo = list(jobs)
-        if probes:
+        if flags[i]:
             pp = prep.params.probes
             pretrained = [
                 (j[0], j[2]) for j in jobs if j[0] in BACKBONES and j[1] != "mpf" and pretrains(j[0])
             ]
             for b, s in dict.fromkeys(pretrained):
                 todo += [(b, PROBES + t, s) for t in pp.tasks if t in prep.params.tasks]
-                todo.append((b, FORECAST, s))
+                causal = prep.params.model_sizes.get(b, {}).get("causal")
+                if pp.forecast_patients and pretrain_objective(b, causal) == "clm":  # what forecasts reads
+                    todo.append((b, FORECAST, s))
         by_key: dict[tuple[str, int], dict[str, list[Job]]] = {}
         for job in todo:
             if trainers[i].stored(job_key(job)) is None:  # done runs need no worker
@@ -177,26 +185,90 @@ def stages(trainers: list[Trainer], plans: list[Plan], probes: bool = False) -> 
     return out
 
 
-def run_plans(plans: list[Plan], workers: int = 1, probes: bool = False) -> list[list]:
+def run_plans(
+    plans: list[Plan],
+    workers: int = 1,
+    probes: bool | list[bool] = False,
+    shard: tuple[int, int] | None = None,
+) -> list[list]:
     """`run_all` for several prepared datasets at once (notebook 05's variants): one pool trains the stages
     of every plan, so a variant with few runs does not leave workers idle. Returns each plan's runs.
 
     The pool keeps at most ``workers`` stages in flight and starts the ready one of lowest rank:
-    pretraining first (it unlocks the most), then MPF runs (the longest), finetuning, probes."""
+    pretraining first (it unlocks the most), then MPF runs (the longest), finetuning, probes.
+    ``shard`` (i, n): train only the i-th of n disjoint slices of the (plan, backbone, seed) groups and
+    return nothing (``repro train --shard``: several nodes fill one work folder, the notebooks then read it).
+    """
     from tqdm import tqdm
 
     trainers = [Trainer(prep, work_dir, progress=False) for prep, work_dir, _ in plans]
     todo = stages(trainers, plans, probes)
+    if shard is not None:
+        mine = set(shard_keys(groups(plans), *shard))
+        todo = {k: v for k, v in todo.items() if k in mine}
     gpus = _gpus(plans)
     if gpus > 1:
         workers = max(workers, gpus)  # every GPU of the node gets at least one training process
     n_stages = sum((pre is not None) + len(after) for pre, after in todo.values())
     if workers > 1 and n_stages > 1:
         _pool(plans, todo, workers, gpus, n_stages)
+    elif shard is not None:  # one process: the same stages in their order, here
+        for pre, after in todo.values():
+            for st in [pre] if pre else []:
+                _run_stage(trainers[st.plan], st)
+            for st in sorted(after, key=lambda st: st.rank):
+                _run_stage(trainers[st.plan], st)
+    if shard is not None:
+        return [[] for _ in plans]
     out = []
     for trainer, (_, _, jobs) in zip(trainers, plans, strict=True):
         out.append([trainer.run_job(job) for job in tqdm(jobs, desc="models x tasks x seeds")])
     return out
+
+
+def groups(plans: list[Plan]) -> list[tuple[int, str, int]]:
+    """Every (plan, backbone, seed) group of the plans, finished or not: what shards are cut from, so a
+    slice is the same on every node whatever the cache already holds."""
+    return sorted({(i, _backbone(j[0]), j[2]) for i, (_, _, jobs) in enumerate(plans) for j in jobs})
+
+
+def shard_keys(keys: list, i: int, n: int) -> list:
+    """The i-th of n disjoint slices of the groups ``keys`` ((plan, backbone, seed)), dealt round-robin in
+    a fixed order (each backbone's seeds spread over the slices), so the slices of a grid cover it once
+    whichever node computes them.
+
+    >>> keys = [(0, "ehrmamba", 0), (0, "ehrmamba", 1), (0, "lstm", 0)]
+    >>> shard_keys(keys, 0, 2), shard_keys(keys, 1, 2)
+    ([(0, 'ehrmamba', 0), (0, 'lstm', 0)], [(0, 'ehrmamba', 1)])
+    """
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"shard must be i/n with 0 <= i < n, got {i}/{n}")
+    return [k for j, k in enumerate(sorted(keys)) if j % n == i]
+
+
+def _run_stage(trainer: Trainer, st: Stage) -> None:
+    with stage_lock(trainer.work_dir, st.jobs[0]):
+        for job in st.jobs:
+            trainer.run_job(job)
+
+
+@contextmanager
+def stage_lock(work_dir: str | Path, job: Job):
+    """Hold an exclusive lock on ``job``'s stage in ``work_dir`` (``locks/<key>.lock``, fcntl.flock), so two
+    processes sharing a work folder (array jobs on a shared filesystem, a notebook beside them) never train
+    the same run twice: the second waits, then finds the first's result cached (or the finished
+    checkpoint, for a pretraining). Needs a filesystem whose locks reach every node (NFS with lockd, Lustre
+    mounted with flock)."""
+    import fcntl
+
+    path = Path(work_dir) / "locks" / f"{job_key(job)}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _pool(plans: list[Plan], todo: dict, workers: int, gpus: int, n_stages: int) -> None:

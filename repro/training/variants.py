@@ -64,11 +64,11 @@ def history_fit(prep: Prepared, task: str) -> float:
     return float(np.mean([len(e) > prep.params.tokenizer.max_len for e in items]))
 
 
-def run_variants(
-    params: RunParams, data_dir: str | None, work_dir: str | Path, workers: int = 1
-) -> tuple[list[ModelRun], pd.DataFrame]:
-    """Train `representations.models` x tasks x seeds under every variant; return the runs (model renamed
-    "<backbone>|<variant>") and one row of representation statistics per variant."""
+def variant_plans(
+    params: RunParams, data_dir: str | None, work_dir: str | Path
+) -> tuple[dict[str, Prepared], list]:
+    """Each variant's prepared data and training plan (prepared data, work folder, jobs) for notebook 05:
+    `representations.models` x tasks x seeds; the default tokens train in the run's own work folder."""
     rep = params.representations
     jobs = [(m, t, s) for s in rep.seeds for m in rep.models for t in rep.tasks]
     preps = {v: prepare(variant_params(params, v), data_dir, progress=False) for v in variants(params)}
@@ -76,6 +76,15 @@ def run_variants(
         (prep, Path(work_dir) if v == DEFAULT else Path(work_dir) / "representations" / slug(v), jobs)
         for v, prep in preps.items()
     ]
+    return preps, plans
+
+
+def run_variants(
+    params: RunParams, data_dir: str | None, work_dir: str | Path, workers: int = 1
+) -> tuple[list[ModelRun], pd.DataFrame]:
+    """Train `representations.models` x tasks x seeds under every variant; return the runs (model renamed
+    "<backbone>|<variant>") and one row of representation statistics per variant."""
+    preps, plans = variant_plans(params, data_dir, work_dir)
     runs, rows = [], []
     for (variant, prep), done in zip(preps.items(), run_plans(plans, workers), strict=True):
         runs += [dataclasses.replace(r, model=key(r.model, variant)) for r in done]
@@ -90,7 +99,7 @@ def run_variants(
                 "tokens per subject (mean)": stats["length_mean"],
                 "median": stats["length_median"],
                 "p90": stats["length_p90"],
-                "held-out histories cut at max_len": history_fit(prep, rep.tasks[0]),
+                "held-out histories cut at max_len": history_fit(prep, params.representations.tasks[0]),
             }
         )
     return runs, pd.DataFrame(rows)
