@@ -33,6 +33,7 @@ from repro.config import BACKBONES, load_run_params
 from repro.evaluation import figures, results, significance, truth
 from repro.evaluation.store import save_json
 from repro.training.grid import run_all
+from repro.training.plan import grid as plan_grid
 from repro.training.prepare import prepare
 from repro.training.trainer import Trainer
 
@@ -218,6 +219,11 @@ fig = figures.loss_figure(results.loss_curves(runs))
 #| label: tbl-training
 #| tbl-cap: "How each model was trained, one row per training run: parameters actually built, kernel path, steps run of the budget's, epochs seen, the step whose weights were kept (best validation) and its score, how the run ended (early stop, plateau at budget, or still improving when the budget ran out), wall time and training throughput."
 figures.show_table(results.training_table(runs), floatfmt=".1f")
+
+# %%
+#| label: tbl-plan
+#| tbl-cap: "The cost plan against this run (`repro plan`): per training run of the grid, the steps and tokens its budget allows over all seeds, what the runs of this notebook used (early stopping ends them sooner, so the plan is an upper bound), the seconds they took, and the seconds the whole budget would have taken at their measured tokens/s (the projection `repro plan --measured` makes from this run). Notebook 03's MPF runs and counts + LR are planned but not measured here."
+figures.show_table(results.plan_vs_measured(plan_grid(prep), runs), floatfmt=".1f")
 
 # %%
 save_json(

@@ -67,3 +67,37 @@ def test_mpf_with_a_fixed_step_budget_plans_what_it_trains():
     g = plan.grid(prepare(params, progress=False))
     mpf = g[g["phase"] == "finetune (MPF)"].iloc[0]
     assert mpf["steps"] == 5 * len(params.tasks) == mpf_steps(params.train, 10, len(params.tasks))
+
+
+def test_the_plan_sits_beside_what_the_runs_used(smoke_plan):
+    """tbl-plan: each planned run beside the tokens its seeds fed and their time; a pretraining shared by
+    tasks counts once per seed, and runs the notebook did not train show "-"."""
+    import pandas as pd
+
+    from repro.evaluation.results import plan_vs_measured
+    from repro.training.loop import TrainResult
+    from repro.training.trainer import ModelRun
+
+    params, g = smoke_plan
+
+    def run(task, seed, pre_tokens, ft_tokens):
+        pre = TrainResult(objective="clm", budget=10, losses=[1.0] * 8, tokens=pre_tokens, seconds=2.0)
+        ft = TrainResult(objective="classify", budget=20, losses=[1.0] * 5, tokens=ft_tokens, seconds=1.0)
+        return ModelRun("ehrmamba", task, seed, pd.DataFrame(), 1, "k", pre, ft, 3.0)
+
+    runs = [
+        run("mortality_1m", 0, 1000, 300),
+        run("conditions", 0, 1000, 200),
+        run("mortality_1m", 1, 3000, 100),
+    ]
+    t = plan_vs_measured(g, runs).set_index(["model", "phase", "task"])
+    pre = t.loc[("EHRMamba", "pretrain", "-")]
+    budget = int(
+        g[(g["model"] == "ehrmamba") & (g["phase"] == "pretrain")]["tokens (budget, all seeds)"].iloc[0]
+    )
+    assert pre["seeds"] == f"2 / {len(params.seeds)}" and pre["tokens fed"] == "4,000"
+    assert pre["steps run (mean)"] == 8.0 and pre["seconds (measured)"] == 4.0
+    assert pre["seconds (whole budget, projected)"] == pytest.approx(round(budget / 1000, 1))
+    assert t.loc[("EHRMamba", "finetune", "mortality_1m"), "tokens fed"] == "400"
+    assert t.loc[("CEHR-BERT", "pretrain", "-"), "tokens fed"] == "-"  # planned, not in these runs
+    assert len(t) == len(g)

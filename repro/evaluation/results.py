@@ -821,6 +821,51 @@ def training_table(runs: Sequence[ModelRun]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def plan_vs_measured(plan: pd.DataFrame, runs: Sequence[ModelRun]) -> pd.DataFrame:
+    """The cost plan (``repro plan``: steps and tokens each budget allows) beside what the runs used, one row
+    per planned training run: steps run (mean over seeds), tokens fed, the budget's share used (early
+    stopping ends runs sooner, so the plan is an upper bound), the time measured, and the time the whole
+    budget would have taken at the measured tokens/s (what ``repro plan --measured`` projects from this run).
+    Rows the runs do not hold (notebook 03's MPF runs, counts + LR) show "-" where nothing was measured."""
+    seen: dict[tuple[str, str, str], list[TrainResult]] = {}
+    for r, phase, model, kind, res in _phases(runs):
+        if res is None:
+            continue
+        if kind == "pretraining":
+            key = (model, "pretrain", "-")
+        elif "MPF" in phase:
+            key = (model, "finetune (MPF)", "all tasks")
+        else:
+            key = (model, "finetune", r.task)
+        seen.setdefault(key, []).append(res)
+    rows = []
+    for p in plan.to_dict("records"):
+        done = seen.get((label(p["model"]), p["phase"], p["task"]), [])
+        tokens = sum(res.tokens for res in done)
+        seconds = sum(res.seconds for res in done)
+        budget = int(p["tokens (budget, all seeds)"])
+        rows.append(
+            {
+                "model": label(p["model"]),
+                "phase": p["phase"],
+                "task": p["task"],
+                "seeds": f"{len(done)} / {p['seeds']}",
+                "steps (budget)": p["steps"],
+                "steps run (mean)": round(float(np.mean([len(res.losses) for res in done])), 1)
+                if done
+                else "-",
+                "tokens (budget)": f"{budget:,}",
+                "tokens fed": f"{tokens:,}" if done else "-",
+                "budget used": f"{tokens / budget:.0%}" if done and budget else "-",
+                "seconds (measured)": round(seconds, 1) if done else "-",
+                "seconds (whole budget, projected)": round(budget / (tokens / seconds), 1)
+                if done and tokens and seconds
+                else "-",
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def convergence_table(
     runs: Sequence[ModelRun], evaluated: dict[str, dict[str, dict]], task: str = "mortality_1m"
 ) -> pd.DataFrame:
