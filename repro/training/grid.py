@@ -79,11 +79,8 @@ def _train_group(
     threadpool_limits(1)
 
     def train() -> None:
-        if not jobs:
-            return
-        with stage_lock(work_dir, jobs[0]):
-            for job in jobs:
-                trainer.run_job(job)
+        if jobs:
+            _run_stage(trainer, jobs)
 
     if slots is None:
         train()
@@ -214,10 +211,8 @@ def run_plans(
         _pool(plans, todo, workers, gpus, n_stages)
     elif shard is not None:  # one process: the same stages in their order, here
         for pre, after in todo.values():
-            for st in [pre] if pre else []:
-                _run_stage(trainers[st.plan], st)
-            for st in sorted(after, key=lambda st: st.rank):
-                _run_stage(trainers[st.plan], st)
+            for st in ([pre] if pre else []) + sorted(after, key=lambda st: st.rank):
+                _run_stage(trainers[st.plan], st.jobs)
     if shard is not None:
         return [[] for _ in plans]
     out = []
@@ -246,9 +241,10 @@ def shard_keys(keys: list, i: int, n: int) -> list:
     return [k for j, k in enumerate(sorted(keys)) if j % n == i]
 
 
-def _run_stage(trainer: Trainer, st: Stage) -> None:
-    with stage_lock(trainer.work_dir, st.jobs[0]):
-        for job in st.jobs:
+def _run_stage(trainer: Trainer, jobs: list[Job]) -> None:
+    """One stage's jobs in a row, under the stage's lock (worker processes and the one-process path)."""
+    with stage_lock(trainer.work_dir, jobs[0]):
+        for job in jobs:
             trainer.run_job(job)
 
 

@@ -22,6 +22,7 @@ from repro.training.prepare import Prepared
 def grid(prep: Prepared) -> pd.DataFrame:
     """One row per training run of notebooks 01 and 03: model, phase, task, seeds, samples, steps, batch,
     mean tokens per sample and the tokens the budget feeds (steps x batch x mean tokens, for every seed)."""
+    from repro.models.registry import pretrains
     from repro.training.prepare import mpf_dataset
     from repro.training.trainer import Trainer, mpf_steps
 
@@ -53,7 +54,7 @@ def grid(prep: Prepared) -> pd.DataFrame:
     for name in backbones:
         items = trainer._pretrain_items(meds.train_split, trainer.input_len(name))
         tp = params.train.for_model(name)
-        if name != "lstm" and items:
+        if pretrains(name) and items:
             lengths = np.array([len(e) for e in items])
             add(
                 name,
