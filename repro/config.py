@@ -203,6 +203,9 @@ class TrainParams:
     num_threads: int = 0
     workers: int = 1  # parallel training processes (on a GPU they share it: small models leave it idle)
     group_by_length: int = 50  # batches of similar length, from megabatches of this many batches (0: random)
+    # "tokens": each length-sorted megabatch is cut into the same number of batches by padded tokens, so a
+    # step's size no longer swings with the lengths it drew (batch_size rows on average; needs grouping)
+    batch_by: str = "rows"
     # settings of one model that differ from the above, e.g. {ehrmamba: {lr: 0.002}} (keys: PER_MODEL_KEYS)
     per_model: dict[str, dict[str, float]] = field(default_factory=dict)
 
@@ -232,6 +235,12 @@ class TrainParams:
             raise ParamsError(f"train.warmup_frac must be in [0, 1), got {self.warmup_frac}")
         if self.group_by_length < 0:
             raise ParamsError(f"train.group_by_length must be >= 0, got {self.group_by_length}")
+        if self.batch_by not in ("rows", "tokens"):
+            raise ParamsError(f"train.batch_by must be 'rows' or 'tokens', got {self.batch_by!r}")
+        if self.batch_by == "tokens" and self.group_by_length == 0:
+            raise ParamsError(
+                "train.batch_by: tokens cuts length-sorted megabatches; set train.group_by_length > 0"
+            )
         if self.workers < 1:
             raise ParamsError(f"train.workers must be >= 1, got {self.workers}")
         if not 0 < self.mlm_probability < 1:

@@ -69,10 +69,16 @@ def test_mlm_mask_proportions_and_specials():
 
 
 @pytest.mark.parametrize(
-    "objective,name", [("clm", "ehrmamba"), ("mlm", "cehr_bert"), ("classify", "ehrmamba")]
+    "objective,name,by",
+    [
+        ("clm", "ehrmamba", "rows"),
+        ("mlm", "cehr_bert", "rows"),
+        ("classify", "ehrmamba", "rows"),
+        ("classify", "ehrmamba", "tokens"),
+    ],
 )
-def test_resume_after_interruption_gives_the_same_model(tmp_path, monkeypatch, objective, name):
-    params = TrainParams(batch_size=4, checkpoint_every=3, warmup_frac=0.2)
+def test_resume_after_interruption_gives_the_same_model(tmp_path, monkeypatch, objective, name, by):
+    params = TrainParams(batch_size=4, checkpoint_every=3, warmup_frac=0.2, batch_by=by)
     data = _data()
     dev = torch.device("cpu")
 
@@ -188,6 +194,71 @@ def test_length_grouped_batches_cover_each_epoch_once_and_pad_less():
         grouped = np.mean([lengths[b].max() for b in epoch])
         random = np.mean([lengths[ds.batch_indices(n, size, seed, s)].max() for s in range(per_epoch)])
         assert grouped < 0.6 * random
+
+
+def test_batches_by_tokens_hold_about_equal_tokens_and_cover_each_epoch_once():
+    from repro.data import dataset as ds
+
+    rng = np.random.default_rng(1)
+    lengths = np.minimum(1024, rng.lognormal(5.3, 0.8, size=3210).astype(int) + 8)
+    n, size, group = len(lengths), 32, 20
+    per_epoch = n // size
+    for seed in (0, 5):
+        epoch = [ds.batch_indices(n, size, seed, s, lengths, group, True, 4) for s in range(per_epoch)]
+        seen = np.concatenate(epoch)
+        assert len(seen) == len(set(seen)) == per_epoch * size  # the steps and samples of batches by rows
+        assert min(len(b) for b in epoch) >= 4  # one row per process at least
+        padded = np.array([len(b) * lengths[b].max() for b in epoch])
+        rows = [ds.batch_indices(n, size, seed, s, lengths, group) for s in range(per_epoch)]
+        by_rows = np.array([size * lengths[b].max() for b in rows])
+        assert padded.max() < 1.5 * padded.mean() and by_rows.max() > 2.5 * by_rows.mean()
+        assert padded.mean() < 1.1 * by_rows.mean()  # no more padding than by rows
+        ds._TOKEN_EPOCHS.clear()  # a pure function of (seed, step): the cache changes nothing
+        assert np.array_equal(ds.batch_indices(n, size, seed, 7, lengths, group, True, 4), epoch[7])
+
+
+def _worst(cuts, lengths, least):
+    """The largest padded batch of ascending `lengths` cut at `cuts` (inf if a batch has < least rows)."""
+    b = [0, *cuts, len(lengths)]
+    if min(np.diff(b)) < least:
+        return np.inf
+    return max((b[i + 1] - b[i]) * lengths[b[i + 1] - 1] for i in range(len(b) - 1))
+
+
+def test_token_cuts_reach_the_smallest_largest_batch():
+    from itertools import combinations
+
+    from repro.data.dataset import token_cuts
+
+    rng = np.random.default_rng(2)
+    for _ in range(40):
+        n, k, least = int(rng.integers(4, 11)), int(rng.integers(1, 4)), int(rng.integers(1, 3))
+        if n < k * least:
+            continue
+        lengths = np.sort(rng.integers(1, 30, n))
+        cuts = token_cuts(lengths, k, least)
+        assert len(cuts) == k - 1 and _worst(cuts, lengths, least) < np.inf  # k batches of >= least rows
+        if least == 1:  # the smallest largest batch there is
+            best = min(_worst(c, lengths, least) for c in combinations(range(1, n), k - 1))
+            assert _worst(cuts, lengths, least) == best
+    with pytest.raises(ValueError, match="cannot make 3 batches of at least 2 rows"):
+        token_cuts(np.arange(5), 3, 2)
+
+
+def test_finetuning_by_tokens_weighs_every_sample_alike():
+    # the loss divisor is an average step's outputs, not the step's own: a long history in a batch of few
+    # rows weighs what a short one in a batch of many does
+    data = _data(n=40)
+    tp = TrainParams(batch_size=8, batch_by="tokens")
+    assert loop._fixed_norm(data, tp) == 8.0
+    mask = np.zeros((40, 3), np.float32)
+    mask[:20, 0], mask[20:, 1:] = 1, 1
+    mpf = SequenceDataset(data.items, np.ones((40, 3), np.float32), mask)
+    assert loop._fixed_norm(mpf, tp) == 8 * 1.5
+    with pytest.raises(Exception, match="train.batch_by must be 'rows' or 'tokens'"):
+        TrainParams(batch_by="samples")
+    with pytest.raises(Exception, match="set train.group_by_length > 0"):
+        TrainParams(batch_by="tokens", group_by_length=0)
 
 
 def test_length_grouping_off_or_too_few_samples_gives_random_batches():

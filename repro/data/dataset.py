@@ -137,7 +137,14 @@ def mlm_mask(
 
 
 def batch_indices(
-    n: int, batch_size: int, seed: int, step: int, lengths: np.ndarray | None = None, group: int = 0
+    n: int,
+    batch_size: int,
+    seed: int,
+    step: int,
+    lengths: np.ndarray | None = None,
+    group: int = 0,
+    by_tokens: bool = False,
+    min_rows: int = 1,
 ) -> np.ndarray:
     """The sample indices of training step `step`, a pure function of (seed, step) so resume is exact.
 
@@ -146,6 +153,11 @@ def batch_indices(
     length and cut into batches, and the batches are shuffled. Every sample is seen once per epoch, as
     with random batches; why: histories are long-tailed, and a random batch is padded to its longest
     member (on the default synthetic cohort, 988 tokens per row for a mean of 311).
+
+    `by_tokens` cuts each sorted megabatch into the same number of batches by padded tokens (rows times
+    the longest) instead of rows (``token_cuts``): short histories come many to a step and long ones few,
+    so no step is too small to fill a GPU and none is many times the mean. Steps per epoch stay
+    ``n // batch_size`` and each batch keeps at least `min_rows` rows (one per DDP process).
     """
     size = min(batch_size, n)
     if lengths is None or group <= 0 or n <= size:
@@ -154,6 +166,8 @@ def batch_indices(
     if len(lengths) != n:
         raise ValueError(f"batch_indices: {len(lengths)} lengths for {n} samples")
     epoch, k = divmod(step, n // size)
+    if by_tokens:
+        return _token_epoch(np.asarray(lengths), size, seed, epoch, group, min(min_rows, size))[k]
     return _epoch_batches(np.asarray(lengths), size, seed, epoch, group)[k]
 
 
@@ -176,4 +190,84 @@ def _epoch_batches(lengths: np.ndarray, size: int, seed: int, epoch: int, group:
         if len(_EPOCHS) >= 8:
             _EPOCHS.pop(next(iter(_EPOCHS)))
         hit = _EPOCHS[key] = (lengths, batches[rng.permutation(n_full)])
+    return hit[1]
+
+
+def token_cuts(lengths: np.ndarray, k: int, min_rows: int = 1) -> list[int]:
+    """Where to cut ascending `lengths` into `k` contiguous batches whose largest padded size (rows times
+    the batch's last, longest, length) is as small as it can be; the k - 1 inner cut positions.
+
+    Bisection on the padded size with a greedy fill (each batch takes rows while it stays under the size,
+    which finds the fewest batches under it); splitting a batch never raises the largest, so batches the
+    fill leaves short of k come from halving the ones with most rows. Then every batch is given at least
+    `min_rows` rows by moving cuts (one row per DDP process; the few longest batches may grow by it).
+
+    >>> token_cuts(np.array([1, 1, 1, 1, 2, 2, 4, 4]), 3)
+    [4, 6]
+    """
+    n = len(lengths)
+    if k < 1 or n < k * min_rows:
+        raise ValueError(f"token_cuts: {n} samples cannot make {k} batches of at least {min_rows} rows")
+    lengths = np.asarray(lengths)
+
+    def fill(cap: int) -> list[int]:
+        ends, i = [], 0
+        while i < n:
+            lo, hi = i + 1, n  # the largest end j with (j - i) rows of the longest, lengths[j - 1], fitting
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if (mid - i) * int(lengths[mid - 1]) <= cap:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            ends.append(lo)
+            i = lo
+        return ends
+
+    lo, hi = int(lengths.max()), n * int(lengths.max())
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(fill(mid)) <= k:
+            hi = mid
+        else:
+            lo = mid + 1
+    bounds = [0, *fill(lo)]
+    while len(bounds) - 1 < k:  # halve the batch with the most rows
+        sizes = np.diff(bounds)
+        b = int(np.argmax(sizes))
+        bounds.insert(b + 1, bounds[b] + int(sizes[b]) // 2)
+    for i in range(k - 1, 0, -1):  # at least min_rows rows each: from the end, then from the start
+        bounds[i] = min(bounds[i], bounds[i + 1] - min_rows)
+    for i in range(1, k):
+        bounds[i] = max(bounds[i], bounds[i - 1] + min_rows)
+    return bounds[1:-1]
+
+
+_TOKEN_EPOCHS: dict[tuple, tuple[np.ndarray, list[np.ndarray]]] = {}
+
+
+def _token_epoch(
+    lengths: np.ndarray, size: int, seed: int, epoch: int, group: int, min_rows: int
+) -> list[np.ndarray]:
+    """One epoch's batches cut by padded tokens: the same permutation and megabatches as by rows, each
+    megabatch (its first whole batches' worth of samples) cut into as many batches as it holds by rows."""
+    key = (id(lengths), size, seed, epoch, group, min_rows)
+    hit = _TOKEN_EPOCHS.get(key)
+    if hit is None or hit[0] is not lengths:
+        rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, 1]))
+        perm = rng.permutation(len(lengths))
+        mega = size * group
+        batches: list[np.ndarray] = []
+        for start in range(0, len(perm), mega):
+            part = perm[start : start + mega]
+            k = len(part) // size
+            if k == 0:
+                continue
+            part = part[: k * size]  # the few left over sit this epoch out
+            part = part[np.argsort(lengths[part], kind="stable")]
+            batches.extend(np.split(part, token_cuts(lengths[part], k, min_rows)))
+        order = rng.permutation(len(batches))
+        if len(_TOKEN_EPOCHS) >= 8:
+            _TOKEN_EPOCHS.pop(next(iter(_TOKEN_EPOCHS)))
+        hit = _TOKEN_EPOCHS[key] = (lengths, [batches[i] for i in order])
     return hit[1]

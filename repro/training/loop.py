@@ -361,6 +361,16 @@ def row_losses(
     return sums, counts
 
 
+def _fixed_norm(data: SequenceDataset, params: TrainParams) -> float:
+    """Finetuning on batches cut by tokens: the outputs of an average step of `batch_size` rows, the loss's
+    divisor at every step. A step's own count would weigh a sample by 1 / (its batch's rows), so a long
+    history, which comes in a batch of few rows, would count many times a short one; with a fixed divisor
+    every sample weighs the same, as with batches of equal rows. Pretraining keeps its per-token mean: its
+    steps hold about equal tokens, so every token already weighs about the same."""
+    per_row = float(data.mask.sum(1).mean()) if data.mask is not None else float(data.labels.shape[1])
+    return min(params.batch_size, len(data)) * per_row
+
+
 def decay_groups(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
     """(decayed, not decayed) trainable parameters: weight decay only on matrices, never on vectors (norms,
     biases) nor on a parameter flagged `_no_weight_decay` (Mamba's A_log and D, Mamba2's dt_bias), as
@@ -551,10 +561,14 @@ def fit(
 
     padding = _padding(model, device)
     lengths = data.lengths() if params.group_by_length else None
+    by_tokens = params.batch_by == "tokens" and lengths is not None
+    norm = _fixed_norm(data, params) if by_tokens and objective == "classify" else None
     done = start
     if result.stop != "early stop":
         for step in bar:
-            idx = batch_indices(len(data), params.batch_size, seed, step, lengths, params.group_by_length)
+            idx = batch_indices(
+                len(data), params.batch_size, seed, step, lengths, params.group_by_length, by_tokens, world
+            )
             full = _global_batch(data, idx, objective, vocab_size, gen, params.mlm_probability, padding)
             batch = _to({k: v[rank::world] for k, v in full.items()}, device)
             with _autocast(device):
@@ -562,7 +576,8 @@ def fit(
             # one collective per step carries the global loss sum (for the log) and the global count
             sum_global, n_global = _all_sum(torch.stack([loss_sum.detach().float(), count.float()]), world)
             n_global = n_global.clamp_min(1.0)
-            loss = loss_sum * world / n_global  # DDP averages gradients over ranks: they become global means
+            # DDP averages gradients over ranks: they become global means (or sums over the fixed norm)
+            loss = loss_sum * world / (n_global if norm is None else norm)
             pending.append(sum_global / n_global)
             opt.zero_grad(set_to_none=True)
             loss.backward()
