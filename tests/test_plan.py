@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from repro.cli import main
-from repro.config import load_run_params
+from repro.config import load_params, load_run_params
 from repro.training import plan
 from repro.training.prepare import prepare
 
@@ -32,6 +32,14 @@ def test_the_grid_lists_every_run_with_its_budget(smoke_plan):
     assert row["steps"] == tp.steps("finetune", row["samples"]) and row["seeds"] == len(params.seeds)
     fed = row["steps"] * min(row["batch"], row["samples"]) * row["tokens per sample"] * row["seeds"]
     assert abs(row["tokens (budget, all seeds)"] - fed) <= fed * 1e-3  # tokens per sample is rounded
+
+
+def test_a_cpu_node_plans_a_gpu_run(smoke_plan):
+    # planning encodes and counts; it once built its trainer on the params' device and failed without CUDA
+    params, g = smoke_plan
+    gpu = load_params("params/smoke.yaml", {"device": "cuda"})
+    assert gpu.device == "cuda"
+    assert plan.grid(prepare(gpu, progress=False)).equals(g)
 
 
 def test_hours_come_from_a_measured_run_and_unmeasured_models_are_named(smoke_plan, tmp_path):

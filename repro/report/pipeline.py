@@ -296,6 +296,18 @@ def plan_run(
     return table, plan.summary(table, gpus)
 
 
+# the notebooks that train the grid `repro plan` lists
+TRAINING_NOTEBOOKS = ("01_accuracy", "03_mpf", "05_representations")
+
+
+def _manifest_plan(params_file: str, data_dir: str | None) -> dict:
+    """The cost plan as the manifest keeps it, written before any training: each planned run (aggregates:
+    samples, steps, tokens) and the summary lines. Seconds of a GPU run's time on its CPU (22 s for
+    params/default.yaml on a 2-core CPU); the report's tbl-plan sets it beside what the run then used."""
+    table, summary = plan_run(params_file, data_dir)
+    return {"runs": table.to_dict(orient="records"), "summary": summary}
+
+
 def _ready_data(params, data_dir: str | None) -> list[str]:
     """Validate user data, or generate the synthetic cohort once; then label and tokenize it (cached) and
     return the data line and the pre-flight lines (it stops on a task that cannot be trained, before any
@@ -404,6 +416,12 @@ def run(
         "work_dir": work_dir or "",
     }
     todo = tuple(nb for nb in notebooks if nb not in done)
+    if resume and "plan" in before:
+        manifest["plan"] = before["plan"]
+    elif set(todo) & set(TRAINING_NOTEBOOKS):
+        manifest["plan"] = _manifest_plan(str(params_path), data_dir)
+        for line in manifest["plan"]["summary"]:
+            print(line, file=sys.stderr)
     t_run = time.perf_counter()
     try:
         bar = tqdm(

@@ -27,7 +27,8 @@ def grid(prep: Prepared) -> pd.DataFrame:
     from repro.training.trainer import Trainer, mpf_steps
 
     params = prep.params
-    trainer = Trainer(prep, "outputs/.plan-unused", progress=False)
+    # it only encodes samples and counts parameters: a CPU node plans a GPU run
+    trainer = Trainer(prep, "outputs/.plan-unused", progress=False, device="cpu")
     rows = []
 
     def add(model: str, phase: str, task: str, n: int, mean_len: float, steps: int, batch: int) -> None:

@@ -54,10 +54,12 @@ class Trainer:
     parameter count when the params ask for it.
     """
 
-    def __init__(self, prep: Prepared, work_dir: str | Path, progress: bool = True) -> None:
+    def __init__(
+        self, prep: Prepared, work_dir: str | Path, progress: bool = True, device: str | None = None
+    ) -> None:
         self.prep = prep
         self.work_dir = resolve(work_dir)
-        self.device = resolve_device(prep.params.device)
+        self.device = resolve_device(device or prep.params.device)  # the plan, which never trains: "cpu"
         self.progress = progress
         self._pretrained: dict[tuple[str, int], tuple[dict, TrainResult | None]] = {}
         self._data: dict[tuple, tuple[list[Encoded], pd.DataFrame]] = {}
