@@ -15,6 +15,8 @@
   EHRMamba against MultiBird at the paper's sizes and 2048 tokens: tokens/s at the paper's batch sizes, the
   largest batch that fits, and time per epoch extrapolated to the paper's data beside its numbers, with the
   EHRMamba / MultiBird ratios (repro.profiling.bench_paper).
+- `python -m repro.bench graphs`: the training loop's steps captured in CUDA graphs against eager ones,
+  same weights and batches: tokens/s, peak memory, how far the loss curves part (repro.profiling.bench_graphs).
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         from repro.profiling.bench_step import main as step_main
 
         return step_main(argv[1:])
+    if argv and argv[0] == "graphs":
+        from repro.profiling.bench_graphs import main as graphs_main
+
+        return graphs_main(argv[1:])
     if argv and argv[0] == "paper":
         from repro.profiling.bench_paper import main as paper_main
 
@@ -41,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("data", help="the MEDS data path at scale (see python -m repro.bench data --help)")
     sub.add_parser("step", help="EHRMamba vs bare mamba_ssm train step on one GPU (see ... step --help)")
+    sub.add_parser("graphs", help="CUDA-graphed training steps against eager ones (... graphs --help)")
     sub.add_parser(
         "paper", help="the paper's epoch time and largest batch, EHRMamba vs MultiBird (... paper --help)"
     )

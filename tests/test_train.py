@@ -288,6 +288,68 @@ def test_a_finished_cuda_checkpoint_is_reused_by_another_fit(tmp_path):
         assert torch.equal(a, b), k
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("objective", ["clm", "classify"])
+def test_cuda_graphed_steps_train_as_eager_ones(objective):
+    """The same run eager and captured in CUDA graphs (repro.training.graphs): graphs are captured and
+    replayed, and the losses agree to bf16 rounding (a wrong capture replays stale inputs or gradients)."""
+    from repro.training import graphs
+
+    dev = torch.device("cuda")
+    data = _data(n=64)
+    lengths = data.lengths()
+    shapes = len({(-(-int(n) // 64)) for n in lengths})  # padded to 64 on CUDA: one shape here
+    runs = {}
+    for graphed in (False, True):
+        model = _model("ehrmamba")
+        model.set_n_outputs(1)
+        tp = TrainParams(batch_size=8, warmup_frac=0.2, cuda_graphs=graphed)
+        seen = []
+        real = graphs.GraphedSteps.step
+
+        def spy(self, batch, device, real=real, seen=seen):
+            seen.append(len(self.graphs))
+            return real(self, batch, device)
+
+        graphs.GraphedSteps.step = spy
+        try:
+            runs[graphed] = loop.fit(model, data, tp, objective, 24, 1e-3, 0, dev, progress=False)
+        finally:
+            graphs.GraphedSteps.step = real
+        if graphed:
+            assert seen and seen[-1] == shapes  # every step after the warm-up replays a captured graph
+    eager, graphed = (np.array(runs[g].losses) for g in (False, True))
+    assert np.all(np.isfinite(graphed)) and np.allclose(eager, graphed, rtol=0.05, atol=0.02)
+    assert graphs.graph_safe(_model("ehrmamba")) and not graphs.graph_safe(_model("cehr_bert"))
+
+
+def test_cuda_graphs_only_where_a_backbone_declares_its_step_capturable(tmp_path):
+    from repro.training.graphs import graph_safe
+
+    assert graph_safe(_model("ehrmamba")) and not graph_safe(_model("cehr_bert"))
+    # on a CPU the setting trains eagerly, to the same weights, but is its own run for the checkpoints
+    runs = {}
+    for graphed in (False, True):
+        model = _model("ehrmamba")
+        tp = TrainParams(batch_size=4, cuda_graphs=graphed)
+        loop.fit(
+            model,
+            _data(),
+            tp,
+            "clm",
+            4,
+            1e-3,
+            0,
+            torch.device("cpu"),
+            tmp_path / f"{graphed}.pt",
+            progress=False,
+        )
+        runs[graphed] = model.state_dict(), torch.load(tmp_path / f"{graphed}.pt", weights_only=False)["key"]
+    assert all(torch.equal(a, b) for a, b in zip(runs[False][0].values(), runs[True][0].values()))
+    assert runs[False][1] != runs[True][1]
+
+
 def test_weight_decay_spares_a_log_d_norms_and_biases():
     from repro.models.registry import build_model
     from repro.training.loop import decay_groups

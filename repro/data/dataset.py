@@ -110,9 +110,8 @@ def clm_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.T
 
     The original EHRMamba code counted padding in the next-token loss (DESIGN.md section 11).
     """
-    labels = input_ids.clone()
-    labels[attention_mask == 0] = IGNORE
-    return labels
+    # a select, not a masked assignment: no host sync, so a CUDA graph can capture it
+    return torch.where(attention_mask == 0, torch.full_like(input_ids, IGNORE), input_ids)
 
 
 def mlm_mask(

@@ -394,6 +394,8 @@ class EHRMamba(nn.Module):
 
     causal = True
     pretrain_objective = "clm"
+    # its CUDA training step has no host sync and no data-dependent branch (repro.training.graphs)
+    graph_safe = True
 
     def __init__(
         self,

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from repro.config import TrainParams
 from repro.data.dataset import IGNORE, SequenceDataset, batch_indices, clm_labels, collate, mlm_mask
+from repro.training.graphs import GraphedSteps, graph_safe
 
 
 @dataclass
@@ -432,11 +433,14 @@ def fit(
         )
     model.to(device)
     decay, no_decay = decay_groups(model)
+    # CUDA graphs (repro.training.graphs): AdamW steps on the device, its rate a tensor the scheduler fills
+    graphed = params.cuda_graphs and device.type == "cuda" and world == 1 and graph_safe(model)
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": params.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr,
+        lr=torch.tensor(lr, device=device) if graphed else lr,
         betas=(0.9, 0.95),
         fused=device.type == "cuda",
+        capturable=graphed,
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(steps, params.warmup_frac))
     metric = "auroc" if objective == "classify" else "loss"
@@ -472,6 +476,9 @@ def fit(
             result.seconds = float(state.get("seconds", 0.0))  # the time already spent, for tokens/s
             result.resumed_from = start
             best, bad = state.get("best_model"), int(state.get("bad", 0))
+            if graphed:  # the loaded rate must be the device tensor a captured AdamW step reads
+                for group in opt.param_groups:
+                    group["lr"] = torch.as_tensor(group["lr"], dtype=torch.float32).to(device)
     vocab_size = int(getattr(model, "vocab_size", 0) or 0)
     values = objective in ("clm", "mlm") and getattr(model, "value_head", None) is not None
     net = model
@@ -563,6 +570,19 @@ def fit(
     lengths = data.lengths() if params.group_by_length else None
     by_tokens = params.batch_by == "tokens" and lengths is not None
     norm = _fixed_norm(data, params) if by_tokens and objective == "classify" else None
+
+    def graph_body(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The eager step below from the loss to AdamW, for one process (autocast without its weight cache,
+        which capture forbids); the logged mean loss."""
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            loss_sum, count = _loss_sum(model, batch, objective, values)
+        n = count.float().clamp_min(1.0)
+        (loss_sum / (n if norm is None else norm)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip, foreach=True)
+        opt.step()
+        return loss_sum.detach().float() / n
+
+    graphs = GraphedSteps(graph_body, opt) if graphed else None
     done = start
     if result.stop != "early stop":
         for step in bar:
@@ -570,19 +590,24 @@ def fit(
                 len(data), params.batch_size, seed, step, lengths, params.group_by_length, by_tokens, world
             )
             full = _global_batch(data, idx, objective, vocab_size, gen, params.mlm_probability, padding)
-            batch = _to({k: v[rank::world] for k, v in full.items()}, device)
-            with _autocast(device):
-                loss_sum, count = _loss_sum(net, batch, objective, values)
-            # one collective per step carries the global loss sum (for the log) and the global count
-            sum_global, n_global = _all_sum(torch.stack([loss_sum.detach().float(), count.float()]), world)
-            n_global = n_global.clamp_min(1.0)
-            # DDP averages gradients over ranks: they become global means (or sums over the fixed norm)
-            loss = loss_sum * world / (n_global if norm is None else norm)
-            pending.append(sum_global / n_global)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
-            opt.step()
+            if graphs is not None:
+                pending.append(graphs.step(full, device))
+            else:
+                batch = _to({k: v[rank::world] for k, v in full.items()}, device)
+                with _autocast(device):
+                    loss_sum, count = _loss_sum(net, batch, objective, values)
+                # one collective per step carries the global loss sum (for the log) and the global count
+                sum_global, n_global = _all_sum(
+                    torch.stack([loss_sum.detach().float(), count.float()]), world
+                )
+                n_global = n_global.clamp_min(1.0)
+                # DDP averages gradients over ranks: they become global means (or sums over the fixed norm)
+                loss = loss_sum * world / (n_global if norm is None else norm)
+                pending.append(sum_global / n_global)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
+                opt.step()
             sched.step()
             result.tokens += int(full["attention_mask"].sum())  # the global batch's tokens
             result.steps_run += 1

@@ -1,0 +1,129 @@
+"""CUDA-graphed training steps against eager ones, through the training loop itself, on one GPU.
+
+`python -m repro.bench graphs` trains the same backbone from the same weights twice with
+``repro.training.loop.fit`` (batches of the params' size grouped by length, bf16, AdamW, clipping), once
+eagerly and once with ``train.cuda_graphs`` (``repro.training.graphs``), for next-token pretraining and for
+finetuning, on histories whose lengths follow a long-tailed draw like the default cohort's (mean about
+330 tokens, at most ``--max-len``). It prints tokens/s, peak memory and graphs captured for each, the ratio
+graphed / eager, and how far apart the two loss curves are (the same steps in bf16 differ by rounding: a
+broken capture shows as a curve that departs). Whether `train.cuda_graphs` becomes a default rests on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+import numpy as np
+import pandas as pd
+import torch
+
+PROG = "python -m repro.bench graphs"
+
+
+def _histories(n: int, vocab: int, max_len: int, seed: int) -> list:
+    from repro.data.tokenizer import Encoded
+
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(5.5, 0.8, n).astype(int), 16, max_len)
+    items = []
+    for L in lengths:
+        ids = rng.integers(16, vocab, L)
+        ids[0] = 2  # [CLS]
+        t = np.sort(rng.uniform(2600, 2700, L)).astype(np.float32)
+        items.append(
+            Encoded(
+                ids,
+                rng.integers(0, 8, L),
+                np.full(L, 60.0, np.float32),
+                t,
+                np.ones(L, np.int64),
+                np.minimum(np.arange(L) // 40, 30).astype(np.int64),
+            )
+        )
+    return items
+
+
+def run(params_file: str, model: str, steps: int, n: int, max_len: int, vocab: int, out: str | None) -> int:
+    from repro.config import load_params
+    from repro.data.dataset import SequenceDataset
+    from repro.models.registry import build_model
+    from repro.training.graphs import graph_safe
+    from repro.training.loop import fit
+    from repro.training.prepare import model_kwargs
+
+    if not torch.cuda.is_available():
+        print(f"{PROG}: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    params = load_params(params_file)
+    kw = model_kwargs(params, model)
+    items = _histories(n, vocab, max_len, 0)
+    labels = (np.random.default_rng(1).random(n) < 0.1).astype(np.float32)
+    device = torch.device("cuda")
+    rows, curves = [], {}
+    for objective, lr in (("clm", params.train.lr), ("classify", params.train.finetune_lr)):
+        data = SequenceDataset(items, labels if objective == "classify" else None)
+        for graphs in (False, True):
+            tp = dataclasses.replace(
+                params.train.for_model(model), pretrain_steps=None, cuda_graphs=graphs, per_model={}
+            )
+            torch.manual_seed(0)
+            net = build_model(model, vocab, **kw)
+            if objective == "classify":
+                net.set_n_outputs(1)
+            if graphs and not graph_safe(net):
+                print(
+                    f"{PROG}: {model} does not declare a capturable step; it trains eagerly", file=sys.stderr
+                )
+            torch.cuda.reset_peak_memory_stats()
+            res = fit(net, data, tp, objective, steps, lr, 0, device, progress=False)
+            curves[(objective, graphs)] = np.array(res.losses)
+            rows.append(
+                {
+                    "objective": objective,
+                    "step": "graphed" if graphs else "eager",
+                    "steps": res.steps_run,
+                    "seconds": round(res.seconds, 2),
+                    "tokens/s": round(res.tokens / res.seconds),
+                    "peak GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                    "last-50 loss": round(float(np.mean(res.losses[-50:])), 4),
+                }
+            )
+            del net
+            torch.cuda.empty_cache()
+    table = pd.DataFrame(rows)
+    print(table.to_string(index=False))
+    summary = {}
+    for objective in ("clm", "classify"):
+        t = table[table["objective"] == objective].set_index("step")
+        ratio = t.loc["graphed", "tokens/s"] / t.loc["eager", "tokens/s"]
+        mem = t.loc["graphed", "peak GiB"] / max(t.loc["eager", "peak GiB"], 1e-9)
+        a, b = curves[(objective, False)], curves[(objective, True)]
+        window = 25  # running means: single bf16 steps differ more than the curves do
+        sa = np.convolve(a, np.ones(window) / window, "valid")
+        sb = np.convolve(b, np.ones(window) / window, "valid")
+        apart = float(np.max(np.abs(sa - sb) / np.abs(sa)))
+        summary[objective] = {"tokens/s ratio": ratio, "peak memory ratio": mem, "curves apart": apart}
+        print(
+            f"{objective}: graphed / eager tokens/s {ratio:.2f}, peak memory {mem:.2f}; loss curves "
+            f"(running mean of {window} steps) at most {apart:.1%} apart"
+        )
+    if out:
+        with open(out, "w") as f:
+            json.dump({"rows": rows, "summary": summary}, f, indent=1)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    p.add_argument("--params", default="params/default.yaml", help="sizes, batch and rates from here")
+    p.add_argument("--model", default="ehrmamba")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--n", type=int, default=8000, help="histories")
+    p.add_argument("--max-len", type=int, default=1024)
+    p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--out", default=None, help="also write the numbers as JSON here")
+    a = p.parse_args(argv)
+    return run(a.params, a.model, a.steps, a.n, a.max_len, a.vocab, a.out)
