@@ -240,6 +240,11 @@ class TrainParams:
             raise ParamsError(f"train.group_by_length must be >= 0, got {self.group_by_length}")
         if self.batch_by not in ("rows", "tokens"):
             raise ParamsError(f"train.batch_by must be 'rows' or 'tokens', got {self.batch_by!r}")
+        if self.batch_by == "tokens" and self.cuda_graphs:
+            raise ParamsError(
+                "train.cuda_graphs captures a graph per batch shape, and batch_by: tokens makes one per row "
+                "count; use one of them"
+            )
         if self.batch_by == "tokens" and self.group_by_length == 0:
             raise ParamsError(
                 "train.batch_by: tokens cuts length-sorted megabatches; set train.group_by_length > 0"

@@ -394,8 +394,12 @@ class EHRMamba(nn.Module):
 
     causal = True
     pretrain_objective = "clm"
-    # its CUDA training step has no host sync and no data-dependent branch (repro.training.graphs)
-    graph_safe = True
+
+    @property
+    def graph_safe(self) -> bool:
+        """Its CUDA training step has no host sync and no data-dependent branch (repro.training.graphs)
+        when the scan is mamba_ssm's kernel; the reference scan reads its step size back to the host."""
+        return selective_scan_fn is not None
 
     def __init__(
         self,

@@ -7,8 +7,8 @@ host's kernel launches, not the GPU's work, and the default batches hold about 1
 graph launches the whole step at once. `python -m repro.bench graphs` measures what it gains.
 
 What capture needs, and how it is met here:
-- no host sync and no data-dependent Python branch on the step's path: only backbones whose class sets
-  ``graph_safe = True`` are captured (checked there: EHRMamba's fused path); the others train eagerly;
+- no host sync and no data-dependent Python branch on the step's path: only backbones whose
+  ``graph_safe`` is true are captured (EHRMamba when mamba_ssm's scan is there); the others train eagerly;
 - an optimizer whose step runs on the device: AdamW with ``capturable=True`` and its learning rate in a
   device tensor, which the scheduler fills between replays;
 - shapes that repeat: on CUDA batches are padded to a multiple of 64 tokens, so a run sees a few dozen;
@@ -17,7 +17,10 @@ What capture needs, and how it is met here:
 
 All graphs share one memory pool. That is safe because nothing a replay leaves behind is read by another
 replay: inputs are copied in before each replay, gradients are written by its backward before its
-clipping and AdamW read them, and weights and optimizer state were allocated before any capture.
+clipping and AdamW read them, and weights and optimizer state were allocated before any capture. So after
+a replay, ``.grad`` and another graph's output hold garbage: read neither (``release`` drops them).
+Dropout draws fresh masks at every replay, from another stream of random numbers than eager steps: a
+graphed run matches an eager one in distribution, and a resumed one (which warms up again) likewise.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ class GraphedSteps:
     """
 
     def __init__(self, body: Callable[[Batch], torch.Tensor], opt: torch.optim.Optimizer, warmup: int = 2):
+        if warmup < 1:  # the optimizer creates its state lazily: captured, every replay would re-zero it
+            raise ValueError(f"GraphedSteps: warmup must be >= 1, got {warmup}")
         self.body, self.opt, self.warmup = body, opt, warmup
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Batch, torch.Tensor]] = {}
         self.seen: dict[tuple, int] = {}
@@ -60,8 +65,8 @@ class GraphedSteps:
         hit = self.graphs.get(key)
         if hit is not None:
             graph, static, out = hit
-            for k, v in batch.items():
-                static[k].copy_(v, non_blocking=True)
+            for k, v in batch.items():  # from pinned memory, or the copy waits for the last replay
+                static[k].copy_(v.pin_memory(), non_blocking=True)
             graph.replay()
             return out.clone()
         gpu = {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
@@ -82,3 +87,9 @@ class GraphedSteps:
         self.captures += 1
         graph.replay()  # capture records the step; this replay takes it
         return out.clone()
+
+    def release(self) -> None:
+        """Drop the graphs and their pool, and the gradients (garbage after replays) that pin it."""
+        self.opt.zero_grad(set_to_none=True)
+        self.graphs.clear()
+        torch.cuda.empty_cache()

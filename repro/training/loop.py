@@ -50,6 +50,7 @@ class TrainResult:
     metric: str = "loss"  # what picks the best step: "loss" (lower is better) or "auroc"
     best_step: int = 0  # 0: no validation (the last weights are kept)
     stop: str = "budget"  # "early stop" (patience ran out) or "budget"
+    graphs: int = 0  # batch shapes whose step ran as a captured CUDA graph (train.cuda_graphs)
 
     def converged(self, tail: float = 0.2, tol: float = 0.005) -> bool:
         """Whether the run ended on its plateau: it stopped early, or its best validation metric improved by
@@ -435,13 +436,13 @@ def fit(
     decay, no_decay = decay_groups(model)
     # CUDA graphs (repro.training.graphs): AdamW steps on the device, its rate a tensor the scheduler fills
     graphed = params.cuda_graphs and device.type == "cuda" and world == 1 and graph_safe(model)
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": params.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=torch.tensor(lr, device=device) if graphed else lr,
-        betas=(0.9, 0.95),
-        fused=device.type == "cuda",
-        capturable=graphed,
-    )
+    groups = [
+        {"params": decay, "weight_decay": params.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if graphed:  # one rate tensor per group, as a loaded checkpoint gives them
+        groups = [g | {"lr": torch.tensor(lr, device=device)} for g in groups]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda", capturable=graphed)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(steps, params.warmup_frac))
     metric = "auroc" if objective == "classify" else "loss"
     result = TrainResult(objective=objective, budget=steps, metric=metric)
@@ -624,6 +625,9 @@ def fit(
             if stop:
                 break
     bar.close()
+    if graphs is not None:
+        result.graphs = graphs.captures
+        graphs.release()
     done = max(done, len(result.losses))
     if best is not None:  # the run ends holding the weights of its best validation
         model.load_state_dict(best)
