@@ -291,7 +291,8 @@ def test_a_finished_cuda_checkpoint_is_reused_by_another_fit(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("objective", ["clm", "classify"])
-def test_cuda_graphed_steps_train_as_eager_ones(tmp_path, monkeypatch, objective):
+@pytest.mark.parametrize("name,extra", [("ehrmamba", {}), ("transformer", {"max_len": 128, "dropout": 0.0})])
+def test_cuda_graphed_steps_train_as_eager_ones(tmp_path, monkeypatch, objective, name, extra):
     """The same run eager, captured in CUDA graphs (repro.training.graphs), and graphed but killed and
     resumed: each shape's graph is captured once, and the weights end where eager ones do, to rounding
     (a stale input, gradient or rate in a replay would move them elsewhere). No dropout, two shapes."""
@@ -311,13 +312,13 @@ def test_cuda_graphed_steps_train_as_eager_ones(tmp_path, monkeypatch, objective
     monkeypatch.setattr(graphs.GraphedSteps, "release", release)
 
     def run(graphed, ckpt=None):
-        model = _model("ehrmamba", cls_dropout=0.0)
+        model = _model(name, cls_dropout=0.0, **extra)
         model.set_n_outputs(1)
         tp = TrainParams(batch_size=8, warmup_frac=0.2, cuda_graphs=graphed, checkpoint_every=6)
         loop.fit(model, data, tp, objective, 24, 1e-3, 0, dev, ckpt, progress=False)
         return {k: v.float().cpu() for k, v in model.state_dict().items()}
 
-    w0 = {k: v.float() for k, v in _model("ehrmamba", cls_dropout=0.0).state_dict().items()}
+    w0 = {k: v.float() for k, v in _model(name, cls_dropout=0.0, **extra).state_dict().items()}
     eager, graphed = run(False), run(True)
     assert captured == [2]  # one graph per shape, every later step of that shape replayed
     real = loop.batch_indices
@@ -346,6 +347,8 @@ def test_cuda_graphs_only_where_a_backbone_declares_its_step_capturable(tmp_path
     # EHRMamba's step is capturable on mamba_ssm's scan only (the reference scan syncs the host)
     assert graph_safe(_model("ehrmamba")) == (ehrmamba.selective_scan_fn is not None)
     assert not graph_safe(_model("cehr_bert"))
+    assert graph_safe(_model("transformer", max_len=32))  # causal: no key padding mask to check
+    assert not graph_safe(_model("transformer", max_len=32, causal=False))
     # on a CPU the setting trains eagerly, to the same weights, but is its own run for the checkpoints
     runs = {}
     for graphed in (False, True):

@@ -180,6 +180,12 @@ class Transformer(nn.Module):
         self.norm_f = nn.LayerNorm(d_model)
         self.apply(lambda m: init_gpt(m, n_layers))
 
+    @property
+    def graph_safe(self) -> bool:
+        """Its CUDA training step is capturable (repro.training.graphs) when causal: an encoder's key padding
+        mask first asks the host whether anything is padded."""
+        return self.causal
+
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         """Batch dict (CONTRACTS.md) -> hidden states [B, L, D]."""
         L = batch["input_ids"].shape[1]
