@@ -92,26 +92,8 @@ figures.show_table(results.calibration_table(evaluated, params.tasks))
 fig = figures.reliability_figure(results.reliability_frame(preds, "mortality_1m"), "mortality_1m")
 
 # %%
-#| label: tbl-h1
-#| tbl-cap: "H1 comparisons: EHRMamba minus each other model in held-out AUROC (seed ensembles) with a two-level bootstrap 95 % CI (each model's seeds resampled, then the same patients for both), a paired permutation p-value (patient-level swaps), that p adjusted by Benjamini-Hochberg across all comparisons of this notebook, and the computed verdict."
-real = preds[preds["task"] != "null_task"]
-comparisons = results.h1_comparisons(real, "ehrmamba", params.models, n_boot, ci, **stat_kw)
-comparisons = results.mark_undertrained(comparisons, runs)
-figures.show_table(results.comparison_table(comparisons, ci))
-
-# %%
-#| label: tbl-h1-summary
-#| tbl-cap: "H1 in one row per comparison: EHRMamba minus each other model in held-out AUROC on the headline task of H1's rule, with its CI and verdict, the range of the differences over every task, and how many tasks got each verdict. Every task's comparison is in the appendix."
-headline = next((t for *_, t in params.hypotheses["H1"].pairs()), params.tasks[0])
-figures.show_table(results.comparison_summary(comparisons, ci, headline), empty="no comparison was run")
-
-
-# %% [markdown]
-# What did pretraining alone give each backbone? A logistic-regression probe reads its frozen hidden states
-# at the prediction time (pooled as its finetuning head pools them, and as the mean over the input), fitted
-# on train with its regularisation chosen on tuning; the gap to the finetuned model is what finetuning added.
-
-# %%
+# The probes (read below, after H1) come first: a finetuned model below its own frozen probe stopped on a
+# false plateau, and its comparisons read "undertrained".
 probe_runs = [
     r for m in pretrained for t in params.probes.tasks for s in params.seeds for r in trainer.probes(m, t, s)
 ]
@@ -137,6 +119,27 @@ probe_comparisons = (
 probe_seconds = {
     m: sum(r.seconds for r in probe_runs if r.model.startswith(m + results.PROBE)) for m in probed
 }
+
+# %%
+#| label: tbl-h1
+#| tbl-cap: "H1 comparisons: EHRMamba minus each other model in held-out AUROC (seed ensembles) with a two-level bootstrap 95 % CI (each model's seeds resampled, then the same patients for both), a paired permutation p-value (patient-level swaps), that p adjusted by Benjamini-Hochberg across all comparisons of this notebook, and the computed verdict."
+real = preds[preds["task"] != "null_task"]
+comparisons = results.h1_comparisons(real, "ehrmamba", params.models, n_boot, ci, **stat_kw)
+short = results.below_probe(probe_frame, probed)
+comparisons = results.mark_undertrained(comparisons, runs, short)
+figures.show_table(results.comparison_table(comparisons, ci))
+
+# %%
+#| label: tbl-h1-summary
+#| tbl-cap: "H1 in one row per comparison: EHRMamba minus each other model in held-out AUROC on the headline task of H1's rule, with its CI and verdict, the range of the differences over every task, and how many tasks got each verdict. Every task's comparison is in the appendix."
+headline = next((t for *_, t in params.hypotheses["H1"].pairs()), params.tasks[0])
+figures.show_table(results.comparison_summary(comparisons, ci, headline), empty="no comparison was run")
+
+
+# %% [markdown]
+# What did pretraining alone give each backbone? A logistic-regression probe reads its frozen hidden states
+# at the prediction time (pooled as its finetuning head pools them, and as the mean over the input), fitted
+# on train with its regularisation chosen on tuning; the gap to the finetuned model is what finetuning added.
 
 # %%
 #| label: tbl-probes
@@ -167,7 +170,7 @@ print("Rule across all models and tasks:", results.ALL_RULE)
 null = results.h1_comparisons(
     preds[preds["task"] == "null_task"], "ehrmamba", params.models, n_boot, ci, **stat_kw
 )
-null = results.mark_undertrained(null, runs)
+null = results.mark_undertrained(null, runs, short)
 figures.show_table(results.comparison_table(null, ci), empty="the null task is not in this run's tasks")
 
 # %%
@@ -206,8 +209,8 @@ figures.show_table(
 
 # %%
 #| label: tbl-convergence
-#| tbl-cap: "Were the models trained to their plateau? Per model: the pretraining and finetuning runs that ended by early stopping or on a plateau (best validation within 0.5 % over the last 20 % of steps), the epochs they saw, and whether the held-out mortality_1m AUROC is clearly above chance (95 % CI lower bound above 0.5). A comparison between models that are not on their plateau says little about the architectures."
-convergence = results.convergence_table(runs, evaluated)
+#| tbl-cap: "Were the models trained to their plateau? Per model: the pretraining and finetuning runs that ended by early stopping or on a plateau (best validation within 0.5 % over the last 20 % of steps), the epochs they saw, whether the held-out mortality_1m AUROC is clearly above chance (95 % CI lower bound above 0.5), and the tasks where the finetuned model ended below the lower 95 % bound of a logistic probe on its own frozen pretrained states (finetuning could have matched the probe by training its head alone, so it stopped on a false plateau; its comparisons read undertrained). A comparison between models that are not on their plateau says little about the architectures."
+convergence = results.convergence_table(runs, evaluated, below=short)
 figures.show_table(convergence)
 
 # %%

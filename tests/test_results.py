@@ -202,6 +202,35 @@ def test_a_comparison_with_a_model_short_of_its_plateau_reads_undertrained():
     assert results.undertrained(runs) == {("transformer", "mortality_1m")}
 
 
+def test_a_finetuned_model_below_its_own_probe_reads_undertrained():
+    # the H200 trial of 2026-12-06 (batches cut by tokens): the transformer stopped early below its probe
+    import pandas as pd
+
+    rows = [
+        ("mortality_1m", "EHRMamba", "finetuned", 0.817, 0.785, 0.846),
+        ("mortality_1m", "EHRMamba", "probe (mean)", 0.772, 0.741, 0.800),
+        ("mortality_1m", "Transformer (SDPA)", "finetuned", 0.638, 0.597, 0.678),
+        ("mortality_1m", "Transformer (SDPA)", "probe (head)", 0.669, 0.630, 0.705),
+        ("mortality_1m", "Transformer (SDPA)", "probe (mean)", 0.733, 0.697, 0.763),
+        ("los_1w", "Transformer (SDPA)", "finetuned", 0.700, 0.650, 0.750),
+        ("los_1w", "Transformer (SDPA)", "probe (mean)", 0.720, 0.690, 0.750),  # inside the probe's CI
+    ]
+    frame = pd.DataFrame(rows, columns=["task", "model", "read by", "estimate", "lo", "hi"])
+    short = results.below_probe(frame, ["ehrmamba", "transformer"])
+    assert short == {("transformer", "mortality_1m")}
+    comparisons = pd.DataFrame(
+        {
+            "new": ["ehrmamba"] * 3,
+            "baseline": ["transformer", "transformer", "count_lr"],
+            "task": ["mortality_1m", "los_1w", "mortality_1m"],
+            "verdict": ["supported"] * 3,
+        }
+    )
+    marked = results.mark_undertrained(comparisons, [], short)
+    assert marked["verdict"].tolist() == ["undertrained", "supported", "supported"]
+    assert results.below_probe(frame.iloc[:0], ["ehrmamba"]) == set()
+
+
 def test_each_hypothesis_is_decided_by_its_written_rule():
     from repro.config import HypothesisRule, default_hypotheses
 

@@ -463,12 +463,34 @@ def undertrained(runs: Sequence[ModelRun]) -> set[tuple[str, str]]:
     return out
 
 
-def mark_undertrained(comparisons: pd.DataFrame, runs: Sequence[ModelRun]) -> pd.DataFrame:
+def below_probe(frame: pd.DataFrame, backbones: Sequence[str]) -> set[tuple[str, str]]:
+    """(backbone, task) pairs whose finetuned held-out AUROC lies below the lower 95 % bound of a probe on
+    the same backbone's frozen hidden states (``probe_frame``). Finetuning starts from those states and could
+    match the probe by training its head alone: ending below it means the run stopped on a false plateau,
+    which the early-stopping rule counts as converged. Seen on one H200 (2026-12-06): a transformer's
+    finetuning stopped early at 0.638 with its mean-pooled probe at 0.733 [0.697, 0.763]; the same model
+    trained on batches by rows reached 0.802."""
+    if frame.empty:
+        return set()
+    key = {label(b): b for b in backbones}
+    out = set()
+    for (task, model), rows in frame.groupby(["task", "model"], sort=False):
+        tuned = rows[rows["read by"] == "finetuned"]["estimate"]
+        probes = rows[rows["read by"].str.startswith("probe")]["lo"]
+        if len(tuned) and len(probes) and float(tuned.iloc[0]) < float(probes.max()) and model in key:
+            out.add((key[model], task))
+    return out
+
+
+def mark_undertrained(
+    comparisons: pd.DataFrame, runs: Sequence[ModelRun], also: set[tuple[str, str]] | None = None
+) -> pd.DataFrame:
     """The comparisons with "undertrained" in place of the verdict where either model is undertrained on
-    the task ("one seed" stays: it is the stronger reason)."""
+    the task ("one seed" stays: it is the stronger reason): a training run still improving, or a pair of
+    `also` (model, task), e.g. a finetuned model below its own probe (``below_probe``)."""
     if comparisons.empty:
         return comparisons
-    short = undertrained(runs)
+    short = undertrained(runs) | (also or set())
     out = comparisons.copy()
     hit = [(n, t) in short or (b, t) in short for n, b, t in zip(out["new"], out["baseline"], out["task"])]
     out["verdict"] = [
@@ -867,11 +889,15 @@ def plan_vs_measured(plan: pd.DataFrame, runs: Sequence[ModelRun]) -> pd.DataFra
 
 
 def convergence_table(
-    runs: Sequence[ModelRun], evaluated: dict[str, dict[str, dict]], task: str = "mortality_1m"
+    runs: Sequence[ModelRun],
+    evaluated: dict[str, dict[str, dict]],
+    task: str = "mortality_1m",
+    below: set[tuple[str, str]] | None = None,
 ) -> pd.DataFrame:
     """One row per model: how many of its pretraining and finetuning runs ended on their plateau (early
-    stop, or best validation within 0.5 % over the last 20 % of steps), the epochs they saw, and whether its
-    held-out AUROC on `task` is clearly above chance (the CI's lower bound above 0.5)."""
+    stop, or best validation within 0.5 % over the last 20 % of steps), the epochs they saw, whether its
+    held-out AUROC on `task` is clearly above chance (the CI's lower bound above 0.5), and, given `below`
+    (``below_probe``), the tasks where its finetuned AUROC fell below its own frozen probe."""
     rows: dict[str, dict[str, list]] = {}
     for _, _, model, kind, res in _phases(runs):
         row = rows.setdefault(model, {"pretraining": [], "finetuning": []})
@@ -892,5 +918,8 @@ def convergence_table(
             a = m["auroc"]
             entry[f"{task} AUROC"] = f"{a['estimate']:.3f} [{a['lo']:.3f}, {a['hi']:.3f}]"
             entry["above chance"] = "yes" if a["lo"] > 0.5 else "NO: not clearly above chance"
+        if below is not None:
+            under = sorted(t for m, t in below if label(m) == model)
+            entry["finetuned below its probe"] = ", ".join(under) if under else "-"
         out.append(entry)
     return pd.DataFrame(out)
