@@ -68,6 +68,19 @@ def test_mlm_mask_proportions_and_specials():
     assert (labels[chosen] == ids[chosen]).all()
 
 
+def _die_at(monkeypatch, step: int):
+    """Make fit stop at `step` as a killed process would (its batch raises); returns the real function."""
+    real = loop.batch_indices
+
+    def dying(n, bs, seed, s, *a):
+        if s == step:
+            raise KeyboardInterrupt("killed")
+        return real(n, bs, seed, s, *a)
+
+    monkeypatch.setattr(loop, "batch_indices", dying)
+    return real
+
+
 @pytest.mark.parametrize(
     "objective,name,by",
     [
@@ -86,14 +99,7 @@ def test_resume_after_interruption_gives_the_same_model(tmp_path, monkeypatch, o
     ref.set_n_outputs(1)
     loop.fit(ref, data, params, objective, 7, 1e-3, 0, dev, tmp_path / "ref.pt", progress=False)
 
-    real = loop.batch_indices
-
-    def dying(n, bs, seed, step, *a):
-        if step == 5:
-            raise KeyboardInterrupt("killed")
-        return real(n, bs, seed, step, *a)
-
-    monkeypatch.setattr(loop, "batch_indices", dying)
+    real = _die_at(monkeypatch, 5)
     first = _model(name)
     first.set_n_outputs(1)
     with pytest.raises(KeyboardInterrupt):
@@ -213,7 +219,7 @@ def test_batches_by_tokens_hold_about_equal_tokens_and_cover_each_epoch_once():
         by_rows = np.array([size * lengths[b].max() for b in rows])
         assert padded.max() < 1.5 * padded.mean() and by_rows.max() > 2.5 * by_rows.mean()
         assert padded.mean() < 1.1 * by_rows.mean()  # no more padding than by rows
-        ds._TOKEN_EPOCHS.clear()  # a pure function of (seed, step): the cache changes nothing
+        ds._EPOCHS.clear()  # a pure function of (seed, step): the cache changes nothing
         assert np.array_equal(ds.batch_indices(n, size, seed, 7, lengths, group, True, 4), epoch[7])
 
 
@@ -321,14 +327,7 @@ def test_cuda_graphed_steps_train_as_eager_ones(tmp_path, monkeypatch, objective
     w0 = {k: v.float() for k, v in _model(name, cls_dropout=0.0, **extra).state_dict().items()}
     eager, graphed = run(False), run(True)
     assert captured == [2]  # one graph per shape, every later step of that shape replayed
-    real = loop.batch_indices
-
-    def dying(n, bs, seed, step, *a):
-        if step == 13:
-            raise KeyboardInterrupt("killed")
-        return real(n, bs, seed, step, *a)
-
-    monkeypatch.setattr(loop, "batch_indices", dying)
+    real = _die_at(monkeypatch, 13)
     with pytest.raises(KeyboardInterrupt):
         run(True, tmp_path / "g.pt")
     monkeypatch.setattr(loop, "batch_indices", real)

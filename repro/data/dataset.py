@@ -165,30 +165,47 @@ def batch_indices(
     if len(lengths) != n:
         raise ValueError(f"batch_indices: {len(lengths)} lengths for {n} samples")
     epoch, k = divmod(step, n // size)
-    if by_tokens:
-        return _token_epoch(np.asarray(lengths), size, seed, epoch, group, min(min_rows, size))[k]
-    return _epoch_batches(np.asarray(lengths), size, seed, epoch, group)[k]
+    cut = min(min_rows, size) if by_tokens else None
+    return _epoch_batches(np.asarray(lengths), size, seed, epoch, group, cut)[k]
 
 
 # the last few epochs' batches, one sort per epoch rather than per step; keyed by the lengths array's
 # identity (fit passes the same array every step), which is checked, so equal arrays only cost a re-sort
-_EPOCHS: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+_EPOCHS: dict[tuple, tuple[np.ndarray, Sequence[np.ndarray]]] = {}
 
 
-def _epoch_batches(lengths: np.ndarray, size: int, seed: int, epoch: int, group: int) -> np.ndarray:
-    key = (id(lengths), size, seed, epoch, group)
+def _epoch_batches(
+    lengths: np.ndarray, size: int, seed: int, epoch: int, group: int, min_rows: int | None = None
+) -> Sequence[np.ndarray]:
+    """One epoch's batches: a permutation cut into megabatches of `group` batches, each sorted by length,
+    cut by rows, or by padded tokens when `min_rows` is given (``token_cuts``: each megabatch, its first
+    whole batches' worth of samples, into as many batches as it holds by rows); then shuffled."""
+    key = (id(lengths), size, seed, epoch, group, min_rows)
     hit = _EPOCHS.get(key)
     if hit is None or hit[0] is not lengths:
         rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, 1]))
         perm = rng.permutation(len(lengths))
         mega = size * group
         parts = [perm[i : i + mega] for i in range(0, len(perm), mega)]
-        ordered = np.concatenate([m[np.argsort(lengths[m], kind="stable")] for m in parts])
-        n_full = len(ordered) // size  # the few left over sit this epoch out
-        batches = ordered[: n_full * size].reshape(n_full, size)
+        batches: Sequence[np.ndarray]
+        if min_rows is None:
+            ordered = np.concatenate([m[np.argsort(lengths[m], kind="stable")] for m in parts])
+            n_full = len(ordered) // size  # the few left over sit this epoch out
+            batches = ordered[: n_full * size].reshape(n_full, size)
+        else:
+            batches = []
+            for part in parts:
+                k = len(part) // size
+                if k == 0:
+                    continue
+                part = part[: k * size]  # the few left over sit this epoch out
+                part = part[np.argsort(lengths[part], kind="stable")]
+                batches.extend(np.split(part, token_cuts(lengths[part], k, min_rows)))
+        order = rng.permutation(len(batches))
         if len(_EPOCHS) >= 8:
             _EPOCHS.pop(next(iter(_EPOCHS)))
-        hit = _EPOCHS[key] = (lengths, batches[rng.permutation(n_full)])
+        shuffled = batches[order] if isinstance(batches, np.ndarray) else [batches[i] for i in order]
+        hit = _EPOCHS[key] = (lengths, shuffled)
     return hit[1]
 
 
@@ -240,33 +257,3 @@ def token_cuts(lengths: np.ndarray, k: int, min_rows: int = 1) -> list[int]:
     for i in range(1, k):
         bounds[i] = max(bounds[i], bounds[i - 1] + min_rows)
     return bounds[1:-1]
-
-
-_TOKEN_EPOCHS: dict[tuple, tuple[np.ndarray, list[np.ndarray]]] = {}
-
-
-def _token_epoch(
-    lengths: np.ndarray, size: int, seed: int, epoch: int, group: int, min_rows: int
-) -> list[np.ndarray]:
-    """One epoch's batches cut by padded tokens: the same permutation and megabatches as by rows, each
-    megabatch (its first whole batches' worth of samples) cut into as many batches as it holds by rows."""
-    key = (id(lengths), size, seed, epoch, group, min_rows)
-    hit = _TOKEN_EPOCHS.get(key)
-    if hit is None or hit[0] is not lengths:
-        rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, 1]))
-        perm = rng.permutation(len(lengths))
-        mega = size * group
-        batches: list[np.ndarray] = []
-        for start in range(0, len(perm), mega):
-            part = perm[start : start + mega]
-            k = len(part) // size
-            if k == 0:
-                continue
-            part = part[: k * size]  # the few left over sit this epoch out
-            part = part[np.argsort(lengths[part], kind="stable")]
-            batches.extend(np.split(part, token_cuts(lengths[part], k, min_rows)))
-        order = rng.permutation(len(batches))
-        if len(_TOKEN_EPOCHS) >= 8:
-            _TOKEN_EPOCHS.pop(next(iter(_TOKEN_EPOCHS)))
-        hit = _TOKEN_EPOCHS[key] = (lengths, [batches[i] for i in order])
-    return hit[1]

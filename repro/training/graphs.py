@@ -54,8 +54,7 @@ class GraphedSteps:
         self.seen: dict[tuple, int] = {}
         self.pool = torch.cuda.graph_pool_handle()
         self.side = torch.cuda.Stream()
-        self.captures = 0  # graphs captured (shapes); eager steps
-        self.eager = 0
+        self.captures = 0  # graphs captured: one per batch shape
 
     @staticmethod
     def _key(batch: Batch) -> tuple:
@@ -78,7 +77,6 @@ class GraphedSteps:
                 self.opt.zero_grad(set_to_none=True)
                 out = self.body(gpu).clone()
             torch.cuda.current_stream().wait_stream(self.side)
-            self.eager += 1
             return out
         self.opt.zero_grad(set_to_none=True)  # backward allocates the gradients inside the graph
         graph = torch.cuda.CUDAGraph()

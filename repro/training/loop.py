@@ -136,9 +136,10 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def _autocast(device: torch.device):
+def _autocast(device: torch.device, cache: bool = True):
+    """bf16 on CUDA; ``cache=False`` for a step a CUDA graph captures (capture forbids the weight cache)."""
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache)
     return torch.autocast("cpu", enabled=False)
 
 
@@ -572,18 +573,21 @@ def fit(
     by_tokens = params.batch_by == "tokens" and lengths is not None
     norm = _fixed_norm(data, params) if by_tokens and objective == "classify" else None
 
-    def graph_body(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The eager step below from the loss to AdamW, for one process (autocast without its weight cache,
-        which capture forbids); the logged mean loss."""
-        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-            loss_sum, count = _loss_sum(model, batch, objective, values)
-        n = count.float().clamp_min(1.0)
-        (loss_sum / (n if norm is None else norm)).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip, foreach=True)
+    def step_body(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One step from the loss to AdamW on this process's rows (gradients zeroed by the caller); the
+        logged global mean loss. The eager loop and every captured CUDA graph run this same code."""
+        with _autocast(device, cache=not graphed):
+            loss_sum, count = _loss_sum(net, batch, objective, values)
+        # one collective per step carries the global loss sum (for the log) and the global count
+        sum_global, n_global = _all_sum(torch.stack([loss_sum.detach().float(), count.float()]), world)
+        n_global = n_global.clamp_min(1.0)
+        # DDP averages gradients over ranks: they become global means (or sums over the fixed norm)
+        (loss_sum * world / (n_global if norm is None else norm)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
         opt.step()
-        return loss_sum.detach().float() / n
+        return sum_global / n_global
 
-    graphs = GraphedSteps(graph_body, opt) if graphed else None
+    graphs = GraphedSteps(step_body, opt) if graphed else None
     done = start
     if result.stop != "early stop":
         for step in bar:
@@ -594,21 +598,8 @@ def fit(
             if graphs is not None:
                 pending.append(graphs.step(full, device))
             else:
-                batch = _to({k: v[rank::world] for k, v in full.items()}, device)
-                with _autocast(device):
-                    loss_sum, count = _loss_sum(net, batch, objective, values)
-                # one collective per step carries the global loss sum (for the log) and the global count
-                sum_global, n_global = _all_sum(
-                    torch.stack([loss_sum.detach().float(), count.float()]), world
-                )
-                n_global = n_global.clamp_min(1.0)
-                # DDP averages gradients over ranks: they become global means (or sums over the fixed norm)
-                loss = loss_sum * world / (n_global if norm is None else norm)
-                pending.append(sum_global / n_global)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
-                opt.step()
+                pending.append(step_body(_to({k: v[rank::world] for k, v in full.items()}, device)))
             sched.step()
             result.tokens += int(full["attention_mask"].sum())  # the global batch's tokens
             result.steps_run += 1
