@@ -17,6 +17,8 @@
   EHRMamba / MultiBird ratios (repro.profiling.bench_paper).
 - `python -m repro.bench graphs`: the training loop's steps captured in CUDA graphs against eager ones,
   same weights and batches: tokens/s, peak memory, how far the loss curves part (repro.profiling.bench_graphs).
+- `python -m repro.bench share --processes 6`: that many training processes on one GPU at once, by turns
+  and through MPS, eager and graphed: aggregate tokens/s against one process alone (repro.profiling.bench_share).
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         from repro.profiling.bench_graphs import main as graphs_main
 
         return graphs_main(argv[1:])
+    if argv and argv[0] == "share":
+        from repro.profiling.bench_share import main as share_main
+
+        return share_main(argv[1:])
     if argv and argv[0] == "paper":
         from repro.profiling.bench_paper import main as paper_main
 
@@ -48,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("data", help="the MEDS data path at scale (see python -m repro.bench data --help)")
     sub.add_parser("step", help="EHRMamba vs bare mamba_ssm train step on one GPU (see ... step --help)")
     sub.add_parser("graphs", help="CUDA-graphed training steps against eager ones (... graphs --help)")
+    sub.add_parser(
+        "share", help="training processes sharing a GPU, by turns and through MPS (... share --help)"
+    )
     sub.add_parser(
         "paper", help="the paper's epoch time and largest batch, EHRMamba vs MultiBird (... paper --help)"
     )

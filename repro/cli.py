@@ -17,8 +17,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from repro.config import ParamsError
     from repro.data.meds import MedsError
     from repro.report.notebook_exec import RunError
+    from repro.training.mps import MpsError
 
-    errors: list[type[BaseException]] = [ParamsError, MedsError, RunError, FileExistsError]
+    errors: list[type[BaseException]] = [ParamsError, MedsError, RunError, MpsError, FileExistsError]
     try:
         from repro.report.pandoc import RenderError
 

@@ -605,6 +605,9 @@ class RunParams:
     probes: ProbeParams = field(default_factory=ProbeParams)
     # notebooks `repro run` may execute at once (see pipeline.STAGES); the timing notebooks always run alone
     notebook_jobs: int = 1
+    # NVIDIA's Multi-Process Service while training processes share a GPU (repro.training.mps): auto uses it
+    # where the daemon runs and says why not otherwise, required stops without it, never shares by turns
+    mps: str = "auto"
     # how each hypothesis combines its comparisons (HypothesisRule); a named rule replaces its default whole,
     # names left out keep their defaults
     hypotheses: dict[str, HypothesisRule] = field(default_factory=default_hypotheses)
@@ -616,6 +619,8 @@ class RunParams:
         self.hypotheses = default_hypotheses() | self.hypotheses
         if self.notebook_jobs < 1:
             raise ParamsError(f"notebook_jobs must be >= 1, got {self.notebook_jobs}")
+        if self.mps not in ("auto", "required", "never"):
+            raise ParamsError(f"mps must be auto, required or never, got {self.mps!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ParamsError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if not self.seeds:

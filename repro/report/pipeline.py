@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -261,6 +262,7 @@ def train_grid(
 ) -> list[str]:
     """`repro train`: slice ``shard`` of the runs notebooks 01, 03 and 05 train, into ``work_dir``, with the
     params and data exactly as `repro run` hands them to the notebooks (so the cached runs are theirs)."""
+    from repro.training import mps
     from repro.training.shard import train_shard
 
     params_path = Path(params_file).resolve()
@@ -270,7 +272,9 @@ def train_grid(
     _check_device(params, params_path)
     lines = _ready_data(params, data_dir)
     work = Path(work_dir).resolve()
-    return lines + train_shard(params, data_dir, work, shard, workers or params.train.workers)
+    workers = workers or params.train.workers
+    with mps.service(params.mps, params.device, workers) as mps_line:
+        return lines + [f"MPS: {mps_line}"] + train_shard(params, data_dir, work, shard, workers)
 
 
 def plan_run(
@@ -337,6 +341,16 @@ def _check_device(params, params_path: Path) -> None:
 
         if not torch.cuda.is_available():
             raise ParamsError(f"{params_path}: device is cuda but no CUDA device is available")
+
+
+def _sharing(params, group: tuple[str, ...]) -> AbstractContextManager[str | None]:
+    """MPS for a group that trains (repro.training.mps); the timing notebooks run without it."""
+    training = set(group) & set(TRAINING_NOTEBOOKS)
+    if not training:
+        return nullcontext(None)
+    from repro.training import mps
+
+    return mps.service(params.mps, params.device, params.train.workers * len(training))
 
 
 def run(
@@ -433,7 +447,10 @@ def run(
         )
         for group in plan(todo, params.notebook_jobs):
             bar.set_postfix_str(" + ".join(group))
-            finished, entry, error = _execute_group(group, root, staging, parameters)
+            with _sharing(params, group) as mps_line:
+                finished, entry, error = _execute_group(group, root, staging, parameters)
+            if mps_line:
+                entry["mps"] = mps_line
             manifest["notebooks"].update(finished)
             if not error:
                 manifest["groups"].append(entry)
