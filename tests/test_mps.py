@@ -150,3 +150,14 @@ def test_repro_run_serves_the_groups_that_train_and_not_the_timing_ones(daemon, 
     assert _calls(daemon) == [f"args:-d pipe:{pipe}", "stdin:quit"]  # stopped before the timing notebook
     groups = json.loads((out / "manifest.json").read_text())["groups"]
     assert [g.get("mps") for g in groups] == ["on", None]
+
+
+def test_doctor_says_how_training_processes_will_share_the_gpu(daemon, monkeypatch, tmp_path):
+    line, ok = mps.describe("auto", "cuda", 6, True)
+    assert ok and line.startswith("6 processes through a private MPS daemon")
+    assert _calls(daemon) == []  # nothing started
+    assert mps.describe("auto", "cpu", 2, False) == ("2 on the CPU (MPS is for GPUs)", True)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    line, ok = mps.describe("auto", "cuda", 6, True)
+    assert ok and line == f"MPS off: no {mps.CONTROL} on PATH; 6 processes take turns on the GPU"
+    assert mps.describe("required", "cuda", 6, True)[1] is False

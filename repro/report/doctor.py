@@ -120,6 +120,13 @@ def main(params_file: str, device: str | None = None) -> int:
     if want == "cuda" and not torch.cuda.is_available():
         print(f"  {'verdict':<{width}} FAIL: the params ask for cuda and no CUDA device is visible")
         return 1
+    from repro.training import mps
+
+    sharing, mps_ok = mps.describe(params.mps, want, params.train.workers, torch.cuda.is_available())
+    print(f"  {'training processes':<{width}} {sharing}")
+    if not mps_ok:
+        print(f"  {'verdict':<{width}} FAIL: mps: required, and MPS cannot run here")
+        return 1
     rows = kernel_paths(params, want)
     for r in rows:
         print(f"  {r['model']:<{width}} {r['kernel_path']}  [{r['status']}]")

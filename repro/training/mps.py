@@ -59,6 +59,27 @@ def wanted(mode: str, device: str, processes: int, cuda: bool) -> str | None:
     return None
 
 
+def describe(mode: str, device: str, processes: int, cuda: bool) -> tuple[str, bool]:
+    """`repro doctor`'s line, without starting anything; False when ``required`` cannot be met."""
+    why = wanted(mode, device, processes, cuda)
+    if why is None and os.environ.get(ENV[0]):
+        return f"the node's own MPS daemon ({ENV[0]}={os.environ[ENV[0]]})", True
+    if why is None:
+        exe = shutil.which(CONTROL)
+        if exe is None:
+            why = f"off: no {CONTROL} on PATH"
+        else:
+            return (
+                f"{processes} processes through a private MPS daemon ({exe}; probed when a run starts)",
+                True,
+            )
+    ok = not (mode == "required" and why.startswith("off"))
+    if why == "off: no CUDA GPU":
+        return f"{processes} on the CPU (MPS is for GPUs)", ok
+    shared = "" if processes < 2 else f"; {processes} processes take turns on the GPU"
+    return f"MPS {why}{shared}", ok
+
+
 @contextmanager
 def service(
     mode: str,
