@@ -60,6 +60,16 @@ def test_hours_come_from_a_measured_run_and_unmeasured_models_are_named(smoke_pl
     assert np.isnan(projected.loc[projected["model"] == "cehr_bert", "GPU-hours (budget)"]).all()
     lines = plan.summary(projected, 4)
     assert "no measured tokens/s for cehr_bert" in lines[-1] and "on 4" in lines[-1]
+    # each process's tokens/s was measured beside five others on one GPU: a GPU-hour holds six processes'
+    assert plan.measured_sharing(tmp_path) == 1  # no manifest
+    manifest = {"environment": {"device": "cuda"}, "params": {"train": {"workers": 6}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert plan.measured_sharing(tmp_path) == 6
+    shared = plan.project(g, tps, {"ehrmamba": "EHRMamba"}, plan.measured_sharing(tmp_path))
+    assert shared["GPU-hours (budget)"].sum() == pytest.approx(projected["GPU-hours (budget)"].sum() / 6)
+    manifest["environment"]["device"] = "cpu"  # CPU processes each had cores of their own
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert plan.measured_sharing(tmp_path) == 1
 
 
 def test_plan_command_names_a_missing_measured_run(tmp_path, capsys):

@@ -294,7 +294,8 @@ def plan_run(
     table = plan.grid(prep)
     if measured:
         try:
-            table = plan.project(table, plan.measured_throughput(measured), dict(MODEL_LABELS))
+            tps = plan.measured_throughput(measured)
+            table = plan.project(table, tps, dict(MODEL_LABELS), plan.measured_sharing(measured))
         except FileNotFoundError as exc:
             raise RunError(f"--measured: {exc}") from None
     return table, plan.summary(table, gpus)

@@ -5,6 +5,11 @@ Tokens come from the tokenized data (each run's samples at the length its model 
 budget in epochs (or fixed steps) the params give, so the tokens are an upper bound: early stopping ends a
 run sooner. Throughput is read from an earlier run's training table (``results/01_accuracy.json``), the
 median tokens/s per model and phase; models it did not train have no projection.
+
+Those tokens/s are each process's own, measured while ``train.workers`` processes shared the GPU, so a
+GPU-hour holds that many processes' tokens: hours are tokens / (tokens/s x processes sharing). Counted
+as if each process had the GPU alone, quick's own training (one H100, 2026-12-06) came to 2,171
+process-seconds, 4.4 times the 493 s its notebooks 00 + 01 took in all.
 """
 
 from __future__ import annotations
@@ -112,17 +117,33 @@ def measured_throughput(run_dir: str | Path) -> dict[tuple[str, str], float]:
     return {k: float(np.median(v)) for k, v in seen.items()}
 
 
+def measured_sharing(run_dir: str | Path) -> int:
+    """Training processes that shared each GPU in an earlier run: its manifest's ``train.workers`` (1 where
+    it has no manifest, or on a CPU, where each process had cores of its own)."""
+    path = Path(run_dir) / "manifest.json"
+    if not path.is_file():
+        return 1
+    manifest = json.loads(path.read_text())
+    if manifest.get("environment", {}).get("device") != "cuda":
+        return 1
+    return max(1, int(manifest.get("params", {}).get("train", {}).get("workers", 1)))
+
+
 def project(
-    plan: pd.DataFrame, throughput: dict[tuple[str, str], float], labels: dict[str, str]
+    plan: pd.DataFrame, throughput: dict[tuple[str, str], float], labels: dict[str, str], sharing: int = 1
 ) -> pd.DataFrame:
-    """The plan with GPU-hours per run from measured tokens/s (keyed by the training table's model label)."""
+    """The plan with GPU-hours per run from measured tokens/s (keyed by the training table's model label),
+    each process's rate measured with ``sharing`` processes on its GPU."""
     out = plan.copy()
     tps = [
         throughput.get((labels.get(m, m), "pretrain" if p == "pretrain" else "finetune"), np.nan)
         for m, p in zip(out["model"], out["phase"], strict=True)
     ]
     out["tokens/s (measured)"] = tps
-    out["GPU-hours (budget)"] = out["tokens (budget, all seeds)"] / np.array(tps, dtype=float) / 3600
+    out["processes sharing (measured)"] = sharing
+    out["GPU-hours (budget)"] = (
+        out["tokens (budget, all seeds)"] / (np.array(tps, dtype=float) * sharing) / 3600
+    )
     return out
 
 
