@@ -320,3 +320,19 @@ def test_cuda_kernel_matches_reference(L, monkeypatch):
     for a, b in zip(grads_k, grads_r, strict=True):
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
     assert math.isfinite(out_k.sum().item())
+
+
+def test_benchmarks_and_runs_size_a_model_alike():
+    """sized_kwargs is the one place a run's (and a benchmark's) model size comes from: under match_params
+    every backbone lands within 10 % of EHRMamba's parameter count; the size block alone (what the graphs
+    bench once built: the transformer at its constructor's d_model 64) does not."""
+    from repro.config import load_params
+    from repro.training.prepare import model_kwargs, sized_kwargs
+
+    params = load_params("params/default.yaml")
+    target = build_model("ehrmamba", 1024, **sized_kwargs(params, "ehrmamba", 1024)).n_params()
+    for name in ("transformer", "cehr_bert", "lstm"):
+        n = build_model(name, 1024, **sized_kwargs(params, name, 1024)).n_params()
+        assert abs(n - target) <= 0.1 * target, (name, n, target)
+    unmatched = build_model("transformer", 1024, **model_kwargs(params, "transformer")).n_params()
+    assert unmatched < 0.5 * target

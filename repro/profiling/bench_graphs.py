@@ -52,13 +52,13 @@ def run(params_file: str, model: str, steps: int, n: int, max_len: int, vocab: i
     from repro.models.registry import build_model
     from repro.training.graphs import graph_safe
     from repro.training.loop import fit
-    from repro.training.prepare import model_kwargs
+    from repro.training.prepare import sized_kwargs
 
     if not torch.cuda.is_available():
         print(f"{PROG}: needs a CUDA GPU", file=sys.stderr)
         return 2
     params = load_params(params_file)
-    kw = model_kwargs(params, model)
+    kw = sized_kwargs(params, model, vocab)  # the size its runs train at (matched to EHRMamba's count)
     items = _histories(n, vocab, max_len, 0)
     labels = (np.random.default_rng(1).random(n) < 0.1).astype(np.float32)
     device = torch.device("cuda")

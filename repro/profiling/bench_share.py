@@ -27,6 +27,7 @@ PROG = "python -m repro.bench share"
 
 def worker(params_file: str, model: str, steps: int, graphs: bool, start_at: float, out: str) -> None:
     """One training process: warm up, wait for ``start_at``, train, write tokens and times to ``out``."""
+    import numpy as np
     import torch
 
     from repro.config import load_params
@@ -34,21 +35,28 @@ def worker(params_file: str, model: str, steps: int, graphs: bool, start_at: flo
     from repro.models.registry import build_model
     from repro.profiling.bench_graphs import _histories
     from repro.training.loop import fit
-    from repro.training.prepare import model_kwargs
+    from repro.training.prepare import sized_kwargs
 
     params = load_params(params_file)
     items = _histories(4000, 1024, params.tokenizer.max_len, 0)  # lengths as the params cut them
     tp = dataclasses.replace(
         params.train.for_model(model), pretrain_steps=None, cuda_graphs=graphs, per_model={}
     )
-    net = build_model(model, 1024, **model_kwargs(params, model))
+    net = build_model(model, 1024, **sized_kwargs(params, model, 1024))
+    # causal backbones pretrain; the others (the BiLSTM has no pretraining) train as they finetune
+    objective = "clm" if net.causal else "classify"
+    labels = (np.random.default_rng(1).random(len(items)) < 0.1).astype(np.float32)
+    data = SequenceDataset(items, labels if objective == "classify" else None)
+    warm = SequenceDataset(items[:256], labels[:256] if objective == "classify" else None)
+    if objective == "classify":
+        net.set_n_outputs(1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # cpu: only to check the code
-    lr = params.train.lr
-    fit(net, SequenceDataset(items[:256]), tp, "clm", 6, lr, 0, device, progress=False)
+    lr = params.train.lr if objective == "clm" else params.train.finetune_lr
+    fit(net, warm, tp, objective, 6, lr, 0, device, progress=False)
     early = start_at - time.time()
     time.sleep(max(0.0, early))
     begin = time.time()
-    res = fit(net, SequenceDataset(items), tp, "clm", steps, lr, 0, device, progress=False)
+    res = fit(net, data, tp, objective, steps, lr, 0, device, progress=False)
     Path(out).write_text(
         json.dumps({"begin": begin, "end": time.time(), "tokens": res.tokens, "early": early})
     )

@@ -407,6 +407,19 @@ def model_kwargs(params: RunParams, name: str) -> dict[str, Any]:
 LENGTH_BOUND = ("cehr_bert", "bigbird", "transformer")
 
 
+def sized_kwargs(params: RunParams, name: str, vocab_size: int) -> dict[str, Any]:
+    """`model_kwargs`, matched to EHRMamba's parameter count when ``params.match_params`` (the comparison
+    presets): the size every run of ``name`` trains at, for the trainer and the benchmarks alike."""
+    from repro.models.registry import build_model, match_params
+
+    kw = model_kwargs(params, name)
+    if params.match_params and name != "ehrmamba":
+        target = build_model("ehrmamba", vocab_size, **model_kwargs(params, "ehrmamba")).n_params()
+        # attention head sizes in multiples of 8 keep the fused attention kernels usable
+        kw = match_params(name, target, vocab_size, step=8 * int(kw.get("n_heads", 1)), **kw)
+    return kw
+
+
 def long_predictions(df: pd.DataFrame, scores: np.ndarray) -> pd.DataFrame:
     """One row per (sample, label column): subject_id, split, target, label, score (+ true_prob)."""
     cols = label_columns(df)

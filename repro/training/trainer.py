@@ -26,9 +26,9 @@ from repro.training.prepare import (
     encode_samples,
     input_len,
     long_predictions,
-    model_kwargs,
     mpf_dataset,
     pretrain_samples,
+    sized_kwargs,
 )
 
 
@@ -97,15 +97,7 @@ class Trainer:
     def build_kwargs(self, name: str) -> dict[str, Any]:
         """The backbone's build arguments; matched to EHRMamba's parameter count when params.match_params."""
         if name not in self._kwargs:
-            from repro.models.registry import build_model, match_params
-
-            kw = model_kwargs(self.prep.params, name)
-            vocab = self.prep.tokenizer.vocab_size
-            if self.prep.params.match_params and name != "ehrmamba":
-                target = build_model("ehrmamba", vocab, **self.build_kwargs("ehrmamba")).n_params()
-                # attention head sizes in multiples of 8 keep the fused attention kernels usable
-                kw = match_params(name, target, vocab, step=8 * int(kw.get("n_heads", 1)), **kw)
-            self._kwargs[name] = kw
+            self._kwargs[name] = sized_kwargs(self.prep.params, name, self.prep.tokenizer.vocab_size)
         return self._kwargs[name]
 
     def build(self, name: str, seed: int):
