@@ -67,6 +67,9 @@ def test_hours_come_from_a_measured_run_and_unmeasured_models_are_named(smoke_pl
     assert plan.measured_sharing(tmp_path) == 6
     shared = plan.project(g, tps, {"ehrmamba": "EHRMamba"}, plan.measured_sharing(tmp_path))
     assert shared["GPU-hours (budget)"].sum() == pytest.approx(projected["GPU-hours (budget)"].sum() / 6)
+    manifest["environment"]["gpus"] = 4  # six processes over four GPUs: two on the busiest
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert plan.measured_sharing(tmp_path) == 2
     manifest["environment"]["device"] = "cpu"  # CPU processes each had cores of their own
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     assert plan.measured_sharing(tmp_path) == 1

@@ -67,13 +67,18 @@ def _round(args: argparse.Namespace, n: int, graphs: bool, folder: Path) -> dict
     start_at = time.time() + args.ready_s
     outs = [folder / f"w{i}-{n}-{int(graphs)}.json" for i in range(n)]
     cmd = [sys.executable, "-m", "repro.profiling.bench_share", "--worker"]
-    procs = [
-        subprocess.Popen(
-            cmd + [args.params, args.model, str(args.steps), str(int(graphs)), str(start_at), str(out)]
-        )
-        for out in outs
-    ]
-    if any(p.wait() for p in procs):
+    procs = []
+    try:
+        for out in outs:
+            argv = [args.params, args.model, str(args.steps), str(int(graphs)), str(start_at), str(out)]
+            procs.append(subprocess.Popen(cmd + argv))
+        codes = [p.wait() for p in procs]
+    finally:  # an interrupt or a failed start leaves no worker on the GPU (nor attached to an MPS daemon)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    if any(codes):
         raise SystemExit(f"{PROG}: a worker failed (its traceback is above)")
     runs = [json.loads(o.read_text()) for o in outs]
     late = [r for r in runs if r["early"] < 0]

@@ -50,6 +50,7 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0,
     }
     try:
         import mamba_ssm

@@ -10,28 +10,45 @@ only how kernels of different processes share the GPU, so it is part of no run's
 
 `repro run` starts a private control daemon (its own pipe directory, so nothing else on the node talks to
 it) for the notebook groups that train, never for the timing notebooks, and stops it when the group ends;
-`repro train` does the same around its shard. A node whose scheduler already runs MPS
-(``CUDA_MPS_PIPE_DIRECTORY`` set) is used as it is. ``mps: auto`` falls back to sharing by turns, saying
-why, when the daemon is missing or a probe process cannot reach the GPU through it; ``required`` stops.
+`repro train` does the same around its shard. A node whose scheduler already runs MPS (a control pipe
+at ``CUDA_MPS_PIPE_DIRECTORY`` or at the default /tmp/nvidia-mps) is used as it is. Before the block a
+probe process makes a CUDA context and asks the daemon for its servers: a client that cannot reach the
+daemon runs without MPS and says nothing, so a server must be listed. ``mps: auto`` falls back to sharing
+by turns, saying why, when the daemon is missing or the probe fails; ``required`` stops instead. On the
+way out the daemon is told to quit within 10 s (forcing off clients an interrupted run left behind) and
+is killed by its pid if it has not.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 CONTROL = "nvidia-cuda-mps-control"
 MODES = ("auto", "required", "never")
 ENV = ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY")
-# a CUDA context made through the daemon: the first client starts the MPS server, so this is where a node
-# that forbids it (or a GPU another user holds in exclusive mode) fails
-PROBE = (sys.executable, "-c", "import torch; torch.ones(1, device='cuda').sum().item()")
+DEFAULT_PIPE = "/tmp/nvidia-mps"  # where clients look when CUDA_MPS_PIPE_DIRECTORY is unset
+NOTHING_TO_SHARE = "off: one training process"
+QUIT_WAIT_S = 20.0  # after `quit -t 10`, how long the daemon has to exit before it is killed
+# The probe client: a CUDA context made with the daemon's variables set (the first client starts the MPS
+# server, so a node that forbids MPS fails here), then, while that context lives, the daemon's server list.
+CUDA_INIT = "import torch; torch.ones(1, device='cuda').sum().item()"
+PROBE = """
+import subprocess, sys
+{init}
+ask = lambda line: subprocess.run([sys.argv[1]], input=line + "\\n", capture_output=True, text=True, timeout=30)
+servers = ask("get_server_list").stdout.split()
+if not servers:
+    sys.exit("the daemon lists no MPS server: the client ran without MPS")
+"""
 
 
 class MpsError(RuntimeError):
@@ -55,15 +72,28 @@ def wanted(mode: str, device: str, processes: int, cuda: bool) -> str | None:
     if device == "cpu" or not cuda:
         return "off: no CUDA GPU"
     if processes < 2:
-        return "off: one training process"
+        return NOTHING_TO_SHARE
     return None
+
+
+def node_daemon() -> str | None:
+    """The pipe directory of an MPS daemon the node already runs (its control pipe exists), or None."""
+    for pipe in (os.environ.get(ENV[0]), DEFAULT_PIPE):
+        if pipe and (Path(pipe) / "control").exists():
+            return pipe
+    return None
+
+
+def _unmet(mode: str, why: str) -> bool:
+    """``required`` asked for MPS and ``why`` says it cannot be had (one process has nothing to share)."""
+    return mode == "required" and why.startswith("off") and why != NOTHING_TO_SHARE
 
 
 def describe(mode: str, device: str, processes: int, cuda: bool) -> tuple[str, bool]:
     """`repro doctor`'s line, without starting anything; False when ``required`` cannot be met."""
     why = wanted(mode, device, processes, cuda)
-    if why is None and os.environ.get(ENV[0]):
-        return f"the node's own MPS daemon ({ENV[0]}={os.environ[ENV[0]]})", True
+    if why is None and (pipe := node_daemon()):
+        return f"{processes} processes through the node's own MPS daemon ({pipe})", True
     if why is None:
         exe = shutil.which(CONTROL)
         if exe is None:
@@ -73,11 +103,10 @@ def describe(mode: str, device: str, processes: int, cuda: bool) -> tuple[str, b
                 f"{processes} processes through a private MPS daemon ({exe}; probed when a run starts)",
                 True,
             )
-    ok = not (mode == "required" and why.startswith("off"))
     if why == "off: no CUDA GPU":
-        return f"{processes} on the CPU (MPS is for GPUs)", ok
+        return f"{processes} on the CPU (MPS is for GPUs)", not _unmet(mode, why)
     shared = "" if processes < 2 else f"; {processes} processes take turns on the GPU"
-    return f"MPS {why}{shared}", ok
+    return f"MPS {why}{shared}", not _unmet(mode, why)
 
 
 @contextmanager
@@ -86,26 +115,27 @@ def service(
     device: str,
     processes: int,
     cuda: bool | None = None,
-    probe: Sequence[str] = PROBE,
+    cuda_init: str = CUDA_INIT,
     timeout_s: float = 120.0,
 ) -> Iterator[str]:
     """Run the block with an MPS daemon serving the processes it starts; yields the manifest's line.
 
     The daemon's variables are set in ``os.environ`` for the block only, so the training processes (and
-    notebook kernels) started inside it become its clients and those started later do not.
+    notebook kernels) started inside it become its clients and those started later do not. ``cuda_init``
+    is the probe's first line (tests replace it: they have no GPU).
     """
     if cuda is None:
         import torch
 
         cuda = torch.cuda.is_available()
     why = wanted(mode, device, processes, cuda)
-    if why is None and os.environ.get(ENV[0]):
-        why = f"on: the node's own daemon ({ENV[0]}={os.environ[ENV[0]]})"
+    if why is None and (pipe := node_daemon()):
+        why = f"on: the node's own daemon ({pipe})"
     exe = shutil.which(CONTROL) if why is None else None
     if why is None and exe is None:
         why = f"off: no {CONTROL} on PATH"
     if why is not None:
-        if mode == "required" and why.startswith("off"):
+        if _unmet(mode, why):
             raise MpsError(f"mps: required, but {why.removeprefix('off: ')}")
         yield why
         return
@@ -113,10 +143,10 @@ def service(
     env = os.environ | {ENV[0]: str(folder / "pipe"), ENV[1]: str(folder / "log")}
     for name in ENV:
         Path(env[name]).mkdir()
-    started = False
+    launched = False  # from `-d` on, whatever happens, the daemon is stopped before its folder goes
     try:
-        failure = _start(exe, env, probe, timeout_s)
-        started = failure is None or failure.startswith("probe")
+        launched = True
+        failure = _start(exe, env, cuda_init, timeout_s)
         if failure is not None:
             if mode == "required":
                 raise MpsError(f"mps: required, but {failure}")
@@ -136,35 +166,63 @@ def service(
                 else:
                     os.environ[name] = value
     finally:
-        if started:
+        if launched:
             _stop(exe, env)
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _start(exe: str, env: dict[str, str], probe: Sequence[str], timeout_s: float) -> str | None:
-    """Start the control daemon and make one client through it; None, or what went wrong."""
-    try:
-        daemon = subprocess.run([exe, "-d"], env=env, capture_output=True, text=True, timeout=30)
+def _start(exe: str, env: dict[str, str], cuda_init: str, timeout_s: float) -> str | None:
+    """Start the control daemon and probe it with one client; None, or what went wrong."""
+    out = Path(env[ENV[1]]) / "start.out"
+    try:  # output to a file: a daemon holding inherited pipes open would block a captured run
+        with out.open("w") as f:
+            rc = subprocess.run(
+                [exe, "-d"], env=env, stdout=f, stderr=subprocess.STDOUT, timeout=30
+            ).returncode
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"{CONTROL} -d failed: {exc}"
-    if daemon.returncode:
-        return f"{CONTROL} -d exited {daemon.returncode}: {_tail(daemon.stderr or daemon.stdout)}"
+    if rc:
+        return f"{CONTROL} -d exited {rc}: {_tail(out.read_text())}"
+    probe = [sys.executable, "-c", PROBE.format(init=cuda_init), exe]
     try:
-        client = subprocess.run(list(probe), env=env, capture_output=True, text=True, timeout=timeout_s)
+        client = subprocess.run(probe, env=env, capture_output=True, text=True, timeout=timeout_s)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"probe client failed: {exc}"
     if client.returncode:
-        log = Path(env[ENV[1]]) / "control.log"
-        seen = _tail(log.read_text()) if log.exists() else ""
+        logs = Path(env[ENV[1]])
+        seen = " ".join(
+            _tail(f.read_text()) for f in (logs / "control.log", logs / "server.log") if f.exists()
+        )
         return f"probe client exited {client.returncode}: {_tail(client.stderr)} {seen}".strip()
     return None
 
 
 def _stop(exe: str, env: dict[str, str]) -> None:
+    """Quit the daemon (servers forced off after 10 s); kill it by its pid if it is still there."""
+    pid_file = Path(env[ENV[0]]) / "nvidia-cuda-mps-control.pid"
+    pid = int(pid_file.read_text().strip()) if pid_file.exists() else None
     try:
-        subprocess.run([exe], input="quit\n", env=env, capture_output=True, text=True, timeout=30)
+        subprocess.run([exe], input="quit -t 10\n", env=env, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        print(f"repro: could not stop the MPS daemon: {exc}", file=sys.stderr)
+        print(f"repro: the MPS daemon did not take quit: {exc}", file=sys.stderr)
+    if pid is None:
+        return
+    deadline = time.monotonic() + QUIT_WAIT_S
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.2)
+    if _alive(pid):
+        print(f"repro: the MPS daemon (pid {pid}) outlived quit; killing it", file=sys.stderr)
+        os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process took the pid
+        return False
+    return True
 
 
 def _tail(text: str, n: int = 300) -> str:

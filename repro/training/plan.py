@@ -118,15 +118,19 @@ def measured_throughput(run_dir: str | Path) -> dict[tuple[str, str], float]:
 
 
 def measured_sharing(run_dir: str | Path) -> int:
-    """Training processes that shared each GPU in an earlier run: its manifest's ``train.workers`` (1 where
-    it has no manifest, or on a CPU, where each process had cores of its own)."""
+    """Training processes that shared each GPU in an earlier run: its manifest's ``train.workers`` over the
+    GPUs it saw, rounded up (1 where it has no manifest, or on a CPU, where each process had cores of its
+    own)."""
     path = Path(run_dir) / "manifest.json"
     if not path.is_file():
         return 1
     manifest = json.loads(path.read_text())
-    if manifest.get("environment", {}).get("device") != "cuda":
+    env = manifest.get("environment", {})
+    if env.get("device") != "cuda":
         return 1
-    return max(1, int(manifest.get("params", {}).get("train", {}).get("workers", 1)))
+    workers = max(1, int(manifest.get("params", {}).get("train", {}).get("workers", 1)))
+    gpus = max(1, int(env.get("gpus", 1)))  # manifests before 2026-12-06 did not count them: one
+    return -(-workers // gpus)
 
 
 def project(
