@@ -100,6 +100,7 @@ def test_a_daemon_that_will_not_quit_is_killed(daemon, monkeypatch, capsys):
     with mps.service("auto", "cuda", 6, cuda=True, cuda_init=OK_INIT):
         pid = int((Path(os.environ["CUDA_MPS_PIPE_DIRECTORY"]) / "nvidia-cuda-mps-control.pid").read_text())
     assert not _alive(pid) and "outlived quit; killing it" in capsys.readouterr().err
+    assert _calls(daemon)[-2:] == ["stdin:quit -t 10", "stdin:quit"]  # a plain quit before the kill
 
 
 def test_a_probe_that_fails_stops_the_daemon_and_auto_trains_without_it(daemon, capsys):
@@ -215,3 +216,23 @@ def test_doctor_says_how_training_processes_will_share_the_gpu(daemon, monkeypat
     line, ok = mps.describe("auto", "cuda", 6, True)
     assert ok and line == f"MPS off: no {mps.CONTROL} on PATH; 6 processes take turns on the GPU"
     assert mps.describe("required", "cuda", 6, True)[1] is False
+
+
+@pytest.mark.gpu
+def test_a_real_mps_daemon_serves_training_processes_and_goes_away():
+    """On a GPU node with NVIDIA's daemon: `required` starts it (its probe saw a server), two CUDA processes
+    run through it while a server is listed, and after the block the daemon has exited."""
+    import shutil
+
+    if shutil.which(mps.CONTROL) is None or mps.node_daemon():
+        pytest.skip(f"needs {mps.CONTROL} on PATH and no MPS daemon of the node's own")
+    with mps.service("required", "cuda", 2) as line:
+        assert line == "on"
+        pipe = Path(os.environ["CUDA_MPS_PIPE_DIRECTORY"])
+        pid = int((pipe / "nvidia-cuda-mps-control.pid").read_text())
+        code = "import torch; x = torch.randn(256, 256, device='cuda'); print(float((x @ x).sum()))"
+        procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(2)]
+        assert [p.wait(timeout=120) for p in procs] == [0, 0]
+        listed = subprocess.run([mps.CONTROL], input="get_server_list\n", capture_output=True, text=True)
+        assert listed.stdout.split(), listed
+    assert not mps._alive(pid) and not pipe.exists()

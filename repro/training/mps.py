@@ -198,21 +198,24 @@ def _start(exe: str, env: dict[str, str], cuda_init: str, timeout_s: float) -> s
 
 
 def _stop(exe: str, env: dict[str, str]) -> None:
-    """Quit the daemon (servers forced off after 10 s); kill it by its pid if it is still there."""
+    """Quit the daemon, its servers forced off after 10 s (a plain quit if a daemon does not know ``-t``);
+    kill it by its pid if it is still there."""
     pid_file = Path(env[ENV[0]]) / "nvidia-cuda-mps-control.pid"
     pid = int(pid_file.read_text().strip()) if pid_file.exists() else None
-    try:
-        subprocess.run([exe], input="quit -t 10\n", env=env, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        print(f"repro: the MPS daemon did not take quit: {exc}", file=sys.stderr)
-    if pid is None:
-        return
-    deadline = time.monotonic() + QUIT_WAIT_S
-    while time.monotonic() < deadline and _alive(pid):
-        time.sleep(0.2)
-    if _alive(pid):
-        print(f"repro: the MPS daemon (pid {pid}) outlived quit; killing it", file=sys.stderr)
-        os.kill(pid, signal.SIGKILL)
+    for command in ("quit -t 10", "quit"):
+        try:
+            subprocess.run([exe], input=command + "\n", env=env, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            print(f"repro: the MPS daemon did not take {command!r}: {exc}", file=sys.stderr)
+        if pid is None:
+            return
+        deadline = time.monotonic() + QUIT_WAIT_S / 2
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.2)
+        if not _alive(pid):
+            return
+    print(f"repro: the MPS daemon (pid {pid}) outlived quit; killing it", file=sys.stderr)
+    os.kill(pid, signal.SIGKILL)
 
 
 def _alive(pid: int) -> bool:
