@@ -70,6 +70,15 @@ def test_hours_come_from_a_measured_run_and_unmeasured_models_are_named(smoke_pl
     manifest["environment"]["gpus"] = 4  # six processes over four GPUs: two on the busiest
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     assert plan.measured_sharing(tmp_path) == 2
+    # runs that stopped early there: the expected hours scale each budget by its measured share
+    rows[0]["steps"], rows[1]["steps"], rows[2]["steps"] = "2000 / 2000", "1,000 / 2,000", "250 / 1000"
+    (tmp_path / "results" / "01_accuracy.json").write_text(json.dumps({"training": rows}))
+    share = plan.measured_fraction(tmp_path)
+    assert share == {("EHRMamba", "pretrain"): 0.75, ("EHRMamba", "finetune"): 0.25}
+    expected = plan.project(g, tps, {"ehrmamba": "EHRMamba"}, 6, share)
+    row = expected[(expected["model"] == "ehrmamba") & (expected["phase"] == "finetune")].iloc[0]
+    assert row["GPU-hours (expected)"] == pytest.approx(row["GPU-hours (budget)"] / 4)
+    assert "expected if runs stop as early as in the measured run" in plan.summary(expected, 1)[-1]
     manifest["environment"]["device"] = "cpu"  # CPU processes each had cores of their own
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     assert plan.measured_sharing(tmp_path) == 1

@@ -294,8 +294,8 @@ def plan_run(
     table = plan.grid(prep)
     if measured:
         try:
-            tps = plan.measured_throughput(measured)
-            table = plan.project(table, tps, dict(MODEL_LABELS), plan.measured_sharing(measured))
+            tps, share = plan.measured_throughput(measured), plan.measured_fraction(measured)
+            table = plan.project(table, tps, dict(MODEL_LABELS), plan.measured_sharing(measured), share)
         except FileNotFoundError as exc:
             raise RunError(f"--measured: {exc}") from None
     return table, plan.summary(table, gpus)

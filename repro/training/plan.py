@@ -102,18 +102,35 @@ def grid(prep: Prepared) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def measured_throughput(run_dir: str | Path) -> dict[tuple[str, str], float]:
-    """Median tokens/s per (model, phase: pretrain / finetune) in an earlier run's training table."""
+def _training_rows(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "results" / "01_accuracy.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no training table there (run notebook 01 first)")
-    rows = json.loads(path.read_text()).get("training", [])
+    return json.loads(path.read_text()).get("training", [])
+
+
+def _phase(row: dict) -> str:
+    return "pretrain" if str(row.get("phase", "")).startswith("pretrain") else "finetune"
+
+
+def measured_throughput(run_dir: str | Path) -> dict[tuple[str, str], float]:
+    """Median tokens/s per (model, phase: pretrain / finetune) in an earlier run's training table."""
     seen: dict[tuple[str, str], list[float]] = {}
-    for r in rows:
+    for r in _training_rows(run_dir):
         tps = str(r.get("tokens/s", "-")).replace(",", "")
         if tps.replace(".", "", 1).isdigit() and float(tps) > 0:
-            phase = "pretrain" if str(r.get("phase", "")).startswith("pretrain") else "finetune"
-            seen.setdefault((str(r["model"]), phase), []).append(float(tps))
+            seen.setdefault((str(r["model"]), _phase(r)), []).append(float(tps))
+    return {k: float(np.median(v)) for k, v in seen.items()}
+
+
+def measured_fraction(run_dir: str | Path) -> dict[tuple[str, str], float]:
+    """Median share of its budget's steps a run took before it stopped, per (model, phase), in an earlier
+    run's training table ("2250 / 4000" reads 0.5625): early stopping's rate there."""
+    seen: dict[tuple[str, str], list[float]] = {}
+    for r in _training_rows(run_dir):
+        ran, _, budget = str(r.get("steps", "")).replace(",", "").partition(" / ")
+        if ran.isdigit() and budget.isdigit() and int(budget) > 0:
+            seen.setdefault((str(r["model"]), _phase(r)), []).append(int(ran) / int(budget))
     return {k: float(np.median(v)) for k, v in seen.items()}
 
 
@@ -134,20 +151,30 @@ def measured_sharing(run_dir: str | Path) -> int:
 
 
 def project(
-    plan: pd.DataFrame, throughput: dict[tuple[str, str], float], labels: dict[str, str], sharing: int = 1
+    plan: pd.DataFrame,
+    throughput: dict[tuple[str, str], float],
+    labels: dict[str, str],
+    sharing: int = 1,
+    fraction: dict[tuple[str, str], float] | None = None,
 ) -> pd.DataFrame:
     """The plan with GPU-hours per run from measured tokens/s (keyed by the training table's model label),
-    each process's rate measured with ``sharing`` processes on its GPU."""
+    each process's rate measured with ``sharing`` processes on its GPU; with ``fraction`` (the measured
+    run's share of its budgets' steps per model and phase, 1 where it has none) also the hours expected
+    if runs stop as early as they did there."""
     out = plan.copy()
-    tps = [
-        throughput.get((labels.get(m, m), "pretrain" if p == "pretrain" else "finetune"), np.nan)
+    keys = [
+        (labels.get(m, m), "pretrain" if p == "pretrain" else "finetune")
         for m, p in zip(out["model"], out["phase"], strict=True)
     ]
+    tps = [throughput.get(k, np.nan) for k in keys]
     out["tokens/s (measured)"] = tps
     out["processes sharing (measured)"] = sharing
     out["GPU-hours (budget)"] = (
         out["tokens (budget, all seeds)"] / (np.array(tps, dtype=float) * sharing) / 3600
     )
+    if fraction is not None:
+        out["share of budget (measured)"] = [round(fraction.get(k, 1.0), 3) for k in keys]
+        out["GPU-hours (expected)"] = out["GPU-hours (budget)"] * out["share of budget (measured)"]
     return out
 
 
@@ -165,5 +192,11 @@ def summary(plan: pd.DataFrame, gpus: int) -> list[str]:
             f"plan: {hours:.2f} GPU-hours projected ({len(known)} of {len(plan)} runs"
             + (f"; no measured tokens/s for {', '.join(missing)}" if missing else "")
             + f"): {hours:.2f} h on 1 GPU, at least {hours / max(gpus, 1):.2f} h on {gpus}"
+        )
+    if "GPU-hours (expected)" in plan:
+        expected = float(plan["GPU-hours (expected)"].sum())
+        lines.append(
+            f"plan: {expected:.2f} GPU-hours expected if runs stop as early as in the measured run "
+            f"({expected / max(gpus, 1):.2f} h on {gpus} GPU{'s' if gpus > 1 else ''} at best)"
         )
     return lines
