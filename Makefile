@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PARAMS ?= params/smoke.yaml
 BIN := $(VENV)/bin
 
-.PHONY: install etl-venv report test unit slow e2e lint lab kernels clean
+.PHONY: install etl-venv report test unit slow e2e lint lab kernels gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,16 @@ lab: install
 # causal-conv1d built for this GPU's architecture only, the wheels kept for the next node (repro.kernels).
 kernels:
 	python -m repro.kernels build
+
+# On a GPU node, after `make kernels`: the GPU tests, then the benchmarks behind the GPU settings of the
+# params files (train.cuda_graphs, mps); their numbers also land in outputs/gpu-check/*.json.
+gpu-check:
+	mkdir -p outputs/gpu-check
+	python -m pytest -q -m gpu
+	python -m repro.bench graphs --out outputs/gpu-check/graphs-ehrmamba.json
+	python -m repro.bench graphs --model transformer --out outputs/gpu-check/graphs-transformer.json
+	python -m repro.bench share --out outputs/gpu-check/share-ehrmamba.json
+	python -m repro.bench share --model lstm --out outputs/gpu-check/share-lstm.json
 
 unit: install
 	$(BIN)/python -m pytest -q

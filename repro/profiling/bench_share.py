@@ -100,12 +100,24 @@ def run(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print(f"{PROG}: needs a CUDA GPU", file=sys.stderr)
         return 2
+    from repro.config import load_params
+    from repro.models.registry import build_model
+    from repro.training.graphs import graph_safe
+    from repro.training.prepare import sized_kwargs
+
+    params = load_params(args.params)
+    # a backbone whose step is not capturable trains eagerly either way: its graphed rounds would repeat
+    steps = (
+        (False, True)
+        if graph_safe(build_model(args.model, 1024, **sized_kwargs(params, args.model, 1024)))
+        else (False,)
+    )
     rows = []
     with tempfile.TemporaryDirectory(prefix="repro-share-") as tmp:
         folder = Path(tmp)
-        plan = [("alone", 1, False, False), ("alone", 1, True, False)]
-        plan += [("by turns", args.processes, g, False) for g in (False, True)]
-        plan += [("MPS", args.processes, g, True) for g in (False, True)]
+        plan = [("alone", 1, g, False) for g in steps]
+        plan += [("by turns", args.processes, g, False) for g in steps]
+        plan += [("MPS", args.processes, g, True) for g in steps]
         for sharing, n, graphs, through_mps in plan:
             if through_mps:
                 with mps.service("required", "cuda", n) as line:
