@@ -304,6 +304,16 @@ def test_notebooks_of_a_group_run_at_the_same_time(tmp_path, monkeypatch):
     assert table["wall time"].iloc[-1] == f"{manifest['groups'][0]['seconds']:,.0f} s"  # counted once
     one_by_one = {"notebooks": manifest["notebooks"], "groups": [{"notebooks": ["a"], "seconds": 2.0}]}
     assert "ran alongside" not in summary.timing_table(one_by_one)  # nothing ran together: no column
+    assert "training processes" not in table  # a CPU run: no GPU to share
+    shared = {
+        "notebooks": {"a": {"seconds": 5.0}, "b": {"seconds": 3.0}, "c": {"seconds": 1.0}},
+        "groups": [
+            {"notebooks": ["a"], "seconds": 5.0, "mps": "on"},
+            {"notebooks": ["b"], "seconds": 3.0, "mps": "off: no nvidia-cuda-mps-control on PATH"},
+            {"notebooks": ["c"], "seconds": 1.0},
+        ],
+    }
+    assert list(summary.timing_table(shared)["training processes"]) == ["MPS", "by turns", "", ""]
     lone = json.loads(
         (pipeline.run(str(params), render=False, notebooks=("a",), force=True) / "manifest.json").read_text()
     )

@@ -202,6 +202,13 @@ def timing_table(manifest: dict) -> pd.DataFrame:
     notebooks = manifest.get("notebooks", {})
     groups = manifest.get("groups") or [{"notebooks": [nb], **info} for nb, info in notebooks.items()]
     alongside = {nb: [o for o in g["notebooks"] if o != nb] for g in groups for nb in g["notebooks"]}
+    # how a training group's processes shared the GPU (repro.training.mps); a CPU run shares none
+    sharing = {
+        nb: "MPS" if g["mps"].startswith("on") else "by turns"
+        for g in groups
+        if "no CUDA GPU" not in g.get("mps", "no CUDA GPU")
+        for nb in g["notebooks"]
+    }
     rows = []
     for nb, info in notebooks.items():
         busy = info.get("gpu_busy_share")
@@ -213,6 +220,7 @@ def timing_table(manifest: dict) -> pd.DataFrame:
                 "wall time": f"{info['seconds']:,.0f} s",
                 "GPU busy": "—" if busy is None else f"{100 * busy:.0f} %",
                 "GPU memory peak": "—" if peak is None else f"{peak / 1024:.1f} GiB",
+                "training processes": sharing.get(nb, ""),
             }
         )
     total = sum(g["seconds"] for g in groups)
@@ -224,7 +232,13 @@ def timing_table(manifest: dict) -> pd.DataFrame:
             "wall time": f"{total:,.0f} s",
             "GPU busy": f"{100 * sum(busy_s) / total:.0f} %" if busy_s and total else "—",
             "GPU memory peak": "",
+            "training processes": "",
         }
     )
     table = pd.DataFrame(rows)
-    return table if any(alongside.values()) else table.drop(columns="ran alongside")
+    unused = [
+        c
+        for c, used in (("ran alongside", any(alongside.values())), ("training processes", sharing))
+        if not used
+    ]
+    return table.drop(columns=unused)
