@@ -3,9 +3,9 @@
 `python -m repro.bench graphs` trains the same backbone from the same weights twice with
 ``repro.training.loop.fit`` (batches of the params' size grouped by length, bf16, AdamW, clipping), once
 eagerly and once with ``train.cuda_graphs`` (``repro.training.graphs``), for next-token pretraining and for
-finetuning, on histories whose lengths follow a long-tailed draw like the default cohort's (mean about
-330 tokens, at most ``--max-len``). It prints tokens/s, peak memory and graphs captured for each, the ratio
-graphed / eager, and how far apart the two loss curves are (the same steps in bf16 differ by rounding: a
+finetuning, on histories with a pattern to learn (``_histories``) whose lengths follow a long-tailed draw
+like the default cohort's (mean about 330 tokens, at most ``--max-len``). It prints tokens/s, peak memory
+and graphs captured for each, the ratio graphed / eager, and how far apart the two loss curves are (the same steps in bf16 differ by rounding: a
 broken capture shows as a curve that departs). Whether `train.cuda_graphs` becomes a default rests on it.
 """
 
@@ -23,14 +23,26 @@ import torch
 PROG = "python -m repro.bench graphs"
 
 
-def _histories(n: int, vocab: int, max_len: int, seed: int) -> list:
+def _histories(n: int, vocab: int, max_len: int, seed: int) -> tuple[list, np.ndarray]:
+    """``n`` histories with something to learn, and a label each.
+
+    Each history draws its codes from one of 128 topics of 8 codes (one code in ten at random), so
+    next-token loss falls from ln(vocab) towards ln(8) once a model reads the topic off the context, and
+    the label (one of the first 13 topics, about one history in ten) can be learned too: loss curves that
+    move make "eager and graphed agree" mean something. Lengths follow a long-tailed draw like the default
+    cohort's (mean about 330 tokens, at most ``max_len``).
+    """
     from repro.data.tokenizer import Encoded
 
     rng = np.random.default_rng(seed)
     lengths = np.clip(rng.lognormal(5.5, 0.8, n).astype(int), 16, max_len)
+    codes = rng.integers(16, vocab, (128, 8))
+    topics = rng.integers(0, 128, n)
     items = []
-    for L in lengths:
-        ids = rng.integers(16, vocab, L)
+    for L, topic in zip(lengths, topics, strict=True):
+        ids = rng.choice(codes[topic], L)
+        noise = rng.random(L) < 0.1
+        ids[noise] = rng.integers(16, vocab, int(noise.sum()))
         ids[0] = 2  # [CLS]
         t = np.sort(rng.uniform(2600, 2700, L)).astype(np.float32)
         items.append(
@@ -43,7 +55,7 @@ def _histories(n: int, vocab: int, max_len: int, seed: int) -> list:
                 np.minimum(np.arange(L) // 40, 30).astype(np.int64),
             )
         )
-    return items
+    return items, (topics < 13).astype(np.float32)
 
 
 def run(params_file: str, model: str, steps: int, n: int, max_len: int, vocab: int, out: str | None) -> int:
@@ -59,8 +71,7 @@ def run(params_file: str, model: str, steps: int, n: int, max_len: int, vocab: i
         return 2
     params = load_params(params_file)
     kw = sized_kwargs(params, model, vocab)  # the size its runs train at (matched to EHRMamba's count)
-    items = _histories(n, vocab, max_len, 0)
-    labels = (np.random.default_rng(1).random(n) < 0.1).astype(np.float32)
+    items, labels = _histories(n, vocab, max_len, 0)
     device = torch.device("cuda")
     rows, curves, weights = [], {}, {}
     warm = build_model(model, vocab, **kw)  # CUDA's lazy start-up and first kernel loads, outside the timings

@@ -27,7 +27,6 @@ PROG = "python -m repro.bench share"
 
 def worker(params_file: str, model: str, steps: int, graphs: bool, start_at: float, out: str) -> None:
     """One training process: warm up, wait for ``start_at``, train, write tokens and times to ``out``."""
-    import numpy as np
     import torch
 
     from repro.config import load_params
@@ -38,14 +37,13 @@ def worker(params_file: str, model: str, steps: int, graphs: bool, start_at: flo
     from repro.training.prepare import sized_kwargs
 
     params = load_params(params_file)
-    items = _histories(4000, 1024, params.tokenizer.max_len, 0)  # lengths as the params cut them
+    items, labels = _histories(4000, 1024, params.tokenizer.max_len, 0)  # lengths as the params cut them
     tp = dataclasses.replace(
         params.train.for_model(model), pretrain_steps=None, cuda_graphs=graphs, per_model={}
     )
     net = build_model(model, 1024, **sized_kwargs(params, model, 1024))
     # causal backbones pretrain; the others (the BiLSTM has no pretraining) train as they finetune
     objective = "clm" if net.causal else "classify"
-    labels = (np.random.default_rng(1).random(len(items)) < 0.1).astype(np.float32)
     data = SequenceDataset(items, labels if objective == "classify" else None)
     warm = SequenceDataset(items[:256], labels[:256] if objective == "classify" else None)
     if objective == "classify":
