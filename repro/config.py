@@ -207,7 +207,7 @@ class TrainParams:
     # step's size no longer swings with the lengths it drew (batch_size rows on average; needs grouping)
     batch_by: str = "rows"
     # CUDA graphs for the training step of backbones that declare it capturable (repro.training.graphs);
-    # off until `python -m repro.bench graphs` has measured it on the GPU
+    # on in params/default.yaml and quick.yaml, where `python -m repro.bench graphs` measured it
     cuda_graphs: bool = False
     # settings of one model that differ from the above, e.g. {ehrmamba: {lr: 0.002}} (keys: PER_MODEL_KEYS)
     per_model: dict[str, dict[str, float]] = field(default_factory=dict)

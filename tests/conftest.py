@@ -1,4 +1,5 @@
-"""Shared fixtures: a hand-built MEDS timeline whose tokens can be written down by hand."""
+"""Shared fixtures: a hand-built MEDS timeline whose tokens can be written down by hand, and a tiny
+project of notebooks for `repro run`."""
 
 from __future__ import annotations
 
@@ -115,3 +116,21 @@ def meds_dir(tmp_path):
     root = tmp_path / "meds"
     write_meds(root, hand_events(), HAND_SPLITS)
     return root
+
+
+def tiny_run_project(root: Path, monkeypatch, notebooks: dict[str, str], params_yaml: str) -> Path:
+    """A project `repro run` executes in seconds: each notebook a parameters cell then ``body``, the report
+    files empty, ``params_yaml`` as tiny.yaml; the pipeline pointed at it, with no cohort to check."""
+    from repro.report import pipeline
+
+    (root / "notebooks").mkdir(parents=True)
+    head = '# %% tags=["parameters"]\nparams_file = ""\nrun_dir = ""\ndata_dir = ""\n'
+    for name, body in notebooks.items():
+        (root / "notebooks" / f"{name}.py").write_text(head + "# %%\n" + body)
+    for f in pipeline.REPORT_FILES:
+        (root / f).write_text("")
+    params = root / "tiny.yaml"
+    params.write_text(params_yaml)
+    monkeypatch.setattr(pipeline, "project_root", lambda: root)
+    monkeypatch.setattr(pipeline, "_check_cohort", lambda params, data_dir: [])
+    return params

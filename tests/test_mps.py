@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import tiny_run_project
 
 from repro.training import mps
 
@@ -180,19 +181,16 @@ def test_required_on_a_node_without_a_gpu_stops(daemon):
 def test_repro_run_serves_the_groups_that_train_and_not_the_timing_ones(daemon, tmp_path, monkeypatch):
     from repro.report import pipeline
 
-    (tmp_path / "notebooks").mkdir()
-    head = '# %% tags=["parameters"]\nparams_file = ""\nrun_dir = ""\ndata_dir = ""\n'
-    for nb in ("train", "time"):
-        (tmp_path / "notebooks" / f"{nb}.py").write_text(
-            head + "# %%\nimport os, pathlib\n"
+    params = tiny_run_project(
+        tmp_path,
+        monkeypatch,
+        {
+            nb: "import os, pathlib\n"
             f"pathlib.Path({str(tmp_path / nb)!r}).write_text(os.environ.get('CUDA_MPS_PIPE_DIRECTORY', 'none'))\n"
-        )
-    for f in pipeline.REPORT_FILES:
-        (tmp_path / f).write_text("")
-    params = tmp_path / "tiny.yaml"
-    params.write_text(f"name: tiny\ndevice: auto\ntrain:\n  workers: 3\ndata:\n  meds_dir: {tmp_path}\n")
-    monkeypatch.setattr(pipeline, "project_root", lambda: tmp_path)
-    monkeypatch.setattr(pipeline, "_check_cohort", lambda params, data_dir: [])
+            for nb in ("train", "time")
+        },
+        f"name: tiny\ndevice: auto\ntrain:\n  workers: 3\ndata:\n  meds_dir: {tmp_path}\n",
+    )
     monkeypatch.setattr(pipeline, "_manifest_plan", lambda params_file, data_dir: {"summary": []})
     monkeypatch.setattr(pipeline, "STAGES", (("train",), ("time",)))
     monkeypatch.setattr(pipeline, "TRAINING_NOTEBOOKS", ("train",))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import jupytext
 import pytest
-from conftest import HAND_SPLITS, hand_events, write_meds
+from conftest import HAND_SPLITS, hand_events, tiny_run_project, write_meds
 
 from repro.cli import main
 from repro.report.pipeline import NOTEBOOKS
@@ -194,32 +194,23 @@ def test_dry_run_checks_everything_and_writes_nothing(capsys):
     assert listing() == before
 
 
-def _tiny_project(root, fail_flag, counter):
-    (root / "notebooks").mkdir(parents=True)
-    head = 'params_file = ""\nrun_dir = ""\ndata_dir = ""\n'
-    cell = '# %% tags=["parameters"]\n' + head
-    (root / "notebooks" / "a.py").write_text(
-        cell + f"# %%\nwith open({str(counter)!r}, 'a') as f:\n    f.write('a')\n"
+def _tiny_project(root, monkeypatch, fail_flag, counter):
+    return tiny_run_project(
+        root,
+        monkeypatch,
+        {
+            "a": f"with open({str(counter)!r}, 'a') as f:\n    f.write('a')\n",
+            "b": f"import os\nassert not os.path.exists({str(fail_flag)!r}), 'planted failure'\n",
+        },
+        f"name: tiny\ndevice: cpu\ndata:\n  synthetic: true\n  meds_dir: {root / 'no-data'}\n",
     )
-    (root / "notebooks" / "b.py").write_text(
-        cell + f"# %%\nimport os\nassert not os.path.exists({str(fail_flag)!r}), 'planted failure'\n"
-    )
-    from repro.report.pipeline import REPORT_FILES
-
-    for f in REPORT_FILES:
-        (root / f).write_text("")
-    params = root / "tiny.yaml"
-    params.write_text(f"name: tiny\ndevice: cpu\ndata:\n  synthetic: true\n  meds_dir: {root / 'no-data'}\n")
-    return params
 
 
 def test_resume_reruns_only_the_notebook_that_failed(tmp_path, monkeypatch):
     from repro.report import notebook_exec, pipeline
 
     fail_flag, counter = tmp_path / "fail", tmp_path / "count.txt"
-    params = _tiny_project(tmp_path, fail_flag, counter)
-    monkeypatch.setattr(pipeline, "project_root", lambda: tmp_path)
-    monkeypatch.setattr(pipeline, "_check_cohort", lambda params, data_dir: [])  # no data in this project
+    params = _tiny_project(tmp_path, monkeypatch, fail_flag, counter)  # no data in this project
     fail_flag.write_text("x")
     with pytest.raises(
         notebook_exec.RunError, match=r"notebook b failed in cell 3 \(AssertionError: planted failure\)"
@@ -241,9 +232,7 @@ def test_a_render_that_fails_after_the_notebooks_keeps_the_finished_run(tmp_path
     from repro.report import notebook_exec, pipeline, render
     from repro.report.pandoc import RenderError
 
-    params = _tiny_project(tmp_path, tmp_path / "never", tmp_path / "count.txt")
-    monkeypatch.setattr(pipeline, "project_root", lambda: tmp_path)
-    monkeypatch.setattr(pipeline, "_check_cohort", lambda params, data_dir: [])
+    params = _tiny_project(tmp_path, monkeypatch, tmp_path / "never", tmp_path / "count.txt")
 
     def no_pandoc(qmd, out_dir, engine="auto"):
         raise RenderError(f"the offline renderer needs pandoc, rendering {qmd}")
@@ -279,22 +268,19 @@ def test_notebooks_of_a_group_run_at_the_same_time(tmp_path, monkeypatch):
     from repro.evaluation import summary
     from repro.report import notebook_exec, pipeline
 
-    (tmp_path / "notebooks").mkdir()
-    head = '# %% tags=["parameters"]\nparams_file = ""\nrun_dir = ""\ndata_dir = ""\n'
-    for me, other in (("a", "b"), ("b", "a")):  # each waits for the other to start: deadlock if serial
-        (tmp_path / "notebooks" / f"{me}.py").write_text(
-            head + "# %%\nimport pathlib, time\n"
-            f"pathlib.Path({str(tmp_path / me)!r}).touch()\n"
-            f"t = time.time()\nwhile not pathlib.Path({str(tmp_path / other)!r}).exists():\n"
-            "    assert time.time() - t < 60, 'the other notebook never started'\n    time.sleep(0.1)\n"
-        )
-    (tmp_path / "notebooks" / "c.py").write_text(head + "# %%\nassert False, 'planted failure'\n")
-    for f in pipeline.REPORT_FILES:
-        (tmp_path / f).write_text("")
-    params = tmp_path / "tiny.yaml"
-    params.write_text(f"name: tiny\ndevice: cpu\nnotebook_jobs: 2\ndata:\n  meds_dir: {tmp_path}\n")
-    monkeypatch.setattr(pipeline, "project_root", lambda: tmp_path)
-    monkeypatch.setattr(pipeline, "_check_cohort", lambda params, data_dir: [])
+    waits = {  # each waits for the other to start: deadlock if serial
+        me: "import pathlib, time\n"
+        f"pathlib.Path({str(tmp_path / me)!r}).touch()\n"
+        f"t = time.time()\nwhile not pathlib.Path({str(tmp_path / other)!r}).exists():\n"
+        "    assert time.time() - t < 60, 'the other notebook never started'\n    time.sleep(0.1)\n"
+        for me, other in (("a", "b"), ("b", "a"))
+    }
+    params = tiny_run_project(
+        tmp_path,
+        monkeypatch,
+        waits | {"c": "assert False, 'planted failure'\n"},
+        f"name: tiny\ndevice: cpu\nnotebook_jobs: 2\ndata:\n  meds_dir: {tmp_path}\n",
+    )
     monkeypatch.setattr(pipeline, "STAGES", (("a", "b"),))
     out = pipeline.run(str(params), render=False, notebooks=("a", "b"))
     manifest = json.loads((out / "manifest.json").read_text())

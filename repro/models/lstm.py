@@ -9,8 +9,8 @@ CPU cores). On CUDA one packed bidirectional cuDNN call lost too: 61.3 against 7
 forward+backward of both layers at 32 x 384 tokens in bf16 on one H100 (2026-12-06; 46.6 against 5.6 ms
 at 32 x 256, 147.5 against 19.0 ms at 32 x 1024; outputs equal to 2.4e-4). Parameters are exactly those
 of a bidirectional ``nn.LSTM``. The backward direction reads the future, so the model is an encoder
-(``causal = False``); its classification input is the masked mean over real tokens (``pool = "mean"``), since position 0 holds only the forward direction's first
-step and the backward direction's last. No pretraining objective: like the published LSTM baseline it
+(``causal = False``); its classification input is the masked mean over real tokens (``pool = "mean"``),
+since position 0 holds only the forward direction's first step and the backward direction's last. No pretraining objective: like the published LSTM baseline it
 is finetuned directly. cuDNN runs it on CUDA ("cudnn-lstm"), PyTorch's native kernel on CPU
 ("torch-lstm").
 """

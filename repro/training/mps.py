@@ -89,20 +89,24 @@ def _unmet(mode: str, why: str) -> bool:
     return mode == "required" and why.startswith("off") and why != NOTHING_TO_SHARE
 
 
-def describe(mode: str, device: str, processes: int, cuda: bool) -> tuple[str, bool]:
-    """`repro doctor`'s line, without starting anything; False when ``required`` cannot be met."""
+def _decide(mode: str, device: str, processes: int, cuda: bool) -> tuple[str | None, str | None]:
+    """(why MPS is on without us or off, the control daemon to start): one of the two is None."""
     why = wanted(mode, device, processes, cuda)
     if why is None and (pipe := node_daemon()):
-        return f"{processes} processes through the node's own MPS daemon ({pipe})", True
+        return f"on: the node's own daemon ({pipe})", None
+    if why is not None:
+        return why, None
+    exe = shutil.which(CONTROL)
+    return (None, exe) if exe else (f"off: no {CONTROL} on PATH", None)
+
+
+def describe(mode: str, device: str, processes: int, cuda: bool) -> tuple[str, bool]:
+    """`repro doctor`'s line, without starting anything; False when ``required`` cannot be met."""
+    why, exe = _decide(mode, device, processes, cuda)
     if why is None:
-        exe = shutil.which(CONTROL)
-        if exe is None:
-            why = f"off: no {CONTROL} on PATH"
-        else:
-            return (
-                f"{processes} processes through a private MPS daemon ({exe}; probed when a run starts)",
-                True,
-            )
+        return f"{processes} processes through a private MPS daemon ({exe}; probed when a run starts)", True
+    if why.startswith("on"):
+        return f"{processes} processes through the node's own MPS daemon ({node_daemon()})", True
     if why == "off: no CUDA GPU":
         return f"{processes} on the CPU (MPS is for GPUs)", not _unmet(mode, why)
     shared = "" if processes < 2 else f"; {processes} processes take turns on the GPU"
@@ -128,12 +132,7 @@ def service(
         import torch
 
         cuda = torch.cuda.is_available()
-    why = wanted(mode, device, processes, cuda)
-    if why is None and (pipe := node_daemon()):
-        why = f"on: the node's own daemon ({pipe})"
-    exe = shutil.which(CONTROL) if why is None else None
-    if why is None and exe is None:
-        why = f"off: no {CONTROL} on PATH"
+    why, exe = _decide(mode, device, processes, cuda)
     if why is not None:
         if _unmet(mode, why):
             raise MpsError(f"mps: required, but {why.removeprefix('off: ')}")
@@ -143,9 +142,7 @@ def service(
     env = os.environ | {ENV[0]: str(folder / "pipe"), ENV[1]: str(folder / "log")}
     for name in ENV:
         Path(env[name]).mkdir()
-    launched = False  # from `-d` on, whatever happens, the daemon is stopped before its folder goes
-    try:
-        launched = True
+    try:  # from `-d` on, whatever happens, the daemon is stopped before its folder goes
         failure = _start(exe, env, cuda_init, timeout_s)
         if failure is not None:
             if mode == "required":
@@ -166,8 +163,7 @@ def service(
                 else:
                     os.environ[name] = value
     finally:
-        if launched:
-            _stop(exe, env)
+        _stop(exe, env)
         shutil.rmtree(folder, ignore_errors=True)
 
 
