@@ -19,6 +19,8 @@ from typing import Any
 import yaml
 
 # The synthetic cohort's mortality mechanisms (repro.data.synthetic documents each and its default strength).
+# train / tuning / held_out shares of the synthetic cohort's subjects unless data.split_fractions says
+SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 MECHANISM_NAMES = ("count", "long_range", "order", "trend", "timing", "interaction")
 OUR_TASKS = (
     "mortality_1m",
@@ -77,7 +79,7 @@ class DataParams:
     n_subjects: int = 600
     generator_seed: int = 7
     shard_size: int = 250
-    split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    split_fractions: list[float] = field(default_factory=lambda: list(SPLIT_FRACTIONS))
     # The paper's splits: this fraction of the train split's patients only pretrains and the rest only
     # finetunes (disjoint; 0: every train patient does both). 57 / (57 + 28) = 0.67 gives its proportions.
     pretrain_only: float = 0.0

@@ -121,3 +121,23 @@ def test_truth_of_the_paper_tasks_matches_their_labels(cohort):
         q = pd.Series(probs[task], index=truth["subject_id"]).reindex(lab.index)
         assert abs(lab.mean() - q.mean()) < 0.04, task  # calibrated on average
         assert lab[q > q.median()].mean() > 2 * lab[q <= q.median()].mean(), task
+
+
+def test_cohort_cache_is_keyed_by_its_splits(tmp_path, monkeypatch):
+    """The splits are written into the cohort, so params with other split fractions must not reuse it
+    (they once did: a 60 / 10 / 30 default trained on the cached 80 / 10 / 10 cohort)."""
+    from pathlib import Path
+
+    import meds
+
+    from repro.config import load_params
+    from repro.training.prepare import ensure_meds, synthetic_dir
+
+    smoke = Path(__file__).resolve().parents[1] / "params" / "smoke.yaml"
+    monkeypatch.chdir(tmp_path)  # outputs/.cache under tmp_path
+    base = {"data.n_subjects": 60, "data.shard_size": 30}
+    even = load_params(smoke, base)
+    other = load_params(smoke, base | {"data.split_fractions": [0.6, 0.1, 0.3]})
+    assert synthetic_dir(even) != synthetic_dir(other)
+    splits = pd.read_parquet(ensure_meds(other) / meds.subject_splits_filepath)["split"].value_counts()
+    assert splits["held_out"] > splits["tuning"]

@@ -54,7 +54,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from repro.config import MECHANISM_NAMES, CodePatterns
+from repro.config import MECHANISM_NAMES, SPLIT_FRACTIONS, CodePatterns
 from repro.data.tasks import CONDITION_TASKS, NULL_RATE
 
 GENERATOR_VERSION = 5  # bump when the generated data change, so cached cohorts are not reused
@@ -582,7 +582,7 @@ def write_synthetic_meds(
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} exists; remove it or choose another directory")
-    fractions = split_fractions or [0.8, 0.1, 0.1]
+    fractions = split_fractions or list(SPLIT_FRACTIONS)
     splits = assign_splits(n_subjects, seed, fractions)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_root = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))

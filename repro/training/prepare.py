@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from repro.config import ParamsError, RunParams, resolve
+from repro.config import SPLIT_FRACTIONS, ParamsError, RunParams, resolve
 from repro.data.dataset import SequenceDataset
 from repro.data.meds import SUBJECT, MedsDataset, load_meds
 from repro.data.synthetic import (
@@ -188,6 +188,8 @@ def synthetic_dir(params: RunParams) -> Path:
     strengths = check_mechanisms(d.mechanisms)
     if strengths != MECHANISMS:  # the default cohort keeps its plain name
         name += "-m" + "-".join(f"{k}{v:g}" for k, v in strengths.items())
+    if tuple(d.split_fractions) != SPLIT_FRACTIONS:  # the splits are written into the cohort's metadata
+        name += "-split" + "-".join(f"{f:g}" for f in d.split_fractions)
     return resolve("outputs/.cache") / name
 
 
