@@ -174,6 +174,12 @@ null = results.mark_undertrained(null, runs, short)
 figures.show_table(results.comparison_table(null, ci), empty="the null task is not in this run's tasks")
 
 # %%
+#| label: tbl-null-auroc
+#| tbl-cap: "The null task per model: held-out AUROC of the seed ensemble with its patient-bootstrap 95 % CI, each seed's AUROC, and whether the CI holds the true 0.5. With labels independent of every event a model falls outside only by chance (about 1 in 20); more often, or far outside, points at the data or the evaluation."
+null_check = results.null_check_table(evaluated, preds)
+figures.show_table(null_check, empty="the null task is not in this run's tasks")
+
+# %%
 #| label: fig-mechanisms
 #| fig-cap: "Which model read which mechanism (mortality_1m, held_out, seed-ensembled): the share of each mechanism's signal a model's scores recovered, relative to the true probability's on the same samples (1: as much as the truth, 0: none; the sides compared are listed in the cohort notebook). Counts + LR can read only count and long_range."
 recovered = (
@@ -243,6 +249,7 @@ save_json(
         "forecast": forecast_table.to_dict(orient="records"),
         "kernel_paths": sorted({r.kernel_path for r in runs}),
         "null_comparisons": results.comparison_table(null, ci).to_dict(orient="records"),
+        "null_auroc": null_check.to_dict(orient="records"),
         "mechanism_recovery": recovered.to_dict(orient="records"),
     },
     f"{run_dir}/results/01_accuracy.json",

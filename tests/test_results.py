@@ -288,3 +288,16 @@ def test_token_loss_weighs_patients_by_their_tokens_and_averages_seeds():
     assert t["lo"] >= 1.5 - 1e-9 and t["hi"] <= 2.5 + 1e-9 and t["hi"] > t["lo"]
     with pytest.raises(ValueError, match="one shape"):
         token_loss(sums, counts[:, :1])
+
+
+def test_null_check_names_a_model_whose_scores_read_the_null_labels():
+    """On the null task a model's AUROC CI should hold 0.5; one built to read the labels ("good") does not,
+    and each seed's AUROC is listed beside the ensemble's."""
+    p = _preds(np.random.default_rng(3), ["good", "blind"], n=400).assign(task="null_task")
+    blind = p["model"] == "blind"
+    p.loc[blind, "score"] = np.random.default_rng(4).random(int(blind.sum()))  # independent of the labels
+    table = results.null_check_table(results.evaluate_all(p, 200, 0.95), p).set_index("model")
+    assert table.loc["good", "0.5 inside the CI"] == "no"
+    assert table.loc["blind", "0.5 inside the CI"] == "yes"
+    assert len(table.loc["good", "each seed"].split(", ")) == 2
+    assert results.null_check_table({}, p).empty

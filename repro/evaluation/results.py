@@ -220,6 +220,30 @@ def all_tasks_table(evaluated: dict[str, dict[str, dict]], tasks: Sequence[str])
     return out[["task", "model", *[c for c in out.columns if c not in ("task", "model")]]]
 
 
+def null_check_table(
+    evaluated: dict[str, dict[str, dict]], preds: pd.DataFrame, task: str = "null_task"
+) -> pd.DataFrame:
+    """Each model's held-out AUROC on the null task against its true value, 0.5: the seed ensemble's with its
+    patient-bootstrap CI, each seed's, and whether the CI holds 0.5. Labels independent of every event
+    leave a model outside 0.5 only by chance (about 1 model in 20 at a 95 % CI); more, or one far outside,
+    points at the data or the evaluation, not at the architecture."""
+    res = {m: r for m, r in evaluated.get(task, {}).items() if m != ORACLE}
+    if not res:
+        return pd.DataFrame()
+    t = metrics_table(res)
+    col = next(c for c in t.columns if c.startswith("AUROC ("))
+    test = preds[(preds["task"] == task) & (preds["split"] == meds.held_out_split)]
+    seeds = {
+        label(m): ", ".join(f"{_auroc(g):.3f}" for _, g in by.groupby("seed", sort=True))
+        for m, by in test.groupby("model", sort=False)
+    }
+    out = t[[col]].rename_axis("model").reset_index()
+    out["each seed"] = out["model"].map(seeds).fillna("-")
+    inside = (t["auroc_lo"] <= 0.5) & (0.5 <= t["auroc_hi"])
+    out["0.5 inside the CI"] = np.where(inside.to_numpy(), "yes", "no")
+    return out
+
+
 def label_metrics(preds: pd.DataFrame, task: str, target: str, model: str) -> dict | None:
     """AUROC / AUPRC / F1 estimates of one label of a multi-label task on held_out (seed-ensembled scores,
     F1 at the label's F1-best tuning threshold), as the task's macro average scores each label; None when
