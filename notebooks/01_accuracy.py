@@ -177,7 +177,10 @@ figures.show_table(results.comparison_table(null, ci), empty="the null task is n
 #| label: tbl-null-auroc
 #| tbl-cap: "The null task per model: held-out AUROC of the seed ensemble with its patient-bootstrap 95 % CI, each seed's AUROC, and whether the CI holds the true 0.5. With labels independent of every event a model falls outside only by chance (about 1 in 20); more often, or far outside, points at the data or the evaluation."
 null_check = results.null_check_table(evaluated, preds)
-figures.show_table(null_check, empty="the null task is not in this run's tasks")
+figures.show_table(
+    null_check.drop(columns=["auroc", "auroc_lo", "auroc_hi"], errors="ignore"),
+    empty="the null task is not in this run's tasks",
+)
 
 # %%
 #| label: fig-mechanisms

@@ -103,10 +103,9 @@ class DataParams:
             raise ParamsError(f"data.n_subjects must be >= 10, got {self.n_subjects}")
         if self.shard_size < 1:
             raise ParamsError(f"data.shard_size must be >= 1, got {self.shard_size}")
-        if len(self.split_fractions) != 3 or abs(sum(self.split_fractions) - 1) > 1e-6:
-            raise ParamsError(
-                f"data.split_fractions must be 3 numbers summing to 1, got {self.split_fractions}"
-            )
+        fr = self.split_fractions
+        if len(fr) != 3 or abs(sum(fr) - 1) > 1e-6 or min(fr) < 0:
+            raise ParamsError(f"data.split_fractions must be 3 numbers >= 0 summing to 1, got {fr}")
         if not 0 <= self.pretrain_only < 1:
             raise ParamsError(f"data.pretrain_only must be in [0, 1), got {self.pretrain_only}")
 

@@ -291,13 +291,22 @@ def test_token_loss_weighs_patients_by_their_tokens_and_averages_seeds():
 
 
 def test_null_check_names_a_model_whose_scores_read_the_null_labels():
-    """On the null task a model's AUROC CI should hold 0.5; one built to read the labels ("good") does not,
-    and each seed's AUROC is listed beside the ensemble's."""
+    """On the null task a model's AUROC CI should hold 0.5; one built to read the labels does not, each seed's
+    AUROC is listed beside the ensemble's under the model's report label, and a model without a CI (one class
+    held out) makes no claim either way."""
     p = _preds(np.random.default_rng(3), ["good", "blind"], n=400).assign(task="null_task")
-    blind = p["model"] == "blind"
+    p["model"] = p["model"].map({"good": "ehrmamba", "blind": "cehr_bert+mpf"})
+    blind = p["model"] == "cehr_bert+mpf"
     p.loc[blind, "score"] = np.random.default_rng(4).random(int(blind.sum()))  # independent of the labels
     table = results.null_check_table(results.evaluate_all(p, 200, 0.95), p).set_index("model")
-    assert table.loc["good", "0.5 inside the CI"] == "no"
-    assert table.loc["blind", "0.5 inside the CI"] == "yes"
-    assert len(table.loc["good", "each seed"].split(", ")) == 2
+    reads, ignores = results.label("ehrmamba"), results.label("cehr_bert+mpf")
+    assert reads != "ehrmamba"  # the report label, so the seed column is looked up by it
+    assert table.loc[reads, "0.5 inside the CI"] == "no"
+    assert table.loc[ignores, "0.5 inside the CI"] == "yes"
+    assert len(table.loc[reads, "each seed"].split(", ")) == 2
+    assert len(table.loc[ignores, "each seed"].split(", ")) == 2
+    one_class = p[p["model"] == "ehrmamba"].copy()
+    one_class.loc[one_class["split"] == "held_out", "label"] = 0
+    lone = results.null_check_table(results.evaluate_all(one_class, 50, 0.95), one_class)
+    assert (lone["0.5 inside the CI"] == "-").all()
     assert results.null_check_table({}, p).empty

@@ -125,19 +125,30 @@ def test_truth_of_the_paper_tasks_matches_their_labels(cohort):
 
 def test_cohort_cache_is_keyed_by_its_splits(tmp_path, monkeypatch):
     """The splits are written into the cohort, so params with other split fractions must not reuse it
-    (they once did: a 60 / 10 / 30 default trained on the cached 80 / 10 / 10 cohort)."""
+    (they once did: a 60 / 10 / 30 default trained on the cached 80 / 10 / 10 cohort), and a folder written
+    before the key held the splits is refused, not reused."""
+    import shutil
     from pathlib import Path
 
     import meds
 
-    from repro.config import load_params
+    from repro.config import ParamsError, load_params
     from repro.training.prepare import ensure_meds, synthetic_dir
 
     smoke = Path(__file__).resolve().parents[1] / "params" / "smoke.yaml"
     monkeypatch.chdir(tmp_path)  # outputs/.cache under tmp_path
     base = {"data.n_subjects": 60, "data.shard_size": 30}
-    even = load_params(smoke, base)
+    even = load_params(smoke, base | {"data.split_fractions": [0.8, 0.1, 0.1]})
     other = load_params(smoke, base | {"data.split_fractions": [0.6, 0.1, 0.3]})
-    assert synthetic_dir(even) != synthetic_dir(other)
-    splits = pd.read_parquet(ensure_meds(other) / meds.subject_splits_filepath)["split"].value_counts()
-    assert splits["held_out"] > splits["tuning"]
+    assert "-split" not in synthetic_dir(even).name  # the default keeps its plain name
+    first = ensure_meds(even)
+    second = ensure_meds(other)
+    assert second != first
+    splits = pd.read_parquet(second / meds.subject_splits_filepath)["split"].value_counts()
+    assert (splits["train"], splits["tuning"], splits["held_out"]) == (36, 6, 18)
+    shutil.rmtree(first)  # a stale folder: the plain name, other splits
+    shutil.copytree(second, first)
+    with pytest.raises(ParamsError, match="split"):
+        ensure_meds(even)
+    with pytest.raises(ParamsError, match="split_fractions"):
+        load_params(smoke, base | {"data.split_fractions": [1.2, -0.1, -0.1]})

@@ -45,6 +45,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -499,12 +500,19 @@ def _atomic_write_parquet(table: pa.Table, path: Path) -> None:
         raise
 
 
-def assign_splits(n: int, seed: int, fractions: list[float]) -> np.ndarray:
+def split_counts(n: int, fractions: Sequence[float]) -> dict[str, int]:
+    """Subjects per split (train / tuning / held_out) that `assign_splits` gives n subjects."""
+    n_train = int(round(fractions[0] * n))
+    n_tune = int(round(fractions[1] * n))
+    return {meds.train_split: n_train, meds.tuning_split: n_tune, meds.held_out_split: n - n_train - n_tune}
+
+
+def assign_splits(n: int, seed: int, fractions: Sequence[float]) -> np.ndarray:
     """Per-subject split names (train / tuning / held_out) from a seeded permutation."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 2**31 - 1]))
     perm = rng.permutation(n)
-    n_train = int(round(fractions[0] * n))
-    n_tune = int(round(fractions[1] * n))
+    counts = split_counts(n, fractions)
+    n_train, n_tune = counts[meds.train_split], counts[meds.tuning_split]
     splits = np.empty(n, dtype=object)
     splits[perm[:n_train]] = meds.train_split
     splits[perm[n_train : n_train + n_tune]] = meds.tuning_split

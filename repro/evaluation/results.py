@@ -239,9 +239,10 @@ def null_check_table(
     }
     out = t[[col]].rename_axis("model").reset_index()
     out["each seed"] = out["model"].map(seeds).fillna("-")
-    inside = (t["auroc_lo"] <= 0.5) & (0.5 <= t["auroc_hi"])
-    out["0.5 inside the CI"] = np.where(inside.to_numpy(), "yes", "no")
-    return out
+    lo, hi = t["auroc_lo"].to_numpy(), t["auroc_hi"].to_numpy()
+    inside = np.where((lo <= 0.5) & (0.5 <= hi), "yes", "no")
+    out["0.5 inside the CI"] = np.where(np.isnan(lo) | np.isnan(hi), "-", inside)  # no CI: no claim
+    return out.assign(auroc=t["auroc"].to_numpy(), auroc_lo=lo, auroc_hi=hi)
 
 
 def label_metrics(preds: pd.DataFrame, task: str, target: str, model: str) -> dict | None:

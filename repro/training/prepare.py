@@ -26,6 +26,7 @@ from repro.data.synthetic import (
     GENERATOR_VERSION,
     MECHANISMS,
     check_mechanisms,
+    split_counts,
     true_probabilities,
     write_synthetic_meds,
 )
@@ -188,8 +189,9 @@ def synthetic_dir(params: RunParams) -> Path:
     strengths = check_mechanisms(d.mechanisms)
     if strengths != MECHANISMS:  # the default cohort keeps its plain name
         name += "-m" + "-".join(f"{k}{v:g}" for k, v in strengths.items())
-    if tuple(d.split_fractions) != SPLIT_FRACTIONS:  # the splits are written into the cohort's metadata
-        name += "-split" + "-".join(f"{f:g}" for f in d.split_fractions)
+    counts = split_counts(d.n_subjects, d.split_fractions)  # each subject's split is written into the cohort
+    if counts != split_counts(d.n_subjects, SPLIT_FRACTIONS):
+        name += "-split" + "-".join(str(c) for c in counts.values())
     return resolve("outputs/.cache") / name
 
 
@@ -200,7 +202,9 @@ def ensure_meds(params: RunParams, data_dir: str | Path | None = None) -> Path:
     if params.data.meds_dir:
         return resolve(params.data.meds_dir)
     out = synthetic_dir(params)
-    if not out.is_dir():
+    if out.is_dir():
+        _check_splits(out, split_counts(params.data.n_subjects, params.data.split_fractions))
+    else:
         d = params.data
         # Shards in parallel processes for large cohorts (the data do not depend on the worker count).
         workers = data_workers() or (min(os.cpu_count() or 1, 8) if d.n_subjects >= 10_000 else 1)
@@ -215,6 +219,18 @@ def ensure_meds(params: RunParams, data_dir: str | Path | None = None) -> Path:
             mechanisms=d.mechanisms,
         )
     return out
+
+
+def _check_splits(root: Path, expected: dict[str, int]) -> None:
+    """Refuse a cached cohort whose subjects are split otherwise than the params say (one written before the
+    cache was keyed by its splits): training on it would silently use other splits."""
+    splits = pq.read_table(root / meds.subject_splits_filepath, columns=["split"]).column("split").to_pandas()
+    found = {str(k): int(v) for k, v in splits.value_counts().items()}
+    if found != {k: v for k, v in expected.items() if v}:
+        raise ParamsError(
+            f"{root}: this cached synthetic cohort is split {found}, but data.split_fractions gives {expected}; "
+            "it was written by an older repro. Remove the folder and run again"
+        )
 
 
 def data_workers() -> int | None:
