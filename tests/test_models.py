@@ -336,3 +336,70 @@ def test_benchmarks_and_runs_size_a_model_alike():
         assert abs(n - target) <= 0.1 * target, (name, n, target)
     unmatched = build_model("transformer", 1024, **model_kwargs(params, "transformer")).n_params()
     assert unmatched < 0.5 * target
+
+
+def _saved_activation_bytes(module: torch.nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the tensors autograd keeps for backward in one forward, parameters left out."""
+    params = {p.data_ptr() for p in module.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_mixer_recompute_gives_the_plain_paths_outputs_and_gradients(bias):
+    """recompute=True (repro.models.mamba_inner: conv output, dt, B, C and the gated output recomputed in
+    backward) is the same function with the same gradients for every parameter, and keeps less for backward."""
+    torch.manual_seed(0)
+    plain = MambaMixer(16, d_state=4, bias=bias)
+    kept = MambaMixer(16, d_state=4, bias=bias, recompute=True)
+    kept.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 37, 16)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = plain(xa), kept(xb)
+    torch.testing.assert_close(ya, yb)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    torch.testing.assert_close(xa.grad, xb.grad, atol=1e-5, rtol=1e-4)
+    for (name, pa), pb in zip(plain.named_parameters(), kept.parameters(), strict=True):
+        torch.testing.assert_close(pa.grad, pb.grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert kept.kernel_path == "reference-chunked"
+    assert _saved_activation_bytes(kept, x.clone().requires_grad_()) < _saved_activation_bytes(
+        plain, x.clone().requires_grad_()
+    )
+
+
+@pytest.mark.gpu
+@needs_kernel
+def test_cuda_recompute_matches_the_plain_kernel_path_in_less_memory():
+    """On the GPU, under bf16 autocast as training runs: the same outputs and gradients as the plain
+    mamba_ssm path, and a lower peak (the four activations per layer mamba_inner_fn does not keep)."""
+    torch.manual_seed(0)
+    plain = EHRMamba(50, d_model=64, n_layers=2).cuda()
+    kept = EHRMamba(50, d_model=64, n_layers=2, recompute=True).cuda()
+    kept.load_state_dict(plain.state_dict())
+    batch = {k: v.cuda() for k, v in make_batch(lengths=(2048,) * 8, L=2048).items()}
+
+    def run(model):
+        torch.cuda.reset_peak_memory_stats()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(batch)
+        grads = torch.autograd.grad(out.float().square().mean(), list(model.parameters()))
+        return out.float(), grads, torch.cuda.max_memory_allocated()
+
+    out_p, grads_p, peak_p = run(plain)
+    out_k, grads_k, peak_k = run(kept)
+    assert kept.kernel_path == "mamba_ssm.selective_scan_cuda"
+    torch.testing.assert_close(out_k, out_p, atol=2e-2, rtol=2e-2)
+    for a, b in zip(grads_k, grads_p, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=5e-2)
+    assert peak_k < peak_p

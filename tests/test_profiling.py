@@ -363,7 +363,9 @@ def test_bench_step_names_missing_mamba_ssm(monkeypatch):
 
 def test_bench_step_sizes_come_from_params_and_flags():
     args = bench_step.parse_args(["--n-layers", "2", "--lengths", "64", "128"])
-    assert bench_step.sizes(args) == {"d_model": 256, "n_layers": 2, "d_state": 16, "d_conv": 4, "expand": 2}
+    expected = {"d_model": 256, "n_layers": 2, "d_state": 16, "d_conv": 4, "expand": 2, "recompute": False}
+    assert bench_step.sizes(args) == expected
+    assert bench_step.sizes(bench_step.parse_args(["--n-layers", "2", "--recompute"]))["recompute"] is True
     with pytest.raises(SystemExit):
         bench_step.parse_args(["--vocab", "1001"])
 

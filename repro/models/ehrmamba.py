@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from repro.models.embeddings import CEHREmbedding, check_sizes
+from repro.models.mamba_inner import CudaScan, InnerRecompute, ReferenceScan, selective_scan_cuda
 
 try:
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
@@ -263,6 +264,10 @@ def selective_scan_ref_chunked(
     return _finish(y[:, :L].transpose(1, 2), u, D, z, u.dtype)
 
 
+_CUDA_SCAN = CudaScan()
+_REFERENCE_SCAN = ReferenceScan(selective_scan_ref_chunked)
+
+
 class MambaMixer(nn.Module):
     """Mamba-1 mixer, state_dict-compatible with ``mamba_ssm.modules.mamba_simple.Mamba``.
 
@@ -283,9 +288,12 @@ class MambaMixer(nn.Module):
         dt_init_floor: float = 1e-4,
         conv_bias: bool = True,
         bias: bool = False,
+        recompute: bool = False,
     ) -> None:
         super().__init__()
         self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        # keep what mamba_inner_fn keeps and recompute the rest in backward (repro.models.mamba_inner)
+        self.recompute = recompute
         self.d_inner = int(expand * d_model)
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         self.in_proj = nn.Linear(d_model, self.d_inner * 2, bias=bias)
@@ -322,8 +330,10 @@ class MambaMixer(nn.Module):
         xz = xz.transpose(0, 1)  # [B, 2 d_inner, L], stride 1 along L
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias.to(xz.dtype)[:, None]
-        x, z = xz.chunk(2, dim=1)
         fused = hidden.is_cuda and selective_scan_fn is not None
+        if self.recompute and (not hidden.is_cuda or selective_scan_cuda is not None):
+            return self._inner_recompute(xz, fused)
+        x, z = xz.chunk(2, dim=1)
         if fused and causal_conv1d_fn is not None:
             x = causal_conv1d_fn(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
         else:
@@ -343,6 +353,29 @@ class MambaMixer(nn.Module):
             x, dt, A, B, C, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True
         )
         return self.out_proj(y.transpose(1, 2))
+
+    def _inner_recompute(self, xz: Tensor, fused: bool) -> Tensor:
+        """The same mixer through InnerRecompute: the conv output, dt, B, C and the gated scan output are
+        recomputed in backward instead of kept (mamba_inner_fn's memory, without causal-conv1d)."""
+        if fused:
+            kernel, self.kernel_path = _CUDA_SCAN, KERNEL_CUDA
+        else:
+            kernel, self.kernel_path = _REFERENCE_SCAN, KERNEL_REFERENCE
+        _announce("reference-on-cuda" if xz.is_cuda and not fused else self.kernel_path)
+        return InnerRecompute.apply(
+            xz,
+            self.conv1d.weight,
+            self.conv1d.bias,
+            self.x_proj.weight,
+            self.dt_proj.weight,
+            self.out_proj.weight,
+            self.out_proj.bias,
+            -torch.exp(self.A_log.float()),
+            self.D.float(),
+            self.dt_proj.bias.float(),
+            self.dt_rank,
+            kernel,
+        )
 
 
 class MambaBlock(nn.Module):
@@ -412,13 +445,16 @@ class EHRMamba(nn.Module):
         n_types: int = 10,
         max_visits: int = 64,
         dropout: float = 0.0,
+        recompute: bool = False,
     ) -> None:
         super().__init__()
         check_sizes("EHRMamba", vocab_size=vocab_size, d_model=d_model, n_layers=n_layers)
         self.d_model = d_model
         self.embedding = CEHREmbedding(vocab_size, d_model, n_types, max_visits, dropout=dropout)
         self.layers = nn.ModuleList(
-            MambaBlock(d_model, dropout=dropout, d_state=d_state, d_conv=d_conv, expand=expand)
+            MambaBlock(
+                d_model, dropout=dropout, d_state=d_state, d_conv=d_conv, expand=expand, recompute=recompute
+            )
             for _ in range(n_layers)
         )
         self.norm_f = nn.RMSNorm(d_model, eps=1e-5)

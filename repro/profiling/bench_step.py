@@ -55,6 +55,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--d-state", type=int, default=None)
     p.add_argument("--d-conv", type=int, default=None)
     p.add_argument("--expand", type=int, default=None)
+    p.add_argument(
+        "--recompute",
+        action="store_true",
+        help="our mixer keeps only what mamba_inner_fn keeps (model_sizes.ehrmamba.recompute; repro.models.mamba_inner)",
+    )
     p.add_argument("--vocab", type=int, default=1024, help="vocabulary size (a multiple of 8)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
@@ -75,7 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def sizes(args: argparse.Namespace) -> dict[str, int]:
-    """d_model, n_layers, d_state, d_conv, expand: flags win over the params file's ``model_sizes.ehrmamba``."""
+    """d_model, n_layers, d_state, d_conv, expand, recompute: flags win over the params file's
+    ``model_sizes.ehrmamba``."""
     from repro.config import load_params, resolve
     from repro.models.ehrmamba import EHRMamba
 
@@ -87,6 +93,9 @@ def sizes(args: argparse.Namespace) -> dict[str, int]:
     for key in ("d_model", "n_layers", "d_state", "d_conv", "expand"):
         flag = getattr(args, key)
         out[key] = int(flag if flag is not None else block.get(key, defaults[key].default))
+    out["recompute"] = bool(
+        args.recompute or block.get("recompute", False)
+    )  # ours only; the bare model ignores it
     return out
 
 
