@@ -31,7 +31,8 @@ kernels:
 	python -m repro.kernels build
 
 # On a GPU node, after `make kernels`: the GPU tests, then the benchmarks behind the GPU settings of the
-# params files (train.cuda_graphs, mps); their numbers also land in outputs/gpu-check/*.json.
+# params files (train.cuda_graphs, mps) and our EHRMamba's step against mamba_ssm's, with and without
+# model_sizes.ehrmamba.recompute; their numbers also land in outputs/gpu-check/*.json.
 gpu-check:
 	mkdir -p outputs/gpu-check
 	python -m pytest -q -m gpu
@@ -39,6 +40,8 @@ gpu-check:
 	python -m repro.bench graphs --model transformer --out outputs/gpu-check/graphs-transformer.json
 	python -m repro.bench share --out outputs/gpu-check/share-ehrmamba.json
 	python -m repro.bench share --model lstm --out outputs/gpu-check/share-lstm.json
+	python -m repro.bench step --json outputs/gpu-check/step.json
+	python -m repro.bench step --recompute --json outputs/gpu-check/step-recompute.json
 
 unit: install
 	$(BIN)/python -m pytest -q
