@@ -297,7 +297,10 @@ def test_a_finished_cuda_checkpoint_is_reused_by_another_fit(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("objective", ["clm", "classify"])
-@pytest.mark.parametrize("name,extra", [("ehrmamba", {}), ("transformer", {"max_len": 128, "dropout": 0.0})])
+@pytest.mark.parametrize(
+    "name,extra",
+    [("ehrmamba", {}), ("ehrmamba", {"recompute": True}), ("transformer", {"max_len": 128, "dropout": 0.0})],
+)
 def test_cuda_graphed_steps_train_as_eager_ones(tmp_path, monkeypatch, objective, name, extra):
     """The same run eager, captured in CUDA graphs (repro.training.graphs), and graphed but killed and
     resumed: each shape's graph is captured once, and the weights end where eager ones do, to rounding

@@ -333,6 +333,8 @@ class MambaMixer(nn.Module):
         fused = hidden.is_cuda and selective_scan_fn is not None
         if self.recompute and (not hidden.is_cuda or selective_scan_cuda is not None):
             return self._inner_recompute(xz, fused)
+        # recompute on CUDA without mamba_ssm (selective_scan_cuda comes with selective_scan_fn): the plain
+        # reference path below, which warns
         x, z = xz.chunk(2, dim=1)
         if fused and causal_conv1d_fn is not None:
             x = causal_conv1d_fn(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")

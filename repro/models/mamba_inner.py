@@ -1,9 +1,10 @@
 """The Mamba-1 mixer's inner path (conv, projections, scan, gated output projection) as one autograd
 function that keeps what mamba_ssm's ``mamba_inner_fn`` keeps and recomputes the rest in backward.
 
-Why: run layer by layer through autograd, the mixer keeps four [batch, d_inner, length] activations per layer
-that ``mamba_inner_fn`` (checkpoint_lvl=1) does not: the conv output before and after its SiLU, the step
-sizes dt and the gated scan output read by out_proj. At 16,384 tokens x 8 they made our EHRMamba's peak
+Why: run layer by layer through autograd, the mixer keeps [batch, d_inner, length] activations per layer
+that ``mamba_inner_fn`` (checkpoint_lvl=1) does not: the conv output before and after its SiLU (and
+x_proj's contiguous copy of it), the step sizes dt and the gated scan output read by out_proj; about 8 such
+tensors per layer for backward against 3 here (the in_proj output counts 2). At 16,384 tokens x 8 they made our EHRMamba's peak
 memory 1.41x the fully fused model's (issue 24). Here only the in_proj output xz, the scan's chunk states and
 its ungated output are kept; backward recomputes the conv, x_proj and dt_proj (a depthwise conv and two
 small matmuls) and lets the scan kernel recompute the gated output. ``mamba_inner_fn`` itself needs
@@ -88,11 +89,12 @@ class ReferenceScan:
         with torch.no_grad():
             return None, None, self._run(u, delta, A, B, C, D, z, delta_bias, softplus)
 
-    def bwd(self, u, delta, A, B, C, D, z, delta_bias, dout, states, out, softplus):
+    def bwd(self, u, delta, A, B, C, D, z, delta_bias, dout, states, out, softplus, dz):
         args = [t.detach().requires_grad_() for t in (u, delta, A, B, C, D, z, delta_bias)]
         with torch.enable_grad():
             out_z = self._run(*args, softplus)
-            du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = torch.autograd.grad(out_z, args, dout)
+            du, ddelta, dA, dB, dC, dD, dz_, ddelta_bias = torch.autograd.grad(out_z, args, dout)
+        dz.copy_(dz_)
         return du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z.detach()
 
 
@@ -147,24 +149,26 @@ class InnerRecompute(torch.autograd.Function):
         xz, conv_w, conv_b, x_proj_w, dt_proj_w, out_proj_w, A, D, delta_bias, states, out = ctx.saved_tensors
         x, z = xz.chunk(2, dim=1)
         b, d, L = x.shape
-        leaves = [t.detach().requires_grad_() for t in (x, conv_w, x_proj_w, dt_proj_w)]
+        xl, cw, xpw, dtw = (t.detach().requires_grad_() for t in (x, conv_w, x_proj_w, dt_proj_w))
         cb = conv_b.detach().requires_grad_() if conv_b is not None else None
+        leaves = [xl, cw, xpw, dtw] + ([cb] if cb is not None else [])
         with torch.enable_grad():
-            conv, delta, B, C = _inner(leaves[0], leaves[1], cb, leaves[2], leaves[3], ctx.dt_rank)
+            conv, delta, B, C = _inner(xl, cw, cb, xpw, dtw, ctx.dt_rank)
         dy2 = dy.reshape(b * L, -1)
-        w = out_proj_w.to(dy.dtype)
-        dout = (dy2 @ w).view(b, L, d).transpose(1, 2).contiguous()  # [b, d_inner, L]
-        du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z = ctx.kernel.bwd(
-            conv.detach(), delta.detach(), A, B.detach(), C.detach(), D, z, delta_bias, dout,
-            states, out, True,
+        # [d_inner, (b L)] viewed as [b, d_inner, L]: stride 1 along L without a copy, as the kernel reads it
+        dout = (out_proj_w.to(dy.dtype).t() @ dy2.t()).view(d, b, L).transpose(0, 1)
+        dxz = torch.empty_like(xz)  # xz's layout, so in_proj's backward needs no copy; the kernel fills dz
+        dx, dz = dxz.chunk(2, dim=1)
+        du, ddelta, dA, dB, dC, dD, ddelta_bias, _, out_z = ctx.kernel.bwd(
+            conv.detach(), delta.detach(), A, B.detach(), C.detach(), D, z, delta_bias, dout, states, out, True, dz
         )  # fmt: skip
+        del dout
         d_out_w = (dy2.t() @ out_z.transpose(1, 2).reshape(b * L, d).to(dy.dtype)).to(out_proj_w.dtype)
         d_out_b = dy2.sum(0).to(out_proj_w.dtype) if ctx.has_out_bias else None
+        del out_z
         grads = [g.to(t.dtype) for g, t in zip((du, ddelta, dB, dC), (conv, delta, B, C), strict=True)]
-        torch.autograd.backward([conv, delta, B, C], grads)
-        dx, dconv_w, dxp_w, ddt_w = (t.grad for t in leaves)
-        dxz = torch.cat([dx.to(xz.dtype), dz.to(xz.dtype)], dim=1)
-        return (
-            dxz, dconv_w, cb.grad if cb is not None else None, dxp_w, ddt_w, d_out_w, d_out_b,
-            dA, dD, ddelta_bias, None, None,
-        )  # fmt: skip
+        found = torch.autograd.grad([conv, delta, B, C], leaves, grads)
+        dx.copy_(found[0])
+        d_cw, d_xpw, d_dtw = found[1:4]
+        d_cb = found[4] if cb is not None else None
+        return dxz, d_cw, d_cb, d_xpw, d_dtw, d_out_w, d_out_b, dA, dD, ddelta_bias, None, None
