@@ -404,3 +404,39 @@ def test_cuda_recompute_matches_the_plain_kernel_path_in_less_memory():
     for a, b in zip(grads_k, grads_p, strict=True):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=5e-2)
     assert peak_k < peak_p
+
+
+def test_cuda_scan_glue_runs_with_the_kernels_calling_convention(monkeypatch):
+    """CudaScan called through InnerRecompute with a CPU stand-in for selective_scan_cuda that takes and
+    returns what the C++ does (fwd: 9 arguments -> out, states, out_z; bwd: 14 arguments with a dz buffer and
+    the recompute flag -> 9 values): gradients equal the plain mixer's. An argument added or dropped on one
+    side only (a dz the wrapper did not take, once) fails here rather than on the first GPU run."""
+    import types
+
+    from repro.models import mamba_inner
+
+    ref = mamba_inner.ReferenceScan(selective_scan_ref_chunked)
+
+    def fwd(u, delta, A, B, C, D, z, delta_bias, softplus):
+        return ref.fwd(u, delta, A, B, C, D, z, delta_bias, softplus)
+
+    def bwd(u, delta, A, B, C, D, z, delta_bias, dout, states, out, dz, softplus, recompute_out_z):
+        assert dz is not None and dz.shape == z.shape and recompute_out_z is True
+        return ref.bwd(u, delta, A, B, C, D, z, delta_bias, dout, states, out, softplus, dz)
+
+    monkeypatch.setattr(mamba_inner, "selective_scan_cuda", types.SimpleNamespace(fwd=fwd, bwd=bwd))
+    torch.manual_seed(0)
+    plain = MambaMixer(16, d_state=4)
+    kept = MambaMixer(16, d_state=4, recompute=True)
+    kept.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 19, 16)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    monkeypatch.setattr(ehrmamba, "_REFERENCE_SCAN", mamba_inner.CudaScan())  # the CUDA wrapper on a CPU
+    ya, yb = plain(xa), kept(xb)
+    torch.testing.assert_close(ya, yb)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    torch.testing.assert_close(xa.grad, xb.grad, atol=1e-5, rtol=1e-4)
+    for (name, pa), pb in zip(plain.named_parameters(), kept.parameters(), strict=True):
+        torch.testing.assert_close(pa.grad, pb.grad, atol=1e-5, rtol=1e-4, msg=name)

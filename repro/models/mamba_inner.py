@@ -40,9 +40,10 @@ class ScanKernel(Protocol):
         ...
 
     def bwd(
-        self, u, delta, A, B, C, D, z, delta_bias, dout, states, out, softplus: bool
+        self, u, delta, A, B, C, D, z, delta_bias, dout, states, out, softplus: bool, dz: Tensor
     ) -> tuple[Tensor, ...]:
-        """(du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, the gated output recomputed)."""
+        """(du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, the gated output recomputed); dz is written into the
+        buffer given."""
         ...
 
 
@@ -53,24 +54,11 @@ class CudaScan:
         out, states, out_z = selective_scan_cuda.fwd(u, delta, A, B, C, D, z, delta_bias, softplus)
         return out, states, out_z
 
-    def bwd(self, u, delta, A, B, C, D, z, delta_bias, dout, states, out, softplus):
-        du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z = selective_scan_cuda.bwd(
-            u,
-            delta,
-            A,
-            B,
-            C,
-            D,
-            z,
-            delta_bias,
-            dout,
-            states,
-            out,
-            None,
-            softplus,
-            True,  # recompute out_z
-        )
-        return du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z
+    def bwd(self, u, delta, A, B, C, D, z, delta_bias, dout, states, out, softplus, dz):
+        # dz: a buffer the kernel writes into (mamba_inner_fn passes the z half of dxz the same way)
+        return selective_scan_cuda.bwd(
+            u, delta, A, B, C, D, z, delta_bias, dout, states, out, dz, softplus, True  # recompute out_z
+        )  # fmt: skip
 
 
 class ReferenceScan:
