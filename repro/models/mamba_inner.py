@@ -4,8 +4,8 @@ function that keeps what mamba_ssm's ``mamba_inner_fn`` keeps and recomputes the
 Why: run layer by layer through autograd, the mixer keeps [batch, d_inner, length] activations per layer
 that ``mamba_inner_fn`` (checkpoint_lvl=1) does not: the conv output before and after its SiLU (and
 x_proj's contiguous copy of it), the step sizes dt and the gated scan output read by out_proj; about 8 such
-tensors per layer for backward against 3 here (the in_proj output counts 2). At 16,384 tokens x 8 they made our EHRMamba's peak
-memory 1.41x the fully fused model's (issue 24). Here only the in_proj output xz, the scan's chunk states and
+tensors per layer for backward against 3 here (the in_proj output counts 2). At 16,384 tokens x 8 they
+made our EHRMamba's peak memory 1.41x the fully fused model's (issue 24). Here only the in_proj output xz, the scan's chunk states and
 its ungated output are kept; backward recomputes the conv, x_proj and dt_proj (a depthwise conv and two
 small matmuls) and lets the scan kernel recompute the gated output. ``mamba_inner_fn`` itself needs
 causal-conv1d, a 400 s build; the conv here is PyTorch's.

@@ -93,9 +93,8 @@ def sizes(args: argparse.Namespace) -> dict[str, int]:
     for key in ("d_model", "n_layers", "d_state", "d_conv", "expand"):
         flag = getattr(args, key)
         out[key] = int(flag if flag is not None else block.get(key, defaults[key].default))
-    out["recompute"] = bool(
-        args.recompute or block.get("recompute", False)
-    )  # ours only; the bare model ignores it
+    # ours only; the bare model ignores it
+    out["recompute"] = bool(args.recompute or block.get("recompute", False))
     return out
 
 
