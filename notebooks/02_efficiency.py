@@ -24,7 +24,9 @@
 # `torch.cuda.max_memory_allocated` over the timed steps (not measured on a CPU). Out-of-memory errors are
 # recorded as data points and the sweep goes on. A model whose sequence mixer would run the slow
 # pure-PyTorch reference on a GPU is refused unless the parameters ask to time it, and then its kernel
-# path says so. CPU numbers (the smoke run) show the pipeline works; they say nothing about a GPU.
+# path says so. With `efficiency.ehrmamba_recompute` EHRMamba's mixer keeps only the activations
+# mamba_ssm's fused path keeps (kernel path "+ recompute"); the epoch estimates build every model as its
+# training does. CPU numbers (the smoke run) show the pipeline works; they say nothing about a GPU.
 
 # %% tags=["parameters"]
 params_file = "params/smoke.yaml"
@@ -48,7 +50,7 @@ rows = sweep.efficiency_sweep(prep, progress=False)
 slopes = scaling.scaling_slopes(rows)
 samples = pretrain_samples(prep)
 epoch_rows = sweep.efficiency_sweep(
-    prep, [params.tokenizer.max_len], [params.train.batch_size], progress=False
+    prep, [params.tokenizer.max_len], [params.train.batch_size], progress=False, as_trained=True
 )
 epochs = scaling.epoch_estimates(epoch_rows, len(samples), sum(len(s) for s in samples))
 comparisons = scaling.h2_comparisons(rows)

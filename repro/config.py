@@ -383,6 +383,10 @@ class EfficiencyParams:
     # MultiBird at 2048 tokens, about 100 s on an H200; CUDA with mamba_ssm only, a CPU run says it was not run.
     paper_bench: bool = False
     paper_bench_max_batch: int = 512  # cap of its largest-batch search
+    # H2's sweep and H4's memory boundary build EHRMamba with recompute (repro.models.mamba_inner: the
+    # activations mamba_ssm's fused mamba_inner_fn keeps, nothing more), the memory of the implementation the
+    # paper ran; training keeps model_sizes.ehrmamba.recompute. Rows say "+ recompute" in their kernel path.
+    ehrmamba_recompute: bool = False
 
     def __post_init__(self) -> None:
         for name in ("models", "long_models"):

@@ -3,6 +3,8 @@ the long-history runs on a tiny cohort, and the mamba_ssm benchmark's CPU behavi
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -447,3 +449,20 @@ def test_the_graphs_benchmark_trains_on_something_learnable():
     assert np.median(in_topic) > 0.85  # 90 % of each history's codes come from its topic's 8
     topic_of = {tuple(np.argsort(np.bincount(e.input_ids[1:], minlength=1024))[-8:]) for e in items[:50]}
     assert len(topic_of) > 20  # and the topics differ: the context, not the marginal, predicts the next code
+
+
+def test_efficiency_sweep_builds_ehrmamba_recomputing_when_asked(prep, keep_threads):
+    """efficiency.ehrmamba_recompute: H2 / H4 rows of EHRMamba come from the recomputing mixer and say so;
+    the epoch estimates (as_trained) and the other models are built as training builds them."""
+    eff = dataclasses.replace(prep.params.efficiency, ehrmamba_recompute=True)
+    lean = dataclasses.replace(prep, params=dataclasses.replace(prep.params, efficiency=eff))
+    rows = sweep.efficiency_sweep(lean, [16], [2], ["ehrmamba", "transformer"], progress=False)
+    paths = rows.set_index("model")["kernel_path"]
+    assert (rows["status"] == "ok").all()
+    assert paths["ehrmamba"].endswith(sweep.RECOMPUTE_LABEL)
+    assert not paths["transformer"].endswith(sweep.RECOMPUTE_LABEL)
+    as_trained = sweep.efficiency_sweep(lean, [16], [2], ["ehrmamba"], progress=False, as_trained=True)
+    plain = sweep.efficiency_sweep(prep, [16], [2], ["ehrmamba"], progress=False)
+    for r in (as_trained, plain):
+        assert not r["kernel_path"].iloc[0].endswith(sweep.RECOMPUTE_LABEL)
+        assert r["params"].iloc[0] == rows.set_index("model")["params"]["ehrmamba"]

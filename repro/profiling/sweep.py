@@ -144,6 +144,14 @@ def pretrain_step(
     return step
 
 
+RECOMPUTE_LABEL = "+ recompute"
+
+
+def recomputes(model: nn.Module) -> bool:
+    """Whether any mixer of ``model`` recomputes its activations in backward (repro.models.mamba_inner)."""
+    return any(getattr(m, "recompute", False) is True for m in model.modules())
+
+
 @torch.no_grad()
 def probe_kernel_path(model: nn.Module, device: torch.device) -> str | None:
     """The kernel path a tiny forward takes on ``device`` (decides the reference-path refusal cheaply)."""
@@ -249,6 +257,8 @@ def measure(
         model = make_model(length).to(device)
         row["params"] = model.n_params()
         path = probe_kernel_path(model, device)
+        if path and recomputes(model):
+            path = f"{path} {RECOMPUTE_LABEL}"
         row["kernel_path"] = path or "-"
         reference_on_cuda = device.type == "cuda" and is_reference(path)
         if reference_on_cuda and not allow_reference:
@@ -259,6 +269,8 @@ def measure(
         )
         t = time_step(step, device, warmup, steps)
         path = model.kernel_path or "-"
+        if recomputes(model):
+            path = f"{path} {RECOMPUTE_LABEL}"
         record_timing(row, t, f"{path} {REFERENCE_LABEL}" if reference_on_cuda else path)
 
     row = guarded(empty_row(name, device, length, batch), body, device)
@@ -358,19 +370,25 @@ def efficiency_sweep(
     models: Sequence[str] | None = None,
     progress: bool = True,
     steps: tuple[int, int] | None = None,
+    as_trained: bool = False,
 ) -> pd.DataFrame:
     """The params' sweep (``efficiency.lengths`` x ``batch_sizes`` x ``models``) on the run's device.
 
     ``steps``: (warm-up, timed) steps per row instead of the params' ``warmup_steps`` / ``timed_steps``;
     the out-of-memory boundary needs one of each (the peak is reached on the first step after the
-    optimizer state exists), and its longest rows cost seconds per step.
+    optimizer state exists), and its longest rows cost seconds per step. EHRMamba recomputes when
+    ``efficiency.ehrmamba_recompute`` says so, unless ``as_trained`` (then as the training runs build it:
+    for estimates of their epochs).
     """
     from repro.training.loop import resolve_device
 
     params = prep.params
     eff = params.efficiency
     models = list(models or eff.models)
-    builders = length_builders(matched_kwargs(prep, models), prep.tokenizer.vocab_size)
+    sizes = matched_kwargs(prep, models)
+    if eff.ehrmamba_recompute and not as_trained and "ehrmamba" in sizes:
+        sizes["ehrmamba"] = {**sizes["ehrmamba"], "recompute": True}
+    builders = length_builders(sizes, prep.tokenizer.vocab_size)
     device = resolve_device(params.device)
     threads = cpu_threads(params)
     if device.type == "cpu" and threads:
