@@ -218,7 +218,7 @@ figures.show_table(
 
 # %%
 #| label: tbl-convergence
-#| tbl-cap: "Were the models trained to their plateau? Per model: the pretraining and finetuning runs that ended by early stopping or on a plateau (best validation within 0.5 % over the last 20 % of steps), the epochs they saw, whether the held-out mortality_1m AUROC is clearly above chance (95 % CI lower bound above 0.5), and the tasks where the finetuned model ended below the lower 95 % bound of a logistic probe on its own frozen pretrained states (finetuning could have matched the probe by training its head alone, so it stopped on a false plateau; its comparisons read undertrained). A comparison between models that are not on their plateau says little about the architectures."
+#| tbl-cap: "Were the models trained to their plateau? Per model: the pretraining and finetuning runs that ended by early stopping or on a plateau (best validation within 0.5 % over the steps that carried the last 20 % of the learning rate, the last 45 % of steps under linear decay to zero), the epochs they saw, whether the held-out mortality_1m AUROC is clearly above chance (95 % CI lower bound above 0.5), and the tasks where the finetuned model ended below the lower 95 % bound of a logistic probe on its own frozen pretrained states (finetuning could have matched the probe by training its head alone, so it stopped on a false plateau; its comparisons read undertrained). A comparison between models that are not on their plateau says little about the architectures."
 convergence = results.convergence_table(runs, evaluated, below=short)
 figures.show_table(convergence)
 

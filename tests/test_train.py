@@ -478,6 +478,30 @@ def test_plateau_rule_on_planted_curves(curve, metric, expected):
     assert res.status == ("plateau at budget" if expected else "budget (still improving)")
 
 
+def test_plateau_rule_reads_the_tail_of_the_learning_rate_not_of_the_steps():
+    """A loss that falls until 70 % of a linearly decaying budget and is flat after: flat over the last 20 %
+    of steps (4 % of the rate), still falling over the steps that carried the last 20 % of the rate (the
+    last 45 %), so the run is not on its plateau. At a constant rate the same curve is judged on its
+    last 20 % of steps (test above); a curve flat since 40 % is a plateau either way."""
+    steps = range(100, 1001, 100)
+    falling = [3.0, 2.8, 2.6, 2.45, 2.3, 2.2, 2.1, 2.1, 2.1, 2.1]
+    flat = [3.0, 2.5, 2.2, 2.1, 2.1, 2.1, 2.1, 2.1, 2.1, 2.1]
+    for curve, expected in ((falling, False), (flat, True)):
+        val = [{"step": s, "loss": v} for s, v in zip(steps, curve)]
+        res = loop.TrainResult("clm", val=val, budget=1000, warmup_frac=0.0)
+        assert res.tail_start() == 554.0
+        assert res.converged() is expected
+    undecayed = loop.TrainResult("clm", val=[{"step": s, "loss": v} for s, v in zip(steps, falling)])
+    assert undecayed.converged()  # no budget known: the last 20 % of steps, flat
+
+
+def test_fit_records_its_schedule_for_the_plateau_rule():
+    params = TrainParams(batch_size=4, val_per_epoch=4, patience=0, warmup_frac=0.25)
+    res = loop.fit(_model(), _data(32), params, "clm", 8, 1e-3, 0, torch.device("cpu"), progress=False,
+                   val=_data(8, seed=1))  # fmt: skip
+    assert res.budget == 8 and res.warmup_frac == 0.25
+
+
 def test_epoch_budgets_and_per_model_settings():
     from repro.config import ParamsError
 

@@ -920,7 +920,8 @@ def convergence_table(
     below: set[tuple[str, str]] | None = None,
 ) -> pd.DataFrame:
     """One row per model: how many of its pretraining and finetuning runs ended on their plateau (early
-    stop, or best validation within 0.5 % over the last 20 % of steps), the epochs they saw, whether its
+    stop, or best validation within 0.5 % over the steps that carried the last 20 % of the learning rate:
+    ``TrainResult.tail_start``), the epochs they saw, whether its
     held-out AUROC on `task` is clearly above chance (the CI's lower bound above 0.5), and, given `below`
     (``below_probe``), the tasks where its finetuned AUROC fell below its own frozen probe."""
     rows: dict[str, dict[str, list]] = {}

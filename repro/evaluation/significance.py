@@ -37,7 +37,8 @@ LABEL_RULE = (
     "have found an effect of that size, so its silence says nothing. "
     "Undertrained: a training run behind either model on the task (its pretraining or its finetuning, any "
     "seed) ended while still improving (no early stop, and its best validation improved by more than 0.5 % "
-    "over its last 20 % of steps); a difference between models short of their plateau says nothing about "
+    "over the steps that carried the last 20 % of its learning rate: under linear decay to zero, the last "
+    "45 % of its steps); a difference between models short of their plateau says nothing about "
     "the architectures, so the comparison gets no verdict."
 )
 ONE_SEED = "one seed"
