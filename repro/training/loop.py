@@ -67,11 +67,7 @@ class TrainResult:
         last = float(self.val[-1]["step"])
         if self.budget <= 0:
             return (1 - tail) * last
-        s = np.arange(self.budget)
-        warmup = max(1, int(self.budget * self.warmup_frac))
-        rate = np.where(
-            s < warmup, (s + 1) / warmup, np.maximum(0.0, (self.budget - s) / max(1, self.budget - warmup))
-        )
+        rate = _rate(np.arange(self.budget), self.budget, self.warmup_frac)
         remaining = np.cumsum(rate[::-1])[::-1]  # the rate still to come from each step on
         start = float(np.argmax(remaining <= tail * remaining[0]))
         return min(start, (1 - tail) * last)
@@ -123,13 +119,17 @@ def _all_sum(x: torch.Tensor, world: int) -> torch.Tensor:
     return x
 
 
-def _schedule(total: int, warmup_frac: float):
+def _rate(step: np.ndarray, total: int, warmup_frac: float) -> np.ndarray:
+    """The learning-rate multiplier at each step: linear warmup, then linear decay to zero at `total`."""
     warmup = max(1, int(total * warmup_frac))
+    return np.where(
+        step < warmup, (step + 1) / warmup, np.maximum(0.0, (total - step) / max(1, total - warmup))
+    )
 
+
+def _schedule(total: int, warmup_frac: float):
     def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
+        return float(_rate(np.asarray(step), total, warmup_frac))
 
     return f
 
