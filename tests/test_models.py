@@ -354,15 +354,30 @@ def _saved_activation_bytes(module: torch.nn.Module, x: torch.Tensor) -> int:
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_mixer_recompute_gives_the_plain_paths_outputs_and_gradients(bias):
-    """recompute=True (repro.models.mamba_inner: conv output, dt, B, C and the gated output recomputed in
-    backward) is the same function with the same gradients for every parameter, and keeps less for backward."""
+def test_projections_are_x_proj_and_dt_proj_in_the_scans_layouts():
+    """mamba_inner.projections, shared by the plain and the recomputing mixer paths, against the plain
+    per-token formulas: x_dbl = x_proj(u_t), dt = dt_proj.weight @ x_dbl[:r], B and C the next n and n."""
+    from repro.models.mamba_inner import projections
+
     torch.manual_seed(0)
-    plain = MambaMixer(16, d_state=4, bias=bias)
-    kept = MambaMixer(16, d_state=4, bias=bias, recompute=True)
+    b, d, L, r, n = 2, 8, 5, 3, 4
+    conv, x_proj_w, dt_proj_w = torch.randn(b, d, L), torch.randn(r + 2 * n, d), torch.randn(d, r)
+    delta, B, C = projections(conv, x_proj_w, dt_proj_w, r)
+    x_dbl = torch.einsum("kd,bdl->blk", x_proj_w, conv)
+    torch.testing.assert_close(delta, torch.einsum("dr,blr->bdl", dt_proj_w, x_dbl[..., :r]))
+    torch.testing.assert_close(B, x_dbl[..., r : r + n].transpose(1, 2)[:, None])
+    torch.testing.assert_close(C, x_dbl[..., r + n :].transpose(1, 2)[:, None])
+    assert delta.stride(-1) == 1 and B.is_contiguous() and C.is_contiguous()
+
+
+def _assert_recompute_matches_plain(shape: tuple[int, int, int], bias: bool = False):
+    """A plain MambaMixer and one with recompute=True, same weights: the same outputs, input gradients and
+    parameter gradients on one random input of `shape`. Returns (plain, kept, input)."""
+    torch.manual_seed(0)
+    plain = MambaMixer(shape[-1], d_state=4, bias=bias)
+    kept = MambaMixer(shape[-1], d_state=4, bias=bias, recompute=True)
     kept.load_state_dict(plain.state_dict())
-    x = torch.randn(3, 37, 16)
+    x = torch.randn(*shape)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya, yb = plain(xa), kept(xb)
     torch.testing.assert_close(ya, yb)
@@ -372,6 +387,14 @@ def test_mixer_recompute_gives_the_plain_paths_outputs_and_gradients(bias):
     torch.testing.assert_close(xa.grad, xb.grad, atol=1e-5, rtol=1e-4)
     for (name, pa), pb in zip(plain.named_parameters(), kept.parameters(), strict=True):
         torch.testing.assert_close(pa.grad, pb.grad, atol=1e-5, rtol=1e-4, msg=name)
+    return plain, kept, x
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_mixer_recompute_gives_the_plain_paths_outputs_and_gradients(bias):
+    """recompute=True (repro.models.mamba_inner: conv output, dt, B, C and the gated output recomputed in
+    backward) is the same function with the same gradients for every parameter, and keeps less for backward."""
+    plain, kept, x = _assert_recompute_matches_plain((3, 37, 16), bias=bias)
     assert kept.kernel_path == "reference-chunked"
     assert _saved_activation_bytes(kept, x.clone().requires_grad_()) < _saved_activation_bytes(
         plain, x.clone().requires_grad_()
@@ -425,18 +448,5 @@ def test_cuda_scan_glue_runs_with_the_kernels_calling_convention(monkeypatch):
         return ref.bwd(u, delta, A, B, C, D, z, delta_bias, dout, states, out, softplus, dz)
 
     monkeypatch.setattr(mamba_inner, "selective_scan_cuda", types.SimpleNamespace(fwd=fwd, bwd=bwd))
-    torch.manual_seed(0)
-    plain = MambaMixer(16, d_state=4)
-    kept = MambaMixer(16, d_state=4, recompute=True)
-    kept.load_state_dict(plain.state_dict())
-    x = torch.randn(2, 19, 16)
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     monkeypatch.setattr(ehrmamba, "_REFERENCE_SCAN", mamba_inner.CudaScan())  # the CUDA wrapper on a CPU
-    ya, yb = plain(xa), kept(xb)
-    torch.testing.assert_close(ya, yb)
-    g = torch.randn_like(ya)
-    ya.backward(g)
-    yb.backward(g)
-    torch.testing.assert_close(xa.grad, xb.grad, atol=1e-5, rtol=1e-4)
-    for (name, pa), pb in zip(plain.named_parameters(), kept.parameters(), strict=True):
-        torch.testing.assert_close(pa.grad, pb.grad, atol=1e-5, rtol=1e-4, msg=name)
+    _assert_recompute_matches_plain((2, 19, 16))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from repro.models.embeddings import CEHREmbedding, check_sizes
-from repro.models.mamba_inner import CudaScan, InnerRecompute, ReferenceScan, selective_scan_cuda
+from repro.models.mamba_inner import CudaScan, InnerRecompute, ReferenceScan, projections, selective_scan_cuda
 
 try:
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
@@ -340,30 +340,32 @@ class MambaMixer(nn.Module):
             x = causal_conv1d_fn(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
         else:
             x = F.silu(self.conv1d(x)[..., :L])
-        x_dbl = self.x_proj(x.transpose(1, 2).reshape(-1, self.d_inner))  # [(B L), dt_rank + 2 n]
-        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = (self.dt_proj.weight @ dt.t()).view(-1, hidden.shape[0], L).transpose(0, 1)  # bias: in scan
-        B = B.view(hidden.shape[0], L, -1).transpose(1, 2).contiguous()
-        C = C.view(hidden.shape[0], L, -1).transpose(1, 2).contiguous()
-        A = -torch.exp(self.A_log.float())
-        if fused:
-            scan, self.kernel_path = selective_scan_fn, KERNEL_CUDA
-        else:
-            scan, self.kernel_path = selective_scan_ref_chunked, KERNEL_REFERENCE
-        _announce("reference-on-cuda" if hidden.is_cuda and not fused else self.kernel_path)
+        dt, B, C = projections(x, self.x_proj.weight, self.dt_proj.weight, self.dt_rank)  # dt's bias: in scan
+        scan = self._scan(fused, selective_scan_fn, selective_scan_ref_chunked, hidden.is_cuda)
         y = scan(
-            x, dt, A, B, C, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True
+            x,
+            dt,
+            -torch.exp(self.A_log.float()),
+            B.squeeze(1),
+            C.squeeze(1),
+            self.D.float(),
+            z=z,
+            delta_bias=self.dt_proj.bias.float(),
+            delta_softplus=True,
         )
         return self.out_proj(y.transpose(1, 2))
+
+    def _scan(self, fused: bool, cuda, reference, on_cuda: bool):
+        """`cuda` when mamba_ssm's kernel runs, else `reference`; records the kernel path and announces
+        it (a reference scan on CUDA as such)."""
+        scan, self.kernel_path = (cuda, KERNEL_CUDA) if fused else (reference, KERNEL_REFERENCE)
+        _announce("reference-on-cuda" if on_cuda and not fused else self.kernel_path)
+        return scan
 
     def _inner_recompute(self, xz: Tensor, fused: bool) -> Tensor:
         """The same mixer through InnerRecompute: the conv output, dt, B, C and the gated scan output are
         recomputed in backward instead of kept (mamba_inner_fn's memory, without causal-conv1d)."""
-        if fused:
-            kernel, self.kernel_path = _CUDA_SCAN, KERNEL_CUDA
-        else:
-            kernel, self.kernel_path = _REFERENCE_SCAN, KERNEL_REFERENCE
-        _announce("reference-on-cuda" if xz.is_cuda and not fused else self.kernel_path)
+        kernel = self._scan(fused, _CUDA_SCAN, _REFERENCE_SCAN, xz.is_cuda)
         return InnerRecompute.apply(
             xz,
             self.conv1d.weight,

@@ -86,19 +86,26 @@ class ReferenceScan:
         return du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z.detach()
 
 
-def _inner(
-    x: Tensor, conv_w: Tensor, conv_b: Tensor | None, x_proj_w: Tensor, dt_proj_w: Tensor, dt_rank: int
-):
-    """SiLU(causal depthwise conv(x)), then dt [b, d, L] and B, C [b, 1, n, L] from x_proj and dt_proj, in
-    mamba_ssm's layouts (stride 1 along L, no strided copies for the scan)."""
-    b, d, L = x.shape
-    conv = F.silu(F.conv1d(x, conv_w, conv_b, padding=conv_w.shape[-1] - 1, groups=d)[..., :L])
+def projections(conv: Tensor, x_proj_w: Tensor, dt_proj_w: Tensor, dt_rank: int):
+    """dt [b, d, L] (before its bias) and B, C [b, 1, n, L] from the conv output [b, d, L] through x_proj and
+    dt_proj, in mamba_ssm's layouts (stride 1 along L, no strided copies for the scan). The plain mixer
+    path uses it too (B, C squeezed to [b, n, L])."""
+    b, d, L = conv.shape
     x_dbl = F.linear(conv.transpose(1, 2).reshape(b * L, d), x_proj_w)  # [(b L), dt_rank + 2 n]
     n = (x_dbl.shape[1] - dt_rank) // 2
     delta = (dt_proj_w @ x_dbl[:, :dt_rank].t()).view(d, b, L).transpose(0, 1)
     B = x_dbl[:, dt_rank : dt_rank + n].reshape(b, L, 1, n).permute(0, 2, 3, 1).contiguous()
     C = x_dbl[:, dt_rank + n :].reshape(b, L, 1, n).permute(0, 2, 3, 1).contiguous()
-    return conv, delta, B, C
+    return delta, B, C
+
+
+def _inner(
+    x: Tensor, conv_w: Tensor, conv_b: Tensor | None, x_proj_w: Tensor, dt_proj_w: Tensor, dt_rank: int
+):
+    """SiLU(causal depthwise conv(x)), then ``projections`` of it: conv, dt, B, C."""
+    L = x.shape[-1]
+    conv = F.silu(F.conv1d(x, conv_w, conv_b, padding=conv_w.shape[-1] - 1, groups=x.shape[1])[..., :L])
+    return (conv, *projections(conv, x_proj_w, dt_proj_w, dt_rank))
 
 
 class InnerRecompute(torch.autograd.Function):

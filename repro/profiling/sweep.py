@@ -256,9 +256,10 @@ def measure(
         torch.manual_seed(seed)
         model = make_model(length).to(device)
         row["params"] = model.n_params()
+        tag = f" {RECOMPUTE_LABEL}" if recomputes(model) else ""
         path = probe_kernel_path(model, device)
-        if path and recomputes(model):
-            path = f"{path} {RECOMPUTE_LABEL}"
+        if path:
+            path += tag
         row["kernel_path"] = path or "-"
         reference_on_cuda = device.type == "cuda" and is_reference(path)
         if reference_on_cuda and not allow_reference:
@@ -268,9 +269,7 @@ def measure(
             model, synthetic_batch(int(model.vocab_size), batch, length, device, seed=seed), device
         )
         t = time_step(step, device, warmup, steps)
-        path = model.kernel_path or "-"
-        if recomputes(model):
-            path = f"{path} {RECOMPUTE_LABEL}"
+        path = (model.kernel_path or "-") + tag
         record_timing(row, t, f"{path} {REFERENCE_LABEL}" if reference_on_cuda else path)
 
     row = guarded(empty_row(name, device, length, batch), body, device)
