@@ -17,6 +17,9 @@
   EHRMamba / MultiBird ratios (repro.profiling.bench_paper).
 - `python -m repro.bench graphs`: the training loop's steps captured in CUDA graphs against eager ones,
   same weights and batches: tokens/s, peak memory, how far the loss curves part (repro.profiling.bench_graphs).
+- `python -m repro.bench mechanisms --work outputs/default/work`: each pretrained backbone of a run finetuned
+  on one planted mechanism's own label at a time, held-out AUROC beside counts + LR's: what pretraining put
+  within reach of finetuning (synthetic cohort; repro.profiling.bench_mechanisms).
 - `python -m repro.bench share --processes 6`: that many training processes on one GPU at once, by turns
   and through MPS, eager and graphed: aggregate tokens/s against one process alone (repro.profiling.bench_share).
 """
@@ -45,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         from repro.profiling.bench_share import main as share_main
 
         return share_main(argv[1:])
+    if argv and argv[0] == "mechanisms":
+        from repro.profiling.bench_mechanisms import main as mechanisms_main
+
+        return mechanisms_main(argv[1:])
     if argv and argv[0] == "paper":
         from repro.profiling.bench_paper import main as paper_main
 
@@ -59,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub.add_parser(
         "paper", help="the paper's epoch time and largest batch, EHRMamba vs MultiBird (... paper --help)"
+    )
+    sub.add_parser(
+        "mechanisms",
+        help="each pretrained backbone finetuned on one planted mechanism (... mechanisms --help)",
     )
     p = sub.add_parser("zoo", help="train every backbone a few hundred steps and print its losses")
     p.add_argument("--params", default="params/default.yaml")

@@ -16,10 +16,18 @@ from pathlib import Path
 def _user_errors() -> tuple[type[BaseException], ...]:
     from repro.config import ParamsError
     from repro.data.meds import MedsError
+    from repro.evaluation.replication import ReplicationError
     from repro.report.notebook_exec import RunError
     from repro.training.mps import MpsError
 
-    errors: list[type[BaseException]] = [ParamsError, MedsError, RunError, MpsError, FileExistsError]
+    errors: list[type[BaseException]] = [
+        ParamsError,
+        MedsError,
+        RunError,
+        MpsError,
+        ReplicationError,
+        FileExistsError,
+    ]
     try:
         from repro.report.pandoc import RenderError
 
@@ -105,6 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     p_plan.add_argument("--gpus", type=int, default=1, help="GPUs to spread the runs over (wall-time bound)")
     p_plan.add_argument("--out", help="also write the plan as CSV here")
 
+    p_cmp = sub.add_parser(
+        "compare", help="two runs of the same question side by side: which estimates and verdicts replicated"
+    )
+    p_cmp.add_argument("run_a")
+    p_cmp.add_argument("run_b")
+    p_cmp.add_argument("--out", help="also write the table as CSV here")
+
     p_render = sub.add_parser("render", help="render report.qmd of an executed run")
     p_render.add_argument("run_dir")
     p_render.add_argument("--engine", choices=["auto", "quarto", "offline"], default="auto")
@@ -175,6 +190,18 @@ def main(argv: list[str] | None = None) -> int:
             table, lines = plan_run(args.params, args.data, args.measured, args.gpus)
             print(table.to_string(index=False))
             for line in lines:
+                print(line)
+            if args.out:
+                from repro.evaluation.store import save_csv
+
+                print(save_csv(table, args.out))
+        elif args.command == "compare":
+            from repro.evaluation.replication import compare_runs, load_run, summary_lines
+
+            run_a, run_b = load_run(args.run_a), load_run(args.run_b)
+            table = compare_runs(run_a, run_b)
+            print(table.to_string(index=False))
+            for line in summary_lines(run_a, run_b, table):
                 print(line)
             if args.out:
                 from repro.evaluation.store import save_csv

@@ -1,0 +1,182 @@
+"""What pretraining put within reach of finetuning, one planted mechanism at a time (synthetic cohort only).
+
+Why: notebook 01's mechanism figure reads the finetuned mortality models, which mixes what a backbone's
+pretraining carries with what one mortality finetuning happened to pick up (in two default runs with the
+same settings BigBird read 0.92 and then 0.08 of the interaction's signal). Here each pretrained backbone is
+finetuned as the pipeline finetunes (same build, rate, budget, early stopping, validation subset) on one
+mechanism's own label: its high-risk side among the mortality_1m samples where it acts
+(`repro.evaluation.truth.SIDES`), scored on the held-out split. Counts + LR on the same label shows what
+code counts alone give (by design, about 0.5 for order, trend, timing and interaction). Causal models are
+also read through the mean of their states (`--readouts head mean`): a last-token readout that cannot
+reach what the states hold would show there.
+
+    python -m repro.bench mechanisms --params params/default.yaml --work outputs/default/work --out m.json
+
+Uses the run's pretraining checkpoints under `--work` when they were trained with these params (else
+pretrains, writing them there, as `repro run` would); writes nothing else there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import meds
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import roc_auc_score
+
+from repro.config import MECHANISM_NAMES, ParamsError, load_run_params
+from repro.data.dataset import SequenceDataset
+from repro.data.meds import SUBJECT
+from repro.evaluation.store import save_json
+from repro.evaluation.truth import SIDES
+from repro.training.loop import fit, predict
+from repro.training.trainer import Trainer
+
+TASK = "mortality_1m"
+
+
+def mechanism_samples(trainer: Trainer, mechanism: str, split: str, max_len: int | None = None):
+    """The task's encoded samples of `split` where `mechanism` acts, labelled 1 on its high-risk side."""
+    items, df = trainer.samples(TASK, split, max_len=max_len)
+    truth = trainer.prep.truth.set_index(SUBJECT).loc[df[SUBJECT]].reset_index()
+    where, high = SIDES[mechanism][1](truth)
+    keep = np.flatnonzero(where)
+    return [items[i] for i in keep], high[keep].astype(np.float32)
+
+
+def _auroc(y: np.ndarray, s: np.ndarray) -> float:
+    return round(float(roc_auc_score(y, s)), 4) if 0 < y.sum() < len(y) else float("nan")
+
+
+def finetune_on(
+    trainer: Trainer,
+    name: str,
+    mechanism: str,
+    seed: int,
+    readout: str = "head",
+    max_steps: int | None = None,
+) -> dict:
+    """Backbone `name` after pretraining (seed `seed`), finetuned on `mechanism`'s label; held-out AUROC."""
+    from repro.models.registry import build_model
+
+    t0 = time.perf_counter()
+    n = trainer.input_len(name)
+    model, pre = trainer.pretrained(name, seed)
+    if readout == "mean":  # EHRModel's mean pooling adds no weights: the same state loads strictly
+        state = model.state_dict()
+        torch.manual_seed(seed)
+        model = build_model(
+            name, trainer.prep.tokenizer.vocab_size, **(trainer.build_kwargs(name) | {"pool": "mean"})
+        )
+        model.load_state_dict(state, strict=True)
+    model.set_n_outputs(1)
+    tp = trainer.prep.params.train.for_model(name).finetuning()
+    (tr, y_tr), (tu, y_tu), (ho, y_ho) = (
+        mechanism_samples(trainer, mechanism, s, n)
+        for s in (meds.train_split, meds.tuning_split, meds.held_out_split)
+    )
+    steps = tp.steps("finetune", len(tr))
+    steps = min(steps, max_steps) if max_steps else steps
+    res = fit(
+        model,
+        SequenceDataset(tr, y_tr[:, None]),
+        tp,
+        "classify",
+        steps,
+        tp.finetune_lr,
+        seed + 1000,
+        trainer.device,
+        progress=trainer.progress,
+        desc=f"{name} on {mechanism}",
+        val=trainer._val(SequenceDataset(tu, y_tu[:, None])),
+    )
+    scores = predict(model, SequenceDataset(ho), trainer.device, tp.eval_batch_size)[:, 0]
+    return {
+        "model": name,
+        "readout": model.pool_mode or ("last token" if model.causal else "[CLS]"),
+        "mechanism": mechanism,
+        "seed": seed,
+        "held-out AUROC": _auroc(y_ho, scores),
+        "samples (train / held out)": f"{len(tr)} / {len(ho)}",
+        "pretraining": "none" if pre is None else f"{pre.objective}, {pre.epochs:.2f} epochs, {pre.status}",
+        "finetuning": f"{res.epochs:.2f} epochs, {res.status}",
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def counts_on(trainer: Trainer, mechanism: str, seed: int) -> dict:
+    """Counts + LR on `mechanism`'s label: what the codes present tell without order, values or times."""
+    from repro.models.baselines import CountLogistic, count_matrix
+
+    vocab = trainer.prep.tokenizer.vocab_size
+    (tr, y_tr), (tu, y_tu), (ho, y_ho) = (
+        mechanism_samples(trainer, mechanism, s)
+        for s in (meds.train_split, meds.tuning_split, meds.held_out_split)
+    )
+    lr = CountLogistic(vocab, seed=seed).fit_counts(
+        count_matrix(tr, vocab), y_tr, count_matrix(tu, vocab), y_tu
+    )
+    return {
+        "model": "count_lr",
+        "readout": "counts",
+        "mechanism": mechanism,
+        "seed": seed,
+        "held-out AUROC": _auroc(y_ho, lr.predict_counts(count_matrix(ho, vocab))),
+        "samples (train / held out)": f"{len(tr)} / {len(ho)}",
+    }
+
+
+def run_bench(
+    trainer: Trainer,
+    models: list[str],
+    mechanisms: list[str],
+    seed: int = 0,
+    readouts: tuple[str, ...] = ("head",),
+    max_steps: int | None = None,
+) -> pd.DataFrame:
+    """One row per (model, readout, mechanism); the mean readout only for causal models."""
+    if trainer.prep.truth is None:
+        raise ParamsError("bench mechanisms needs the synthetic cohort's truth; this data has none")
+    unknown = sorted(set(mechanisms) - set(MECHANISM_NAMES))
+    if unknown:
+        raise ParamsError(f"--mechanisms: unknown {unknown}; known: {', '.join(MECHANISM_NAMES)}")
+    rows = []
+    for mechanism in mechanisms:
+        rows.append(counts_on(trainer, mechanism, seed))
+        for name in models:
+            causal = trainer.build(name, seed).causal
+            for readout in readouts:
+                if readout == "mean" and not causal:
+                    continue
+                row = finetune_on(trainer, name, mechanism, seed, readout, max_steps)
+                print(row, flush=True)
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from repro.training.prepare import prepare
+
+    ap = argparse.ArgumentParser(prog="python -m repro.bench mechanisms", description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params/default.yaml")
+    ap.add_argument("--work", required=True, help="a run's work/ folder (its pretraining checkpoints)")
+    ap.add_argument("--models", nargs="+", default=["ehrmamba", "transformer", "bigbird", "cehr_bert"])
+    ap.add_argument("--mechanisms", nargs="+", default=list(MECHANISM_NAMES))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--readouts", nargs="+", choices=["head", "mean"], default=["head", "mean"])
+    ap.add_argument("--max-steps", type=int, default=None, help="cap on finetuning steps (a quick look)")
+    ap.add_argument("--out", default=None, help="also write the rows as JSON here")
+    args = ap.parse_args(argv)
+    params = load_run_params(args.params)
+    trainer = Trainer(prepare(params, progress=False), args.work, progress=False)
+    table = run_bench(trainer, args.models, args.mechanisms, args.seed, tuple(args.readouts), args.max_steps)
+    wide = table.pivot_table(
+        index=["model", "readout"], columns="mechanism", values="held-out AUROC", sort=False
+    )
+    print(wide.round(3).to_string())
+    if args.out:
+        save_json(table.to_dict(orient="records"), args.out)
+    return 0
