@@ -76,3 +76,13 @@ def test_main_rejects_an_unknown_readout(capsys):
     with pytest.raises(SystemExit):
         main(["--work", "w", "--readouts", "cls"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # spawns a pool of worker processes
+def test_worker_processes_give_the_rows_one_process_gives(prep, tmp_path):
+    trainer = Trainer(prep, tmp_path, progress=False)
+    one = run_bench(trainer, ["transformer"], ["interaction", "trend"], 0, ("head", "mean"))
+    two = run_bench(trainer, ["transformer"], ["interaction", "trend"], 0, ("head", "mean"), workers=2)
+    keys = ["model", "readout", "mechanism"]
+    assert two[keys].equals(one[keys])
+    assert np.allclose(two["held-out AUROC"], one["held-out AUROC"], atol=0.01)

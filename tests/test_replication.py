@@ -105,3 +105,21 @@ def test_cli_writes_the_table(tmp_path, capsys):
     assert main(["compare", str(a), str(b), "--out", str(out)]) == 0
     assert "3 of 3 estimates have overlapping 95 % CIs" in capsys.readouterr().out
     assert out.read_text().startswith("kind,task,what,run A,run B")
+
+
+def test_hypothesis_verdicts_are_compared_when_both_runs_have_notebook_90(tmp_path):
+    cell = {"estimate": 0.85, "lo": 0.83, "hi": 0.87}
+    a = _write_run(tmp_path / "a", cell, "-0.050 [-0.090, -0.030]", "not supported")
+    b = _write_run(tmp_path / "b", cell, "-0.040 [-0.080, -0.010]", "not supported")
+    only_a = compare_runs(load_run(a), load_run(b))
+    assert "hypothesis" not in set(only_a["kind"])  # b has no notebook 90 yet
+    for root, verdict in ((a, "not supported"), (b, "undertrained")):
+        rows = [{"hypothesis": "H1", "verdict": verdict}, {"hypothesis": "H2", "verdict": "inconclusive"}]
+        (root / "results" / "90_verdicts.json").write_text(json.dumps({"verdicts": rows}))
+    run_a, run_b = load_run(a), load_run(b)
+    table = compare_runs(run_a, run_b)
+    hyps = table[table["kind"] == "hypothesis"].set_index("what")
+    assert list(hyps["same verdict"]) == ["NO", "yes"]
+    assert hyps.loc["H1", "CIs overlap"] == "-"
+    lines = " ".join(summary_lines(run_a, run_b, table))
+    assert "3 of 3 estimates" in lines and "1 of 2 hypotheses got the same verdict" in lines

@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 ACCURACY = "results/01_accuracy.json"
+VERDICTS = "results/90_verdicts.json"  # each hypothesis's verdict; absent when notebook 90 did not run
 _INTERVAL = re.compile(r"^\s*([+-]?\d*\.\d+)\s*\[\s*([+-]?\d*\.\d+)\s*,\s*([+-]?\d*\.\d+)\s*\]\s*$")
 
 
@@ -46,9 +47,11 @@ def load_run(run_dir: str | Path) -> dict:
     for key in ("probes", "comparisons"):
         if key not in results:
             raise ReplicationError(f"{path}: has no {key!r}; it was written by an older version of repro")
+    verdicts_path = run_dir / VERDICTS
+    verdicts = json.loads(verdicts_path.read_text()).get("verdicts", []) if verdicts_path.is_file() else []
     manifest_path = run_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    return {"dir": str(run_dir), "results": results, "manifest": manifest}
+    return {"dir": str(run_dir), "results": results, "verdicts": verdicts, "manifest": manifest}
 
 
 def _rows(run: dict) -> dict[tuple[str, str, str], dict]:
@@ -72,12 +75,14 @@ def _rows(run: dict) -> dict[tuple[str, str, str], dict]:
                 "hi": hi,
                 "verdict": r["verdict"],
             }
+    for r in run.get("verdicts", []):
+        rows[("hypothesis", "", r["hypothesis"])] = {"verdict": r["verdict"]}
     return rows
 
 
 def compare_runs(a: dict, b: dict) -> pd.DataFrame:
-    """One row per model AUROC and comparison found in both runs: both estimates with their 95 % CIs,
-    both verdicts, whether the intervals overlap and whether the verdicts agree."""
+    """One row per model AUROC, comparison and hypothesis found in both runs: both estimates with their
+    95 % CIs, both verdicts, whether the intervals overlap and whether the verdicts agree."""
     ra, rb = _rows(a), _rows(b)
     common = [k for k in ra if k in rb]
     if not common:
@@ -85,6 +90,12 @@ def compare_runs(a: dict, b: dict) -> pd.DataFrame:
     out = []
     for kind, task, what in common:
         x, y = ra[(kind, task, what)], rb[(kind, task, what)]
+        if kind == "hypothesis":
+            same = "yes" if x["verdict"] == y["verdict"] else "NO"
+            verdicts = {"verdict A": x["verdict"], "verdict B": y["verdict"], "same verdict": same}
+            estimates = dict.fromkeys(("run A", "run B", "B − A", "CIs overlap"), "-")
+            out.append({"kind": kind, "task": task, "what": what, **estimates, **verdicts})
+            continue
         overlap = x["lo"] <= y["hi"] and y["lo"] <= x["hi"]
         f = "{:.3f}" if kind == "model AUROC" else "{:+.3f}"
 
@@ -107,7 +118,8 @@ def compare_runs(a: dict, b: dict) -> pd.DataFrame:
                 else ("yes" if x["verdict"] == y["verdict"] else "NO"),
             }
         )
-    return pd.DataFrame(out)
+    columns = ["kind", "task", "what", "run A", "run B", "B − A", "verdict A", "verdict B", "CIs overlap"]
+    return pd.DataFrame(out, columns=[*columns, "same verdict"])
 
 
 def summary_lines(a: dict, b: dict, table: pd.DataFrame) -> list[str]:
@@ -121,13 +133,18 @@ def summary_lines(a: dict, b: dict, table: pd.DataFrame) -> list[str]:
     ha, hb = a["manifest"].get("params_hash"), b["manifest"].get("params_hash")
     if ha and hb and ha != hb:
         lines.append("the runs' params differ: a difference below may come from them, not only from chance")
-    apart = table[table["CIs overlap"] == "NO"]
-    comps = table[table["kind"] != "model AUROC"]
+    estimates = table[table["kind"] != "hypothesis"]
+    apart = estimates[estimates["CIs overlap"] == "NO"]
+    comps = table[table["kind"].isin(["comparison", "null comparison"])]
     flipped = comps[comps["same verdict"] == "NO"]
     lines.append(
-        f"{len(table) - len(apart)} of {len(table)} estimates have overlapping 95 % CIs in the two runs; "
-        f"{len(comps) - len(flipped)} of {len(comps)} comparisons gave the same verdict"
+        f"{len(estimates) - len(apart)} of {len(estimates)} estimates have overlapping 95 % CIs in the two "
+        f"runs; {len(comps) - len(flipped)} of {len(comps)} comparisons gave the same verdict"
     )
+    hyps = table[table["kind"] == "hypothesis"]
+    if len(hyps):
+        same = int((hyps["same verdict"] == "yes").sum())
+        lines.append(f"{same} of {len(hyps)} hypotheses got the same verdict (notebook 90 of both runs)")
     for _, r in apart.iterrows():
         lines.append(f"  not reproduced: {r['kind']} {r['task']} {r['what']}: {r['run A']} then {r['run B']}")
     return lines

@@ -129,6 +129,21 @@ def counts_on(trainer: Trainer, mechanism: str, seed: int) -> dict:
     }
 
 
+_WORKER: Trainer | None = None
+
+
+def _init_worker(prep_args: tuple, work_dir: str) -> None:
+    from repro.training.prepare import prepare
+
+    global _WORKER
+    params, meds_dir = prep_args
+    _WORKER = Trainer(prepare(params, data_dir=meds_dir, progress=False), work_dir, progress=False)
+
+
+def _finetune_job(job: tuple) -> dict:
+    return finetune_on(_WORKER, *job)
+
+
 def run_bench(
     trainer: Trainer,
     models: list[str],
@@ -136,25 +151,43 @@ def run_bench(
     seed: int = 0,
     readouts: tuple[str, ...] = ("head",),
     max_steps: int | None = None,
+    workers: int = 1,
 ) -> pd.DataFrame:
-    """One row per (model, readout, mechanism); the mean readout only for causal models."""
+    """One row per (model, readout, mechanism); the mean readout only for causal models.
+
+    With `workers` > 1 the finetuning runs go to that many processes (small models leave a GPU idle
+    between kernels, as in `repro run`); each backbone is pretrained (or loaded) here first, so no two
+    processes train the same checkpoint.
+    """
     if trainer.prep.truth is None:
         raise ParamsError("bench mechanisms needs the synthetic cohort's truth; this data has none")
     unknown = sorted(set(mechanisms) - set(MECHANISM_NAMES))
     if unknown:
         raise ParamsError(f"--mechanisms: unknown {unknown}; known: {', '.join(MECHANISM_NAMES)}")
-    rows = []
-    for mechanism in mechanisms:
-        rows.append(counts_on(trainer, mechanism, seed))
-        for name in models:
-            causal = trainer.build(name, seed).causal
-            for readout in readouts:
-                if readout == "mean" and not causal:
-                    continue
-                row = finetune_on(trainer, name, mechanism, seed, readout, max_steps)
-                print(row, flush=True)
-                rows.append(row)
-    return pd.DataFrame(rows)
+    causal = {name: trainer.pretrained(name, seed)[0].causal for name in models}
+    jobs = [
+        (name, mechanism, seed, readout, max_steps)
+        for mechanism in mechanisms
+        for name in models
+        for readout in readouts
+        if readout == "head" or causal[name]
+    ]
+    rows = [counts_on(trainer, mechanism, seed) for mechanism in mechanisms]
+    if workers > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        prep_args = (trainer.prep.params, trainer.prep.meds_dir)
+        with ProcessPoolExecutor(
+            workers, mp.get_context("spawn"), _init_worker, (prep_args, str(trainer.work_dir))
+        ) as pool:
+            done = list(pool.map(_finetune_job, jobs))
+    else:
+        done = [finetune_on(trainer, *job) for job in jobs]
+    for row in done:
+        print(row, flush=True)
+    order = {m: i for i, m in enumerate(mechanisms)}
+    return pd.DataFrame(sorted(rows + done, key=lambda r: order[r["mechanism"]]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,11 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--readouts", nargs="+", choices=["head", "mean"], default=["head", "mean"])
     ap.add_argument("--max-steps", type=int, default=None, help="cap on finetuning steps (a quick look)")
+    ap.add_argument("--workers", type=int, default=1, help="finetuning processes (6 on a GPU, as repro run)")
     ap.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = ap.parse_args(argv)
     params = load_run_params(args.params)
     trainer = Trainer(prepare(params, progress=False), args.work, progress=False)
-    table = run_bench(trainer, args.models, args.mechanisms, args.seed, tuple(args.readouts), args.max_steps)
+    table = run_bench(
+        trainer, args.models, args.mechanisms, args.seed, tuple(args.readouts), args.max_steps, args.workers
+    )
     wide = table.pivot_table(
         index=["model", "readout"], columns="mechanism", values="held-out AUROC", sort=False
     )
