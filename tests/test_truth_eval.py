@@ -134,3 +134,22 @@ def test_recovery_is_one_for_the_truth_and_near_zero_for_a_blind_model():
         else:
             assert abs(share["counts", m]) < 0.15, m
     assert recovery(None, preds).empty
+
+
+def test_recovery_by_seed_shows_each_seed_apart():
+    from repro.evaluation.truth import recovery_by_seed
+
+    t = _truth()
+    xor = np.where(t["feature_warfarin"] == t["feature_ciprofloxacin"], 1.0, -1.0)
+    frames = [
+        pd.DataFrame(
+            {"model": "bigbird", "subject_id": t["subject_id"], "score": s, "true_prob": xor, "seed": seed}
+        )
+        for seed, s in ((1, np.zeros(len(t)) + t["feature_creatinine_slope"]), (0, xor))
+    ]  # seed 0 reads the interaction, seed 1 only the trend
+    preds = pd.concat(frames).assign(task="mortality_1m", split="held_out")
+    table = recovery_by_seed(t, preds, {"bigbird": "BigBird"}).set_index("model")
+    assert table.loc["BigBird", "seeds"] == "0, 1"
+    first, second = (float(x) for x in table.loc["BigBird", "interaction"].split(", "))
+    assert first == pytest.approx(1.0) and abs(second) < 0.15  # in seed order, not averaged away
+    assert recovery_by_seed(None, preds, {}).empty
