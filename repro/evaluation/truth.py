@@ -160,7 +160,7 @@ def recovery_by_seed(
         }
         for m in SIDES:
             shares = g[g["mechanism"] == m].sort_values("seed")["share recovered"]
-            row[m] = ", ".join(f"{x:.2f}" for x in shares)
+            row[m] = ", ".join(f"{round(x, 2) + 0.0:.2f}" for x in shares)  # no "-0.00"
         rows.append(row)
     return pd.DataFrame(rows)
 
