@@ -61,7 +61,8 @@ SIDES: dict[str, tuple[str, _Split]] = {
 assert tuple(SIDES) == MECHANISM_NAMES
 
 
-def _auroc(y: np.ndarray, s: np.ndarray) -> float:
+def auroc_or_nan(y: np.ndarray, s: np.ndarray) -> float:
+    """AUROC of scores `s` for binary `y`; NaN where `y` holds one class (a side with no sample)."""
     return float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else float("nan")
 
 
@@ -85,11 +86,11 @@ def mechanism_table(prep) -> pd.DataFrame:
     labels = prep.labels["mortality_1m"]
     t = prep.truth.set_index(SUBJECT).loc[labels[SUBJECT]].reset_index()
     y = labels["label"].to_numpy()
-    full = _auroc(y, mortality_logit(t))
+    full = auroc_or_nan(y, mortality_logit(t))
     rows = []
     for m, (side, split) in SIDES.items():
         where, _ = split(t)
-        without = _auroc(y, mortality_logit(t, without=m))
+        without = auroc_or_nan(y, mortality_logit(t, without=m))
         rows.append(
             {
                 "mechanism": m,
@@ -119,8 +120,8 @@ def recovery(truth: pd.DataFrame | None, preds: pd.DataFrame, task: str = "morta
         t = truth.set_index(SUBJECT).loc[g[SUBJECT]].reset_index()
         for m, (_, split) in SIDES.items():
             where, high = split(t)
-            model_auc = _auroc(high[where], g["score"].to_numpy()[where])
-            true_auc = _auroc(high[where], g["true_prob"].to_numpy()[where])
+            model_auc = auroc_or_nan(high[where], g["score"].to_numpy()[where])
+            true_auc = auroc_or_nan(high[where], g["true_prob"].to_numpy()[where])
             rows.append(
                 {
                     "model": model,
@@ -177,12 +178,14 @@ def ceiling_table(prep, count_predictions: dict[str, pd.DataFrame]) -> pd.DataFr
         for col in label_columns(test):
             tp = "true_prob" if col == "label" else f"true_prob::{col.removeprefix('label::')}"
             if tp in test:
-                oracle.append(_auroc(test[col].to_numpy(), test[tp].to_numpy()))
+                oracle.append(auroc_or_nan(test[col].to_numpy(), test[tp].to_numpy()))
         counts = []
         p = count_predictions.get(task)
         if p is not None:
             p = p[p["split"] == meds.held_out_split]
-            counts = [_auroc(g["label"].to_numpy(), g["score"].to_numpy()) for _, g in p.groupby("target")]
+            counts = [
+                auroc_or_nan(g["label"].to_numpy(), g["score"].to_numpy()) for _, g in p.groupby("target")
+            ]
         rows.append(
             {
                 "task": task,

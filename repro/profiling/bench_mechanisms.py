@@ -24,15 +24,13 @@ import time
 import meds
 import numpy as np
 import pandas as pd
-import torch
-from sklearn.metrics import roc_auc_score
 
 from repro.config import MECHANISM_NAMES, ParamsError, load_run_params
 from repro.data.dataset import SequenceDataset
 from repro.data.meds import SUBJECT
 from repro.evaluation.store import save_json
-from repro.evaluation.truth import SIDES
-from repro.training.loop import fit, predict
+from repro.evaluation.truth import SIDES, auroc_or_nan
+from repro.training.loop import predict
 from repro.training.trainer import Trainer
 
 TASK = "mortality_1m"
@@ -47,10 +45,6 @@ def mechanism_samples(trainer: Trainer, mechanism: str, split: str, max_len: int
     return [items[i] for i in keep], high[keep].astype(np.float32)
 
 
-def _auroc(y: np.ndarray, s: np.ndarray) -> float:
-    return round(float(roc_auc_score(y, s)), 4) if 0 < y.sum() < len(y) else float("nan")
-
-
 def finetune_on(
     trainer: Trainer,
     name: str,
@@ -60,46 +54,26 @@ def finetune_on(
     max_steps: int | None = None,
 ) -> dict:
     """Backbone `name` after pretraining (seed `seed`), finetuned on `mechanism`'s label; held-out AUROC."""
-    from repro.models.registry import build_model
-
     t0 = time.perf_counter()
     n = trainer.input_len(name)
     model, pre = trainer.pretrained(name, seed)
-    if readout == "mean":  # EHRModel's mean pooling adds no weights: the same state loads strictly
-        state = model.state_dict()
-        torch.manual_seed(seed)
-        model = build_model(
-            name, trainer.prep.tokenizer.vocab_size, **(trainer.build_kwargs(name) | {"pool": "mean"})
-        )
-        model.load_state_dict(state, strict=True)
+    if readout == "mean":  # EHRModel's mean pooling adds no weights: the same state, read another way
+        model.pool = "mean"
     model.set_n_outputs(1)
-    tp = trainer.prep.params.train.for_model(name).finetuning()
     (tr, y_tr), (tu, y_tu), (ho, y_ho) = (
         mechanism_samples(trainer, mechanism, s, n)
         for s in (meds.train_split, meds.tuning_split, meds.held_out_split)
     )
-    steps = tp.steps("finetune", len(tr))
-    steps = min(steps, max_steps) if max_steps else steps
-    res = fit(
-        model,
-        SequenceDataset(tr, y_tr[:, None]),
-        tp,
-        "classify",
-        steps,
-        tp.finetune_lr,
-        seed + 1000,
-        trainer.device,
-        progress=trainer.progress,
-        desc=f"{name} on {mechanism}",
-        val=trainer._val(SequenceDataset(tu, y_tu[:, None])),
-    )
+    train, tune = SequenceDataset(tr, y_tr[:, None]), SequenceDataset(tu, y_tu[:, None])
+    res = trainer.finetune(model, name, train, tune, seed, desc=f"{name} on {mechanism}", max_steps=max_steps)
+    tp = trainer.prep.params.train.for_model(name).finetuning()
     scores = predict(model, SequenceDataset(ho), trainer.device, tp.eval_batch_size)[:, 0]
     return {
         "model": name,
         "readout": model.pool_mode or ("last token" if model.causal else "[CLS]"),
         "mechanism": mechanism,
         "seed": seed,
-        "held-out AUROC": _auroc(y_ho, scores),
+        "held-out AUROC": round(auroc_or_nan(y_ho, scores), 4),
         "samples (train / held out)": f"{len(tr)} / {len(ho)}",
         "pretraining": "none" if pre is None else f"{pre.objective}, {pre.epochs:.2f} epochs, {pre.status}",
         "finetuning": f"{res.epochs:.2f} epochs, {res.status}",
@@ -124,7 +98,7 @@ def counts_on(trainer: Trainer, mechanism: str, seed: int) -> dict:
         "readout": "counts",
         "mechanism": mechanism,
         "seed": seed,
-        "held-out AUROC": _auroc(y_ho, lr.predict_counts(count_matrix(ho, vocab))),
+        "held-out AUROC": round(auroc_or_nan(y_ho, lr.predict_counts(count_matrix(ho, vocab))), 4),
         "samples (train / held out)": f"{len(tr)} / {len(ho)}",
     }
 

@@ -286,6 +286,36 @@ class Trainer:
             self._stored[key] = value
         return self._stored[key]
 
+    def finetune(
+        self,
+        model,
+        name: str,
+        train: SequenceDataset,
+        tune: SequenceDataset,
+        seed: int,
+        checkpoint: Path | None = None,
+        desc: str = "",
+        max_steps: int | None = None,
+    ) -> TrainResult:
+        """Finetune `model` (backbone `name`, its head already sized) on labelled `train` with `name`'s
+        finetuning settings, validating on the fixed subset of `tune`; `max_steps` caps the budget."""
+        tp = self.prep.params.train.for_model(name).finetuning()
+        steps = tp.steps("finetune", len(train))
+        return fit(
+            model,
+            train,
+            tp,
+            "classify",
+            min(steps, max_steps) if max_steps else steps,
+            tp.finetune_lr,
+            seed + 1000,
+            self.device,
+            checkpoint=checkpoint,
+            progress=self.progress,
+            desc=desc,
+            val=self._val(tune),
+        )
+
     def run(self, name: str, task: str, seed: int) -> ModelRun:
         """Train model `name` on `task` with `seed`; score tuning and held_out. "multibird" is BigBird + MPF."""
         if name == "multibird":
@@ -322,21 +352,15 @@ class Trainer:
             model, pre = self.pretrained(name, seed)
             model.set_n_outputs(len(cols))
             tp = self.prep.params.train.for_model(name).finetuning()
-            data = SequenceDataset(tr_items, tr_df[cols].to_numpy())
             tu_items, tu_df = self.samples(task, meds.tuning_split, max_len=n)
-            ft = fit(
+            ft = self.finetune(
                 model,
-                data,
-                tp,
-                "classify",
-                tp.steps("finetune", len(data)),
-                tp.finetune_lr,
-                seed + 1000,
-                self.device,
+                name,
+                SequenceDataset(tr_items, tr_df[cols].to_numpy()),
+                SequenceDataset(tu_items, tu_df[cols].to_numpy()),
+                seed,
                 checkpoint=self.work_dir / f"{name}-seed{seed}-{task}-finetune.pt",
-                progress=self.progress,
                 desc=f"finetune {name} {task} s{seed}",
-                val=self._val(SequenceDataset(tu_items, tu_df[cols].to_numpy())),
             )
             for split in (meds.tuning_split, meds.held_out_split):
                 items, df = self.samples(task, split, max_len=n)
