@@ -265,6 +265,9 @@ save_json(
         "null_auroc": null_check.to_dict(orient="records"),
         "mechanism_recovery": recovered.to_dict(orient="records"),
         "mechanism_recovery_by_seed": recovered_by_seed.to_dict(orient="records"),
+        "seed_auroc": results.seed_aurocs(preds)
+        .assign(model=lambda d: d["model"].map(results.label))
+        .to_dict(orient="records"),
     },
     f"{run_dir}/results/01_accuracy.json",
 )

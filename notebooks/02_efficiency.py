@@ -27,6 +27,10 @@
 # path says so. With `efficiency.ehrmamba_recompute` EHRMamba's mixer keeps only the activations
 # mamba_ssm's fused path keeps (kernel path "+ recompute"); the epoch estimates build every model as its
 # training does. CPU numbers (the smoke run) show the pipeline works; they say nothing about a GPU.
+#
+# H2 is the paper's claim, which is against MultiBird (BigBird's attention with MPF finetuning): it reads
+# the BigBird comparisons only. H2 (all) asks the stronger question, faster and smaller than every
+# Transformer, and needs each comparison supported.
 
 # %% tags=["parameters"]
 params_file = "params/smoke.yaml"
@@ -96,15 +100,18 @@ paper_claim, paper_results = bench_paper.for_run(params, prep.tokenizer.vocab_si
 figures.show_table(paper_claim)
 
 # %%
-h2 = results.overall_verdict(comparisons["verdict"]) if len(comparisons) else "inconclusive"
-print(f"H2 (EHRMamba uses less training time and memory than the Transformers as length grows): {h2}")
+h2 = results.rule_verdict(comparisons, params.hypotheses["H2"])
+h2_all = results.rule_verdict(comparisons, params.hypotheses["H2 (all)"])
+print(f"H2 (EHRMamba uses less training time and memory than BigBird as length grows): {h2}")
+print(f"H2 (all) (... than every Transformer): {h2_all}")
 print("Rule per comparison:", scaling.H2_RULE)
-print("Rule across comparisons:", results.OVERALL_RULE)
+print("Why BigBird:", params.hypotheses["H2"].why)
 
 # %%
 save_json(
     {
         "h2_verdict": h2,
+        "h2_all_verdict": h2_all,
         "comparisons": comparisons.to_dict(orient="records"),
         "slopes": slopes.to_dict(orient="records"),
         "epochs": epochs.to_dict(orient="records"),

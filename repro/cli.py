@@ -114,11 +114,15 @@ def main(argv: list[str] | None = None) -> int:
     p_plan.add_argument("--out", help="also write the plan as CSV here")
 
     p_cmp = sub.add_parser(
-        "compare", help="two runs of the same question side by side: which estimates and verdicts replicated"
+        "compare",
+        help="runs of the same question side by side: which estimates and verdicts replicated, and every "
+        "run's training seeds pooled",
     )
-    p_cmp.add_argument("run_a")
-    p_cmp.add_argument("run_b")
-    p_cmp.add_argument("--out", help="also write the table as CSV here")
+    p_cmp.add_argument(
+        "runs", nargs="+", metavar="RUN", help="run folders; the first is compared with each other"
+    )
+    p_cmp.add_argument("--task", default="mortality_1m", help="task whose seeds are pooled")
+    p_cmp.add_argument("--out", help="also write the side-by-side table(s) as CSV here")
 
     p_render = sub.add_parser("render", help="render report.qmd of an executed run")
     p_render.add_argument("run_dir")
@@ -196,17 +200,33 @@ def main(argv: list[str] | None = None) -> int:
 
                 print(save_csv(table, args.out))
         elif args.command == "compare":
-            from repro.evaluation.replication import compare_runs, load_run, summary_lines
+            from repro.evaluation.replication import (
+                ReplicationError,
+                compare_runs,
+                load_run,
+                pooled_lines,
+                summary_lines,
+            )
 
-            run_a, run_b = load_run(args.run_a), load_run(args.run_b)
-            table = compare_runs(run_a, run_b)
-            print(table.to_string(index=False))
-            for line in summary_lines(run_a, run_b, table):
+            if len(args.runs) < 2:
+                raise ReplicationError(f"compare needs two runs or more, got {args.runs}")
+            runs = [load_run(r) for r in args.runs]
+            tables = []
+            for other in runs[1:]:
+                table = compare_runs(runs[0], other)
+                print(table.to_string(index=False))
+                for line in summary_lines(runs[0], other, table):
+                    print(line)
+                print()
+                tables.append(table.assign(**{"run B folder": other["dir"]}) if len(runs) > 2 else table)
+            for line in pooled_lines(runs, args.task):
                 print(line)
             if args.out:
+                import pandas as pd
+
                 from repro.evaluation.store import save_csv
 
-                print(save_csv(table, args.out))
+                print(save_csv(pd.concat(tables, ignore_index=True), args.out))
         elif args.command == "render":
             from repro.config import project_root
             from repro.report.pipeline import REPORT_FILES

@@ -515,12 +515,13 @@ class RepresentationParams:
 
 COMBINE = ("all", "any", "majority")
 # the hypotheses whose verdict combines comparison verdicts by a written rule (params `hypotheses`)
-HYPOTHESES = ("H1", "H1 (all)", "H3", "H4 (accuracy)", "H5")
+HYPOTHESES = ("H1", "H1 (all)", "H2", "H2 (all)", "H3", "H4 (accuracy)", "H5")
 
 
 @dataclass
 class HypothesisRule:
-    """How one hypothesis is decided: its primary comparisons ("new-baseline@task"; empty: every comparison
+    """How one hypothesis is decided: its primary comparisons ("new-baseline@task", or "new-baseline" for
+    every task or batch size of the family, as H2's timing comparisons have no task; empty: every comparison
     of its family), the family over which Benjamini-Hochberg adjusts (in words, as the notebook forms it),
     how the comparison verdicts combine (all / any / majority) and why."""
 
@@ -535,16 +536,17 @@ class HypothesisRule:
         self.pairs()
 
     def pairs(self) -> list[tuple[str, str, str]]:
-        """The primary comparisons as (new, baseline, task)."""
+        """The primary comparisons as (new, baseline, task); task "" stands for every task or batch size."""
         out = []
         for entry in self.primary:
-            models, _, task = entry.partition("@")
+            models, at, task = entry.partition("@")
             new, _, base = models.partition("-")
-            if not (new and base and task) or new not in MODEL_NAMES or base not in MODEL_NAMES:
+            if not (new and base) or (at and not task) or new not in MODEL_NAMES or base not in MODEL_NAMES:
                 raise ParamsError(
-                    f"primary comparison {entry!r} must read new-baseline@task with known models"
+                    f"primary comparison {entry!r} must read new-baseline@task (or new-baseline) with known "
+                    "models"
                 )
-            if task not in TASK_NAMES:
+            if at and task not in TASK_NAMES:
                 raise ParamsError(f"primary comparison {entry!r}: unknown task {task!r}")
             out.append((new, base, task))
         return out
@@ -564,6 +566,20 @@ def default_hypotheses() -> dict[str, HypothesisRule]:
         ),
         "H1 (all)": HypothesisRule(
             [], "all", h1_family, "EHRMamba beats every other model on every task needs every comparison"
+        ),
+        "H2": HypothesisRule(
+            ["ehrmamba-bigbird"],
+            "all",
+            "none: ratios of measured time and memory, no test",
+            "the paper's efficiency claim (Appendix C.3) is EHRMamba against MultiBird, whose attention is "
+            "BigBird's; at every batch size swept",
+        ),
+        "H2 (all)": HypothesisRule(
+            [],
+            "all",
+            "none: ratios of measured time and memory, no test",
+            "faster and smaller than every Transformer needs every comparison: one that is as fast, or "
+            "larger, is not beaten",
         ),
         "H3": HypothesisRule(
             [],

@@ -219,6 +219,31 @@ def test_h2_verdicts_follow_the_rule():
     assert cmp.loc["bigbird", "verdict"] == "not supported"  # twice as slow at 4096
 
 
+def test_h2_reads_bigbird_and_h2_all_every_transformer():
+    """H2 is the paper's claim (against MultiBird, BigBird's attention): two faster, smaller Transformers
+    do not make it supported while BigBird is as fast; H2 (all) needs every Transformer beaten."""
+    from repro.config import default_hypotheses
+    from repro.evaluation import results
+
+    rules = default_hypotheses()
+    spec = (
+        [("ehrmamba", 4096, b, 40.0, 4.0, "ok") for b in (1, 8)]
+        + [("cehr_bert", 4096, b, 80.0, 8.0, "ok") for b in (1, 8)]
+        + [("transformer", 4096, b, 60.0, 6.0, "ok") for b in (1, 8)]
+        + [("bigbird", 4096, 1, 80.0, 8.0, "ok"), ("bigbird", 4096, 8, 40.0, 8.0, "ok")]
+    )
+    cmp = scaling.h2_comparisons(_rows(spec))
+    assert set(cmp["new"]) == {"ehrmamba"}
+    assert results.rule_verdict(cmp, rules["H2"]) == "inconclusive"  # as fast as BigBird at batch 8
+    assert results.rule_verdict(cmp, rules["H2 (all)"]) == "inconclusive"
+    faster = cmp[cmp["batch"] == 1]
+    assert results.rule_verdict(faster, rules["H2"]) == "supported"
+    assert results.rule_verdict(faster, rules["H2 (all)"]) == "supported"
+    assert results.rule_verdict(cmp[cmp["baseline"] != "bigbird"], rules["H2"]) == results.NOT_RUN
+    slower = cmp.assign(verdict=["supported"] * (len(cmp) - 1) + ["not supported"])
+    assert results.rule_verdict(slower, rules["H2 (all)"]) == "not supported"
+
+
 def test_h2_on_cpu_rests_on_time_alone():
     spec = [("ehrmamba", 256, 4, 10.0, np.nan, "ok"), ("transformer", 256, 4, 10.5, np.nan, "ok")]
     cmp = scaling.h2_comparisons(_rows(spec))

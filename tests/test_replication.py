@@ -123,3 +123,55 @@ def test_hypothesis_verdicts_are_compared_when_both_runs_have_notebook_90(tmp_pa
     assert hyps.loc["H1", "CIs overlap"] == "-"
     lines = " ".join(summary_lines(run_a, run_b, table))
     assert "3 of 3 estimates" in lines and "1 of 2 hypotheses got the same verdict" in lines
+
+
+def _with_seeds(root, seeds: dict[str, list[float]], first_seed: int = 0):
+    """Add notebook 01's per-seed held-out AUROCs to a run folder made by _write_run."""
+    path = root / "results" / "01_accuracy.json"
+    res = json.loads(path.read_text())
+    res["seed_auroc"] = [
+        {"model": m, "task": "mortality_1m", "seed": first_seed + i, "estimate": v}
+        for m, vals in seeds.items()
+        for i, v in enumerate(vals)
+    ]
+    path.write_text(json.dumps(res))
+    return root
+
+
+def test_pooled_seeds_show_a_run_effect_and_a_welch_interval(tmp_path):
+    from repro.evaluation.replication import pool_seeds
+
+    cell = {"estimate": 0.85, "lo": 0.83, "hi": 0.87}
+    runs = []
+    for name, bigbird in (("a", [0.84, 0.85, 0.83]), ("b", [0.78, 0.79, 0.77])):
+        root = _write_run(tmp_path / name, cell, "-0.050 [-0.090, -0.030]", "not supported")
+        runs.append(load_run(_with_seeds(root, {"EHRMamba": [0.80, 0.81, 0.79], "BigBird": bigbird})))
+    models, comparisons, warnings = pool_seeds(runs[:1])
+    # one run: d = -0.04, se = sqrt(2 * 0.0001 / 3), df = 4, t(0.975, 4) = 2.7764 -> -0.04 -/+ 0.02267
+    assert comparisons["Δ mean seed AUROC (Welch CI)"].iloc[0] == "-0.040 [-0.063, -0.017]"
+    assert comparisons["seed level"].iloc[0] == "EHRMamba lower"
+    models, comparisons, warnings = pool_seeds(runs)
+    m = models.set_index("model")
+    assert m.loc["BigBird", "seeds"] == 6 and m.loc["BigBird", "each run's mean"] == "A 0.840, B 0.780"
+    assert m.loc["BigBird", "run effect p"] < 0.01  # the two runs' seeds do not overlap
+    assert m.loc["EHRMamba", "run effect p"] == pytest.approx(1.0)  # the same seeds in both runs
+    assert comparisons["seed level"].iloc[0] == "interval covers 0"  # bimodal BigBird widens it
+    assert len(warnings) == 3 and "EHRMamba seed 0: the same AUROC in runs A, B" in warnings[0]
+
+
+def test_pooling_names_a_run_without_seeds_and_the_cli_takes_three_runs(tmp_path, capsys):
+    cell = {"estimate": 0.85, "lo": 0.83, "hi": 0.87}
+    roots = [
+        _write_run(tmp_path / n, cell, "-0.050 [-0.090, -0.030]", "not supported") for n in ("a", "b", "c")
+    ]
+    assert main(["compare", str(roots[0]), str(roots[1])]) == 0
+    assert "b/results/01_accuracy.json: has no 'seed_auroc'" in capsys.readouterr().out.replace("a/r", "b/r")
+    for i, root in enumerate(roots):
+        _with_seeds(root, {"EHRMamba": [0.80 + i / 100, 0.81], "BigBird": [0.84, 0.79 + i / 50]}, 3 * i)
+    out = tmp_path / "cmp.csv"
+    assert main(["compare", *map(str, roots), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("estimates have overlapping") == 2  # A with B, A with C
+    assert "every run's training seeds pooled" in printed and "warning" not in printed
+    assert "run B folder" in out.read_text().splitlines()[0]
+    assert main(["compare", str(roots[0])]) == 2

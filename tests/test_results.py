@@ -252,7 +252,8 @@ def test_each_hypothesis_is_decided_by_its_written_rule():
     assert results.rule_verdict(c, missing) == results.NOT_RUN
     assert results.rule_verdict(c.iloc[:0], rules["H5"]) == results.NOT_RUN
     table = results.rules_table(rules).set_index("hypothesis")
-    assert list(table.index) == ["H1", "H1 (all)", "H3", "H4 (accuracy)", "H5"]
+    assert list(table.index) == ["H1", "H1 (all)", "H2", "H2 (all)", "H3", "H4 (accuracy)", "H5"]
+    assert table.loc["H2", "primary comparisons"] == "EHRMamba − BigBird (every task or batch size)"
     assert table.loc["H1", "primary comparisons"] == "EHRMamba − CEHR-BERT on mortality_1m"
     assert table.loc["H1 (all)", "combined"] == "all must be supported"
 
@@ -268,6 +269,7 @@ def test_hypothesis_rules_in_params_are_checked_and_merged():
         ({"H1": {"combine": "most"}}, "hypotheses.H1: combine must be one of"),
         ({"H1": {"primary": ["ehrmamba@mortality_1m"]}}, "must read new-baseline@task"),
         ({"H1": {"primary": ["ehrmamba-lstm@mortality_2m"]}}, "unknown task"),
+        ({"H2": {"primary": ["ehrmamba-bigbird@"]}}, "must read new-baseline@task (or new-baseline)"),
         ({"H9": {}}, "hypotheses has unknown entries ['H9']"),
     ):
         with pytest.raises(ParamsError, match=re.escape(msg)):

@@ -55,7 +55,7 @@ def test_verdict_table_reads_each_notebook_and_marks_missing_ones(tmp_path):
     assert t.loc["H1", "verdict"] == "supported"
     assert t.loc["H1", "evidence"] == "EHRMamba − CEHR-BERT: +0.020 [+0.010, +0.030], p (BH) 0.004"
     assert t.loc["H1 (all)", "evidence"] == "supported 1, inconclusive 1"
-    assert t.loc["H2", "verdict"] == verdicts.NOT_RUN
+    assert t.loc["H2", "verdict"] == t.loc["H2 (all)", "verdict"] == verdicts.NOT_RUN
     assert t.loc["H3", "verdict"] == "inconclusive"  # one backbone for, one against
     assert (
         t.loc["H4 (memory)", "evidence"]
@@ -63,5 +63,25 @@ def test_verdict_table_reads_each_notebook_and_marks_missing_ones(tmp_path):
     )
     line = verdicts.abstract_line(t.reset_index())
     assert line.startswith(
-        "Verdicts of this run: H1 supported; H1 (all) inconclusive; H2 not run; H3 inconclusive"
+        "Verdicts of this run: H1 supported; H1 (all) inconclusive; H2 not run; H2 (all) not run; H3 inconclusive"
     )
+
+
+def test_h2_evidence_names_bigbird_for_h2_and_every_transformer_for_h2_all(tmp_path):
+    rows = [
+        {"batch": 8, "baseline": "bigbird", "why": "at 16384: time x1.02, memory x0.52"},
+        {"batch": 8, "baseline": "transformer", "why": "at 16384: time x0.62, memory x0.81"},
+    ]
+    _write(
+        tmp_path,
+        "02_efficiency",
+        {
+            "h2_verdict": "inconclusive",
+            "h2_all_verdict": "inconclusive",
+            "comparisons": rows,
+            "rows": [{"device": "cuda (H100)"}],
+        },
+    )
+    t = verdicts.verdict_table(verdicts.load_results(tmp_path)).set_index("hypothesis")
+    assert t.loc["H2", "evidence"] == "on cuda (H100). BigBird (batch 8): at 16384: time x1.02, memory x0.52"
+    assert "Transformer (SDPA) (batch 8)" in t.loc["H2 (all)", "evidence"]

@@ -1,19 +1,23 @@
-"""Two runs of the same question side by side: did the verdicts replicate?
+"""Runs of the same question side by side: did the verdicts replicate, and what do their seeds say together?
 
 Why: a comparison's interval covers the patients and the seeds of one run, not everything that changes
 between two runs of the same code on the same data (GPU non-determinism that flips an early stop, a
 finetuning that does or does not pick up an interaction). Two default runs of this project on one H100
 (2026-12-06) gave BigBird's held-out mortality_1m AUROC 0.856 [0.839, 0.872] and 0.815 [0.795, 0.832]
-with the same settings and seeds. ``repro compare RUN_A RUN_B`` shows where that happens.
+with the same settings and seeds. ``repro compare RUN_A RUN_B [RUN_C ...]`` shows where that happens, and
+pools every run's training seeds (``pool_seeds``): three seeds that happen to agree make one run's
+interval narrow, and only more seeds show a model whose seeds fall into two modes.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import pandas as pd
+from scipy import stats
 
 ACCURACY = "results/01_accuracy.json"
 VERDICTS = "results/90_verdicts.json"  # each hypothesis's verdict; absent when notebook 90 did not run
@@ -147,4 +151,111 @@ def summary_lines(a: dict, b: dict, table: pd.DataFrame) -> list[str]:
         lines.append(f"{same} of {len(hyps)} hypotheses got the same verdict (notebook 90 of both runs)")
     for _, r in apart.iterrows():
         lines.append(f"  not reproduced: {r['kind']} {r['task']} {r['what']}: {r['run A']} then {r['run B']}")
+    return lines
+
+
+def _seed_rows(runs: list[dict], task: str) -> pd.DataFrame:
+    """Every run's per-seed held-out AUROC on `task`, long: run, model, seed, auroc."""
+    frames = []
+    for tag, run in zip(_tags(len(runs)), runs, strict=True):
+        rows = run["results"].get("seed_auroc")
+        if rows is None:
+            raise ReplicationError(
+                f"{run['dir']}/{ACCURACY}: has no 'seed_auroc' (each seed's held-out AUROC); pooling seeds "
+                "needs runs whose notebook 01 saved it"
+            )
+        f = pd.DataFrame(rows, columns=["model", "task", "seed", "estimate"])
+        frames.append(f[f["task"] == task].assign(run=tag))
+    out = pd.concat(frames, ignore_index=True).rename(columns={"estimate": "auroc"})
+    if out.empty:
+        raise ReplicationError(f"no run has seeds on task {task!r}")
+    return out[["run", "model", "seed", "auroc"]]
+
+
+def _tags(n: int) -> list[str]:
+    return [chr(ord("A") + i) for i in range(n)]
+
+
+def pool_seeds(
+    runs: list[dict], task: str = "mortality_1m", new: str = "EHRMamba", ci: float = 0.95
+) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """All runs' training seeds pooled per model: (models, comparisons, warnings).
+
+    models: each model's seeds over the runs (mean, sd, range, each run's mean) and the p of a one-way ANOVA
+    of its seeds by run: a small p says something shared by a run's seeds (code, params, hardware) moved
+    them, which a second run with the same settings should not do. comparisons: `new` minus each other
+    model, the difference of their mean seed AUROCs with a Welch t interval over seeds. These treat the
+    held-out patients as fixed (they are the same in every run) and adjust nothing for multiplicity: they
+    show how the training seeds of several runs spread, not a verdict. Warnings name seeds that gave the
+    same AUROC to the last digit in two runs: training that repeated itself is one draw, not two (a model
+    whose every seed gives one AUROC, counts + LR, is deterministic by design and not warned about).
+    """
+    seeds = _seed_rows(runs, task)
+    notes = []
+    fixed = {m for m, g in seeds.groupby("model") if g["auroc"].nunique() == 1}  # a deterministic fit
+    for (model, seed), g in seeds.groupby(["model", "seed"], sort=False):
+        if model not in fixed and len(g) > 1 and g["auroc"].duplicated().any():
+            notes.append(
+                f"{model} seed {seed}: the same AUROC in runs {', '.join(g['run'])}; repeated training is one "
+                "draw, not several (give another run other seeds: params `seeds`)"
+            )
+    models = []
+    for model, g in seeds.groupby("model", sort=False):
+        by_run = [x["auroc"].to_numpy() for _, x in g.groupby("run")]
+        anova = (
+            float(stats.f_oneway(*by_run).pvalue)
+            if len(by_run) > 1 and all(len(x) > 1 for x in by_run) and g["auroc"].std() > 0
+            else float("nan")
+        )
+        models.append(
+            {
+                "model": model,
+                "seeds": len(g),
+                "mean": g["auroc"].mean(),
+                "sd": g["auroc"].std(),
+                "min": g["auroc"].min(),
+                "max": g["auroc"].max(),
+                "each run's mean": ", ".join(f"{r} {x['auroc'].mean():.3f}" for r, x in g.groupby("run")),
+                "run effect p": anova,
+            }
+        )
+    models = pd.DataFrame(models)
+    comparisons = []
+    mine = seeds.loc[seeds["model"] == new, "auroc"].to_numpy()
+    for model, g in seeds.groupby("model", sort=False):
+        theirs = g["auroc"].to_numpy()
+        if model == new or len(mine) < 2 or len(theirs) < 2:
+            continue
+        with warnings.catch_warnings():  # a deterministic model (sd 0): the interval rests on `new`
+            warnings.simplefilter("ignore", RuntimeWarning)
+            t = stats.ttest_ind(mine, theirs, equal_var=False)
+        lo, hi = t.confidence_interval(ci)
+        d = mine.mean() - theirs.mean()
+        sign = f"{new} higher" if lo > 0 else f"{new} lower" if hi < 0 else "interval covers 0"
+        comparisons.append(
+            {
+                "comparison": f"{new} − {model}",
+                "seeds": f"{len(mine)} vs {len(theirs)}",
+                "Δ mean seed AUROC (Welch CI)": f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]",
+                "p (Welch)": float(t.pvalue),
+                "seed level": sign,
+            }
+        )
+    return models, pd.DataFrame(comparisons), notes
+
+
+def pooled_lines(runs: list[dict], task: str = "mortality_1m") -> list[str]:
+    """The pooled-seed tables as printable lines, or one line saying why they could not be made."""
+    try:
+        models, comparisons, notes = pool_seeds(runs, task)
+    except ReplicationError as e:
+        return [f"seeds not pooled: {e}"]
+    hashes = {r["manifest"].get("params_hash") for r in runs}
+    head = f"{task}, every run's training seeds pooled (held-out AUROC of each seed, not of seed ensembles)"
+    if len(hashes) > 1:
+        head += "; the runs' params differ, so the pooled seeds mix settings"
+    lines = [head, models.to_string(index=False, float_format=lambda x: f"{x:.3f}")]
+    if len(comparisons):
+        lines.append(comparisons.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
+    lines += [f"warning: {w}" for w in notes]
     return lines

@@ -135,13 +135,21 @@ def _auroc(g: pd.DataFrame) -> float:
     )
 
 
-def seed_spread(preds: pd.DataFrame) -> pd.DataFrame:
-    """Per-seed held-out AUROC (macro over labels where a task has several) aggregated over seeds."""
+def seed_aurocs(preds: pd.DataFrame) -> pd.DataFrame:
+    """Each training seed's held-out AUROC per model and task (macro over labels where a task has several).
+
+    Why kept apart from the seed ensemble the comparisons read: `repro compare` pools these over runs, the
+    only place where what varies between runs (not just between seeds of one run) shows."""
     rows = []
     test = preds[preds["split"] == meds.held_out_split]
     for (model, task, seed), g in test.groupby(["model", "task", "seed"], sort=False):
-        rows.append({"model": model, "task": task, "seed": seed, "estimate": _auroc(g)})
-    return aggregate_seeds(pd.DataFrame(rows), ["model", "task"])
+        rows.append({"model": model, "task": task, "seed": int(seed), "estimate": float(_auroc(g))})
+    return pd.DataFrame(rows, columns=["model", "task", "seed", "estimate"])
+
+
+def seed_spread(preds: pd.DataFrame) -> pd.DataFrame:
+    """Per-seed held-out AUROC (macro over labels where a task has several) aggregated over seeds."""
+    return aggregate_seeds(seed_aurocs(preds), ["model", "task"])
 
 
 def _evaluate(t: pd.DataFrame, model: str | None, n_boot: int, ci: float) -> dict | None:
@@ -746,10 +754,15 @@ def rule_verdict(comparisons: pd.DataFrame, rule: HypothesisRule) -> str:
         return NOT_RUN
     rows = comparisons
     if rule.primary:
-        keys = list(zip(comparisons["new"], comparisons["baseline"], comparisons["task"], strict=True))
-        wanted = set(rule.pairs())
-        rows = comparisons[[k in wanted for k in keys]]
-        if len(rows) < len(wanted):
+        tasks = comparisons["task"] if "task" in comparisons else [""] * len(comparisons)
+        keys = list(zip(comparisons["new"], comparisons["baseline"], tasks, strict=True))
+        wanted = rule.pairs()
+
+        def hits(want: tuple[str, str, str], key: tuple[str, str, str]) -> bool:
+            return want[:2] == key[:2] and (not want[2] or want[2] == key[2])
+
+        rows = comparisons[[any(hits(w, k) for w in wanted) for k in keys]]
+        if not all(any(hits(w, k) for k in keys) for w in wanted):
             return NOT_RUN
     if len(rows) == 1:
         return str(rows["verdict"].iloc[0])
@@ -768,7 +781,8 @@ def rules_table(hypotheses: dict[str, HypothesisRule]) -> pd.DataFrame:
             {
                 "hypothesis": name,
                 "primary comparisons": ", ".join(
-                    f"{label(n)} − {label(b)} on {t}" for n, b, t in rule.pairs()
+                    f"{label(n)} − {label(b)} " + (f"on {t}" if t else "(every task or batch size)")
+                    for n, b, t in rule.pairs()
                 )
                 or "every comparison of the family",
                 "BH family": rule.family,

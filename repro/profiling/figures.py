@@ -120,7 +120,7 @@ def epoch_table(epochs: pd.DataFrame) -> pd.DataFrame:
 
 def comparison_table(cmp: pd.DataFrame) -> pd.DataFrame:
     """H2 / H4-memory comparisons with display names."""
-    return cmp.assign(baseline=cmp["baseline"].map(label))
+    return cmp.drop(columns=["new"], errors="ignore").assign(baseline=cmp["baseline"].map(label))
 
 
 def boundary_table(boundary: pd.DataFrame) -> pd.DataFrame:
