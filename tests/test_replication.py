@@ -175,3 +175,23 @@ def test_pooling_names_a_run_without_seeds_and_the_cli_takes_three_runs(tmp_path
     assert "every run's training seeds pooled" in printed and "warning" not in printed
     assert "run B folder" in out.read_text().splitlines()[0]
     assert main(["compare", str(roots[0])]) == 2
+
+
+def test_params_diff_names_the_keys_and_leaves_out_seeds(tmp_path):
+    from repro.evaluation.replication import params_diff
+
+    cell = {"estimate": 0.85, "lo": 0.83, "hi": 0.87}
+    runs = []
+    for name, seeds, epochs in (("a", [0, 1, 2], 16), ("b", [3, 4, 5], 16), ("c", [0, 1, 2], 4)):
+        root = _write_run(tmp_path / name, cell, "-0.050 [-0.090, -0.030]", "not supported", params_hash=name)
+        params = {"name": name, "seeds": seeds, "train": {"pretrain_epochs": epochs, "lr": 1e-3}}
+        (root / "manifest.json").write_text(json.dumps({"params_hash": name, "params": params}))
+        runs.append(load_run(root))
+    a, b, c = runs
+    assert params_diff(a, b) == [] and params_diff(a, c) == ["train.pretrain_epochs"]
+    lines = summary_lines(a, b, compare_runs(a, b))
+    assert "training seeds: run A [0, 1, 2], run B [3, 4, 5]" in lines
+    assert not any("params differ" in line for line in lines)
+    assert any(
+        "params differ (train.pretrain_epochs)" in line for line in summary_lines(a, c, compare_runs(a, c))
+    )

@@ -126,6 +126,26 @@ def compare_runs(a: dict, b: dict) -> pd.DataFrame:
     return pd.DataFrame(out, columns=[*columns, "same verdict"])
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def params_diff(a: dict, b: dict, ignore: tuple[str, ...] = ("name", "seeds")) -> list[str]:
+    """The params (dotted keys) that differ between two runs' manifests, besides their name and seeds: a
+    rerun with other seeds is the same experiment, more draws. Falls back to the params hash (["params"])
+    where a manifest has no params."""
+    pa, pb = (r["manifest"].get("params") for r in (a, b))
+    if pa is None or pb is None:
+        ha, hb = a["manifest"].get("params_hash"), b["manifest"].get("params_hash")
+        return ["params"] if ha and hb and ha != hb else []
+    fa, fb = _flat(pa), _flat(pb)
+    keys = sorted(set(fa) | set(fb))
+    return [k for k in keys if k.split(".")[0] not in ignore and fa.get(k) != fb.get(k)]
+
+
 def summary_lines(a: dict, b: dict, table: pd.DataFrame) -> list[str]:
     """What the two runs were and how much of run A the second run reproduced."""
     lines = []
@@ -134,9 +154,15 @@ def summary_lines(a: dict, b: dict, table: pd.DataFrame) -> list[str]:
         lines.append(
             f"run {tag}: {run['dir']} (code {m.get('git_sha', '?')[:12]}, params {m.get('params_hash', '?')[:12]})"
         )
-    ha, hb = a["manifest"].get("params_hash"), b["manifest"].get("params_hash")
-    if ha and hb and ha != hb:
-        lines.append("the runs' params differ: a difference below may come from them, not only from chance")
+    differ = params_diff(a, b)
+    if differ:
+        lines.append(
+            f"the runs' params differ ({', '.join(differ)}): a difference below may come from them, not only "
+            "from chance"
+        )
+    seeds = [r["manifest"].get("params", {}).get("seeds") for r in (a, b)]
+    if seeds[0] is not None and seeds[1] is not None and seeds[0] != seeds[1]:
+        lines.append(f"training seeds: run A {seeds[0]}, run B {seeds[1]}")
     estimates = table[table["kind"] != "hypothesis"]
     apart = estimates[estimates["CIs overlap"] == "NO"]
     comps = table[table["kind"].isin(["comparison", "null comparison"])]
@@ -250,10 +276,10 @@ def pooled_lines(runs: list[dict], task: str = "mortality_1m") -> list[str]:
         models, comparisons, notes = pool_seeds(runs, task)
     except ReplicationError as e:
         return [f"seeds not pooled: {e}"]
-    hashes = {r["manifest"].get("params_hash") for r in runs}
+    differ = sorted({k for r in runs[1:] for k in params_diff(runs[0], r)})
     head = f"{task}, every run's training seeds pooled (held-out AUROC of each seed, not of seed ensembles)"
-    if len(hashes) > 1:
-        head += "; the runs' params differ, so the pooled seeds mix settings"
+    if differ:
+        head += f"; the runs' params differ ({', '.join(differ)}), so the pooled seeds mix settings"
     lines = [head, models.to_string(index=False, float_format=lambda x: f"{x:.3f}")]
     if len(comparisons):
         lines.append(comparisons.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
