@@ -122,7 +122,7 @@ probe_seconds = {
 
 # %%
 #| label: tbl-h1
-#| tbl-cap: "H1 comparisons: EHRMamba minus each other model in held-out AUROC (seed ensembles) with a two-level bootstrap 95 % CI (each model's seeds resampled, then the same patients for both), a paired permutation p-value (patient-level swaps), that p adjusted by Benjamini-Hochberg across all comparisons of this notebook, and the computed verdict."
+#| tbl-cap: "H1 comparisons: EHRMamba minus each other model in held-out AUROC (seed ensembles) with a two-level bootstrap 95 % CI (each model's seeds resampled, then the same patients for both; widened by t quantiles where few seeds leave it narrow), a paired permutation p-value (patient-level swaps), that p adjusted by Benjamini-Hochberg across all comparisons of this notebook, and the computed verdict."
 real = preds[preds["task"] != "null_task"]
 comparisons = results.h1_comparisons(real, "ehrmamba", params.models, n_boot, ci, **stat_kw)
 short = results.below_probe(probe_frame, probed)

@@ -52,7 +52,7 @@ comparisons = results.mark_undertrained(comparisons, runs)
 
 # %%
 #| label: tbl-mpf
-#| tbl-cap: "H3: MPF minus single-task finetuning of the same backbone, held-out AUROC per task, with two-level bootstrap 95 % CIs (seeds, then patients), paired permutation p-values and their Benjamini-Hochberg adjustment across this notebook's comparisons, and computed verdicts."
+#| tbl-cap: "H3: MPF minus single-task finetuning of the same backbone, held-out AUROC per task, with two-level bootstrap 95 % CIs (seeds, then patients; widened by t quantiles where few seeds leave it narrow), paired permutation p-values and their Benjamini-Hochberg adjustment across this notebook's comparisons, and computed verdicts."
 figures.show_table(results.comparison_table(comparisons, ci))
 
 

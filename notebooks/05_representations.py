@@ -68,7 +68,7 @@ for task in params.representations.tasks:
 
 # %%
 #| label: tbl-repr-comparisons
-#| tbl-cap: "Each representation and model minus EHRMamba with the default tokens, held-out AUROC: two-level bootstrap 95 % CI (seeds, then patients), paired permutation p-value, Benjamini-Hochberg adjustment across this notebook's comparisons, and the computed verdict (supported: the variant is better)."
+#| tbl-cap: "Each representation and model minus EHRMamba with the default tokens, held-out AUROC: two-level bootstrap 95 % CI (seeds, then patients; widened by t quantiles where few seeds leave it narrow), paired permutation p-value, Benjamini-Hochberg adjustment across this notebook's comparisons, and the computed verdict (supported: the variant is better)."
 figures.show_table(representations.comparisons_table(comparisons, ci))
 
 # %%

@@ -11,13 +11,16 @@ import pytest
 from repro.evaluation import results, significance
 
 
-def _preds(rng, models, n=120, seeds=(0, 1)):
+def _preds(rng, models, n=120, seeds=(0, 1), fixed_noise=0.0):
+    """Scores of `models` ("good" noisier than the rest by far less); `fixed_noise`: noise a model repeats in
+    every seed (what a seed ensemble cannot average away), for every model but "good"."""
     rows = []
     y = (rng.random(n) < 0.3).astype(int)
     for m in models:
+        fixed = rng.normal(0, fixed_noise, n) if fixed_noise and m != "good" else 0.0
         for s in seeds:
             for split in ("tuning", "held_out"):
-                noise = rng.normal(0, 1.0 if m != "good" else 0.3, n)
+                noise = fixed + rng.normal(0, 1.0 if m != "good" else 0.3, n)
                 rows.append(
                     pd.DataFrame(
                         {
@@ -47,7 +50,8 @@ def test_seed_ensemble_averages_over_seeds_and_pairs_rows():
 
 
 def test_better_model_is_supported_and_worse_is_not():
-    p = _preds(np.random.default_rng(1), ["good", "bad"], n=400)
+    # three seeds, each of bad's erring on the same patients too: its ensemble stays behind good's
+    p = _preds(np.random.default_rng(1), ["good", "bad"], n=400, seeds=(0, 1, 2), fixed_noise=1.0)
     c = results.paired_comparisons(p, [("good", "bad"), ("bad", "good")], n_boot=300, ci=0.95)
     assert c.set_index("new").loc["good", "verdict"] == "supported"
     assert c.set_index("new").loc["bad", "verdict"] == "not supported"
@@ -147,10 +151,14 @@ def test_reliability_frame_counts_every_held_out_row_and_tracks_a_calibrated_mod
 
 def test_a_comparison_trained_with_one_seed_is_never_supported():
     rng = np.random.default_rng(3)
-    two = results.paired_comparisons(
-        _preds(rng, ["good", "bad"]), [("good", "bad")], n_boot=200, ci=0.95, n_perm=200
+    three = results.paired_comparisons(
+        _preds(rng, ["good", "bad"], seeds=(0, 1, 2), fixed_noise=1.0),
+        [("good", "bad")],
+        n_boot=200,
+        ci=0.95,
+        n_perm=200,
     )
-    assert two["verdict"].iloc[0] == "supported" and two["seeds"].iloc[0] == 2
+    assert three["verdict"].iloc[0] == "supported" and three["seeds"].iloc[0] == 3
     one = results.paired_comparisons(
         _preds(rng, ["good", "bad"], seeds=(0,)), [("good", "bad")], n_boot=200, ci=0.95, n_perm=200
     )
@@ -167,7 +175,9 @@ def test_an_inconclusive_comparison_that_could_not_see_the_effect_reads_underpow
     big = results.paired_comparisons(_preds(rng, ["a", "b"], n=60), [("a", "b")], effect=0.5, **kw)
     assert big["verdict"].iloc[0] == "inconclusive"  # an effect of 0.5 would have been seen
     sure = results.paired_comparisons(
-        _preds(np.random.default_rng(3), ["good", "bad"]), [("good", "bad")], **kw
+        _preds(np.random.default_rng(3), ["good", "bad"], seeds=(0, 1, 2), fixed_noise=1.0),
+        [("good", "bad")],
+        **kw,
     )
     assert sure["verdict"].iloc[0] == "supported"  # a finding is reported whatever its MDE
 
@@ -312,3 +322,61 @@ def test_null_check_names_a_model_whose_scores_read_the_null_labels():
     lone = results.null_check_table(results.evaluate_all(one_class, 50, 0.95), one_class)
     assert (lone["0.5 inside the CI"] == "-").all()
     assert results.null_check_table({}, p).empty
+
+
+def test_leave_one_seed_out_auroc_by_hand():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = (rng.random(50) < 0.4).astype(float)
+    s = y + rng.normal(0, 1, (3, 50))
+    got = results.leave_one_seed_out_auroc([(y, s)])
+    want = [
+        roc_auc_score(y, (s[1] + s[2]) / 2),
+        roc_auc_score(y, (s[0] + s[2]) / 2),
+        roc_auc_score(y, s[:2].mean(0)),
+    ]
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    assert results.leave_one_seed_out_auroc([(y, s[:1])]) == pytest.approx([roc_auc_score(y, s[0])])
+
+
+def test_seeds_that_differ_in_quality_widen_the_interval_beyond_the_bootstrap():
+    """Model a's three seeds weigh the signal 0.5, 1 and 1.5 times: its ensemble's AUROC depends on which
+    seeds it drew. The seed-calibrated interval reaches beyond the two-level percentile interval, with few
+    degrees of freedom; b's seeds differ only in per-patient noise and add almost nothing."""
+    rng = np.random.default_rng(2)
+    n = 800
+    risk = rng.normal(0, 1, n)
+    y = (rng.random(n) < 1 / (1 + np.exp(-(risk - 1.5)))).astype(int)
+    rows = []
+    for m, weights in (("a", (0.5, 1.0, 1.5)), ("b", (1.0, 1.0, 1.0))):
+        own = rng.normal(0, 1, n)
+        for seed, w in enumerate(weights):
+            score = w * risk + own + 0.2 * rng.normal(0, 1, n)
+            rows.append(
+                pd.DataFrame(
+                    {"subject_id": np.arange(n), "split": "held_out", "target": "label", "label": y}
+                    | {"score": score, "model": m, "task": "t", "seed": seed}
+                )
+            )
+    p = pd.concat(rows, ignore_index=True)
+    row = results.paired_comparisons(p, [("a", "b")], n_boot=300, ci=0.95, n_perm=100).iloc[0]
+    ens = results.seed_ensemble(p)
+    boot_only = results.percentile_ci(
+        results.two_level_paired_auroc(
+            [
+                (
+                    y.astype(float),
+                    np.arange(n),
+                    np.stack([s["score"].to_numpy() for _, s in p[p["model"] == "a"].groupby("seed")]),
+                    np.stack([s["score"].to_numpy() for _, s in p[p["model"] == "b"].groupby("seed")]),
+                )
+            ],
+            300,
+            seed=0,
+        )[1],
+        0.95,
+    )
+    assert len(ens) == 2 * n
+    assert row["hi"] - row["lo"] > 1.2 * (boot_only["hi"] - boot_only["lo"])
+    assert 2 <= row["df"] < 10

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from repro.config import HypothesisRule
-from repro.evaluation.batched_metrics import ECE_BINS
+from repro.evaluation.batched_metrics import ECE_BINS, metric_values
 from repro.evaluation.bootstrap import (
     bootstrap_pvalue,
     paired_scores,
@@ -41,6 +41,7 @@ from repro.evaluation.significance import (
     macro_permutation_test,
     min_detectable,
     paired_permutation_test,
+    seed_calibrated_interval,
     verdict,
 )
 from repro.training.loop import TrainResult
@@ -383,6 +384,20 @@ def forest_frame(evaluated: dict[str, dict[str, dict]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def leave_one_seed_out_auroc(labels: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """AUROC (the macro over labels) of the seed ensemble left without each seed in turn; one value, the
+    ensemble's own, for a single seed. `labels`: one (y, scores [seeds, n]) per label."""
+    k = labels[0][1].shape[0]
+    if k == 1:
+        return np.array([np.mean([metric_values(y, s[0], "auroc")[0] for y, s in labels])])
+    return np.array(
+        [
+            np.mean([metric_values(y, (s.sum(0) - s[i]) / (k - 1), "auroc")[0] for y, s in labels])
+            for i in range(k)
+        ]
+    )
+
+
 def _compare(
     task: str, t: pd.DataFrame, raw: pd.DataFrame, new: str, base: str, n_boot: int, ci: float, n_perm: int
 ) -> dict:
@@ -398,7 +413,12 @@ def _compare(
         labels.append((y, subjects, a, b))
     est, d = two_level_paired_auroc(labels, n_boot, seed=0)
     ci_d = percentile_ci(d, ci)
-    lo, hi, p_boot = ci_d["lo"], ci_d["hi"], bootstrap_pvalue(d)
+    # the patient part alone: each model's seed ensemble fixed, the same patient resamples
+    ensembles = [(y, s, a.mean(0, keepdims=True), b.mean(0, keepdims=True)) for y, s, a, b in labels]
+    _, d_patients = two_level_paired_auroc(ensembles, n_boot, seed=0)
+    jack = [leave_one_seed_out_auroc([(lab[0], lab[m]) for lab in labels]) for m in (2, 3)]
+    wide = seed_calibrated_interval(est, d_patients, ci_d["lo"], ci_d["hi"], jack[0], jack[1], ci)
+    lo, hi, p_boot = wide["lo"], wide["hi"], bootstrap_pvalue(d)
     if multilabel(t):
         perm = []
         for _, g in t.sort_values(["target", "subject_id"], kind="stable").groupby("target", sort=True):
@@ -418,6 +438,8 @@ def _compare(
         "hi": hi,
         "p (bootstrap)": p_boot,
         "p (perm.)": p_perm,
+        "SE": wide["se"],
+        "df": wide["df"],
     }
 
 
@@ -473,7 +495,7 @@ def paired_comparisons(
     out["p (BH)"] = benjamini_hochberg(out["p (perm.)"].to_numpy())
     seeds = preds.groupby("model")["seed"].nunique() if "seed" in preds else pd.Series(dtype=int)
     out["seeds"] = [int(min(seeds.get(n, 1), seeds.get(b, 1))) for n, b in zip(out["new"], out["baseline"])]
-    out["MDE"] = [min_detectable(lo, hi, ci, alpha) for lo, hi in zip(out["lo"], out["hi"])]
+    out["MDE"] = [min_detectable(se, df, alpha) for se, df in zip(out["SE"], out["df"])]
     out["verdict"] = [
         _verdict(lo, hi, p, k, mde, alpha, effect)
         for lo, hi, p, k, mde in zip(out["lo"], out["hi"], out["p (BH)"], out["seeds"], out["MDE"])
