@@ -78,8 +78,9 @@ figures.show_table(results.paper_table(evaluated, prep.synthetic, preds))
 
 # %%
 #| label: fig-auroc
-#| fig-cap: "Held-out AUROC with 95 % CIs per model and task; the dashed line is the oracle AUROC of the true probability."
-fig = figures.forest_figure(results.forest_frame(evaluated))
+#| fig-cap: "Held-out AUROC with 95 % CIs per model and task (the seed ensemble), each training seed's own AUROC as a tick below it; the dashed line is the oracle AUROC of the true probability."
+seed_auroc = results.seed_aurocs(preds).assign(model=lambda d: d["model"].map(results.label))
+fig = figures.forest_figure(results.forest_frame(evaluated), seeds=seed_auroc)
 
 # %%
 #| label: tbl-calibration
@@ -122,7 +123,7 @@ probe_seconds = {
 
 # %%
 #| label: tbl-h1
-#| tbl-cap: "H1 comparisons: EHRMamba minus each other model in held-out AUROC (seed ensembles) with a two-level bootstrap 95 % CI (each model's seeds resampled, then the same patients for both; widened by t quantiles where few seeds leave it narrow), a paired permutation p-value (patient-level swaps), that p adjusted by Benjamini-Hochberg across all comparisons of this notebook, and the computed verdict."
+#| tbl-cap: "H1 comparisons: EHRMamba minus each other model in held-out AUROC (seed ensembles) with a two-level bootstrap 95 % CI (each model's seeds resampled, then the same patients for both; widened by t quantiles where few seeds leave it narrow, df their degrees of freedom), a paired permutation p-value (patient-level swaps), that p adjusted by Benjamini-Hochberg across all comparisons of this notebook, and the computed verdict."
 real = preds[preds["task"] != "null_task"]
 comparisons = results.h1_comparisons(real, "ehrmamba", params.models, n_boot, ci, **stat_kw)
 short = results.below_probe(probe_frame, probed)
@@ -265,9 +266,7 @@ save_json(
         "null_auroc": null_check.to_dict(orient="records"),
         "mechanism_recovery": recovered.to_dict(orient="records"),
         "mechanism_recovery_by_seed": recovered_by_seed.to_dict(orient="records"),
-        "seed_auroc": results.seed_aurocs(preds)
-        .assign(model=lambda d: d["model"].map(results.label))
-        .to_dict(orient="records"),
+        "seed_auroc": seed_auroc.to_dict(orient="records"),
     },
     f"{run_dir}/results/01_accuracy.json",
 )

@@ -82,11 +82,9 @@ def test_permutation_p_is_small_for_a_clearly_better_model_and_bh_is_applied():
     assert c.loc["bad", "p (perm.)"] == 1 / 200  # no permutation reaches the observed difference
     expected = significance.benjamini_hochberg(c["p (perm.)"].to_numpy())
     assert np.allclose(c["p (BH)"].to_numpy(), expected)
-    assert list(results.comparison_table(c.reset_index(), 0.95).columns)[-3:] == [
-        "p (perm.)",
-        "p (BH)",
-        "verdict",
-    ]
+    table = results.comparison_table(c.reset_index(), 0.95)
+    assert list(table.columns)[-3:] == ["p (perm.)", "p (BH)", "verdict"]
+    assert all(d == "inf" or float(d) > 0 for d in table["df"])  # the interval's t degrees of freedom
 
 
 def test_paper_table_sets_every_paper_cell_beside_ours():
@@ -380,3 +378,20 @@ def test_seeds_that_differ_in_quality_widen_the_interval_beyond_the_bootstrap():
     assert len(ens) == 2 * n
     assert row["hi"] - row["lo"] > 1.2 * (boot_only["hi"] - boot_only["lo"])
     assert 2 <= row["df"] < 10
+
+
+def test_forest_figure_marks_each_seed_under_its_model():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from repro.evaluation import figures
+
+    p = _preds(np.random.default_rng(5), ["good", "bad"], seeds=(0, 1, 2))
+    evaluated = results.evaluate_all(p, n_boot=50, ci=0.95)
+    seeds = results.seed_aurocs(p).assign(model=lambda d: d["model"].map(results.label))
+    fig = figures.forest_figure(results.forest_frame(evaluated), seeds=seeds)
+    ticks = [line for line in fig.axes[0].get_lines() if line.get_color() == "tab:orange"]
+    assert [len(t.get_xdata()) for t in ticks] == [3, 3]
+    want = sorted(seeds.loc[seeds["model"] == results.label("bad"), "estimate"])
+    assert sorted(ticks[1].get_xdata()) == pytest.approx(want)
+    assert "each seed" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]

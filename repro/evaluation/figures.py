@@ -56,8 +56,12 @@ def token_length_figure(lengths: pd.DataFrame, max_len: int) -> plt.Figure:
     return fig
 
 
-def forest_figure(df: pd.DataFrame, metric: str = "AUROC", oracle: float | None = None) -> plt.Figure:
-    """Point estimates with 95 % CIs per model and task; the oracle ceiling as a dashed line."""
+def forest_figure(
+    df: pd.DataFrame, metric: str = "AUROC", oracle: float | None = None, seeds: pd.DataFrame | None = None
+) -> plt.Figure:
+    """Point estimates with 95 % CIs per model and task; the oracle ceiling as a dashed line. `seeds`
+    (task, model, estimate per training seed) adds each seed's value as a tick under its model's point:
+    seeds that fall into two groups (a mechanism read or missed) show there, not in a mean and sd."""
     tasks = list(dict.fromkeys(df["task"]))
     ncols = min(3, len(tasks))
     nrows = -(-len(tasks) // ncols)
@@ -73,8 +77,15 @@ def forest_figure(df: pd.DataFrame, metric: str = "AUROC", oracle: float | None 
             g["estimate"], y, xerr=[g["estimate"] - g["lo"], g["hi"] - g["estimate"]], fmt="o", capsize=3
         )
         ax.set_yticks(y, g["model"])
+        if seeds is not None:
+            mine = seeds[seeds["task"] == task]
+            for i, (yi, model) in enumerate(zip(y, g["model"])):
+                x = mine.loc[mine["model"] == model, "estimate"].to_numpy()
+                ax.plot(x, np.full(len(x), yi - 0.25), "|", color="tab:orange", ms=7,
+                        label="each seed" if i == 0 else None)  # fmt: skip
         if "oracle" in g and g["oracle"].notna().any():
             ax.axvline(float(g["oracle"].iloc[0]), color="grey", linestyle="--", linewidth=1, label="oracle")
+        if ax.get_legend_handles_labels()[0]:
             ax.legend(frameon=False, fontsize=8, loc="lower left")
         ax.axvline(0.5, color="lightgrey", linewidth=1)
         ax.set_title(task, fontsize=10)

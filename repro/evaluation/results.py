@@ -563,14 +563,20 @@ def _verdict(lo: float, hi: float, p: float, seeds: int, mde: float, alpha: floa
 
 
 def comparison_table(comparisons: pd.DataFrame, ci: float) -> pd.DataFrame:
-    """The columns the report shows."""
+    """The columns the report shows; df is the t quantile's degrees of freedom ("inf": the seeds add nothing
+    the patients do not)."""
     if comparisons.empty:
         return comparisons
+    if "df" in comparisons:
+        comparisons = comparisons.assign(
+            df=[f"{d:.1f}" if np.isfinite(d) else "inf" for d in comparisons["df"]]
+        )
     cols = [
         "task",
         "comparison",
         "seeds",
         f"ΔAUROC ({ci * 100:g}% CI)",
+        "df",
         "MDE",
         "p (perm.)",
         "p (BH)",
