@@ -112,6 +112,7 @@ save_json(
     {
         "h2_verdict": h2,
         "h2_all_verdict": h2_all,
+        "h2_primary": [base for _, base, _ in params.hypotheses["H2"].pairs()],
         "comparisons": comparisons.to_dict(orient="records"),
         "slopes": slopes.to_dict(orient="records"),
         "epochs": epochs.to_dict(orient="records"),

@@ -516,6 +516,7 @@ class RepresentationParams:
 COMBINE = ("all", "any", "majority")
 # the hypotheses whose verdict combines comparison verdicts by a written rule (params `hypotheses`)
 HYPOTHESES = ("H1", "H1 (all)", "H2", "H2 (all)", "H3", "H4 (accuracy)", "H5")
+TASKLESS_HYPOTHESES = ("H2", "H2 (all)")  # timing comparisons: per batch size, not per task
 
 
 @dataclass
@@ -638,6 +639,12 @@ class RunParams:
         if bad:
             raise ParamsError(f"hypotheses has unknown entries {bad}; known: {list(HYPOTHESES)}")
         self.hypotheses = default_hypotheses() | self.hypotheses
+        for name, rule in self.hypotheses.items():
+            timing = name in TASKLESS_HYPOTHESES  # H2's comparisons are per batch size, with no task
+            wrong = [e for e in rule.primary if ("@" in e) == timing]
+            if wrong:
+                need = "new-baseline, without @task" if timing else "new-baseline@task"
+                raise ParamsError(f"hypotheses.{name}: primary comparison {wrong[0]!r} must read {need}")
         if self.notebook_jobs < 1:
             raise ParamsError(f"notebook_jobs must be >= 1, got {self.notebook_jobs}")
         if self.mps not in ("auto", "required", "never"):

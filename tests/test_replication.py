@@ -154,7 +154,8 @@ def test_pooled_seeds_show_a_run_effect_and_a_welch_interval(tmp_path):
     m = models.set_index("model")
     assert m.loc["BigBird", "seeds"] == 6 and m.loc["BigBird", "each run's mean"] == "A 0.840, B 0.780"
     assert m.loc["BigBird", "run effect p"] < 0.01  # the two runs' seeds do not overlap
-    assert m.loc["EHRMamba", "run effect p"] == pytest.approx(1.0)  # the same seeds in both runs
+    assert m.loc["EHRMamba", "seeds"] == 3  # the same three trainings in both runs count once
+    assert m.loc["EHRMamba", "run effect p"] != m.loc["EHRMamba", "run effect p"]  # nan: one run left
     assert comparisons["seed level"].iloc[0] == "interval covers 0"  # bimodal BigBird widens it
     assert len(warnings) == 3 and "EHRMamba seed 0: the same AUROC in runs A, B" in warnings[0]
 
@@ -195,3 +196,23 @@ def test_params_diff_names_the_keys_and_leaves_out_seeds(tmp_path):
     assert any(
         "params differ (train.pretrain_epochs)" in line for line in summary_lines(a, c, compare_runs(a, c))
     )
+
+
+def test_pooling_compares_over_the_runs_that_trained_both_and_survives_a_bare_manifest(tmp_path):
+    from repro.evaluation.replication import pool_seeds
+
+    cell = {"estimate": 0.85, "lo": 0.83, "hi": 0.87}
+    runs = []
+    for i, name in enumerate("abc"):
+        root = _write_run(tmp_path / name, cell, "-0.050 [-0.090, -0.030]", "not supported")
+        shift = (0.0, 0.05, 0.2)[i]  # EHRMamba's runs differ; pooled over all three it would read 0.793
+        seeds = {"EHRMamba": [0.70 + shift, 0.71 + shift, 0.72 + shift]}
+        if name == "b":
+            seeds["BiLSTM"] = [0.74, 0.75, 0.76]
+        _with_seeds(root, seeds, first_seed=3 * i)
+        (root / "manifest.json").write_text(json.dumps({"git_sha": None, "params": None}))
+        runs.append(load_run(root))
+    _, comparisons, _ = pool_seeds(runs)
+    row = comparisons.set_index("comparison").loc["EHRMamba − BiLSTM"]
+    assert row["seeds"] == "3 vs 3" and row["Δ mean seed AUROC (Welch CI)"].startswith("+0.010")
+    assert "code ?" in summary_lines(runs[0], runs[1], compare_runs(runs[0], runs[1]))[0]

@@ -278,6 +278,11 @@ def test_hypothesis_rules_in_params_are_checked_and_merged():
         ({"H1": {"primary": ["ehrmamba@mortality_1m"]}}, "must read new-baseline@task"),
         ({"H1": {"primary": ["ehrmamba-lstm@mortality_2m"]}}, "unknown task"),
         ({"H2": {"primary": ["ehrmamba-bigbird@"]}}, "must read new-baseline@task (or new-baseline)"),
+        (
+            {"H1": {"primary": ["ehrmamba-cehr_bert"]}},
+            "hypotheses.H1: primary comparison 'ehrmamba-cehr_bert' must",
+        ),
+        ({"H2": {"primary": ["ehrmamba-bigbird@mortality_1m"]}}, "must read new-baseline, without @task"),
         ({"H9": {}}, "hypotheses has unknown entries ['H9']"),
     ):
         with pytest.raises(ParamsError, match=re.escape(msg)):

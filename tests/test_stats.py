@@ -480,3 +480,16 @@ def test_seeds_that_differ_in_quality_do_not_make_claims(monkeypatch):
     monkeypatch.setattr(results, "seed_calibrated_interval", bootstrap_only)
     planted = false_positive_rate(200, 200, 200, seed=7, **kw)
     assert planted["any claim"] > 0.07, planted
+
+
+def test_seed_calibrated_interval_ignores_undefined_resamples():
+    from repro.evaluation.significance import seed_calibrated_interval
+
+    boot = np.array([-0.01, 0.01, np.nan, -0.012, 0.012])
+    r = seed_calibrated_interval(0.0, boot, -0.01, 0.01, np.array([0.83, 0.82, 0.81]), np.array([0.8] * 3))
+    clean = seed_calibrated_interval(
+        0.0, boot[np.isfinite(boot)], -0.01, 0.01, np.array([0.83, 0.82, 0.81]), np.array([0.8] * 3)
+    )
+    assert r == clean and r["hi"] > 0.03  # the seeds widen it; the undefined resample is left out
+    gone = seed_calibrated_interval(np.nan, boot, np.nan, np.nan, np.array([0.8]), np.array([0.8]))
+    assert np.isnan(gone["lo"]) and np.isnan(gone["df"])

@@ -16,6 +16,7 @@ import re
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from scipy import stats
 
@@ -137,7 +138,7 @@ def params_diff(a: dict, b: dict, ignore: tuple[str, ...] = ("name", "seeds")) -
     """The params (dotted keys) that differ between two runs' manifests, besides their name and seeds: a
     rerun with other seeds is the same experiment, more draws. Falls back to the params hash (["params"])
     where a manifest has no params."""
-    pa, pb = (r["manifest"].get("params") for r in (a, b))
+    pa, pb = (r["manifest"].get("params") or None for r in (a, b))
     if pa is None or pb is None:
         ha, hb = a["manifest"].get("params_hash"), b["manifest"].get("params_hash")
         return ["params"] if ha and hb and ha != hb else []
@@ -151,16 +152,15 @@ def summary_lines(a: dict, b: dict, table: pd.DataFrame) -> list[str]:
     lines = []
     for tag, run in (("A", a), ("B", b)):
         m = run["manifest"]
-        lines.append(
-            f"run {tag}: {run['dir']} (code {m.get('git_sha', '?')[:12]}, params {m.get('params_hash', '?')[:12]})"
-        )
+        sha, ph = m.get("git_sha") or "?", m.get("params_hash") or "?"
+        lines.append(f"run {tag}: {run['dir']} (code {sha[:12]}, params {ph[:12]})")
     differ = params_diff(a, b)
     if differ:
         lines.append(
             f"the runs' params differ ({', '.join(differ)}): a difference below may come from them, not only "
             "from chance"
         )
-    seeds = [r["manifest"].get("params", {}).get("seeds") for r in (a, b)]
+    seeds = [(r["manifest"].get("params") or {}).get("seeds") for r in (a, b)]
     if seeds[0] is not None and seeds[1] is not None and seeds[0] != seeds[1]:
         lines.append(f"training seeds: run A {seeds[0]}, run B {seeds[1]}")
     estimates = table[table["kind"] != "hypothesis"]
@@ -214,7 +214,8 @@ def pool_seeds(
     held-out patients as fixed (they are the same in every run) and adjust nothing for multiplicity: they
     show how the training seeds of several runs spread, not a verdict. Warnings name seeds that gave the
     same AUROC to the last digit in two runs: training that repeated itself is one draw, not two (a model
-    whose every seed gives one AUROC, counts + LR, is deterministic by design and not warned about).
+    whose every seed gives one AUROC, counts + LR, is deterministic by design and not warned about); a
+    repeat is counted once. `new` is compared with each model over the runs that trained both.
     """
     seeds = _seed_rows(runs, task)
     notes = []
@@ -223,14 +224,15 @@ def pool_seeds(
         if model not in fixed and len(g) > 1 and g["auroc"].duplicated().any():
             notes.append(
                 f"{model} seed {seed}: the same AUROC in runs {', '.join(g['run'])}; repeated training is one "
-                "draw, not several (give another run other seeds: params `seeds`)"
+                "draw, not several, and is counted once (give another run other seeds: params `seeds`)"
             )
+    seeds = seeds.drop_duplicates(["model", "seed", "auroc"])
     models = []
     for model, g in seeds.groupby("model", sort=False):
         by_run = [x["auroc"].to_numpy() for _, x in g.groupby("run")]
         anova = (
             float(stats.f_oneway(*by_run).pvalue)
-            if len(by_run) > 1 and all(len(x) > 1 for x in by_run) and g["auroc"].std() > 0
+            if len(by_run) > 1 and all(len(x) > 1 for x in by_run) and g["auroc"].round(12).nunique() > 1
             else float("nan")
         )
         models.append(
@@ -247,9 +249,10 @@ def pool_seeds(
         )
     models = pd.DataFrame(models)
     comparisons = []
-    mine = seeds.loc[seeds["model"] == new, "auroc"].to_numpy()
     for model, g in seeds.groupby("model", sort=False):
         theirs = g["auroc"].to_numpy()
+        both = seeds["run"].isin(set(g["run"]))  # runs that trained the model: nothing else moved apart
+        mine = seeds.loc[(seeds["model"] == new) & both, "auroc"].to_numpy()
         if model == new or len(mine) < 2 or len(theirs) < 2:
             continue
         with warnings.catch_warnings():  # a deterministic model (sd 0): the interval rests on `new`
@@ -257,7 +260,10 @@ def pool_seeds(
             t = stats.ttest_ind(mine, theirs, equal_var=False)
         lo, hi = t.confidence_interval(ci)
         d = mine.mean() - theirs.mean()
-        sign = f"{new} higher" if lo > 0 else f"{new} lower" if hi < 0 else "interval covers 0"
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            sign = "no seed spread: no interval"
+        else:
+            sign = f"{new} higher" if lo > 0 else f"{new} lower" if hi < 0 else "interval covers 0"
         comparisons.append(
             {
                 "comparison": f"{new} − {model}",

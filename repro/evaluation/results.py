@@ -413,7 +413,7 @@ def _compare(
         labels.append((y, subjects, a, b))
     est, d = two_level_paired_auroc(labels, n_boot, seed=0)
     ci_d = percentile_ci(d, ci)
-    # the patient part alone: each model's seed ensemble fixed, the same patient resamples
+    # the patient part alone: each model's seed ensemble fixed, patients resampled
     ensembles = [(y, s, a.mean(0, keepdims=True), b.mean(0, keepdims=True)) for y, s, a, b in labels]
     _, d_patients = two_level_paired_auroc(ensembles, n_boot, seed=0)
     jack = [leave_one_seed_out_auroc([(lab[0], lab[m]) for lab in labels]) for m in (2, 3)]
@@ -569,7 +569,7 @@ def comparison_table(comparisons: pd.DataFrame, ci: float) -> pd.DataFrame:
         return comparisons
     if "df" in comparisons:
         comparisons = comparisons.assign(
-            df=[f"{d:.1f}" if np.isfinite(d) else "inf" for d in comparisons["df"]]
+            df=[f"{d:.1f}" if np.isfinite(d) else "nan" if np.isnan(d) else "inf" for d in comparisons["df"]]
         )
     cols = [
         "task",

@@ -88,7 +88,9 @@ def seed_calibrated_interval(
     what a seed moves in the ensemble: seeds that err on different patients average out there and add
     little, seeds that learned more or less of the signal do not. The interval d -/+ t(df) * SE, with df
     by Welch-Satterthwaite (k - 1 per model, the patient part counted as known), replaces [lo, hi] on each
-    side where it reaches further.
+    side where it reaches further. The standard error returned is the one the final interval implies (the
+    larger of SE and its half-width over t(df)), so a minimum detectable difference read from it never
+    claims more power than the interval has.
 
     Three seeds of a at 0.80, 0.82, 0.84 (leave-one-out means 0.83, 0.82, 0.81) and of b all at 0.80,
     with patients that add little: SE 0.02 / sqrt(3), df 2, and t(2, 0.975) = 4.30 widens +/-0.001 to
@@ -104,12 +106,19 @@ def seed_calibrated_interval(
     ka, kb = len(jack_a), len(jack_b)
     va = (ka - 1) / ka * float(np.sum((jack_a - np.mean(jack_a)) ** 2)) if ka > 1 else 0.0
     vb = (kb - 1) / kb * float(np.sum((jack_b - np.mean(jack_b)) ** 2)) if kb > 1 else 0.0
-    v_patients = float(np.var(patient_boot, ddof=1)) if len(patient_boot) > 1 else 0.0
+    finite = patient_boot[np.isfinite(patient_boot)]  # as percentile_ci: resamples where d is undefined drop
+    v_patients = float(np.var(finite, ddof=1)) if len(finite) > 1 else 0.0
     var = v_patients + va + vb
     den = (va**2 / (ka - 1) if ka > 1 else 0.0) + (vb**2 / (kb - 1) if kb > 1 else 0.0)
     df = var**2 / den if den > 0 else np.inf
-    half = float(t.ppf(0.5 + ci / 2, df)) * var**0.5
-    return {"lo": min(lo, est - half), "hi": max(hi, est + half), "se": var**0.5, "df": float(df)}
+    q = float(t.ppf(0.5 + ci / 2, df))
+    half = q * var**0.5
+    if not (np.isfinite(half) and np.isfinite(est)):  # an undefined metric: no interval, never a verdict
+        return {"lo": np.nan, "hi": np.nan, "se": np.nan, "df": np.nan}
+    lo, hi = min(lo, est - half), max(hi, est + half)
+    # the SE the interval implies: the bootstrap side can reach further than the t interval's
+    se = max(var**0.5, (hi - lo) / (2 * q)) if np.isfinite(hi - lo) else var**0.5
+    return {"lo": lo, "hi": hi, "se": se, "df": float(df)}
 
 
 def paired_permutation_test(

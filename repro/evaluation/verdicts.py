@@ -89,7 +89,7 @@ def verdict_table(res: Mapping[str, dict[str, Any]]) -> pd.DataFrame:
         def why(rows: list[dict]) -> str:
             return "; ".join(f"{label(r['baseline'])} (batch {r['batch']}): {r['why']}" for r in rows)
 
-        primary = [r for r in cmp if r["baseline"] == "bigbird"]
+        primary = [r for r in cmp if r["baseline"] in eff.get("h2_primary", ["bigbird"])]
         add("H2", eff["h2_verdict"], f"on {device}. {why(primary)}", "@sec-efficiency")
         add("H2 (all)", eff.get("h2_all_verdict"), f"on {device}. {why(cmp)}", "@sec-efficiency")
     else:
