@@ -50,6 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--data", help="a MEDS directory (default: the synthetic cohort the params describe)")
     p_run.add_argument("--name", help="run name, the folder under outputs/ (default: the params file's name)")
     p_run.add_argument("--force", action="store_true", help="replace an existing run of the same name")
+    p_run.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        metavar="SEED",
+        help="other training seeds: runs a copy of the params with these (outputs/params/<stem>-seeds-...yaml, "
+        "also the default run name), to `repro compare` with the first run",
+    )
     p_run.add_argument("--no-render", action="store_true", help="execute notebooks only")
     p_run.add_argument(
         "--resume",
@@ -151,6 +159,14 @@ def main(argv: list[str] | None = None) -> int:
             from repro.report.pipeline import NOTEBOOKS, run, select_notebooks
 
             notebooks = select_notebooks(args.notebooks) if args.notebooks else NOTEBOOKS
+            if args.seeds:
+                import tempfile
+
+                from repro.config import project_root, with_seeds
+
+                where = tempfile.mkdtemp() if args.dry_run else project_root() / "outputs" / "params"
+                args.params = str(with_seeds(args.params, args.seeds, where))
+                print(f"params with seeds {args.seeds}: {args.params}")
             if args.dry_run:
                 from repro.report.pipeline import dry_run
 

@@ -806,6 +806,31 @@ def load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
         raise ParamsError(f"{path}: {exc}") from exc
 
 
+def with_seeds(params_file: str | Path, seeds: list[int], out_dir: str | Path) -> Path:
+    """A copy of `params_file` with other training `seeds`, written as out_dir/<stem>-seeds-<a>-<b>.yaml.
+
+    Why: a verdict is provisional until a second run of the same experiment agrees, and that run needs
+    other seeds (GPU training is not bitwise repeatable, but seeds that repeat are not new draws either);
+    `repro compare` pools the two runs' seeds. Every other parameter is the original's; the copy says where
+    it came from. Written atomically; errors name the file."""
+    src = resolve(params_file)
+    if len(set(seeds)) != len(seeds) or not seeds:
+        raise ParamsError(f"--seeds must list distinct seeds, got {seeds}")
+    load_params(src, {"seeds": list(seeds)})  # the variant must be valid before it is written
+    raw = yaml.safe_load(src.read_text()) or {}
+    stem = f"{src.stem}-seeds-{'-'.join(str(s) for s in seeds)}"
+    raw |= {"name": stem, "seeds": [int(s) for s in seeds]}
+    out = Path(out_dir) / f"{stem}.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".yaml.tmp")
+    header = (
+        f"# written by `repro run --seeds` from {params_file}: only name and seeds differ; edit that file\n"
+    )
+    tmp.write_text(header + yaml.safe_dump(raw, sort_keys=False))
+    tmp.replace(out)
+    return out
+
+
 def project_root(start: Path | None = None) -> Path:
     """The directory holding pyproject.toml, so notebooks opened from notebooks/ find params/ too."""
     here = (start or Path.cwd()).resolve()

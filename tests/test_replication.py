@@ -216,3 +216,27 @@ def test_pooling_compares_over_the_runs_that_trained_both_and_survives_a_bare_ma
     row = comparisons.set_index("comparison").loc["EHRMamba − BiLSTM"]
     assert row["seeds"] == "3 vs 3" and row["Δ mean seed AUROC (Welch CI)"].startswith("+0.010")
     assert "code ?" in summary_lines(runs[0], runs[1], compare_runs(runs[0], runs[1]))[0]
+
+
+def test_seeds_variant_changes_only_name_and_seeds_and_the_cli_runs_it(tmp_path, monkeypatch, capsys):
+    from repro.config import ParamsError, load_params, with_seeds
+    from repro.report import pipeline
+
+    out = with_seeds("params/smoke.yaml", [3, 4], tmp_path)
+    assert out == tmp_path / "smoke-seeds-3-4.yaml" and out.read_text().startswith("# written by")
+    a, b = load_params("params/smoke.yaml").to_dict(), load_params(out).to_dict()
+    assert b["seeds"] == [3, 4] and b["name"] == "smoke-seeds-3-4"
+    assert {k for k in a if a[k] != b[k]} == {"name", "seeds"}
+    for bad in ([3, 3], []):
+        with pytest.raises(ParamsError, match="distinct seeds"):
+            with_seeds("params/smoke.yaml", bad, tmp_path)
+    seen = {}
+
+    def fake_dry_run(params_file, *args):
+        seen["params"] = params_file
+        return ["checked"]
+
+    monkeypatch.setattr(pipeline, "dry_run", fake_dry_run)
+    assert main(["run", "params/smoke.yaml", "--dry-run", "--seeds", "5", "6"]) == 0
+    assert seen["params"].endswith("smoke-seeds-5-6.yaml") and load_params(seen["params"]).seeds == [5, 6]
+    assert "params with seeds [5, 6]" in capsys.readouterr().out
