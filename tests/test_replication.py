@@ -240,3 +240,20 @@ def test_seeds_variant_changes_only_name_and_seeds_and_the_cli_runs_it(tmp_path,
     assert main(["run", "params/smoke.yaml", "--dry-run", "--seeds", "5", "6"]) == 0
     assert seen["params"].endswith("smoke-seeds-5-6.yaml") and load_params(seen["params"]).seeds == [5, 6]
     assert "params with seeds [5, 6]" in capsys.readouterr().out
+
+
+def test_a_deterministic_model_counted_once_still_meets_every_run_of_ehrmamba(tmp_path):
+    from repro.evaluation.replication import pool_seeds
+
+    cell = {"estimate": 0.85, "lo": 0.83, "hi": 0.87}
+    runs = []
+    for i, name in enumerate("ab"):
+        root = _write_run(tmp_path / name, cell, "-0.050 [-0.090, -0.030]", "not supported")
+        _with_seeds(
+            root, {"EHRMamba": [0.70 + i / 10, 0.71 + i / 10, 0.72 + i / 10], "Counts + LR": [0.67] * 3}
+        )
+        runs.append(load_run(root))
+    models, comparisons, notes = pool_seeds(runs)
+    assert models.set_index("model").loc["Counts + LR", "seeds"] == 3 and notes == []
+    row = comparisons.set_index("comparison").loc["EHRMamba − Counts + LR"]
+    assert row["seeds"] == "6 vs 3" and row["Δ mean seed AUROC (Welch CI)"].startswith("+0.090")

@@ -226,8 +226,9 @@ def pool_seeds(
                 f"{model} seed {seed}: the same AUROC in runs {', '.join(g['run'])}; repeated training is one "
                 "draw, not several, and is counted once (give another run other seeds: params `seeds`)"
             )
+    trained = seeds.groupby("model")["run"].agg(set)  # before a repeat is dropped from its later runs
     seeds = seeds.drop_duplicates(["model", "seed", "auroc"])
-    models = []
+    models, comparisons = [], []
     for model, g in seeds.groupby("model", sort=False):
         by_run = [x["auroc"].to_numpy() for _, x in g.groupby("run")]
         anova = (
@@ -247,11 +248,8 @@ def pool_seeds(
                 "run effect p": anova,
             }
         )
-    models = pd.DataFrame(models)
-    comparisons = []
-    for model, g in seeds.groupby("model", sort=False):
         theirs = g["auroc"].to_numpy()
-        both = seeds["run"].isin(set(g["run"]))  # runs that trained the model: nothing else moved apart
+        both = seeds["run"].isin(trained[model])  # runs that trained the model: nothing else moved apart
         mine = seeds.loc[(seeds["model"] == new) & both, "auroc"].to_numpy()
         if model == new or len(mine) < 2 or len(theirs) < 2:
             continue
@@ -273,7 +271,7 @@ def pool_seeds(
                 "seed level": sign,
             }
         )
-    return models, pd.DataFrame(comparisons), notes
+    return pd.DataFrame(models), pd.DataFrame(comparisons), notes
 
 
 def pooled_lines(runs: list[dict], task: str = "mortality_1m") -> list[str]:
