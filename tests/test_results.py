@@ -365,8 +365,10 @@ def test_seeds_that_differ_in_quality_widen_the_interval_beyond_the_bootstrap():
     p = pd.concat(rows, ignore_index=True)
     row = results.paired_comparisons(p, [("a", "b")], n_boot=300, ci=0.95, n_perm=100).iloc[0]
     ens = results.seed_ensemble(p)
-    boot_only = results.percentile_ci(
-        results.two_level_paired_auroc(
+    from repro.evaluation.bootstrap import percentile_ci, two_level_paired_auroc
+
+    boot_only = percentile_ci(
+        two_level_paired_auroc(
             [
                 (
                     y.astype(float),

@@ -361,6 +361,15 @@ def seed_scores(df: pd.DataFrame, model: str) -> tuple[np.ndarray, np.ndarray, n
 def two_level_paired_auroc(
     labels: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], n_boot: int = 2000, seed: int = 0
 ) -> tuple[float, np.ndarray]:
+    """The observed difference and its two-level resamples (``paired_auroc_resamples`` without the
+    patient-only ones)."""
+    est, d, _ = paired_auroc_resamples(labels, n_boot, seed)
+    return est, d
+
+
+def paired_auroc_resamples(
+    labels: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], n_boot: int = 2000, seed: int = 0
+) -> tuple[float, np.ndarray, np.ndarray]:
     """AUROC of model a's seed ensemble minus model b's (the macro average over labels), and its two-level
     bootstrap: each resample draws each model's training seeds with replacement and averages their scores,
     then draws patients with replacement (clustered), so the interval carries training randomness as well
@@ -368,7 +377,9 @@ def two_level_paired_auroc(
 
     `labels`: one (y, subject ids, scores a [seeds_a, n], scores b [seeds_b, n]) per label, rows in the same
     subject order in every label. The seed draws and patient draws of a resample are shared by every label
-    (one trained model scores all of them). Returns the observed difference and the resampled differences.
+    (one trained model scores all of them). Returns the observed difference, the resampled differences,
+    and the differences of the seed ensembles as trained on the same patient resamples (the patient part
+    of the variance, for `repro.evaluation.significance.seed_calibrated_interval`).
     """
     ref = labels[0][1]
     if any(not np.array_equal(s, ref) for _, s, _, _ in labels):
@@ -378,15 +389,18 @@ def two_level_paired_auroc(
                    for y, _, a, b in labels])  # fmt: skip
     rng = np.random.default_rng(seed)
     codes, _ = _cluster_codes(ref, len(ref))
-    out = []
+    out, fixed = [], []
     for counts in cluster_bootstrap_counts(ref, n_boot, rng, len(ref)):
         k = counts.shape[0]
         w = counts[:, codes]
         wa = rng.multinomial(ka, np.full(ka, 1.0 / ka), size=k) / ka  # seed weights of each resample
         wb = rng.multinomial(kb, np.full(kb, 1.0 / kb), size=k) / kb
-        d = np.zeros(k)
+        d, f = np.zeros(k), np.zeros(k)
         for y, _, a, b in labels:
             d += weighted_metrics(y, wa @ a, w, ("auroc",))["auroc"]
             d -= weighted_metrics(y, wb @ b, w, ("auroc",))["auroc"]
+            f += weighted_metrics(y, a.mean(0), w, ("auroc",))["auroc"]
+            f -= weighted_metrics(y, b.mean(0), w, ("auroc",))["auroc"]
         out.append(d / len(labels))
-    return float(est), np.concatenate(out)
+        fixed.append(f / len(labels))
+    return float(est), np.concatenate(out), np.concatenate(fixed)

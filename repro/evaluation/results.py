@@ -17,10 +17,10 @@ from repro.config import HypothesisRule
 from repro.evaluation.batched_metrics import ECE_BINS, metric_values
 from repro.evaluation.bootstrap import (
     bootstrap_pvalue,
+    paired_auroc_resamples,
     paired_scores,
     percentile_ci,
     seed_scores,
-    two_level_paired_auroc,
 )
 from repro.evaluation.metrics import (
     binary_metrics,
@@ -411,11 +411,9 @@ def _compare(
         if not (np.array_equal(subjects, subjects_b) and np.array_equal(y, y_b)):
             raise ValueError(f"{task} {target}: {new} and {base} are not scored on the same samples")
         labels.append((y, subjects, a, b))
-    est, d = two_level_paired_auroc(labels, n_boot, seed=0)
+    # d_patients: the seed ensembles as trained on the same patient resamples (the patient part alone)
+    est, d, d_patients = paired_auroc_resamples(labels, n_boot, seed=0)
     ci_d = percentile_ci(d, ci)
-    # the patient part alone: each model's seed ensemble fixed, patients resampled
-    ensembles = [(y, s, a.mean(0, keepdims=True), b.mean(0, keepdims=True)) for y, s, a, b in labels]
-    _, d_patients = two_level_paired_auroc(ensembles, n_boot, seed=0)
     jack = [leave_one_seed_out_auroc([(lab[0], lab[m]) for lab in labels]) for m in (2, 3)]
     wide = seed_calibrated_interval(est, d_patients, ci_d["lo"], ci_d["hi"], jack[0], jack[1], ci)
     lo, hi, p_boot = wide["lo"], wide["hi"], bootstrap_pvalue(d)

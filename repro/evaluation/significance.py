@@ -103,14 +103,16 @@ def seed_calibrated_interval(
     """
     from scipy.stats import t
 
-    ka, kb = len(jack_a), len(jack_b)
-    va = (ka - 1) / ka * float(np.sum((jack_a - np.mean(jack_a)) ** 2)) if ka > 1 else 0.0
-    vb = (kb - 1) / kb * float(np.sum((jack_b - np.mean(jack_b)) ** 2)) if kb > 1 else 0.0
+    def jackknife(m: np.ndarray) -> tuple[float, float]:  # (variance, its Welch-Satterthwaite term)
+        k = len(m)
+        v = (k - 1) / k * float(np.sum((m - np.mean(m)) ** 2)) if k > 1 else 0.0
+        return v, (v**2 / (k - 1) if k > 1 else 0.0)
+
+    (va, ta), (vb, tb) = jackknife(jack_a), jackknife(jack_b)
     finite = patient_boot[np.isfinite(patient_boot)]  # as percentile_ci: resamples where d is undefined drop
     v_patients = float(np.var(finite, ddof=1)) if len(finite) > 1 else 0.0
     var = v_patients + va + vb
-    den = (va**2 / (ka - 1) if ka > 1 else 0.0) + (vb**2 / (kb - 1) if kb > 1 else 0.0)
-    df = var**2 / den if den > 0 else np.inf
+    df = var**2 / (ta + tb) if ta + tb > 0 else np.inf
     q = float(t.ppf(0.5 + ci / 2, df))
     half = q * var**0.5
     if not (np.isfinite(half) and np.isfinite(est)):  # an undefined metric: no interval, never a verdict
