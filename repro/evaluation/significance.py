@@ -79,7 +79,7 @@ def seed_calibrated_interval(
     as a whole (per-seed AUROC sd 0.018, 0.023 and 0.040, as BigBird's and CEHR-BERT's seeds spread in the
     default runs; three seeds, 2,000 patients, 200 pairs each), the bootstrap interval let the procedure
     claim a difference for 0.090, 0.100 and 0.145 of pairs, this one for 0.035, 0.035 and 0.020 (README,
-    "Seeds and the verdict rule").
+    "Seeds and the verdict rule"; measured before the patient part shared the two-level resamples).
 
     The variance of d adds a patient part, the variance of `patient_boot` (d over patient resamples with
     each model's seed ensemble fixed), and a seed part per model, the jackknife variance of its ensemble's
