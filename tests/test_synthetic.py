@@ -45,6 +45,21 @@ def test_deterministic(tmp_path):
     np.testing.assert_array_equal(c1["time"], c2["time"])
 
 
+def test_same_time_events_carry_no_order(cohort):
+    """Lab panels are written creatinine first; after the generator, a panel's order says nothing."""
+    ev = read_events(load_meds(cohort))
+    labs = ev[ev["code"].str.startswith("LAB//")]
+    labs = labs[labs.groupby(["subject_id", "time"])["code"].transform("size") >= 2]
+    rank = labs.groupby(["subject_id", "time"]).cumcount()
+    size = labs.groupby(["subject_id", "time"])["code"].transform("size")
+    first = labs[(rank == 0)]
+    creatinine_first = (first["code"] == "LAB//50912//mg/dL").mean()
+    has_creatinine = labs.groupby(["subject_id", "time"])["code"].apply(lambda c: "LAB//50912//mg/dL" in set(c))
+    expected = (1 / size[rank == 0])[has_creatinine.to_numpy()].mean() * has_creatinine.mean()
+    assert len(first) > 1000
+    assert abs(creatinine_first - expected) < 0.05, (creatinine_first, expected)
+
+
 def test_refuses_to_overwrite(tmp_path):
     write_synthetic_meds(tmp_path / "a", 20, seed=1)
     with pytest.raises(FileExistsError):
