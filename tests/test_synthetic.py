@@ -11,7 +11,7 @@ import pytest
 
 from repro.config import CodePatterns
 from repro.data.meds import load_meds, read_events
-from repro.data.synthetic import generate_subject, true_probabilities, write_synthetic_meds
+from repro.data.synthetic import GENERATOR_VERSION, generate_subject, true_probabilities, write_synthetic_meds
 from repro.data.tasks import build_task
 
 
@@ -54,10 +54,28 @@ def test_same_time_events_carry_no_order(cohort):
     size = labs.groupby(["subject_id", "time"])["code"].transform("size")
     first = labs[(rank == 0)]
     creatinine_first = (first["code"] == "LAB//50912//mg/dL").mean()
-    has_creatinine = labs.groupby(["subject_id", "time"])["code"].apply(lambda c: "LAB//50912//mg/dL" in set(c))
+    has_creatinine = labs.groupby(["subject_id", "time"])["code"].apply(
+        lambda c: "LAB//50912//mg/dL" in set(c)
+    )
     expected = (1 / size[rank == 0])[has_creatinine.to_numpy()].mean() * has_creatinine.mean()
     assert len(first) > 1000
     assert abs(creatinine_first - expected) < 0.05, (creatinine_first, expected)
+
+
+# The first 20 subjects of seed 7, per generator version: data that change without a new version would be
+# mixed with cohorts cached under the old one (outputs/.cache is keyed by the version).
+DIGESTS = {6: "8ce2799456d8fa43"}
+
+
+def test_generator_version_names_its_data():
+    h = hashlib.sha256()
+    for i in range(20):
+        cols, _ = generate_subject(7, i)
+        for k in ("time", "code", "numeric_value"):
+            h.update(np.asarray(cols[k]).astype(str).tobytes())
+    assert h.hexdigest()[:16] == DIGESTS.get(GENERATOR_VERSION), (
+        "the generated data changed: bump GENERATOR_VERSION"
+    )
 
 
 def test_refuses_to_overwrite(tmp_path):

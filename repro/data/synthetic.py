@@ -61,7 +61,7 @@ import pyarrow.parquet as pq
 from repro.config import MECHANISM_NAMES, SPLIT_FRACTIONS, CodePatterns
 from repro.data.tasks import CONDITION_TASKS, NULL_RATE
 
-GENERATOR_VERSION = 5  # bump when the generated data change, so cached cohorts are not reused
+GENERATOR_VERSION = 6  # bump when the generated data change, so cached cohorts are not reused
 US_PER_HOUR = 3_600_000_000
 US_PER_DAY = 24 * US_PER_HOUR
 EPOCH_2130_US = int(np.datetime64("2130-01-01T00:00:00", "us").astype(np.int64))
