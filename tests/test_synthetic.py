@@ -185,3 +185,32 @@ def test_cohort_cache_is_keyed_by_its_splits(tmp_path, monkeypatch):
         ensure_meds(even)
     with pytest.raises(ParamsError, match="split_fractions"):
         load_params(smoke, base | {"data.split_fractions": [1.2, -0.1, -0.1]})
+
+
+def test_two_processes_write_one_cohort_once(tmp_path, monkeypatch):
+    """Two runs starting on one empty cache (a notebook beside `repro run`, parallel trials) once raced: the
+    slower one's rename failed with "Directory not empty". Now the second waits and reads the first's."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    import repro.training.prepare as prepare_mod
+    from repro.config import load_params
+
+    smoke = Path(__file__).resolve().parents[1] / "params" / "smoke.yaml"
+    monkeypatch.chdir(tmp_path)
+    params = load_params(smoke, {"data.n_subjects": 40, "data.shard_size": 20})
+    calls, real = [], prepare_mod.write_synthetic_meds
+    lock = threading.Lock()
+
+    def slow_write(*args, **kwargs):
+        with lock:
+            calls.append(args[0])
+        time.sleep(0.5)  # both would be inside the write at once without the lock
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prepare_mod, "write_synthetic_meds", slow_write)
+    with ThreadPoolExecutor(2) as pool:
+        roots = list(pool.map(lambda _: prepare_mod.ensure_meds(params), range(2)))
+    assert roots[0] == roots[1] and len(calls) == 1

@@ -12,6 +12,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from repro.config import from_dict
+from repro.locks import file_lock
 from repro.training.prepare import Prepared, prepare
 from repro.training.trainer import FORECAST, PRETRAIN, PROBES, Trainer, job_key
 
@@ -255,16 +256,8 @@ def stage_lock(work_dir: str | Path, job: Job):
     the same run twice: the second waits, then finds the first's result cached (or the finished
     checkpoint, for a pretraining). Needs a filesystem whose locks reach every node (NFS with lockd, Lustre
     mounted with flock)."""
-    import fcntl
-
-    path = Path(work_dir) / "locks" / f"{job_key(job)}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with file_lock(Path(work_dir) / "locks" / f"{job_key(job)}.lock"):
+        yield
 
 
 def _pool(plans: list[Plan], todo: dict, workers: int, gpus: int, n_stages: int) -> None:

@@ -34,6 +34,7 @@ from repro.data.tasks import LABEL_PREFIX, hash_unit, label_columns
 from repro.data.timelines import Timelines
 from repro.data.tokenizer import Encoded, Tokenizer
 from repro.data.vocab import CLS, N_TOKEN_TYPES
+from repro.locks import file_lock
 
 SPLITS = (meds.train_split, meds.tuning_split, meds.held_out_split)
 PRETRAIN_ONLY_SALT = 0x57_28_15  # the paper's 57 / 28 / 15 split
@@ -202,23 +203,29 @@ def ensure_meds(params: RunParams, data_dir: str | Path | None = None) -> Path:
     if params.data.meds_dir:
         return resolve(params.data.meds_dir)
     out = synthetic_dir(params)
-    if out.is_dir():
-        _check_splits(out, split_counts(params.data.n_subjects, params.data.split_fractions))
-    else:
-        d = params.data
-        # Shards in parallel processes for large cohorts (the data do not depend on the worker count).
-        workers = data_workers() or (min(os.cpu_count() or 1, 8) if d.n_subjects >= 10_000 else 1)
-        write_synthetic_meds(
-            out,
-            d.n_subjects,
-            d.generator_seed,
-            d.shard_size,
-            d.split_fractions,
-            progress=True,
-            workers=workers,
-            mechanisms=d.mechanisms,
-        )
+    # two processes starting on one cache (a notebook beside `repro run`, parallel trials) write it once
+    with file_lock(out.parent / f".{out.name}.lock"):
+        if not out.is_dir():
+            _write_synthetic(params, out)
+    _check_splits(out, split_counts(params.data.n_subjects, params.data.split_fractions))
     return out
+
+
+def _write_synthetic(params: RunParams, out: Path) -> None:
+    """Generate the cohort the params describe into ``out`` (shards in parallel for large cohorts; the data
+    do not depend on the worker count)."""
+    d = params.data
+    workers = data_workers() or (min(os.cpu_count() or 1, 8) if d.n_subjects >= 10_000 else 1)
+    write_synthetic_meds(
+        out,
+        d.n_subjects,
+        d.generator_seed,
+        d.shard_size,
+        d.split_fractions,
+        progress=True,
+        workers=workers,
+        mechanisms=d.mechanisms,
+    )
 
 
 def _check_splits(root: Path, expected: dict[str, int]) -> None:
