@@ -257,3 +257,31 @@ def test_a_deterministic_model_counted_once_still_meets_every_run_of_ehrmamba(tm
     assert models.set_index("model").loc["Counts + LR", "seeds"] == 3 and notes == []
     row = comparisons.set_index("comparison").loc["EHRMamba − Counts + LR"]
     assert row["seeds"] == "6 vs 3" and row["Δ mean seed AUROC (Welch CI)"].startswith("+0.090")
+
+
+def test_runs_on_other_data_are_not_pooled(tmp_path):
+    """A synthetic cohort of another generator version (the tie order of fdc8151) is another dataset: its
+    seeds are not more draws of one experiment. Runs that all predate the record still pool."""
+    from repro.evaluation.replication import data_difference, pool_seeds
+    from repro.report.manifest import dataset_record
+
+    cell = {"estimate": 0.85, "lo": 0.83, "hi": 0.87}
+    runs = []
+    for name in ("a", "b", "c"):
+        root = _write_run(tmp_path / name, cell, "-0.050 [-0.090, -0.030]", "not supported")
+        runs.append(_with_seeds(root, {"EHRMamba": [0.80, 0.81, 0.79], "BigBird": [0.84, 0.85, 0.83]}))
+    assert data_difference([load_run(r) for r in runs]) is None  # no records: as before
+    for root, version in zip(runs, ("6", "6", "5")):
+        m = json.loads((root / "manifest.json").read_text())
+        m["dataset"] = {"etl_name": "repro.data.synthetic", "etl_version": version}
+        (root / "manifest.json").write_text(json.dumps(m))
+    loaded = [load_run(r) for r in runs]
+    pool_seeds(loaded[:2])
+    with pytest.raises(ReplicationError, match=r"c: etl_name repro.data.synthetic, etl_version 5"):
+        pool_seeds(loaded)
+    table = compare_runs(loaded[0], loaded[2])
+    assert any("data differ" in line for line in summary_lines(loaded[0], loaded[2], table))
+    meds_root = tmp_path / "meds" / "metadata"
+    meds_root.mkdir(parents=True)
+    (meds_root / "dataset.json").write_text(json.dumps({"dataset_name": "x", "etl_version": "6", "n": 3}))
+    assert dataset_record(tmp_path / "meds") == {"dataset_name": "x", "etl_version": "6"}

@@ -147,6 +147,25 @@ def params_diff(a: dict, b: dict, ignore: tuple[str, ...] = ("name", "seeds")) -
     return [k for k in keys if k.split(".")[0] not in ignore and fa.get(k) != fb.get(k)]
 
 
+def _dataset_text(run: dict) -> str:
+    rec = run["manifest"].get("dataset")
+    if rec is None:
+        return "no dataset record (a run made before repro kept one)"
+    return ", ".join(f"{k} {v}" for k, v in rec.items()) or "an empty dataset record"
+
+
+def data_difference(runs: list[dict]) -> str | None:
+    """Why the runs may not have read the same data, or None: their manifests' dataset records (the MEDS
+    dataset's and ETL's names and versions; a synthetic cohort's generator version) differ, or only some
+    runs have one. Runs that all lack it (made before the record) cannot be told apart and pass."""
+    recs = [r["manifest"].get("dataset") for r in runs]
+    if all(rec is None for rec in recs) or all(rec == recs[0] for rec in recs):
+        return None
+    return "the runs' data differ or cannot be told apart: " + "; ".join(
+        f"{r['dir']}: {_dataset_text(r)}" for r in runs
+    )
+
+
 def summary_lines(a: dict, b: dict, table: pd.DataFrame) -> list[str]:
     """What the two runs were and how much of run A the second run reproduced."""
     lines = []
@@ -160,6 +179,9 @@ def summary_lines(a: dict, b: dict, table: pd.DataFrame) -> list[str]:
             f"the runs' params differ ({', '.join(differ)}): a difference below may come from them, not only "
             "from chance"
         )
+    why = data_difference([a, b])
+    if why:
+        lines.append(f"{why}: a difference below may come from the data, not only from chance")
     seeds = [(r["manifest"].get("params") or {}).get("seeds") for r in (a, b)]
     if seeds[0] is not None and seeds[1] is not None and seeds[0] != seeds[1]:
         lines.append(f"training seeds: run A {seeds[0]}, run B {seeds[1]}")
@@ -215,8 +237,12 @@ def pool_seeds(
     show how the training seeds of several runs spread, not a verdict. Warnings name seeds that gave the
     same AUROC to the last digit in two runs: training that repeated itself is one draw, not two (a model
     whose every seed gives one AUROC, counts + LR, is deterministic by design and not warned about); a
-    repeat is counted once. `new` is compared with each model over the runs that trained both.
+    repeat is counted once. `new` is compared with each model over the runs that trained both. Runs whose
+    data differ (``data_difference``) are refused.
     """
+    why = data_difference(runs)
+    if why:
+        raise ReplicationError(f"{why}. Seeds are pooled only over runs of one dataset")
     seeds = _seed_rows(runs, task)
     notes = []
     fixed = {m for m, g in seeds.groupby("model") if g["auroc"].nunique() == 1}  # a deterministic fit

@@ -1,7 +1,8 @@
-"""What a run's manifest records about where it ran: the commit and the package versions."""
+"""What a run's manifest records about where it ran: the commit, the package versions and the dataset."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -33,6 +34,20 @@ def git_sha(root: Path | None = None) -> str | None:
         return sha.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+DATASET_KEYS = ("dataset_name", "dataset_version", "etl_name", "etl_version")
+
+
+def dataset_record(meds_dir: str | Path) -> dict[str, str]:
+    """The MEDS dataset's name and version and the ETL's (``metadata/dataset.json``): runs on other data,
+    or on a synthetic cohort of another generator version, are not draws of one experiment. Aggregates only."""
+    path = Path(meds_dir) / meds.dataset_metadata_filepath
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: str(meta[k]) for k in DATASET_KEYS if meta.get(k) is not None}
 
 
 def environment() -> dict[str, Any]:

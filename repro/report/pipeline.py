@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from repro.config import ParamsError, load_run_params, project_root
 from repro.evaluation.store import save_json
-from repro.report.manifest import environment, git_sha
+from repro.report.manifest import dataset_record, environment, git_sha
 from repro.report.notebook_exec import RunError, execute_notebook, notebook_json
 
 if TYPE_CHECKING:
@@ -407,6 +407,8 @@ def run(
         }
         groups_done = [g for g in before.get("groups", []) if set(g["notebooks"]) <= set(done)]
     (staging / "notebooks").mkdir(parents=True, exist_ok=True)
+    from repro.training.prepare import ensure_meds
+
     manifest = {
         "run": name,
         "params_file": str(
@@ -415,6 +417,7 @@ def run(
         "params_hash": params.hash(),
         "params": params.to_dict(),
         "data_dir": data_dir or "synthetic",
+        "dataset": dataset_record(ensure_meds(params, data_dir)),
         "git_sha": git_sha(root),
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "environment": environment(),
