@@ -12,7 +12,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from repro.config import from_dict
-from repro.locks import file_lock
+from repro.training.locks import file_lock
 from repro.training.prepare import Prepared, prepare
 from repro.training.trainer import FORECAST, PRETRAIN, PROBES, Trainer, job_key
 

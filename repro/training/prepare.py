@@ -34,7 +34,7 @@ from repro.data.tasks import LABEL_PREFIX, hash_unit, label_columns
 from repro.data.timelines import Timelines
 from repro.data.tokenizer import Encoded, Tokenizer
 from repro.data.vocab import CLS, N_TOKEN_TYPES
-from repro.locks import file_lock
+from repro.training.locks import file_lock
 
 SPLITS = (meds.train_split, meds.tuning_split, meds.held_out_split)
 PRETRAIN_ONLY_SALT = 0x57_28_15  # the paper's 57 / 28 / 15 split
