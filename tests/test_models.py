@@ -152,6 +152,24 @@ def test_cehr_bert_without_absolute_positions():
         model("cehr_bert", positions="rope")
 
 
+def test_cehr_bert_positions_enter_before_the_embedding_norm():
+    """BERT adds its positions before the embedding LayerNorm. Added after it, N(0, 0.02) beside unit-scale
+    features, they moved one token's vector by 2 % of its norm and stayed inert in training (the MLM loss
+    was the same without them). Here: one token repeated, its vector spread over positions."""
+    m = model("cehr_bert", dropout=0.0).eval()
+    batch = make_batch()
+    same = {k: v.clone() for k, v in batch.items()}
+    for k in same:  # every position of row 0 holds row 0's first token, with its time, visit and type
+        same[k][0] = batch[k][0, :1]
+    seen = []  # what the first encoder layer reads
+    m.backbone.encoder.layers[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    with torch.no_grad():
+        m.hidden(same)
+    x = seen[0][0]
+    spread = ((x - x.mean(0)).norm(dim=-1) / x.norm(dim=-1)).mean()
+    assert spread > 0.05, spread  # 0.02 with the positions added after the norm
+
+
 def test_registry_rejects_unknown_names_and_kwargs():
     with pytest.raises(ValueError, match="'multibird'"):
         build_model("multibird", V)  # BigBird + MPF: a training choice, not a backbone
