@@ -385,8 +385,10 @@ def paired_auroc_resamples(
     if any(not np.array_equal(s, ref) for _, s, _, _ in labels):
         raise ValueError("two-level bootstrap: every label must hold the same subjects in the same order")
     ka, kb = labels[0][2].shape[0], labels[0][3].shape[0]
-    est = np.mean([metric_values(y, a.mean(0), "auroc")[0] - metric_values(y, b.mean(0), "auroc")[0]
-                   for y, _, a, b in labels])  # fmt: skip
+    ensembles = [(a.mean(0), b.mean(0)) for _, _, a, b in labels]  # each model's seeds as trained
+    est = np.mean([metric_values(y, ea, "auroc")[0] - metric_values(y, eb, "auroc")[0]
+                   for (y, _, _, _), (ea, eb) in zip(labels, ensembles)])  # fmt: skip
+    one_seed = ka == kb == 1  # every seed draw is the ensemble itself: the two parts coincide
     rng = np.random.default_rng(seed)
     codes, _ = _cluster_codes(ref, len(ref))
     out, fixed = [], []
@@ -396,11 +398,12 @@ def paired_auroc_resamples(
         wa = rng.multinomial(ka, np.full(ka, 1.0 / ka), size=k) / ka  # seed weights of each resample
         wb = rng.multinomial(kb, np.full(kb, 1.0 / kb), size=k) / kb
         d, f = np.zeros(k), np.zeros(k)
-        for y, _, a, b in labels:
+        for (y, _, a, b), (ea, eb) in zip(labels, ensembles):
             d += weighted_metrics(y, wa @ a, w, ("auroc",))["auroc"]
             d -= weighted_metrics(y, wb @ b, w, ("auroc",))["auroc"]
-            f += weighted_metrics(y, a.mean(0), w, ("auroc",))["auroc"]
-            f -= weighted_metrics(y, b.mean(0), w, ("auroc",))["auroc"]
+            if not one_seed:
+                f += weighted_metrics(y, ea, w, ("auroc",))["auroc"]
+                f -= weighted_metrics(y, eb, w, ("auroc",))["auroc"]
         out.append(d / len(labels))
-        fixed.append(f / len(labels))
+        fixed.append(out[-1] if one_seed else f / len(labels))
     return float(est), np.concatenate(out), np.concatenate(fixed)
