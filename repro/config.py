@@ -169,6 +169,8 @@ PER_MODEL_KEYS = (
     "finetune_batch_size",
     "pretrain_epochs",
     "finetune_epochs",
+    "patience",
+    "pretrain_patience",
 )
 
 
@@ -199,6 +201,9 @@ class TrainParams:
     val_per_epoch: float = 4.0
     val_samples: int = 2048
     patience: int = 4  # 0: never stop early (the best checkpoint is still kept)
+    # pretraining's own patience (None: `patience`): MLM validation curves can sit on a plateau for
+    # several epochs and then fall again, so a patience sized for finetuning stops them on the plateau
+    pretrain_patience: int | None = None
     min_delta: float = 0.001
     checkpoint_every: int = 50
     num_threads: int = 0
@@ -230,6 +235,10 @@ class TrainParams:
         if self.patience < 0 or self.min_delta < 0:
             raise ParamsError(
                 f"train.patience and train.min_delta must be >= 0, got {self.patience}, {self.min_delta}"
+            )
+        if self.pretrain_patience is not None and self.pretrain_patience < 0:
+            raise ParamsError(
+                f"train.pretrain_patience must be >= 0 (or left out), got {self.pretrain_patience}"
             )
         if not 0 < self.lr < 1 or not 0 < self.finetune_lr < 1:
             raise ParamsError(
@@ -273,11 +282,17 @@ class TrainParams:
         """These settings with each of `models`' entries of `per_model` applied in turn (its own copy:
         nothing is shared); MultiBird's finetuning is ``for_model("bigbird", "multibird")``."""
         overrides = {
-            k: int(v) if k.endswith("batch_size") else float(v)
+            k: int(v) if k.endswith(("batch_size", "patience")) else float(v)
             for model in models
             for k, v in self.per_model.get(model, {}).items()
         }
         return dataclasses.replace(self, per_model={}, **overrides) if overrides else self
+
+    def patience_for(self, objective: str) -> int:
+        """Validations without improvement that end a run of `objective` ("classify" finetunes)."""
+        if objective != "classify" and self.pretrain_patience is not None:
+            return self.pretrain_patience
+        return self.patience
 
     def finetuning(self) -> TrainParams:
         """These settings as finetuning uses them: batch_size is finetune_batch_size when that is set."""

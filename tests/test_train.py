@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
-from repro.config import TrainParams
+from repro.config import ParamsError, TrainParams
 from repro.data.dataset import IGNORE, SequenceDataset, collate, mlm_mask
 from repro.data.tokenizer import Encoded
 from repro.data.vocab import MASK, SPECIALS
@@ -119,7 +121,7 @@ from pathlib import Path
 sys.path.insert(0, {tests!r})
 import torch
 from repro.training import loop
-from repro.config import TrainParams
+from repro.config import ParamsError, TrainParams
 from test_train import _data, _model
 
 real = loop.batch_indices
@@ -460,6 +462,26 @@ def test_pretraining_selects_on_the_lowest_loss(monkeypatch):
                    val=_data(8, seed=1))  # fmt: skip
     # patience 0: never stops early, but the kept step is still the best one
     assert res.stop == "budget" and res.steps_run == 10 and res.best_step == 8
+
+
+def test_pretraining_patience_outlasts_a_plateau_that_finetuning_patience_ends(monkeypatch):
+    # an MLM-like curve: flat for four validations, then a second fall
+    curve = [3.0, 2.5, 2.5, 2.5, 2.5, 2.5, 2.2, 2.0]
+    params = TrainParams(batch_size=4, val_per_epoch=4, patience=3, pretrain_patience=5, min_delta=0.0)
+    _planted(monkeypatch, curve, metric="loss")
+    res = loop.fit(_model(), _data(32), params, "mlm", 16, 1e-3, 0, torch.device("cpu"), progress=False,
+                   val=_data(8, seed=1))  # fmt: skip
+    assert res.stop == "budget" and res.best_step == 16
+    _planted(monkeypatch, curve, metric="loss")
+    short = dataclasses.replace(params, pretrain_patience=None)  # falls back to `patience`
+    res = loop.fit(_model(), _data(32), short, "mlm", 16, 1e-3, 0, torch.device("cpu"), progress=False,
+                   val=_data(8, seed=1))  # fmt: skip
+    assert res.stop == "early stop" and res.best_step == 4 and res.steps_run == 10
+    assert params.patience_for("classify") == 3 and params.patience_for("clm") == 5
+    per_model = TrainParams(per_model={"bigbird": {"pretrain_patience": 8}}).for_model("bigbird")
+    assert per_model.pretrain_patience == 8 and isinstance(per_model.pretrain_patience, int)
+    with pytest.raises(ParamsError, match="pretrain_patience"):
+        TrainParams(pretrain_patience=-1)
 
 
 @pytest.mark.parametrize(

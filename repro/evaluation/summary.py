@@ -162,8 +162,14 @@ def run_table(params, env: dict, sha: str | None) -> pd.DataFrame:
             "validation / early stopping",
             f"{params.train.val_per_epoch:g} per epoch on {params.train.val_samples:,} tuning samples; "
             + (
-                f"stop after {params.train.patience} without a {params.train.min_delta:.1%} improvement"
-                if params.train.patience
+                f"stop after {params.train.patience}"
+                + (
+                    f" (pretraining {params.train.pretrain_patience})"
+                    if params.train.pretrain_patience not in (None, params.train.patience)
+                    else ""
+                )
+                + f" without a {params.train.min_delta:.1%} improvement"
+                if params.train.patience or params.train.pretrain_patience
                 else "no early stopping"
             )
             + "; best weights kept",

@@ -446,7 +446,8 @@ def fit(
 ) -> TrainResult:
     """Train `model` for at most `steps` steps of `objective` ("clm", "mlm" or "classify"), resuming from
     `checkpoint`; with `val`, validate every epoch / `params.val_per_epoch` steps and at the end, stop after
-    `params.patience` validations without improvement and leave the model holding its best validated weights.
+    `params.patience_for(objective)` validations without improvement and leave the model holding its best
+    validated weights.
 
     `spec` (the model's build arguments) is stored in the checkpoint so it can rebuild the model.
     """
@@ -471,6 +472,7 @@ def fit(
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda", capturable=graphed)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(steps, params.warmup_frac))
     metric = "auroc" if objective == "classify" else "loss"
+    patience = params.patience_for(objective)
     result = TrainResult(objective=objective, budget=steps, metric=metric, warmup_frac=params.warmup_frac)
     per_epoch = params.steps_per_epoch(len(data))
     every = max(1, round(per_epoch / params.val_per_epoch))
@@ -561,7 +563,7 @@ def fit(
             result.best_step, bad = done, 0
         else:
             bad += 1
-        stop = params.patience > 0 and bad >= params.patience
+        stop = patience > 0 and bad >= patience
         if world > 1:  # rank 0 decides, so ranks whose bf16 sums differ in the last bit still agree
             flag = torch.tensor([float(stop)], device=device)
             torch.distributed.broadcast(flag, 0)
