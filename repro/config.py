@@ -7,11 +7,15 @@ MambaConfig and trained the default 768-wide model without noticing (DESIGN.md s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import os
+import tempfile
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -836,13 +840,11 @@ def with_seeds(params_file: str | Path, seeds: list[int], out_dir: str | Path) -
     stem = f"{src.stem}-seeds-{'-'.join(str(s) for s in seeds)}"
     raw |= {"name": stem, "seeds": [int(s) for s in seeds]}
     out = Path(out_dir) / f"{stem}.yaml"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".yaml.tmp")
     header = (
         f"# written by `repro run --seeds` from {params_file}: only name and seeds differ; edit that file\n"
     )
-    tmp.write_text(header + yaml.safe_dump(raw, sort_keys=False))
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        tmp.write_text(header + yaml.safe_dump(raw, sort_keys=False))
     return out
 
 
@@ -859,6 +861,27 @@ def resolve(path: str | Path) -> Path:
     """A path relative to the project root unless absolute."""
     p = Path(path)
     return p if p.is_absolute() else project_root() / p
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A fresh temporary path beside `path` that replaces `path` only when the block ends without error.
+
+    A killed or failing writer leaves the old file (or none), never half a new one; the temporary is
+    unique per call, so two processes writing the same file never write into each other's, and hidden
+    (``.name.*.tmp``), so no glob for the real files picks it up.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    os.chmod(name, 0o644)  # mkstemp's 0600 would survive the rename
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_run_params(params_file: str | Path, data_dir: str | None = None) -> RunParams:

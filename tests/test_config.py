@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from repro.config import ParamsError, from_dict, load_params
+from repro.config import ParamsError, atomic_path, from_dict, load_params
 
 
 def test_smoke_params_load():
@@ -89,3 +89,21 @@ def test_representation_pairs_compare_every_combination_with_ehrmamba_default():
 
     assert model_kwargs(xval, "ehrmamba")["value_head"] is True
     assert "value_head" not in model_kwargs(p, "ehrmamba")
+
+
+def test_atomic_path_replaces_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "sub" / "results.json"
+    with atomic_path(target) as tmp:
+        tmp.write_text("old")
+        assert not target.exists()  # nothing at the real path until the block ends
+    assert target.read_text() == "old" and (target.stat().st_mode & 0o777) == 0o644
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half a new fi")
+        raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old"  # the failed write left the old file, and no temporary behind
+    assert sorted(p.name for p in target.parent.iterdir()) == ["results.json"]
+    with atomic_path(target) as a, atomic_path(target) as b:
+        assert a != b  # two writers of one file never share a temporary
+        a.write_text("a")
+        b.write_text("b")
+    assert target.read_text() == "a"  # the last to finish wins, whole

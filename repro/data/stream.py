@@ -51,7 +51,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from repro.config import CodePatterns, TokenizerParams
+from repro.config import CodePatterns, TokenizerParams, atomic_path
 from repro.data.meds import (
     SUBJECT,
     MedsDataset,
@@ -384,15 +384,13 @@ def cache_key(dataset: MedsDataset, params: TokenizerParams, patterns: CodePatte
 
 
 def _write_json(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1))
 
 
 def _save_frame(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
 
 
 def _load_cached(d: Path, params: TokenizerParams, patterns: CodePatterns, tasks: list[str]) -> PreparedData:

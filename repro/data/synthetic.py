@@ -58,7 +58,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from repro.config import MECHANISM_NAMES, SPLIT_FRACTIONS, CodePatterns
+from repro.config import MECHANISM_NAMES, SPLIT_FRACTIONS, CodePatterns, atomic_path
 from repro.data.tasks import CONDITION_TASKS, NULL_RATE
 
 GENERATOR_VERSION = 6  # bump when the generated data change, so cached cohorts are not reused
@@ -495,15 +495,8 @@ def _events_table(parts: list[dict[str, np.ndarray]]) -> pa.Table:
 
 
 def _atomic_write_parquet(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def split_counts(n: int, fractions: Sequence[float]) -> dict[str, int]:

@@ -8,13 +8,12 @@ the data path writes one file per shard (`save_timelines`) and assembles them in
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
+from repro.config import atomic_path
 from repro.data.vocab import (
     K_GAP,
     K_INTERVAL,
@@ -134,21 +133,14 @@ ARRAY_DTYPES = {
 
 def save_timelines(tl: Timelines, path: Path) -> None:
     """One shard's timelines as an uncompressed .npz, written atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(
-                f,
-                subject_ids=tl.subject_ids,
-                offsets=tl.offsets,
-                stats=np.array([getattr(tl.stats, k.name) for k in fields(TokenizerStats)], np.int64),
-                **{k: getattr(tl, k) for k in _arrays_of(tl)},
-            )
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(
+            f,
+            subject_ids=tl.subject_ids,
+            offsets=tl.offsets,
+            stats=np.array([getattr(tl.stats, k.name) for k in fields(TokenizerStats)], np.int64),
+            **{k: getattr(tl, k) for k in _arrays_of(tl)},
+        )
 
 
 def _arrays_of(tl: Timelines) -> list[str]:

@@ -38,9 +38,7 @@ snapped to a visit boundary, with `[CLS]` re-prepended.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from repro.config import CodePatterns, TokenizerParams
+from repro.config import CodePatterns, TokenizerParams, atomic_path
 from repro.data.meds import CODE, SUBJECT, TIME, VALUE
 from repro.data.tasks import find_visits
 from repro.data.timelines import Timelines, TokenizerStats, insert_gap_tokens
@@ -553,10 +551,8 @@ class Tokenizer:
             "limits": {k: v.tolist() for k, v in self.limits.items()},
             "moments": {k: v.tolist() for k, v in self.moments.items()},
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(blob, f)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(blob))
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:

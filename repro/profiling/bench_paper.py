@@ -25,9 +25,7 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -37,6 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from repro.config import atomic_path
 from repro.profiling import timing
 
 if TYPE_CHECKING:
@@ -682,15 +681,8 @@ def _clean(x: Any) -> Any:
 def write_json(results: Mapping[str, Any], path: str | Path) -> Path:
     """Write ``results`` atomically (a temp file in the same folder, then rename): never a half file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_clean(results), f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(_clean(results), indent=2))
     return path
 
 

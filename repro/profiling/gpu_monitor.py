@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from repro.config import atomic_path
+
 QUERY = "utilization.gpu,memory.used"
 
 
@@ -59,12 +61,10 @@ class GpuMonitor:
         mean alone cannot say. Nothing is written without samples; a rerun replaces the file whole."""
         if not self.samples:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
         lines = ["seconds,gpu_busy_pct,gpu_mem_mib"]
         lines += [f"{i * self.interval_ms / 1000:.1f},{u:g},{m:g}" for i, (u, m) in enumerate(self.samples)]
-        tmp.write_text("\n".join(lines) + "\n")
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            tmp.write_text("\n".join(lines) + "\n")
 
     def summary(self) -> dict[str, Any] | None:
         """Mean GPU-busy share (0-1), peak memory used by all processes (MiB) and the sample count."""

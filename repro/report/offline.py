@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -32,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from repro.config import atomic_path
 from repro.report.embeds import _extract_embeds, _resolve_embeds, _splice_embeds
 from repro.report.pandoc import (
     FORMATS,
@@ -44,7 +44,6 @@ from repro.report.pandoc import (
     _meta_str,
     _pandoc,
     _pandoc_path,
-    _temp_path,
 )
 
 _REF_KINDS = {"fig": "Figure", "tbl": "Table", "sec": "Section"}
@@ -286,12 +285,8 @@ def _write_html(doc: _Document, target: Path, assets: Path, pandoc: str) -> Path
     css.write_text(_CSS, encoding="utf-8")
     args = ["--standalone", "--embed-resources", f"--css={css}", f"--resource-path={assets}"]
     args += _common_args(doc)
-    tmp = _temp_path(target)
-    try:
+    with atomic_path(target) as tmp:
         _pandoc(pandoc, json.dumps(doc.ast), "json", "html5", args + [f"--output={tmp}"])
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
     return target
 
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from repro.config import atomic_path
 
 FORMATS = ("html", "pdf")
 
@@ -110,18 +110,6 @@ def _pandoc(pandoc: str, text: str, src: str, dst: str, args: list[str] | None =
     return proc.stdout
 
 
-def _temp_path(target: Path) -> Path:
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    os.chmod(name, 0o644)  # mkstemp's 0600 would survive os.replace
-    return Path(name)
-
-
 def _atomic_write_bytes(target: Path, data: bytes) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(target)
-    try:
+    with atomic_path(target) as tmp:
         tmp.write_bytes(data)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)

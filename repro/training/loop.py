@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from repro.config import TrainParams
+from repro.config import TrainParams, atomic_path
 from repro.data.dataset import IGNORE, SequenceDataset, batch_indices, clm_labels, collate, mlm_mask
 from repro.training.graphs import GraphedSteps, graph_safe
 
@@ -169,15 +168,8 @@ def _autocast(device: torch.device, cache: bool = True):
 
 
 def _save(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _row_losses(

@@ -4,7 +4,6 @@ samples kept in memory, finished runs cached under work/runs/ by params hash."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import pickle
 import time
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from repro.config import TrainParams, resolve
+from repro.config import TrainParams, atomic_path, resolve
 from repro.data.dataset import SequenceDataset
 from repro.data.tasks import label_columns
 from repro.data.tokenizer import Encoded
@@ -269,11 +268,8 @@ class Trainer:
             return value
         path = self.work_dir / "runs" / f"{key}.pkl"
         value = compute()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             pickle.dump({"params_hash": self.prep.params.hash(), "value": value}, f)
-        os.replace(tmp, path)
         return value
 
     def stored(self, key: str):
