@@ -407,7 +407,7 @@ def run(
         }
         groups_done = [g for g in before.get("groups", []) if set(g["notebooks"]) <= set(done)]
     (staging / "notebooks").mkdir(parents=True, exist_ok=True)
-    from repro.training.prepare import ensure_meds
+    from repro.training.prepare import meds_location
 
     manifest = {
         "run": name,
@@ -417,7 +417,7 @@ def run(
         "params_hash": params.hash(),
         "params": params.to_dict(),
         "data_dir": data_dir or "synthetic",
-        "dataset": dataset_record(ensure_meds(params, data_dir)),
+        "dataset": dataset_record(meds_location(params, data_dir)),  # _ready_data made sure it is there
         "git_sha": git_sha(root),
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "environment": environment(),

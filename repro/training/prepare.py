@@ -196,12 +196,20 @@ def synthetic_dir(params: RunParams) -> Path:
     return resolve("outputs/.cache") / name
 
 
-def ensure_meds(params: RunParams, data_dir: str | Path | None = None) -> Path:
-    """The MEDS directory to use: `data_dir`, else params' meds_dir, else the synthetic cohort (generated once)."""
+def meds_location(params: RunParams, data_dir: str | Path | None = None) -> Path:
+    """Where the run's MEDS data are: `data_dir`, else params' meds_dir, else the synthetic cohort's cache
+    folder. Touches nothing; `ensure_meds` makes sure the data are there."""
     if data_dir:
         return resolve(data_dir)
     if params.data.meds_dir:
         return resolve(params.data.meds_dir)
+    return synthetic_dir(params)
+
+
+def ensure_meds(params: RunParams, data_dir: str | Path | None = None) -> Path:
+    """The MEDS directory to use: `data_dir`, else params' meds_dir, else the synthetic cohort (generated once)."""
+    if data_dir or params.data.meds_dir:
+        return meds_location(params, data_dir)
     out = synthetic_dir(params)
     # two processes starting on one cache (a notebook beside `repro run`, parallel trials) write it once
     with file_lock(out.parent / f".{out.name}.lock"):
