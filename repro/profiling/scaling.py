@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from repro.profiling.sweep import ATTENTION_MODELS
-from repro.profiling.timing import OK, OOM, SKIP_BUDGET
+from repro.profiling.timing import OK, OOM, SKIP_BUDGET, is_reference
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -92,7 +92,10 @@ H2_RULE = (
     "at a length where EHRMamba trained, or when, at the longest length both trained at, EHRMamba's time per "
     "step and peak memory are both at least 10 % below the Transformer's; not supported when EHRMamba ran out "
     "of memory where the Transformer trained, or is at least 10 % slower or larger there; inconclusive "
-    "otherwise. On a CPU memory is not measured and the verdict rests on time alone (and says so). H2 reads "
+    "otherwise. On a CPU memory is not measured and the verdict rests on time alone (and says so). The claim is "
+    "about Mamba's fused scan: where EHRMamba ran a pure-PyTorch reference scan instead (a CPU), its rows can "
+    "support the claim (the reference is slower and larger than the kernels) but not refute it, so a would-be "
+    '"not supported" reads inconclusive. H2 reads '
     "the comparisons against BigBird (the paper's MultiBird claim), H2 (all) every comparison; both by their "
     "written rules (params `hypotheses`)."
 )
@@ -152,6 +155,12 @@ def h2_comparisons(
                     f", memory x{rm:.2f}" if np.isfinite(rm) else ", time only (memory not measured)"
                 )
                 rec |= {"length": L, "time ratio": rt, "memory ratio": rm, "verdict": verdict, "why": why}
+            path = "; ".join(dict.fromkeys(map(str, mine.get("kernel_path", []))))
+            if rec["verdict"] == "not supported" and is_reference(path):
+                rec["verdict"] = "inconclusive"
+                rec["why"] += (
+                    f"; {new} ran its reference scan ({path}), which cannot refute a claim about its kernels"
+                )
             out.append(rec)
     cols = ["batch", "new", "baseline", "length", "time ratio", "memory ratio", "verdict", "why"]
     return pd.DataFrame(out, columns=cols)
