@@ -195,7 +195,7 @@ fig = figures.mechanism_figure(recovered, {m: results.label(m) for m in params.m
 
 # %%
 #| label: tbl-mechanisms-seeds
-#| tbl-cap: "The same shares for each training seed apart (mortality_1m, held_out; seeds in the order listed): the seed ensemble above can average a mechanism one seed read with one another missed. Seeds that agree are not proof that a rerun would: GPU training is not bitwise repeatable, and in two default runs with the same settings and seeds, BigBird read most of the interaction in one and almost none of it in the other (README, 'A second default run')."
+#| tbl-cap: "The same shares for each training seed apart (mortality_1m, held_out; seeds in the order listed): the seed ensemble above can average a mechanism one seed read with one another missed. Seeds that agree are not proof that a rerun would: GPU training is not bitwise repeatable, and in two default runs with the same settings and seeds, BigBird read most of the interaction in one and almost none of it in the other (docs/measurements.md, 'A second default run')."
 recovered_by_seed = truth.recovery_by_seed(
     prep.truth,
     preds,

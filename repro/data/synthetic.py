@@ -397,7 +397,7 @@ def generate_subject(
     static = t_arr < 0
     # MEDS order: static rows first (null time), then by time; same-time events in a random order. Written
     # order would give each lab panel one fixed sequence, a cue only position-aware masked models read:
-    # BigBird's MLM loss sat 1.1 nats below CEHR-BERT's on it, and CEHR-BERT never plateaued (README).
+    # BigBird's MLM loss sat 1.1 nats below CEHR-BERT's on it, and CEHR-BERT never plateaued (docs/measurements.md).
     ties = rng.permutation(len(t_arr))
     order = np.lexsort((ties, np.where(static, np.iinfo(np.int64).min, t_arr)))
     cols = {
