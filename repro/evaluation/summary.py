@@ -164,7 +164,7 @@ def run_table(params, env: dict, sha: str | None) -> pd.DataFrame:
             + (
                 f"stop after {params.train.patience}"
                 + (
-                    f" (pretraining {params.train.pretrain_patience})"
+                    f" (pretraining {params.train.pretrain_patience or 'never'})"
                     if params.train.pretrain_patience not in (None, params.train.patience)
                     else ""
                 )
