@@ -107,3 +107,17 @@ def test_atomic_path_replaces_whole_or_not_at_all(tmp_path):
         a.write_text("a")
         b.write_text("b")
     assert target.read_text() == "a"  # the last to finish wins, whole
+
+
+def test_methods_table_states_each_phase_patience():
+    from repro.evaluation.summary import run_table
+    from repro.report.manifest import environment
+
+    def rows(name):
+        t = run_table(load_params(Path(__file__).parents[1] / "params" / f"{name}.yaml"), environment(), None)
+        return dict(zip(t["item"], t["value"]))
+
+    mimic, default = rows("mimic-iv"), rows("default")
+    assert "stop after 4 (pretraining never) without" in mimic["validation / early stopping"]
+    assert "(pretraining" not in default["validation / early stopping"]  # per model there, not run-wide
+    assert "pretrain_patience 8" in default["cehr_bert: own settings"]
