@@ -205,7 +205,7 @@ figures.show_table(recovered_by_seed, empty="no known truth (real data, or no mo
 
 # %%
 #| label: fig-learning
-#| fig-cap: "Learning curves: the validation metric on a fixed subset of the tuning split against the tokens seen in that phase, one line per model and seed; pretraining loss per objective (CLM and MLM are different losses, never compared) and finetuning AUROC on mortality_1m. Each run keeps the weights of its best validation and stops early once train.patience validations in a row fail to improve it."
+#| fig-cap: "Learning curves: the validation metric on a fixed subset of the tuning split against the tokens seen in that phase, one line per model and seed; pretraining loss per objective (CLM and MLM are different losses, never compared) and finetuning AUROC on mortality_1m. Each run keeps the weights of its best validation and stops early once train.patience validations in a row (train.pretrain_patience in pretraining, where set) fail to improve it."
 fig = figures.learning_figure(results.learning_curves(runs))
 
 # %%

@@ -178,6 +178,21 @@ PER_MODEL_KEYS = (
 )
 
 
+def _per_model_value(model: str, key: str, value: Any) -> int | float | None:
+    """A `train.per_model` entry as its field holds it: counts (batch sizes, patiences) as whole numbers."""
+    if value is None and key == "pretrain_patience":
+        return None  # back to `patience`
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ParamsError(f"train.per_model.{model}.{key} must be a number, got {value!r}")
+    if key.endswith(("batch_size", "patience")):
+        if value != int(value):
+            raise ParamsError(
+                f"train.per_model.{model}.{key} counts validations or rows: a whole number, got {value}"
+            )
+        return int(value)
+    return float(value)
+
+
 @dataclass
 class TrainParams:
     """Optimisation settings shared by pretraining and finetuning.
@@ -185,8 +200,8 @@ class TrainParams:
     Budgets are in epochs (passes over the training samples); `pretrain_steps` / `finetune_steps`, when set,
     replace them with a fixed step count (tests and benchmarks). Every run validates on a fixed subset of
     the tuning split `val_per_epoch` times per epoch and at its end, keeps the best weights (lowest loss when
-    pretraining, highest AUROC when finetuning) and stops once `patience` validations in a row failed to
-    improve on the best by `min_delta` (relative).
+    pretraining, highest AUROC when finetuning) and stops once `patience` validations in a row
+    (`pretrain_patience` in pretraining, where set) failed to improve on the best by `min_delta` (relative).
     """
 
     batch_size: int = 16
@@ -280,13 +295,14 @@ class TrainParams:
             try:
                 self.for_model(model)
             except ParamsError as exc:
-                raise ParamsError(f"train.per_model.{model}: {exc}") from None
+                where = f"train.per_model.{model}"
+                raise ParamsError(str(exc) if str(exc).startswith(where) else f"{where}: {exc}") from None
 
     def for_model(self, *models: str) -> TrainParams:
         """These settings with each of `models`' entries of `per_model` applied in turn (its own copy:
         nothing is shared); MultiBird's finetuning is ``for_model("bigbird", "multibird")``."""
         overrides = {
-            k: int(v) if k.endswith(("batch_size", "patience")) else float(v)
+            k: _per_model_value(model, k, v)
             for model in models
             for k, v in self.per_model.get(model, {}).items()
         }
@@ -863,19 +879,24 @@ def resolve(path: str | Path) -> Path:
     return p if p.is_absolute() else project_root() / p
 
 
+_UMASK = os.umask(0)  # read once (os.umask can only be read by setting it), at import, then put back
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A fresh temporary path beside `path` that replaces `path` only when the block ends without error.
 
     A killed or failing writer leaves the old file (or none), never half a new one; the temporary is
     unique per call, so two processes writing the same file never write into each other's, and hidden
-    (``.name.*.tmp``), so no glob for the real files picks it up.
+    (``.name.*.tmp``), so no glob for the real files picks it up. The file gets the permissions the
+    process's umask gives a new file, so a restrictive umask keeps checkpoints of real data private.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    os.chmod(name, 0o644)  # mkstemp's 0600 would survive the rename
+    os.chmod(name, 0o666 & ~_UMASK)  # as open() would create it; mkstemp's 0600 would survive the rename
     tmp = Path(name)
     try:
         yield tmp

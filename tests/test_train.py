@@ -121,7 +121,7 @@ from pathlib import Path
 sys.path.insert(0, {tests!r})
 import torch
 from repro.training import loop
-from repro.config import ParamsError, TrainParams
+from repro.config import TrainParams
 from test_train import _data, _model
 
 real = loop.batch_indices
@@ -482,6 +482,10 @@ def test_pretraining_patience_outlasts_a_plateau_that_finetuning_patience_ends(m
     assert per_model.pretrain_patience == 8 and isinstance(per_model.pretrain_patience, int)
     with pytest.raises(ParamsError, match="pretrain_patience"):
         TrainParams(pretrain_patience=-1)
+    with pytest.raises(ParamsError, match=r"bigbird\.patience .*whole number"):
+        TrainParams(per_model={"bigbird": {"patience": 1.5}})  # "1.5 epochs" is 3 validations, not 1
+    back = TrainParams(patience=3, per_model={"bigbird": {"pretrain_patience": None}}).for_model("bigbird")
+    assert back.patience_for("mlm") == 3
 
 
 @pytest.mark.parametrize(

@@ -161,17 +161,7 @@ def run_table(params, env: dict, sha: str | None) -> pd.DataFrame:
         (
             "validation / early stopping",
             f"{params.train.val_per_epoch:g} per epoch on {params.train.val_samples:,} tuning samples; "
-            + (
-                f"stop after {params.train.patience}"
-                + (
-                    f" (pretraining {params.train.pretrain_patience or 'never'})"
-                    if params.train.pretrain_patience not in (None, params.train.patience)
-                    else ""
-                )
-                + f" without a {params.train.min_delta:.1%} improvement"
-                if params.train.patience or params.train.pretrain_patience
-                else "no early stopping"
-            )
+            + _stopping(params.train)
             + "; best weights kept",
         ),
         ("learning rate: pretraining / finetuning", f"{params.train.lr:g} / {params.train.finetune_lr:g}"),
@@ -186,6 +176,18 @@ def run_table(params, env: dict, sha: str | None) -> pd.DataFrame:
         ],
     ]
     return pd.DataFrame(rows, columns=["item", "value"])
+
+
+def _stopping(train) -> str:
+    """The early-stopping rule in words, each phase's patience where they differ."""
+    fine, pre = train.patience_for("classify"), train.patience_for("mlm")
+    gain = f" without a {train.min_delta:.1%} improvement"
+    if fine == pre:
+        return f"stop after {fine}{gain}" if fine else "no early stopping"
+    return ", ".join(
+        f"{phase} {f'stops after {n}{gain}' if n else 'never stops early'}"
+        for phase, n in (("finetuning", fine), ("pretraining", pre))
+    )
 
 
 def _budget(train) -> str:

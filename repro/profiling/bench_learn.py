@@ -120,7 +120,9 @@ def learn(
     val = val_subset(SequenceDataset(pretrain_samples(prep, meds.tuning_split)), tp.val_samples)
     per_epoch = tp.steps_per_epoch(len(data))
     # validate every `every` steps, never stop early: both models take every step
-    tp = dataclasses.replace(tp, val_per_epoch=per_epoch / every, patience=0, checkpoint_every=10**9)
+    tp = dataclasses.replace(
+        tp, val_per_epoch=per_epoch / every, patience=0, pretrain_patience=None, checkpoint_every=10**9
+    )
     kw = trainer.build_kwargs("ehrmamba")
     vocab = prep.tokenizer.vocab_size
     print(

@@ -93,7 +93,7 @@ H2_RULE = (
     "step and peak memory are both at least 10 % below the Transformer's; not supported when EHRMamba ran out "
     "of memory where the Transformer trained, or is at least 10 % slower or larger there; inconclusive "
     "otherwise. On a CPU memory is not measured and the verdict rests on time alone (and says so). The claim is "
-    "about Mamba's fused scan: where EHRMamba ran a pure-PyTorch reference scan instead (a CPU), its rows can "
+    "about Mamba's fused scan: where EHRMamba ran a pure-PyTorch reference scan instead (as on a CPU), its rows can "
     "support the claim (the reference is slower and larger than the kernels) but not refute it, so a would-be "
     '"not supported" reads inconclusive. H2 reads '
     "the comparisons against BigBird (the paper's MultiBird claim), H2 (all) every comparison; both by their "
@@ -155,7 +155,8 @@ def h2_comparisons(
                     f", memory x{rm:.2f}" if np.isfinite(rm) else ", time only (memory not measured)"
                 )
                 rec |= {"length": L, "time ratio": rt, "memory ratio": rm, "verdict": verdict, "why": why}
-            path = "; ".join(dict.fromkeys(map(str, mine.get("kernel_path", []))))
+            at = rec["length"]
+            path = str(mine.loc[at, "kernel_path"]) if "kernel_path" in mine and at in mine.index else ""
             if rec["verdict"] == "not supported" and is_reference(path):
                 rec["verdict"] = "inconclusive"
                 rec["why"] += (
