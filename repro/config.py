@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 import types
 import typing
 from collections.abc import Iterator
@@ -879,10 +879,6 @@ def resolve(path: str | Path) -> Path:
     return p if p.is_absolute() else project_root() / p
 
 
-_UMASK = os.umask(0)  # read once (os.umask can only be read by setting it), at import, then put back
-os.umask(_UMASK)
-
-
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A fresh temporary path beside `path` that replaces `path` only when the block ends without error.
@@ -894,10 +890,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    os.chmod(name, 0o666 & ~_UMASK)  # as open() would create it; mkstemp's 0600 would survive the rename
-    tmp = Path(name)
+    # created as open() creates a file (0666 less the umask, which the kernel applies), where mkstemp's
+    # 0600 would survive the rename; O_EXCL keeps the name this call's own
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield tmp
         os.replace(tmp, path)

@@ -97,8 +97,13 @@ def test_atomic_path_replaces_whole_or_not_at_all(tmp_path):
     with atomic_path(target) as tmp:
         tmp.write_text("old")
         assert not target.exists()  # nothing at the real path until the block ends
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = os.umask(0o077)  # a private umask (real data): the file must stay the owner's
+    try:
+        with atomic_path(tmp_path / "private.pt") as tmp:
+            tmp.write_bytes(b"weights")
+    finally:
+        os.umask(umask)
+    assert ((tmp_path / "private.pt").stat().st_mode & 0o777) == 0o600
     assert target.read_text() == "old" and (target.stat().st_mode & 0o777) == 0o666 & ~umask
     with pytest.raises(RuntimeError), atomic_path(target) as tmp:
         tmp.write_text("half a new fi")
