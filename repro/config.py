@@ -901,6 +901,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """`Path.write_text` through `atomic_path`: a reader (or a killed writer) never sees half the text."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
 def load_run_params(params_file: str | Path, data_dir: str | None = None) -> RunParams:
     """Params of a notebook run; `data_dir` (the CLI's --data) switches to real-data mode."""
     params = load_params(resolve(params_file))

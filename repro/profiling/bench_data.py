@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from repro.config import write_text_atomic
+
 GIB = 2**30
 TARGET_EVENTS_PER_S = 1_000_000  # the bar for tokenization with 2 workers
 TARGET_RSS = 4 * GIB
@@ -383,7 +385,7 @@ def report(
         "competition": getattr(args, "competition", []),
     }
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        write_text_atomic(args.out, json.dumps(result, indent=2))
     return result
 
 

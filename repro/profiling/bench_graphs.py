@@ -20,6 +20,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from repro.config import write_text_atomic
+
 PROG = "python -m repro.bench graphs"
 
 
@@ -150,8 +152,7 @@ def run(params_file: str, model: str, steps: int, n: int, max_len: int, vocab: i
             f"{drift:.1%} of how far eager ones moved"
         )
     if out:
-        with open(out, "w") as f:
-            json.dump({"rows": rows, "summary": summary}, f, indent=1)
+        write_text_atomic(out, json.dumps({"rows": rows, "summary": summary}, indent=1))
     return 0
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from repro.config import write_text_atomic
+
 # ours may lose at most this much (relative) to the reference at the end (issue 20's criterion)
 TOLERANCE = 0.01
 
@@ -167,7 +169,8 @@ def learn(
         + f" -> {verdict} (tolerance {TOLERANCE:.0%})"
     )
     if out:
-        Path(out).write_text(
+        write_text_atomic(
+            out,
             json.dumps(
                 {
                     "params": params_file,
@@ -179,6 +182,6 @@ def learn(
                     "final_ratio": {str(s): r for s, r in ratios.items()},
                 },
                 indent=2,
-            )
+            ),
         )
     return 0

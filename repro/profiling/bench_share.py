@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from repro.config import write_text_atomic
+
 PROG = "python -m repro.bench share"
 
 
@@ -55,8 +57,8 @@ def worker(params_file: str, model: str, steps: int, graphs: bool, start_at: flo
     time.sleep(max(0.0, early))
     begin = time.time()
     res = fit(net, data, tp, objective, steps, lr, 0, device, progress=False)
-    Path(out).write_text(
-        json.dumps({"begin": begin, "end": time.time(), "tokens": res.tokens, "early": early})
+    write_text_atomic(
+        out, json.dumps({"begin": begin, "end": time.time(), "tokens": res.tokens, "early": early})
     )
 
 
@@ -137,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     table["x one eager alone"] = (table["tokens/s"] / table["tokens/s"].iloc[0]).round(2)
     print(table.to_string(index=False))
     if args.out:
-        Path(args.out).write_text(json.dumps(table.to_dict("records"), indent=1))
+        write_text_atomic(args.out, json.dumps(table.to_dict("records"), indent=1))
     return 0
 
 

@@ -20,13 +20,13 @@ import dataclasses
 import inspect
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from repro.config import write_text_atomic
 from repro.profiling import sweep, timing
 
 PROG = "python -m repro.bench step"
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         out = {"device": torch.cuda.get_device_name(0), "sizes": s, "vocab": args.vocab, "summary": lines}
         out["rows"] = rows.to_dict(orient="records")
-        Path(args.json).write_text(json.dumps(out, indent=2, default=str))
+        write_text_atomic(args.json, json.dumps(out, indent=2, default=str))
     return 0
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from repro.config import write_text_atomic
+
 
 def _windows(losses: list[float], every: int) -> list[float]:
     return [float(np.mean(losses[i : i + every])) for i in range(0, len(losses), every)]
@@ -91,7 +93,8 @@ def zoo(params_file: str, steps: int, task: str, every: int, n_subjects: int | N
                 )
         rows.append(row)
     if out:
-        Path(out).write_text(
+        write_text_atomic(
+            out,
             json.dumps(
                 {
                     "params": params_file,
@@ -102,7 +105,7 @@ def zoo(params_file: str, steps: int, task: str, every: int, n_subjects: int | N
                     "models": rows,
                 },
                 indent=2,
-            )
+            ),
         )
     falling = [
         r["model"]
