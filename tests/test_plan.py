@@ -73,11 +73,23 @@ def test_hours_come_from_a_measured_run_and_unmeasured_models_are_named(smoke_pl
     # runs that stopped early there: the expected hours scale each budget by its measured share
     rows[0]["steps"], rows[1]["steps"], rows[2]["steps"] = "2000 / 2000", "1,000 / 2,000", "250 / 1000"
     (tmp_path / "results" / "01_accuracy.json").write_text(json.dumps({"training": rows}))
-    share = plan.measured_fraction(tmp_path)
-    assert share == {("EHRMamba", "pretrain"): 0.75, ("EHRMamba", "finetune"): 0.25}
-    expected = plan.project(g, tps, {"ehrmamba": "EHRMamba"}, 6, share)
+    stops = plan.measured_stops(tmp_path)
+    assert stops == {
+        ("EHRMamba", "pretrain"): [(1.0, None), (0.5, None)],
+        ("EHRMamba", "finetune"): [(0.25, None)],
+    }
+    expected = plan.project(g, tps, {"ehrmamba": "EHRMamba"}, 6, stops)
     row = expected[(expected["model"] == "ehrmamba") & (expected["phase"] == "finetune")].iloc[0]
     assert row["GPU-hours (expected)"] == pytest.approx(row["GPU-hours (budget)"] / 4)
+    pre = expected[(expected["model"] == "ehrmamba") & (expected["phase"] == "pretrain")].iloc[0]
+    assert pre["share of budget (expected)"] == 0.75  # one ran its whole budget, one stopped halfway
+    # with epochs known, an early-stopped run is expected to stop after as many epochs whatever this
+    # plan's budget: one that stopped after a quarter of this plan's epochs counts 0.25, not its share 0.5
+    rows[1]["epochs"] = f"{pre['steps'] * min(pre['batch'], pre['samples']) / pre['samples'] / 4:.4f}"
+    (tmp_path / "results" / "01_accuracy.json").write_text(json.dumps({"training": rows}))
+    longer = plan.project(g, tps, {"ehrmamba": "EHRMamba"}, 6, plan.measured_stops(tmp_path))
+    pre = longer[(longer["model"] == "ehrmamba") & (longer["phase"] == "pretrain")].iloc[0]
+    assert pre["share of budget (expected)"] == pytest.approx((1.0 + 0.25) / 2, abs=1e-3)
     assert "expected if runs stop as early as in the measured run" in plan.summary(expected, 1)[-1]
     manifest["environment"]["device"] = "cpu"  # CPU processes each had cores of their own
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))

@@ -294,7 +294,7 @@ def plan_run(
     table = plan.grid(prep)
     if measured:
         try:
-            tps, share = plan.measured_throughput(measured), plan.measured_fraction(measured)
+            tps, share = plan.measured_throughput(measured), plan.measured_stops(measured)
             table = plan.project(table, tps, dict(MODEL_LABELS), plan.measured_sharing(measured), share)
         except FileNotFoundError as exc:
             raise RunError(f"--measured: {exc}") from None

@@ -123,15 +123,39 @@ def measured_throughput(run_dir: str | Path) -> dict[tuple[str, str], float]:
     return {k: float(np.median(v)) for k, v in seen.items()}
 
 
-def measured_fraction(run_dir: str | Path) -> dict[tuple[str, str], float]:
-    """Median share of its budget's steps a run took before it stopped, per (model, phase), in an earlier
-    run's training table ("2250 / 4000" reads 0.5625): early stopping's rate there."""
-    seen: dict[tuple[str, str], list[float]] = {}
+Stop = tuple[float, float | None]  # (share of its budget's steps a run took, epochs it ran where known)
+
+
+def measured_stops(run_dir: str | Path) -> dict[tuple[str, str], list[Stop]]:
+    """Where each run of an earlier run's training table stopped, per (model, phase): the share of its
+    budget's steps ("2250 / 4000" reads 0.5625) and the epochs it ran, so that a plan with another budget
+    expects an early-stopped run to stop after as many epochs, not after the same share."""
+    seen: dict[tuple[str, str], list[Stop]] = {}
     for r in _training_rows(run_dir):
         ran, _, budget = str(r.get("steps", "")).replace(",", "").partition(" / ")
         if ran.isdigit() and budget.isdigit() and int(budget) > 0:
-            seen.setdefault((str(r["model"]), _phase(r)), []).append(int(ran) / int(budget))
-    return {k: float(np.median(v)) for k, v in seen.items()}
+            epochs = str(r.get("epochs", ""))
+            seen.setdefault((str(r["model"]), _phase(r)), []).append(
+                (int(ran) / int(budget), float(epochs) if epochs.replace(".", "", 1).isdigit() else None)
+            )
+    return seen
+
+
+def expected_share(stops: list[Stop], budget_epochs: float) -> float:
+    """Median over measured runs of the share of a budget of `budget_epochs` they would use: a run that
+    stopped early stops after the same epochs (all of the budget if that is shorter); one that used its
+    whole budget is expected to use all of this one too (it said nothing about later epochs).
+
+    >>> expected_share([(0.25, 4.0), (1.0, 16.0), (0.5, 8.0)], 32.0)
+    0.25
+    >>> expected_share([(0.25, 4.0)], 2.0), expected_share([(0.5, None)], 32.0)
+    (1.0, 0.5)
+    """
+    shares = [
+        1.0 if frac >= 1 else (frac if epochs is None else min(epochs / budget_epochs, 1.0))
+        for frac, epochs in stops
+    ]
+    return float(np.median(shares))
 
 
 def measured_sharing(run_dir: str | Path) -> int:
@@ -155,12 +179,12 @@ def project(
     throughput: dict[tuple[str, str], float],
     labels: dict[str, str],
     sharing: int = 1,
-    fraction: dict[tuple[str, str], float] | None = None,
+    stops: dict[tuple[str, str], list[Stop]] | None = None,
 ) -> pd.DataFrame:
     """The plan with GPU-hours per run from measured tokens/s (keyed by the training table's model label),
-    each process's rate measured with ``sharing`` processes on its GPU; with ``fraction`` (the measured
-    run's share of its budgets' steps per model and phase, 1 where it has none) also the hours expected
-    if runs stop as early as they did there."""
+    each process's rate measured with ``sharing`` processes on its GPU; with ``stops`` (where the measured
+    run's runs stopped, per model and phase: `measured_stops`) also the hours expected if runs stop as
+    early as they did there (`expected_share` of each budget; all of it where nothing was measured)."""
     out = plan.copy()
     keys = [
         (labels.get(m, m), "pretrain" if p == "pretrain" else "finetune")
@@ -172,9 +196,13 @@ def project(
     out["GPU-hours (budget)"] = (
         out["tokens (budget, all seeds)"] / (np.array(tps, dtype=float) * sharing) / 3600
     )
-    if fraction is not None:
-        out["share of budget (measured)"] = [round(fraction.get(k, 1.0), 3) for k in keys]
-        out["GPU-hours (expected)"] = out["GPU-hours (budget)"] * out["share of budget (measured)"]
+    if stops is not None:
+        epochs = out["steps"] * np.minimum(out["batch"], out["samples"]) / out["samples"]
+        out["share of budget (expected)"] = [
+            round(expected_share(stops[k], e), 3) if stops.get(k) else 1.0
+            for k, e in zip(keys, epochs, strict=True)
+        ]
+        out["GPU-hours (expected)"] = out["GPU-hours (budget)"] * out["share of budget (expected)"]
     return out
 
 
