@@ -859,8 +859,7 @@ def with_seeds(params_file: str | Path, seeds: list[int], out_dir: str | Path) -
     header = (
         f"# written by `repro run --seeds` from {params_file}: only name and seeds differ; edit that file\n"
     )
-    with atomic_path(out) as tmp:
-        tmp.write_text(header + yaml.safe_dump(raw, sort_keys=False))
+    write_text_atomic(out, header + yaml.safe_dump(raw, sort_keys=False))
     return out
 
 

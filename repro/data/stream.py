@@ -51,7 +51,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from repro.config import CodePatterns, TokenizerParams, atomic_path
+from repro.config import CodePatterns, TokenizerParams, atomic_path, write_text_atomic
 from repro.data.meds import (
     SUBJECT,
     MedsDataset,
@@ -384,8 +384,7 @@ def cache_key(dataset: MedsDataset, params: TokenizerParams, patterns: CodePatte
 
 
 def _write_json(obj: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1))
+    write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 def _save_frame(df: pd.DataFrame, path: Path) -> None:

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from repro.config import CodePatterns, TokenizerParams, atomic_path
+from repro.config import CodePatterns, TokenizerParams, write_text_atomic
 from repro.data.meds import CODE, SUBJECT, TIME, VALUE
 from repro.data.tasks import find_visits
 from repro.data.timelines import Timelines, TokenizerStats, insert_gap_tokens
@@ -551,8 +551,7 @@ class Tokenizer:
             "limits": {k: v.tolist() for k, v in self.limits.items()},
             "moments": {k: v.tolist() for k, v in self.moments.items()},
         }
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(blob))
+        write_text_atomic(path, json.dumps(blob))
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:

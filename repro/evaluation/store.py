@@ -6,13 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from repro.config import atomic_path, resolve
+from repro.config import atomic_path, resolve, write_text_atomic
 
 
 def save_json(obj: Any, path: str | Path) -> None:
     """Write JSON atomically (temp file + rename)."""
-    with atomic_path(resolve(path)) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=str))
+    write_text_atomic(resolve(path), json.dumps(obj, indent=2, default=str))
 
 
 def save_csv(df, path: str | Path) -> Path:

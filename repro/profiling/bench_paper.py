@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from repro.config import atomic_path
+from repro.config import write_text_atomic
 from repro.profiling import timing
 
 if TYPE_CHECKING:
@@ -681,8 +681,7 @@ def _clean(x: Any) -> Any:
 def write_json(results: Mapping[str, Any], path: str | Path) -> Path:
     """Write ``results`` atomically (a temp file in the same folder, then rename): never a half file."""
     path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(_clean(results), indent=2))
+    write_text_atomic(path, json.dumps(_clean(results), indent=2))
     return path
 
 

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from repro.config import atomic_path
+from repro.config import write_text_atomic
 
 QUERY = "utilization.gpu,memory.used"
 
@@ -63,8 +63,7 @@ class GpuMonitor:
             return
         lines = ["seconds,gpu_busy_pct,gpu_mem_mib"]
         lines += [f"{i * self.interval_ms / 1000:.1f},{u:g},{m:g}" for i, (u, m) in enumerate(self.samples)]
-        with atomic_path(path) as tmp:
-            tmp.write_text("\n".join(lines) + "\n")
+        write_text_atomic(path, "\n".join(lines) + "\n")
 
     def summary(self) -> dict[str, Any] | None:
         """Mean GPU-busy share (0-1), peak memory used by all processes (MiB) and the sample count."""

@@ -208,9 +208,9 @@ def meds_location(params: RunParams, data_dir: str | Path | None = None) -> Path
 
 def ensure_meds(params: RunParams, data_dir: str | Path | None = None) -> Path:
     """The MEDS directory to use: `data_dir`, else params' meds_dir, else the synthetic cohort (generated once)."""
+    out = meds_location(params, data_dir)
     if data_dir or params.data.meds_dir:
-        return meds_location(params, data_dir)
-    out = synthetic_dir(params)
+        return out
     # two processes starting on one cache (a notebook beside `repro run`, parallel trials) write it once
     with file_lock(out.parent / f".{out.name}.lock"):
         if not out.is_dir():
