@@ -113,13 +113,23 @@ def _phase(row: dict) -> str:
     return "pretrain" if str(row.get("phase", "")).startswith("pretrain") else "finetune"
 
 
+def _number(cell: object) -> float | None:
+    """A training-table cell as a non-negative number ("12,345" reads 12345.0), None for "-" or text.
+
+    >>> _number("12,345"), _number("5.5"), _number("-"), _number("1.2.3")
+    (12345.0, 5.5, None, None)
+    """
+    text = str(cell).replace(",", "").strip()
+    return float(text) if text.replace(".", "", 1).isdigit() else None
+
+
 def measured_throughput(run_dir: str | Path) -> dict[tuple[str, str], float]:
     """Median tokens/s per (model, phase: pretrain / finetune) in an earlier run's training table."""
     seen: dict[tuple[str, str], list[float]] = {}
     for r in _training_rows(run_dir):
-        tps = str(r.get("tokens/s", "-")).replace(",", "")
-        if tps.replace(".", "", 1).isdigit() and float(tps) > 0:
-            seen.setdefault((str(r["model"]), _phase(r)), []).append(float(tps))
+        tps = _number(r.get("tokens/s", "-"))
+        if tps:
+            seen.setdefault((str(r["model"]), _phase(r)), []).append(tps)
     return {k: float(np.median(v)) for k, v in seen.items()}
 
 
@@ -132,11 +142,11 @@ def measured_stops(run_dir: str | Path) -> dict[tuple[str, str], list[Stop]]:
     expects an early-stopped run to stop after as many epochs, not after the same share."""
     seen: dict[tuple[str, str], list[Stop]] = {}
     for r in _training_rows(run_dir):
-        ran, _, budget = str(r.get("steps", "")).replace(",", "").partition(" / ")
-        if ran.isdigit() and budget.isdigit() and int(budget) > 0:
-            epochs = str(r.get("epochs", ""))
+        ran_text, _, budget_text = str(r.get("steps", "")).partition(" / ")
+        ran, budget = _number(ran_text), _number(budget_text)
+        if ran is not None and budget:
             seen.setdefault((str(r["model"]), _phase(r)), []).append(
-                (int(ran) / int(budget), float(epochs) if epochs.replace(".", "", 1).isdigit() else None)
+                (ran / budget, _number(r.get("epochs", "")))
             )
     return seen
 
