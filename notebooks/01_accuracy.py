@@ -117,6 +117,9 @@ probe_comparisons = (
     if probe_pairs
     else preds.iloc[:0]
 )
+probe_comparisons = results.mark_undertrained(
+    probe_comparisons, [], results.probes_undertrained(runs, params.probes.poolings)
+)
 probe_seconds = {
     m: sum(r.seconds for r in probe_runs if r.model.startswith(m + results.PROBE)) for m in probed
 }
@@ -154,7 +157,7 @@ fig = figures.probe_figure(probe_frame)
 
 # %%
 #| label: tbl-probe-comparisons
-#| tbl-cap: "EHRMamba's probe minus each other backbone's probe at the same pooling, held-out AUROC with the same two-level bootstrap CI, permutation p-values (BH-adjusted within this table), minimum detectable difference and verdict rules as H1."
+#| tbl-cap: "EHRMamba's probe minus each other backbone's probe at the same pooling, held-out AUROC with the same two-level bootstrap CI, permutation p-values (BH-adjusted within this table), minimum detectable difference and verdict rules as H1 (undertrained where either backbone's pretraining ended still improving)."
 figures.show_table(results.comparison_table(probe_comparisons, ci), empty="no pair of probes to compare")
 
 # %%
@@ -167,7 +170,7 @@ print("Rule across all models and tasks:", results.ALL_RULE)
 
 # %%
 #| label: tbl-null
-#| tbl-cap: "The live false-positive check: the same comparisons on the null task, whose labels are independent of every event (true AUROC 0.5 for every model), as their own Benjamini-Hochberg family. Any verdict but inconclusive here is a false positive of the procedure."
+#| tbl-cap: "The live false-positive check: the same comparisons on the null task, whose labels are independent of every event (true AUROC 0.5 for every model), as their own Benjamini-Hochberg family. Supported or not supported here is a false positive of the procedure; inconclusive, underpowered, undertrained and one seed are not."
 null = results.h1_comparisons(
     preds[preds["task"] == "null_task"], "ehrmamba", params.models, n_boot, ci, **stat_kw
 )

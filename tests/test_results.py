@@ -63,6 +63,16 @@ def test_better_model_is_supported_and_worse_is_not():
     assert results.overall_verdict(["supported"] * 30, combine="all") == "supported"
     assert results.overall_verdict(["supported"] * 29 + ["not supported"], combine="all") == "not supported"
     assert results.overall_verdict([], combine="all") == "inconclusive"
+    # an undecided claim names what it waits on where every undecided comparison says so
+    assert results.overall_verdict(["supported"] + ["undertrained"] * 2, combine="all") == "undertrained"
+    assert results.overall_verdict(["undertrained", "underpowered"], combine="all") == "undertrained"
+    assert results.overall_verdict(["underpowered", "one seed", "supported"], combine="all") == "one seed"
+    assert results.overall_verdict(["underpowered"] * 3) == "underpowered"
+    assert results.overall_verdict(["undertrained", "inconclusive"], combine="all") == "inconclusive"
+    assert results.overall_verdict(["supported", "not supported", "undertrained"]) == "inconclusive"
+    assert (
+        results.overall_verdict(["supported", "undertrained", "undertrained"], "majority") == "undertrained"
+    )
 
 
 def test_same_model_twice_has_permutation_p_one_and_is_inconclusive():
@@ -162,7 +172,7 @@ def test_a_comparison_trained_with_one_seed_is_never_supported():
     )
     assert one["lo"].iloc[0] > 0 and one["p (BH)"].iloc[0] < 0.05  # the statistics alone would say supported
     assert one["verdict"].iloc[0] == "one seed" and one["seeds"].iloc[0] == 1
-    assert results.overall_verdict(one["verdict"]) == "inconclusive"
+    assert results.overall_verdict(one["verdict"]) == "one seed"  # never supported, and says why
 
 
 def test_an_inconclusive_comparison_that_could_not_see_the_effect_reads_underpowered():
@@ -208,6 +218,25 @@ def test_a_comparison_with_a_model_short_of_its_plateau_reads_undertrained():
     marked = results.mark_undertrained(comparisons, runs)
     assert marked["verdict"].tolist() == ["undertrained", "supported", "not supported", "one seed"]
     assert results.undertrained(runs) == {("transformer", "mortality_1m")}
+    # a probe reads the frozen pretrained states: only pretraining short of its plateau marks it
+    pre = [
+        ModelRun("ehrmamba", "mortality_1m", 0, empty, 1, "x", rising, flat, 0.0),
+        ModelRun("bigbird", "mortality_1m", 0, empty, 1, "x", flat, rising, 0.0),
+    ]
+    assert results.probes_undertrained(pre, ["head", "mean"]) == {
+        ("ehrmamba+probe:head", "mortality_1m"),
+        ("ehrmamba+probe:mean", "mortality_1m"),
+    }
+    probes = pd.DataFrame(
+        {
+            "new": ["ehrmamba+probe:head"],
+            "baseline": ["bigbird+probe:head"],
+            "task": ["mortality_1m"],
+            "verdict": ["not supported"],
+        }
+    )
+    marked = results.mark_undertrained(probes, [], results.probes_undertrained(pre, ["head"]))
+    assert marked["verdict"].tolist() == ["undertrained"]
 
 
 def test_a_finetuned_model_below_its_own_probe_reads_undertrained():
@@ -253,6 +282,7 @@ def test_each_hypothesis_is_decided_by_its_written_rule():
     rules = default_hypotheses()
     assert results.rule_verdict(c, rules["H1"]) == "undertrained"  # its one primary comparison, label kept
     assert results.rule_verdict(c, rules["H1 (all)"]) == "inconclusive"  # not every comparison is supported
+    assert results.rule_verdict(c.iloc[:3], rules["H1 (all)"]) == "undertrained"  # what it waits on
     assert results.rule_verdict(c, rules["H5"]) == "supported"  # any, none contradicting
     assert results.rule_verdict(c, HypothesisRule(combine="majority")) == "inconclusive"  # 2 of 4
     assert results.rule_verdict(c.iloc[1:], HypothesisRule(combine="majority")) == "supported"  # 2 of 3

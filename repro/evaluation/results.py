@@ -62,6 +62,7 @@ __all__ = [
     "h1_comparisons",
     "mpf_comparisons",
     "overall_verdict",
+    "probes_undertrained",
     "loss_curves",
     "training_table",
     "rule_verdict",
@@ -504,16 +505,24 @@ def paired_comparisons(
     return out
 
 
-def undertrained(runs: Sequence[ModelRun]) -> set[tuple[str, str]]:
+def undertrained(runs: Sequence[ModelRun], pretraining_only: bool = False) -> set[tuple[str, str]]:
     """(model, task) pairs, named as in the predictions, with a training run that ended still improving:
     its pretraining or its finetuning on that task, for any seed (LABEL_RULE's "undertrained"). Runs
-    without validation (fixed step budgets) and models without training (counts + LR) are not listed."""
+    without validation (fixed step budgets) and models without training (counts + LR) are not listed.
+    ``pretraining_only``: what a probe on the frozen backbone rests on."""
     out = set()
     for r in runs:
-        for res in (r.pretrain, r.finetune):
+        for res in (r.pretrain,) if pretraining_only else (r.pretrain, r.finetune):
             if res is not None and res.val and not res.converged():
                 out.add((run_key(r), r.task))
     return out
+
+
+def probes_undertrained(runs: Sequence[ModelRun], poolings: Sequence[str]) -> set[tuple[str, str]]:
+    """(probe, task) pairs, named as in the probe predictions (``<backbone>+probe:<pooling>``), whose backbone's
+    pretraining ended still improving: a probe reads the frozen pretrained states, so a comparison of probes
+    between backbones short of their pretraining plateau gets no verdict either."""
+    return {(f"{m}{PROBE}{p}", t) for m, t in undertrained(runs, pretraining_only=True) for p in poolings}
 
 
 def below_probe(frame: pd.DataFrame, backbones: Sequence[str]) -> set[tuple[str, str]]:
@@ -747,25 +756,42 @@ def overall_verdict(verdicts: Sequence[str], combine: str = "any") -> str:
     not supported when any is not; otherwise inconclusive. combine="majority": supported (not supported)
     when more than half of the comparisons are supported (not supported); otherwise inconclusive.
 
+    An undecided result keeps the comparisons' reason where every undecided comparison has one and the
+    decided ones do not conflict: "one seed", else "undertrained", else "underpowered" (a claim that
+    waits on training should not read as one that was looked at and found empty).
+
     >>> overall_verdict(["supported", "inconclusive"]), overall_verdict(["supported", "inconclusive"], "all")
     ('supported', 'inconclusive')
+    >>> overall_verdict(["supported", "undertrained", "underpowered"], "all")
+    'undertrained'
     """
     v = list(verdicts)
     if combine == "all":
         if v and all(x == "supported" for x in v):
             return "supported"
-        return "not supported" if "not supported" in v else "inconclusive"
+        return "not supported" if "not supported" in v else _undecided(v)
     if combine == "majority":
         for word in ("supported", "not supported"):
             if v and v.count(word) * 2 > len(v):
                 return word
-        return "inconclusive"
+        return _undecided(v)
     if combine != "any":
         raise ValueError(f"combine must be 'any', 'all' or 'majority', got {combine!r}")
     if "supported" in v and "not supported" not in v:
         return "supported"
     if "not supported" in v and "supported" not in v:
         return "not supported"
+    return _undecided(v)
+
+
+def _undecided(verdicts: Sequence[str]) -> str:
+    """Inconclusive, or the reason every undecided comparison shares (``overall_verdict``)."""
+    if "supported" in verdicts and "not supported" in verdicts:
+        return "inconclusive"  # the comparisons disagree: no reason would settle it
+    open_ = {v for v in verdicts if v not in ("supported", "not supported")}
+    for reason in (ONE_SEED, UNDERTRAINED, UNDERPOWERED):
+        if open_ and reason in open_ and open_ <= {ONE_SEED, UNDERTRAINED, UNDERPOWERED}:
+            return reason
     return "inconclusive"
 
 
@@ -820,15 +846,19 @@ def rules_table(hypotheses: dict[str, HypothesisRule]) -> pd.DataFrame:
     )
 
 
+UNDECIDED_RULE = (
+    "An undecided result names its reason where every comparison left undecided has one and the decided "
+    "ones agree: one seed, else undertrained, else underpowered."
+)
 OVERALL_RULE = (
     "Across tasks, a hypothesis is supported when at least one task's comparison is supported and none is "
     "not supported, not supported when at least one is not supported and none is supported, and inconclusive "
-    "otherwise (including mixed results)."
+    "otherwise (including mixed results). " + UNDECIDED_RULE
 )
 ALL_RULE = (
     "A claim about every comparison (EHRMamba beats every other model on every task) is supported only when "
     "every one of its comparisons is supported, not supported when any is not supported, and inconclusive "
-    "otherwise."
+    "otherwise. " + UNDECIDED_RULE
 )
 
 

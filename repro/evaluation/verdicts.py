@@ -49,7 +49,7 @@ def _count(verdicts: list[str]) -> str:
         v: verdicts.count(v)
         for v in ("supported", "not supported", "inconclusive", "underpowered", "undertrained", "one seed")
     }
-    return ", ".join(f"{k} {v}" for k, v in n.items() if v) or "no comparison"
+    return ", ".join(f"{v} of {len(verdicts)} {k}" for k, v in n.items() if v) or "no comparison"
 
 
 def verdict_table(res: Mapping[str, dict[str, Any]]) -> pd.DataFrame:
