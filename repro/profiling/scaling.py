@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from repro.evaluation.results import label
 from repro.profiling.sweep import ATTENTION_MODELS
 from repro.profiling.timing import OK, OOM, SKIP_BUDGET, is_reference
 
@@ -151,8 +152,8 @@ def h2_comparisons(
                 verdict = (
                     "supported" if better and not worse else "not supported" if worse else "inconclusive"
                 )
-                why = f"at {L}: time x{rt:.2f}" + (
-                    f", memory x{rm:.2f}" if np.isfinite(rm) else ", time only (memory not measured)"
+                why = f"at {L}: {label(new)} / {label(base)} time per step x{rt:.2f}" + (
+                    f", peak memory x{rm:.2f}" if np.isfinite(rm) else ", time only (memory not measured)"
                 )
                 rec |= {"length": L, "time ratio": rt, "memory ratio": rm, "verdict": verdict, "why": why}
             at = rec["length"]
