@@ -28,7 +28,7 @@ work_dir = ""  # the training cache; "" is the run's own work/ (repro run --work
 from repro.config import load_run_params
 from repro.evaluation import figures, summary, truth
 from repro.evaluation.store import save_json
-from repro.report.manifest import environment, git_sha
+from repro.report.manifest import environment, run_commit
 from repro.training.prepare import check_cohort, prepare
 from repro.training.trainer import Trainer
 
@@ -98,7 +98,7 @@ figures.show_table(mechanisms)
 # %%
 #| label: tbl-run
 #| tbl-cap: "This run: parameters hash, commit, device and package versions (the full record is manifest.json)."
-figures.show_table(summary.run_table(params, environment(), git_sha()))
+figures.show_table(summary.run_table(params, environment(), run_commit(run_dir)))
 
 # %%
 save_json(

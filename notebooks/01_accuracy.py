@@ -188,7 +188,7 @@ figures.show_table(
 
 # %%
 #| label: fig-mechanisms
-#| fig-cap: "Which model read which mechanism (mortality_1m, held_out, seed-ensembled): the share of each mechanism's signal a model's scores recovered, relative to the true probability's on the same samples (1: as much as the truth, 0: none; the sides compared are listed in the cohort notebook). Counts + LR can read only count and long_range."
+#| fig-cap: "Which model read which mechanism (mortality_1m, held_out, seed-ensembled): the share of each mechanism's signal a model's scores recovered, relative to the true probability's on the same samples (1: as much as the truth, 0: none, below 0: read the wrong way round; the sides compared are listed in the cohort notebook). Counts + LR can read only count and long_range."
 recovered = (
     truth.recovery(prep.truth, results.seed_ensemble(preds))
     if prep.truth is not None

@@ -63,12 +63,12 @@ print("row status counts:", rows["status"].value_counts().to_dict())
 
 # %%
 #| label: fig-efficiency-scaling
-#| fig-cap: "Time per training step and peak memory against sequence length (log-log), per batch size, at matched parameter counts. Dashed lines: power laws fitted on each model's longest successful lengths (slope in the legend: 1 is linear, 2 quadratic); crosses: out of memory. On a CPU the right panel shows tokens per second, because memory is not measured there."
+#| fig-cap: "Time per training step and peak memory against sequence length (log-log), per batch size, at matched parameter counts. Dashed lines: power laws fitted on each model's longest successful lengths (slope in the legend: for time and memory 1 is linear, 2 quadratic); crosses: out of memory. On a CPU the right panel shows tokens per second, because memory is not measured there; its slopes read 0 for time linear in length, -1 for quadratic."
 fig = ef.scaling_figure(rows)
 
 # %%
 #| label: tbl-efficiency-slopes
-#| tbl-cap: "Fitted log-log slopes of time per step and peak memory against length, per model and batch size, over each model's four longest successful lengths, with the kernel path the rows ran."
+#| tbl-cap: "Fitted log-log slopes of time per step and peak memory against length, per model and batch size, over up to four of each model's longest successful lengths (the lengths column gives the range and count), with the kernel path the rows ran (two paths: the fit spans both); a dash where the quantity was not measured (memory on a CPU)."
 figures.show_table(ef.slope_table(slopes), floatfmt=".2f")
 
 # %%

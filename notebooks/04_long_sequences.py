@@ -87,6 +87,11 @@ print(f"H4 memory (Transformers run out of memory where EHRMamba trains): {h4_me
 print("Rule:", scaling.H4_MEMORY_RULE)
 
 # %%
+#| label: tbl-h4-setup
+#| tbl-cap: "H4, accuracy: how each (model, allowed length) run was trained and the subgroup it is scored on (the same for every model and length)."
+figures.show_table(long_history.setup_table(eff, sub, len(history)))
+
+# %%
 #| label: fig-long-history
 #| fig-cap: "Held-out AUROC (95 % CI) on the long-history subgroup against the number of tokens each model may read; crosses on the 0.5 line mark runs that ran out of memory."
 fig = ef.long_history_figure(table)

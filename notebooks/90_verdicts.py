@@ -46,7 +46,7 @@ figures.show_table(results.rules_table(params.hypotheses))
 
 # %%
 #| label: tbl-false-positives
-#| tbl-cap: "The comparison procedure's false-positive rate, measured: pairs of models with equal true AUROC (correlated scores, three training seeds each, 200 patients, prevalence 0.2) put through the same two-level bootstrap, permutation test and verdict rule as every comparison of the report (alpha 0.05 after BH, the effect of interest for underpowered), on one label (mortality-like), on three labels sharing each patient's risk (conditions-like, rows clustered by patient), and on 2,000 patients at prevalence 0.1 with seeds that each weigh the signal by their own factor (per-seed AUROC sd about 0.02). The rate is the share called supported, with a Wilson 95 % interval; any claim adds not supported."
+#| tbl-cap: "The comparison procedure's false-positive rate, measured: pairs of models with equal true AUROC (correlated scores, three training seeds each, 200 patients, prevalence 0.2) put through the same two-level bootstrap, permutation test and verdict rule as every comparison of the report (alpha 0.05 after BH, the effect of interest for underpowered), on one label (mortality-like), on three labels sharing each patient's risk (conditions-like, rows clustered by patient), and on 2,000 patients at prevalence 0.1 with seeds that each weigh the signal by their own factor (per-seed AUROC sd about 0.02). The rate is the share called supported, with a Wilson 95 % interval; any claim adds not supported; the last column says whether the interval shows the rate at most alpha (a few dozen simulations, as in the smoke run, cannot)."
 from repro.evaluation import null_simulation
 
 false_positives = null_simulation.false_positive_table(

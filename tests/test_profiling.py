@@ -505,3 +505,21 @@ def test_efficiency_sweep_builds_ehrmamba_recomputing_when_asked(prep, keep_thre
     for r in (as_trained, plain):
         assert not r["kernel_path"].iloc[0].endswith(sweep.RECOMPUTE_LABEL)
         assert r["params"].iloc[0] == rows.set_index("model")["params"]["ehrmamba"]
+
+
+def test_h4_setup_table_says_how_the_long_history_runs_were_trained():
+    from repro.config import EfficiencyParams
+    from repro.profiling.long_history import setup_table
+
+    eff = EfficiencyParams(long_pretrain_steps=0, long_finetune_steps=12, long_lengths=[32, 128])
+    t = setup_table(eff, {"threshold": 256, "n_subjects": 97, "n_positive": 12}, 200).set_index("setting")
+    assert t.loc["subjects in the subgroup", "value"] == "97 of 200"
+    assert t.loc["positives in the subgroup", "value"] == "12"
+    assert t.loc["pretraining", "value"] == "none (finetuned from random weights)"
+    assert t.loc["finetuning", "value"].startswith("12 steps at batch 8")
+    assert (
+        "256 tokens" in t.loc["subgroup", "value"]
+        and t.loc["lengths each model may read", "value"] == "32, 128"
+    )
+    pre = setup_table(EfficiencyParams(long_pretrain_steps=50), {"threshold": 1, "n_subjects": 0}, 5)
+    assert pre.set_index("setting").loc["pretraining", "value"] == "50 steps"

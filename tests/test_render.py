@@ -242,6 +242,12 @@ def test_show_table_marks_missing_values_in_every_view(monkeypatch):
         assert "nan" not in shown[view].lower() and "None" not in shown[view]
         assert shown[view].count(figures.MISSING) == 2
     assert "0.812" in shown["text/markdown"] and "<td>0.812</td>" in shown["text/html"]
+    # counts stored as floats beside a missing value, and infinite degrees of freedom
+    figures.show_table(pd.DataFrame({"positives": [17.0, np.nan], "df": [1055.0, np.inf], "p": [1.0, 0.5]}))
+    for view in ("text/markdown", "text/html", "text/plain"):
+        assert "17.0" not in shown[view] and "1055.0" not in shown[view] and "inf" not in shown[view]
+        assert "17" in shown[view] and "∞" in shown[view]
+    assert "1.000" in shown["text/markdown"]  # a p-value that happens to be whole keeps its format
 
 
 def test_embedded_cells_output_only_their_table_or_figure():

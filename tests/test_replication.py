@@ -285,3 +285,13 @@ def test_runs_on_other_data_are_not_pooled(tmp_path):
     meds_root.mkdir(parents=True)
     (meds_root / "dataset.json").write_text(json.dumps({"dataset_name": "x", "etl_version": "6", "n": 3}))
     assert dataset_record(tmp_path / "meds") == {"dataset_name": "x", "etl_version": "6"}
+
+
+def test_the_run_table_names_the_commit_the_run_recorded(tmp_path):
+    """Notebook 00's run table reads the commit from the run's manifest, written before any notebook runs,
+    so it and manifest.json agree even when a file changes while the run is under way."""
+    from repro.report.manifest import git_sha, run_commit
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"git_sha": "abc123"}))
+    assert run_commit(tmp_path) == "abc123"
+    assert run_commit(tmp_path / "elsewhere") == git_sha()  # an interactive session: the checkout's

@@ -14,6 +14,18 @@ import seaborn as sns
 MISSING = "—"  # how a missing value reads in every table
 
 
+# data-frame columns named for code, shown in words (task, split and mechanism names stay: the report uses them)
+HEADERS = {
+    "kernel_path": "kernel path",
+    "ms_per_step": "ms per step",
+    "tokens_per_s": "tokens/s",
+    "peak_mem_gib": "peak GiB",
+    "n_bins": "bins",
+    "time_tokens": "time tokens",
+    "vocab_size": "vocabulary",
+}
+
+
 def show_table(
     df: pd.DataFrame, index: bool = False, floatfmt: str = ".3f", empty: str = "nothing to show"
 ) -> None:
@@ -24,14 +36,44 @@ def show_table(
 
     if df.empty:
         df, index = pd.DataFrame({"note": [empty]}), False
+    df = df.rename(columns=HEADERS)
     missing = df.isna() | df.apply(lambda c: c.astype(str).str.strip().str.lower().eq("nan"))
     cells = df.astype(object)
+    for col in df.columns[[pd.api.types.is_float_dtype(t) for t in df.dtypes]]:
+        cells[col] = _counts_and_infinities(df[col], floatfmt)
     # None is what tabulate's missingval replaces; the HTML and text views get the mark itself
     md = cells.mask(missing, None).to_markdown(index=index, floatfmt=floatfmt, missingval=MISSING)
     marked = cells.mask(missing, MISSING)
     html = marked.to_html(index=index, float_format=lambda x: format(x, floatfmt), border=0)
     text = marked.to_string(index=index)
     display({"text/markdown": md, "text/html": html, "text/plain": text}, raw=True)
+
+
+def _counts_and_infinities(col: pd.Series, floatfmt: str = ".3f") -> pd.Series:
+    """A float column as the table shows it: whole numbers (counts, degrees of freedom stored as floats
+    beside missing values) without decimals where the column holds nothing else and reaches 2, infinity as
+    "∞"; other values unchanged for the table's float format (formatted here where an "∞" would make the
+    column text).
+
+    >>> _counts_and_infinities(pd.Series([17.0, 3.0, None, float("inf")])).tolist()
+    [17, 3, None, '∞']
+    >>> _counts_and_infinities(pd.Series([1.0, 0.0])).tolist()  # p-values or AUROCs that happen to be whole
+    [1.0, 0.0]
+    >>> _counts_and_infinities(pd.Series([12.3456, float("inf")])).tolist()
+    ['12.346', '∞']
+    """
+    finite = col[np.isfinite(col)]
+    whole = len(finite) > 0 and bool((finite == finite.round()).all()) and bool((finite.abs() >= 2).any())
+
+    def cell(x: float) -> object:
+        if pd.isna(x):
+            return None
+        if np.isinf(x):
+            return "∞" if x > 0 else "-∞"
+        return int(x) if whole else format(x, floatfmt) if has_inf else x
+
+    has_inf = bool(np.isinf(col).any())
+    return pd.Series([cell(x) for x in col], index=col.index, dtype=object)
 
 
 def style() -> None:
@@ -94,6 +136,16 @@ def forest_figure(
     return fig
 
 
+VERDICT_COLOURS = {
+    "supported": "tab:green",
+    "not supported": "tab:red",
+    "inconclusive": "tab:grey",
+    "underpowered": "tab:purple",
+    "undertrained": "tab:orange",
+    "one seed": "tab:brown",
+}
+
+
 def delta_figure(comparisons: pd.DataFrame, xlabel: str) -> plt.Figure:
     """Paired differences with CIs, one row per comparison and task, zero marked; verdicts as colours."""
     fig, ax = plt.subplots(figsize=(7.0, 0.32 * max(len(comparisons), 1) + 1.2))
@@ -102,9 +154,8 @@ def delta_figure(comparisons: pd.DataFrame, xlabel: str) -> plt.Figure:
         return fig
     g = comparisons.reset_index(drop=True)
     y = np.arange(len(g))[::-1]
-    colours = {"supported": "tab:green", "not supported": "tab:red", "inconclusive": "tab:grey"}
     for yi, (_, r) in zip(y, g.iterrows()):
-        c = colours.get(r["verdict"], "tab:grey")
+        c = VERDICT_COLOURS.get(r["verdict"], "tab:grey")
         ax.errorbar(
             r["ΔAUROC"],
             yi,
@@ -116,8 +167,14 @@ def delta_figure(comparisons: pd.DataFrame, xlabel: str) -> plt.Figure:
     ax.axvline(0, color="black", linewidth=1)
     ax.set_yticks(y, [f"{r['comparison']} · {r['task']}" for _, r in g.iterrows()], fontsize=8)
     ax.set_xlabel(xlabel)
-    handles = [plt.Line2D([], [], marker="o", linestyle="", color=c, label=v) for v, c in colours.items()]
-    ax.legend(handles=handles, frameon=False, fontsize=8, loc="best")
+    seen = set(g["verdict"])
+    handles = [
+        plt.Line2D([], [], marker="o", linestyle="", color=c, label=v)
+        for v, c in VERDICT_COLOURS.items()
+        if v in seen
+    ]
+    # beside the plot, listing the verdicts it shows: inside, it covered rows and CIs
+    ax.legend(handles=handles, frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return fig
 
@@ -219,7 +276,7 @@ def learning_figure(curves: pd.DataFrame, task: str = "mortality_1m") -> plt.Fig
 
 def mechanism_figure(recovered: pd.DataFrame, labels: dict[str, str] | None = None) -> plt.Figure:
     """Models x mechanisms heat map of the share of each mechanism's signal a model recovered (1: as much as
-    the true risk, 0: none); the number in each cell is the share."""
+    the true risk, 0: none, below 0: read the wrong way round); the number in each cell is the share."""
     if recovered.empty:
         fig, ax = plt.subplots(figsize=(7.0, 1.2))
         ax.text(0.5, 0.5, "no known truth in this run: nothing to show", ha="center", va="center")
@@ -230,8 +287,18 @@ def mechanism_figure(recovered: pd.DataFrame, labels: dict[str, str] | None = No
     if labels:
         grid.index = [labels.get(m, m) for m in grid.index]
     fig, ax = plt.subplots(figsize=(7.0, 0.45 * len(grid) + 1.4))
+    # diverging around 0: a negative share (the mechanism read the wrong way round) gets its own colour
+    lim = max(1.0, float(np.nanmax(np.abs(grid.to_numpy(dtype=float)))) if grid.notna().any().any() else 1.0)
     sns.heatmap(
-        grid, vmin=0.0, vmax=1.0, cmap="viridis", annot=True, fmt=".2f", cbar_kws={"label": "share"}, ax=ax
+        grid,
+        vmin=-lim,
+        vmax=lim,
+        center=0.0,
+        cmap="vlag_r",
+        annot=True,
+        fmt=".2f",
+        cbar_kws={"label": "share"},
+        ax=ax,
     )
     ax.set_xlabel("mechanism (negative: the model ranks that mechanism's high-risk side lower)")
     ax.set_ylabel("")

@@ -108,12 +108,24 @@ KINDS = (
 )
 
 
+def rate_shown(lo: float, hi: float, alpha: float) -> str:
+    """Whether a false-positive rate's interval shows it at most ``alpha``: a few simulations cannot.
+
+    >>> rate_shown(0.0, 0.03, 0.05), rate_shown(0.0, 0.23, 0.05), rate_shown(0.08, 0.2, 0.05)
+    ('yes', 'not shown: too few simulations', 'no: above it')
+    """
+    if hi <= alpha:
+        return "yes"
+    return "no: above it" if lo > alpha else "not shown: too few simulations"
+
+
 def false_positive_table(n_sims: int, n_resamples: int, alpha: float, effect: float) -> pd.DataFrame:
     """The report's table: `n_sims` null pairs split over KINDS, each through the procedure with
     `n_resamples` bootstrap resamples and permutations; the rate called supported with its interval."""
     rows = []
+    shown = f"at most {alpha:g}?"
     if n_sims < len(KINDS):
-        return pd.DataFrame(columns=["null pairs", "simulations", "supported (95 % CI)", "any claim"])
+        return pd.DataFrame(columns=["null pairs", "simulations", "supported (95 % CI)", "any claim", shown])
     for i, (kind, pair_kw) in enumerate(KINDS):
         fp = false_positive_rate(
             n_sims // len(KINDS), n_resamples, n_resamples, alpha, effect, seed=i + 1, **pair_kw
@@ -124,6 +136,7 @@ def false_positive_table(n_sims: int, n_resamples: int, alpha: float, effect: fl
                 "simulations": fp["simulations"],
                 "supported (95 % CI)": f"{fp['rate']:.3f} [{fp['lo']:.3f}, {fp['hi']:.3f}]",
                 "any claim": f"{fp['any claim']:.3f}",
+                shown: rate_shown(fp["lo"], fp["hi"], alpha),
             }
         )
     return pd.DataFrame(rows)

@@ -259,6 +259,30 @@ def h4_accuracy_comparisons(
     return paired_comparisons(sub, pairs, n_boot, ci, **kw)
 
 
+def setup_table(eff, subgroup: dict, n_held_out: int) -> pd.DataFrame:
+    """How H4's accuracy runs were trained and what they are scored on, from the params and the subgroup:
+    a reader judges an inconclusive on 12 positives after 12 finetuning steps differently from one on
+    hundreds after a full budget. ``eff``: the run's ``EfficiencyParams``."""
+    pre = eff.long_pretrain_steps
+    rows = [
+        ("task", eff.long_task),
+        (
+            "subgroup",
+            f"held-out subjects whose history before the prediction time exceeds {subgroup['threshold']} tokens",
+        ),
+        ("subjects in the subgroup", f"{subgroup['n_subjects']} of {n_held_out}"),
+        ("positives in the subgroup", str(subgroup.get("n_positive", "—"))),
+        ("lengths each model may read", ", ".join(str(n) for n in eff.long_lengths)),
+        ("pretraining", f"{pre} steps" if pre else "none (finetuned from random weights)"),
+        (
+            "finetuning",
+            f"{eff.long_finetune_steps} steps at batch {eff.long_batch_size}, fixed (no early stop)",
+        ),
+        ("seeds", f"one (seed {eff.long_seed}): every comparison reads 'one seed' at best"),
+    ]
+    return pd.DataFrame(rows, columns=["setting", "value"])
+
+
 def headline(comparisons: pd.DataFrame, table: pd.DataFrame) -> str:
     """H4's accuracy headline: the comparison against the Transformer run with the best subgroup AUROC."""
     if comparisons.empty:

@@ -36,6 +36,15 @@ def git_sha(root: Path | None = None) -> str | None:
         return None
 
 
+def run_commit(run_dir: str | Path) -> str | None:
+    """The commit a run recorded when it started (its manifest), else the checked-out one: the report's
+    run table and manifest.json name one commit even when files change while the run is under way."""
+    try:
+        return json.loads((Path(run_dir) / "manifest.json").read_text())["git_sha"]
+    except (OSError, ValueError, KeyError):
+        return git_sha()
+
+
 DATASET_KEYS = ("dataset_name", "dataset_version", "etl_name", "etl_version")
 
 

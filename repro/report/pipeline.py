@@ -440,6 +440,7 @@ def run(
         manifest["plan"] = _manifest_plan(str(params_path), data_dir)
         for line in manifest["plan"]["summary"]:
             print(line, file=sys.stderr)
+    save_json(manifest, staging / "manifest.json")  # the commit and environment, as the notebooks start
     t_run = time.perf_counter()
     try:
         bar = tqdm(
