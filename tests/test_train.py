@@ -710,3 +710,14 @@ def test_a_history_ends_at_its_last_clinical_token_before_forecasting():
                 np.ones(5, np.int64), np.ones(5, np.int64))  # fmt: skip
     cut = history_end(e)
     assert cut.input_ids.tolist() == [2, 10, 11] and len(cut.ages) == 3
+
+
+def test_the_training_table_says_when_the_first_validation_scored_best():
+    """An early stop whose best weights are from the first validation may have peaked before it."""
+    from repro.training.loop import TrainResult
+
+    curve = [{"step": s, "auroc": a} for s, a in [(18, 0.59), (36, 0.45), (54, 0.44)]]
+    first = TrainResult("classify", metric="auroc", stop="early stop", val=curve, best_step=18)
+    assert first.status == "early stop (best at the first validation)" and first.converged()
+    later = TrainResult("classify", metric="auroc", stop="early stop", val=curve, best_step=36)
+    assert later.status == "early stop"

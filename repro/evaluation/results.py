@@ -1004,8 +1004,14 @@ def convergence_table(
         entry: dict[str, object] = {"model": model}
         for phase, results in phases.items():
             done = sum(res.converged() for res in results)
+            first = sum(res.status.endswith("(best at the first validation)") for res in results)
             epochs = [res.epochs for res in results]
-            entry[f"{phase}: on plateau"] = f"{done} / {len(results)}" if results else "-"
+            entry[f"{phase}: on plateau"] = (
+                "-"
+                if not results
+                else f"{done} / {len(results)}"
+                + (f" ({first} best at the first validation)" if first else "")
+            )
             entry[f"{phase}: epochs"] = f"{min(epochs):.2f}-{max(epochs):.2f}" if results else "-"
         m = evaluated.get(task, {}).get(model)
         if m is None:

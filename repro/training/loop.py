@@ -91,7 +91,9 @@ class TrainResult:
     def status(self) -> str:
         """The training table's word on how the run ended."""
         if self.stop == "early stop":
-            return "early stop"
+            # where the first validation scored best, the peak may lie before it: validate more often to see it
+            first = bool(self.val) and self.best_step == min(v["step"] for v in self.val)
+            return "early stop (best at the first validation)" if first else "early stop"
         return "plateau at budget" if self.converged() else "budget (still improving)"
 
 
