@@ -432,3 +432,32 @@ def test_forest_figure_marks_each_seed_under_its_model():
     want = sorted(seeds.loc[seeds["model"] == results.label("bad"), "estimate"])
     assert sorted(ticks[1].get_xdata()) == pytest.approx(want)
     assert "each seed" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+
+
+def test_pretraining_table_sets_each_backbone_beside_its_objectives_unigram_floor():
+    from repro.evaluation.metrics import unigram_losses
+
+    rng = np.random.default_rng(0)
+    train = [rng.integers(0, 12, 30) for _ in range(40)]
+    held = [rng.integers(0, 12, 30) for _ in range(20)]
+    s_clm, n_clm = unigram_losses(train, held, 12, "clm", 4)
+    s_mlm, n_mlm = unigram_losses(train, held, 12, "mlm", 4)
+    assert n_clm.tolist() == [29.0] * 20  # every token after the first
+    assert n_mlm.tolist() == [float((h >= 4).sum()) for h in held]  # non-special tokens only
+    # near-uniform tokens: the floor sits near log(vocabulary) (8 ids for MLM's targets)
+    assert (
+        abs(s_clm.sum() / n_clm.sum() - np.log(12)) < 0.1 and abs(s_mlm.sum() / n_mlm.sum() - np.log(8)) < 0.1
+    )
+    losses = {
+        ("ehrmamba", 0): ("clm", s_clm * 0.5, n_clm),
+        ("ehrmamba", 1): ("clm", s_clm * 0.6, n_clm),
+        ("bigbird", 0): ("mlm", s_mlm * 0.7, n_mlm),
+        (results.UNIGRAM, "clm"): ("clm", s_clm, n_clm),
+        (results.UNIGRAM, "mlm"): ("mlm", s_mlm, n_mlm),
+    }
+    t = results.pretrain_loss_table(losses, n_boot=50, ci=0.95)
+    assert len(t) == 4 and list(t["model"]).count(results.UNIGRAM) == 2
+    assert t.set_index("model").loc["EHRMamba", "seeds"] == 2
+    assert (t[t["model"] == results.UNIGRAM]["seeds"] == "-").all()
+    with pytest.raises(ValueError, match="objective"):
+        unigram_losses(train, held, 12, "next", 4)

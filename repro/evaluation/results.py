@@ -593,6 +593,7 @@ def comparison_table(comparisons: pd.DataFrame, ci: float) -> pd.DataFrame:
 
 
 PRETRAIN_WORDS = {"clm": "next token (CLM)", "mlm": "masked tokens (MLM)"}
+UNIGRAM = "unigram (train token frequencies)"  # the pretraining table's reference row per objective
 
 
 def pretrain_loss_table(
@@ -600,22 +601,21 @@ def pretrain_loss_table(
 ) -> pd.DataFrame:
     """Held-out loss and perplexity of each pretrained backbone against its own objective, seeds averaged,
     with a patient bootstrap CI (``metrics.token_loss``). ``losses``: ``Trainer.heldout_losses`` per
-    (model, seed). CLM and MLM losses measure different tasks: the table orders rows by objective and a
+    (model, seed), and ``Trainer.unigram_losses`` per objective under (UNIGRAM, 0), the floor a backbone
+    that learned nothing about context would reach. CLM and MLM losses measure different tasks: the table orders rows by objective and a
     reader compares within one only."""
     from repro.evaluation.metrics import token_loss
 
     rows = []
-    for model in dict.fromkeys(m for m, _ in losses):
-        got = [v for (m, _), v in losses.items() if m == model and v is not None]
-        if not got:
-            continue
-        objective = got[0][0]
+    groups = dict.fromkeys((m, v[0]) for (m, _), v in losses.items() if v is not None)
+    for model, objective in groups:
+        got = [v for (m, _), v in losses.items() if m == model and v is not None and v[0] == objective]
         t = token_loss(np.stack([g[1] for g in got]), np.stack([g[2] for g in got]), n_boot, ci)
         rows.append(
             {
                 "objective": PRETRAIN_WORDS.get(objective, objective),
                 "model": label(model),
-                "seeds": len(got),
+                "seeds": "-" if model == UNIGRAM else len(got),
                 "held-out patients": t["patients"],
                 "tokens scored": f"{t['tokens']:,.0f}",
                 f"loss per token ({ci * 100:g}% CI)": f"{t['loss']:.3f} [{t['lo']:.3f}, {t['hi']:.3f}]",

@@ -167,6 +167,18 @@ class Trainer:
         )
         return objective, sums, counts
 
+    def unigram_losses(self, objective: str) -> tuple[str, np.ndarray, np.ndarray]:
+        """(objective, loss sum, scored tokens per held-out patient) of the train split's token frequencies
+        on the tokens ``objective`` scores (``metrics.unigram_losses``): the floor of the pretraining table."""
+        from repro.data.vocab import SPECIALS
+        from repro.evaluation.metrics import unigram_losses
+
+        train, held = (
+            [e.input_ids for e in self._pretrain_items(s)] for s in (meds.train_split, meds.held_out_split)
+        )
+        sums, counts = unigram_losses(train, held, self.prep.tokenizer.vocab_size, objective, len(SPECIALS))
+        return objective, sums, counts
+
     def probes(self, name: str, task: str, seed: int) -> list[ModelRun]:
         """Frozen-representation probes of backbone ``name`` after pretraining on ``task``: one run per
         pooling of ``probes.poolings`` (model ``name+probe:<pooling>``), an L2 logistic regression per label
