@@ -272,3 +272,19 @@ def test_quarto_config_breaks_long_tables_and_links_no_notebook_previews():
     from repro.report.pipeline import REPORT_FILES
 
     assert typst["include-in-header"] in REPORT_FILES  # copied into every run, so `repro render` finds it
+
+
+def test_every_cell_option_block_is_valid_yaml():
+    """Quarto and the offline renderer read a cell's ``#|`` lines as YAML: a caption with a bare double
+    quote inside its double-quoted string stops the render after every notebook has run."""
+    import yaml
+
+    for nb in sorted((Path(__file__).parents[1] / "notebooks").glob("*.py")):
+        for cell in nb.read_text().split("# %%"):
+            options = "\n".join(line[3:] for line in cell.splitlines() if line.startswith("#| "))
+            if options:
+                try:
+                    parsed = yaml.safe_load(options)
+                except yaml.YAMLError as err:
+                    raise AssertionError(f"{nb.name}: cell options are not YAML:\n{options}\n{err}") from err
+                assert isinstance(parsed, dict), f"{nb.name}: {options}"

@@ -78,10 +78,12 @@ a { color: #0969da; }
 
 
 # Typst rules put after pandoc's template preamble: our captions already carry "Figure N: ", so typst must
-# not number figures again; long tables may break across pages; tables use a smaller font.
+# not number figures again; long tables may break across pages, their captions (on top) kept with their
+# first rows (``sticky``, typst >= 0.12: a caption was left alone at a page's foot); tables use a smaller font.
 _TYPST_HEADER = """
 #set figure(numbering: none)
 #show figure: set block(breakable: true)
+#show figure.caption.where(position: top): set block(sticky: true)
 #show table: set text(size: 9pt)
 #show table.cell: set par(justify: false)
 #show link: set text(fill: rgb("#1f4e9a"))
