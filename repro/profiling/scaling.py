@@ -132,14 +132,14 @@ def h2_comparisons(
                 rec |= {
                     "length": L,
                     "verdict": "supported",
-                    "why": f"{base} out of memory at {L}; {new} trains",
+                    "why": f"{label(base)} out of memory at {L}; {label(new)} trains",
                 }
             elif (m_oom & t_ok).any():
                 L = int(both[(m_oom & t_ok).to_numpy()].min())
                 rec |= {
                     "length": L,
                     "verdict": "not supported",
-                    "why": f"{new} out of memory at {L}; {base} trains",
+                    "why": f"{label(new)} out of memory at {L}; {label(base)} trains",
                 }
             elif not (m_ok & t_ok).any():
                 rec |= {"verdict": "inconclusive", "why": "no length where both trained"}
@@ -161,7 +161,7 @@ def h2_comparisons(
             if rec["verdict"] == "not supported" and is_reference(path):
                 rec["verdict"] = "inconclusive"
                 rec["why"] += (
-                    f"; {new} ran its reference scan ({path}), which cannot refute a claim about its kernels"
+                    f"; {label(new)} ran its reference scan ({path}), which cannot refute a claim about its kernels"
                 )
             out.append(rec)
     cols = ["batch", "new", "baseline", "length", "time ratio", "memory ratio", "verdict", "why"]
