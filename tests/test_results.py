@@ -435,7 +435,7 @@ def test_forest_figure_marks_each_seed_under_its_model():
 
 
 def test_pretraining_table_sets_each_backbone_beside_its_objectives_unigram_floor():
-    from repro.evaluation.metrics import unigram_losses
+    from repro.training.loop import unigram_losses
 
     rng = np.random.default_rng(0)
     train = [rng.integers(0, 12, 30) for _ in range(40)]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -381,6 +382,35 @@ def row_losses(
         sums[idx], counts[idx] = loss.float().cpu().numpy(), n.float().cpu().numpy()
     model.train()
     return sums, counts
+
+
+def unigram_losses(
+    train: Sequence[np.ndarray], held: Sequence[np.ndarray], vocab_size: int, objective: str, n_specials: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(loss sum, scored tokens) per held-out sample of a model that knows only the train split's token
+    frequencies (add-one smoothed): the perplexity a pretrained backbone must beat to have learned anything
+    about context. It scores the tokens each objective scores: every token after the first (CLM), every
+    non-special token (MLM; all of them, not a masked sample: the expected loss per token is the same).
+
+    >>> s, n = unigram_losses([np.array([5, 6, 6])], [np.array([5, 6])], 7, "clm", 4)
+    >>> n.tolist(), round(float(s[0]), 3)  # token 6 scored; train scored 6, 6: p = (2 + 1) / (2 + 7)
+    ([1.0], 1.099)
+    """
+    if objective not in ("clm", "mlm"):
+        raise ValueError(f"objective must be 'clm' or 'mlm', got {objective!r}")
+
+    def scored(ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids)
+        return ids[1:] if objective == "clm" else ids[ids >= n_specials]
+
+    counts = np.ones(vocab_size)  # add-one
+    for ids in train:
+        counts += np.bincount(scored(ids), minlength=vocab_size)[:vocab_size]
+    if objective == "mlm":
+        counts[:n_specials] = 0.0  # never a target
+    nll = -np.log(np.where(counts > 0, counts, 1.0) / counts.sum())
+    tokens = [scored(ids) for ids in held]
+    return np.array([nll[t].sum() for t in tokens]), np.array([float(len(t)) for t in tokens])
 
 
 def _fixed_norm(data: SequenceDataset, params: TrainParams) -> float:

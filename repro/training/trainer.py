@@ -19,7 +19,16 @@ from repro.config import TrainParams, atomic_path, resolve
 from repro.data.dataset import SequenceDataset
 from repro.data.tasks import label_columns
 from repro.data.tokenizer import Encoded
-from repro.training.loop import TrainResult, features, fit, predict, resolve_device, row_losses, val_subset
+from repro.training.loop import (
+    TrainResult,
+    features,
+    fit,
+    predict,
+    resolve_device,
+    row_losses,
+    unigram_losses,
+    val_subset,
+)
 from repro.training.prepare import (
     Prepared,
     encode_samples,
@@ -169,9 +178,8 @@ class Trainer:
 
     def unigram_losses(self, objective: str) -> tuple[str, np.ndarray, np.ndarray]:
         """(objective, loss sum, scored tokens per held-out patient) of the train split's token frequencies
-        on the tokens ``objective`` scores (``metrics.unigram_losses``): the floor of the pretraining table."""
+        on the tokens ``objective`` scores (``loop.unigram_losses``): the floor of the pretraining table."""
         from repro.data.vocab import SPECIALS
-        from repro.evaluation.metrics import unigram_losses
 
         train, held = (
             [e.input_ids for e in self._pretrain_items(s)] for s in (meds.train_split, meds.held_out_split)
