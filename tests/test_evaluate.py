@@ -145,5 +145,5 @@ def test_metrics_table_format():
     cell = table.loc["EHRMamba", "AUROC (95% CI)"]
     assert re.fullmatch(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", cell)
     assert table.loc["EHRMamba", "auroc"] == pytest.approx(results["EHRMamba"]["auroc"]["estimate"])
-    assert table.loc["oracle", "F1 (95% CI)"] == "undefined" and np.isnan(table.loc["oracle", "f1"])
+    assert table.loc["oracle", "F1 (95% CI)"] == "not thresholded" and np.isnan(table.loc["oracle", "f1"])
     assert {"auroc_lo", "auroc_hi", "flags"} <= set(table.columns)

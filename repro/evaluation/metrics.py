@@ -138,7 +138,9 @@ def oracle_metrics(test: pd.DataFrame, n_boot: int = 2000, seed: int = 0, ci: fl
 
 
 def _fmt(d: dict) -> str:
-    if d is None or np.isnan(d.get("estimate", np.nan)):
+    if d is None:  # not a metric of this row (the oracle's F1: its probabilities are never thresholded)
+        return "not thresholded"
+    if np.isnan(d.get("estimate", np.nan)):
         return "undefined"
     if np.isnan(d["lo"]):
         return f"{d['estimate']:.3f}"
