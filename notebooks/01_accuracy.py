@@ -84,7 +84,7 @@ fig = figures.forest_figure(results.forest_frame(evaluated), seeds=seed_auroc)
 
 # %%
 #| label: tbl-calibration
-#| tbl-cap: "Calibration on held_out: Brier score and expected calibration error (ECE, 10 equal-width probability bins, weighted by rows) with patient-clustered bootstrap 95 % CIs; lower is better. The oracle scores the true risk: its Brier score is the floor, its ECE what sampling noise alone gives. ECE is biased upward on small samples (sparse bins), so its percentile interval can lie above the estimate."
+#| tbl-cap: "Calibration on held_out: Brier score and expected calibration error (ECE, 10 equal-width probability bins, weighted by rows) with patient-clustered bootstrap 95 % CIs; lower is better. The oracle scores the true risk: its Brier score is the floor, its ECE what sampling noise alone gives. Brier skill is 1 - Brier / (p (1 - p)), p the prevalence: near 0 for a model that gives everyone about the prevalence, however low its Brier score; - for multi-label tasks. ECE is biased upward on small samples (sparse bins), so its percentile interval can lie above the estimate."
 figures.show_table(results.calibration_table(evaluated, params.tasks))
 
 # %%

@@ -154,7 +154,9 @@ def test_reliability_frame_counts_every_held_out_row_and_tracks_a_calibrated_mod
     assert f["n"].sum() == n and len(f) == 10
     assert np.abs(f["observed"] - f["predicted"]).max() < 0.06
     table = results.calibration_table(results.evaluate_all(preds, 50, 0.95), ["mortality_1m"])
-    assert list(table.columns) == ["task", "model", "Brier (95% CI)", "ECE (95% CI)"]
+    assert list(table.columns) == ["task", "model", "Brier (95% CI)", "ECE (95% CI)", "Brier skill"]
+    # a model whose scores carry the labels' signal beats predicting the prevalence for everyone
+    assert all(0 < float(v) <= 1 for v in table["Brier skill"])
 
 
 def test_a_comparison_trained_with_one_seed_is_never_supported():

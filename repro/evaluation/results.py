@@ -332,11 +332,29 @@ def calibration_table(evaluated: dict[str, dict[str, dict]], tasks: Sequence[str
             continue
         t = metrics_table(evaluated[task])
         cols = [c for c in t.columns if c.startswith(("Brier", "ECE"))]
-        frames.append(t[cols].rename_axis("model").reset_index().assign(task=task))
+        frame = t[cols].rename_axis("model").reset_index().assign(task=task)
+        frame["Brier skill"] = [brier_skill(evaluated[task][m]) for m in t.index]
+        frames.append(frame)
     if not frames:
         return pd.DataFrame()
     out = pd.concat(frames, ignore_index=True)
     return out[["task", "model", *[c for c in out.columns if c not in ("task", "model")]]]
+
+
+def brier_skill(res: dict) -> str:
+    """1 - Brier / (p (1 - p)), p the held-out prevalence: 0 for a model that predicts the prevalence for
+    everyone (whose Brier score alone can look good at a low prevalence), 1 for a perfect one. "-" for a
+    multi-label task, whose macro Brier has no single prevalence to set it against.
+
+    >>> brier_skill({"brier": {"estimate": 0.078}, "prevalence": {"estimate": 0.085}})  # the smoke run's
+    '-0.003'
+    """
+    if "n_labels" in res or "brier" not in res or "prevalence" not in res:
+        return "-"
+    p = res["prevalence"]["estimate"]
+    if not 0 < p < 1:
+        return "-"
+    return f"{1 - res['brier']['estimate'] / (p * (1 - p)):.3f}"
 
 
 def reliability_frame(preds: pd.DataFrame, task: str, bins: int = ECE_BINS) -> pd.DataFrame:
