@@ -213,10 +213,11 @@ fig = figures.learning_figure(results.learning_curves(runs))
 
 # %%
 #| label: tbl-pretrain-loss
-#| tbl-cap: "What pretraining learned, judged on its own objective: each pretrained backbone's loss per scored token and its perplexity on the held-out patients' histories (the weights kept at its best validation), averaged over seeds, with a 95 % CI from resampling patients. CLM (next token) and MLM (train.mlm_probability of the tokens masked, the same masks for every model) are different tasks: compare within an objective only. Each objective's unigram row is a model that knows only the train split's token frequencies (scoring every token the objective could score): a backbone near it learned little about context."
+#| tbl-cap: "What pretraining learned, judged on its own objective: each pretrained backbone's loss per scored token and its perplexity on the held-out patients' histories (the weights kept at its best validation), averaged over seeds, with a 95 % CI from resampling patients. CLM (next token) and MLM (train.mlm_probability of the tokens masked, the same masks for every model) are different tasks: compare within an objective only. Each objective's unigram row is a model that knows only the train split's token frequencies, on the same histories (scoring every token the objective could score; one row per input length where backbones read different lengths): a backbone near it learned little about context."
 heldout = {(m, s): trainer.heldout_losses(m, s) for m in pretrained for s in params.seeds}
-for objective in sorted({v[0] for v in heldout.values() if v}):
-    heldout[(results.UNIGRAM, objective)] = trainer.unigram_losses(objective)
+# one unigram baseline per objective and input length, on the histories those backbones read
+for objective, n in sorted({(v[0], trainer.input_len(m)) for (m, _), v in heldout.items() if v}, key=str):
+    heldout[(results.unigram_label(n), objective)] = trainer.unigram_losses(objective, n)
 pretrain_loss = results.pretrain_loss_table(heldout, n_boot, ci)
 figures.show_table(pretrain_loss, empty="no backbone of this run was pretrained")
 

@@ -248,6 +248,9 @@ def test_show_table_marks_missing_values_in_every_view(monkeypatch):
         assert "17.0" not in shown[view] and "1055.0" not in shown[view] and "inf" not in shown[view]
         assert "17" in shown[view] and "∞" in shown[view]
     assert "1.000" in shown["text/markdown"]  # a p-value that happens to be whole keeps its format
+    twins = pd.DataFrame([[1.5, 2.0], [np.nan, 3.0]], columns=["x", "x"])  # duplicate names still render
+    figures.show_table(twins)
+    assert "1.500" in shown["text/markdown"] and figures.MISSING in shown["text/markdown"]
 
 
 def test_embedded_cells_output_only_their_table_or_figure():

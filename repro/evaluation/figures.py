@@ -39,8 +39,9 @@ def show_table(
     df = df.rename(columns=HEADERS)
     missing = df.isna() | df.apply(lambda c: c.astype(str).str.strip().str.lower().eq("nan"))
     cells = df.astype(object)
-    for col in df.columns[[pd.api.types.is_float_dtype(t) for t in df.dtypes]]:
-        cells[col] = _counts_and_infinities(df[col], floatfmt)
+    for i, dtype in enumerate(df.dtypes):  # by position: two columns may share a name
+        if pd.api.types.is_float_dtype(dtype):
+            cells.iloc[:, i] = _counts_and_infinities(df.iloc[:, i], floatfmt)
     # None is what tabulate's missingval replaces; the HTML and text views get the mark itself
     md = cells.mask(missing, None).to_markdown(index=index, floatfmt=floatfmt, missingval=MISSING)
     marked = cells.mask(missing, MISSING)

@@ -63,6 +63,7 @@ __all__ = [
     "mpf_comparisons",
     "overall_verdict",
     "probes_undertrained",
+    "unigram_label",
     "loss_curves",
     "training_table",
     "rule_verdict",
@@ -614,13 +615,19 @@ PRETRAIN_WORDS = {"clm": "next token (CLM)", "mlm": "masked tokens (MLM)"}
 UNIGRAM = "unigram (train token frequencies)"  # the pretraining table's reference row per objective
 
 
+def unigram_label(max_len: int | None) -> str:
+    """The pretraining table's unigram row for histories cut at a backbone's own input length (None: the
+    run's ``tokenizer.max_len``, shared by every backbone without its own)."""
+    return UNIGRAM if max_len is None else f"{UNIGRAM}, {max_len} tokens"
+
+
 def pretrain_loss_table(
     losses: dict[tuple[str, int], tuple[str, np.ndarray, np.ndarray] | None], n_boot: int, ci: float
 ) -> pd.DataFrame:
     """Held-out loss and perplexity of each pretrained backbone against its own objective, seeds averaged,
     with a patient bootstrap CI (``metrics.token_loss``). ``losses``: ``Trainer.heldout_losses`` per
-    (model, seed), and ``Trainer.unigram_losses`` per objective under (UNIGRAM, 0), the floor a backbone
-    that learned nothing about context would reach. CLM and MLM losses measure different tasks: the table orders rows by objective and a
+    (model, seed), and ``Trainer.unigram_losses`` under (``unigram_label(input length)``, objective): what a
+    backbone that learned nothing about context would score. CLM and MLM losses measure different tasks: the table orders rows by objective and a
     reader compares within one only."""
     from repro.evaluation.metrics import token_loss
 
@@ -633,7 +640,7 @@ def pretrain_loss_table(
             {
                 "objective": PRETRAIN_WORDS.get(objective, objective),
                 "model": label(model),
-                "seeds": "-" if model == UNIGRAM else len(got),
+                "seeds": "-" if model.startswith(UNIGRAM) else len(got),
                 "held-out patients": t["patients"],
                 "tokens scored": f"{t['tokens']:,.0f}",
                 f"loss per token ({ci * 100:g}% CI)": f"{t['loss']:.3f} [{t['lo']:.3f}, {t['hi']:.3f}]",
@@ -774,13 +781,13 @@ def overall_verdict(verdicts: Sequence[str], combine: str = "any") -> str:
     not supported when any is not; otherwise inconclusive. combine="majority": supported (not supported)
     when more than half of the comparisons are supported (not supported); otherwise inconclusive.
 
-    An undecided result keeps the comparisons' reason where every undecided comparison has one and the
-    decided ones do not conflict: "one seed", else "undertrained", else "underpowered" (a claim that
-    waits on training should not read as one that was looked at and found empty).
+    An undecided result keeps the comparisons' reason where every undecided comparison gives the same one
+    ("one seed", "undertrained" or "underpowered") and the decided ones do not conflict: a claim that waits
+    on training should not read as one that was looked at and found empty.
 
     >>> overall_verdict(["supported", "inconclusive"]), overall_verdict(["supported", "inconclusive"], "all")
     ('supported', 'inconclusive')
-    >>> overall_verdict(["supported", "undertrained", "underpowered"], "all")
+    >>> overall_verdict(["supported", "undertrained", "undertrained"], "all")
     'undertrained'
     """
     v = list(verdicts)
@@ -803,13 +810,13 @@ def overall_verdict(verdicts: Sequence[str], combine: str = "any") -> str:
 
 
 def _undecided(verdicts: Sequence[str]) -> str:
-    """Inconclusive, or the reason every undecided comparison shares (``overall_verdict``)."""
+    """Inconclusive, or the one reason every undecided comparison gives (``overall_verdict``): with mixed
+    reasons (undertrained beside underpowered) no single remedy would decide the claim."""
     if "supported" in verdicts and "not supported" in verdicts:
         return "inconclusive"  # the comparisons disagree: no reason would settle it
     open_ = {v for v in verdicts if v not in ("supported", "not supported")}
-    for reason in (ONE_SEED, UNDERTRAINED, UNDERPOWERED):
-        if open_ and reason in open_ and open_ <= {ONE_SEED, UNDERTRAINED, UNDERPOWERED}:
-            return reason
+    if len(open_) == 1 and (reason := next(iter(open_))) in (ONE_SEED, UNDERTRAINED, UNDERPOWERED):
+        return reason
     return "inconclusive"
 
 
@@ -865,8 +872,8 @@ def rules_table(hypotheses: dict[str, HypothesisRule]) -> pd.DataFrame:
 
 
 UNDECIDED_RULE = (
-    "An undecided result names its reason where every comparison left undecided has one and the decided "
-    "ones agree: one seed, else undertrained, else underpowered."
+    "An undecided result names its reason where every comparison left undecided gives the same one (one "
+    "seed, undertrained or underpowered) and the decided ones agree."
 )
 OVERALL_RULE = (
     "Across tasks, a hypothesis is supported when at least one task's comparison is supported and none is "

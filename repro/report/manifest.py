@@ -38,7 +38,8 @@ def git_sha(root: Path | None = None) -> str | None:
 
 def run_commit(run_dir: str | Path) -> str | None:
     """The commit a run recorded when it started (its manifest), else the checked-out one: the report's
-    run table and manifest.json name one commit even when files change while the run is under way."""
+    run table and manifest.json name one commit even when files change while the run is under way (a
+    resumed run records the commit it resumed on, and the earlier one as ``git_sha_before_resume``)."""
     try:
         return json.loads((Path(run_dir) / "manifest.json").read_text())["git_sha"]
     except (OSError, ValueError, KeyError):

@@ -424,6 +424,8 @@ def run(
         "notebooks": dict(done),
         "groups": groups_done,
     }
+    if resume and before.get("git_sha") != manifest["git_sha"]:
+        manifest["git_sha_before_resume"] = before.get("git_sha")  # the notebooks carried over ran there
     if work_dir:
         work_dir = str(Path(work_dir).resolve())
         manifest["work_dir"] = work_dir

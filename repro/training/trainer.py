@@ -176,13 +176,17 @@ class Trainer:
         )
         return objective, sums, counts
 
-    def unigram_losses(self, objective: str) -> tuple[str, np.ndarray, np.ndarray]:
+    def unigram_losses(
+        self, objective: str, max_len: int | None = None
+    ) -> tuple[str, np.ndarray, np.ndarray]:
         """(objective, loss sum, scored tokens per held-out patient) of the train split's token frequencies
-        on the tokens ``objective`` scores (``loop.unigram_losses``): the floor of the pretraining table."""
+        on the tokens ``objective`` scores (``loop.unigram_losses``), over histories cut at ``max_len`` (a
+        backbone's own input length, ``input_len``; None: the run's): the baseline of the pretraining table."""
         from repro.data.vocab import SPECIALS
 
         train, held = (
-            [e.input_ids for e in self._pretrain_items(s)] for s in (meds.train_split, meds.held_out_split)
+            [e.input_ids for e in self._pretrain_items(s, max_len)]
+            for s in (meds.train_split, meds.held_out_split)
         )
         sums, counts = unigram_losses(train, held, self.prep.tokenizer.vocab_size, objective, len(SPECIALS))
         return objective, sums, counts
