@@ -334,7 +334,9 @@ def calibration_table(evaluated: dict[str, dict[str, dict]], tasks: Sequence[str
         t = metrics_table(evaluated[task])
         cols = [c for c in t.columns if c.startswith(("Brier", "ECE"))]
         frame = t[cols].rename_axis("model").reset_index().assign(task=task)
-        frame["Brier skill"] = [brier_skill(evaluated[task][m]) for m in t.index]
+        # the oracle's row carries no prevalence: every row of a task scores the same held-out samples
+        p = next((r["prevalence"]["estimate"] for r in evaluated[task].values() if "prevalence" in r), None)
+        frame["Brier skill"] = [brier_skill(evaluated[task][m], p) for m in t.index]
         frames.append(frame)
     if not frames:
         return pd.DataFrame()
@@ -342,20 +344,22 @@ def calibration_table(evaluated: dict[str, dict[str, dict]], tasks: Sequence[str
     return out[["task", "model", *[c for c in out.columns if c not in ("task", "model")]]]
 
 
-def brier_skill(res: dict) -> str:
+def brier_skill(res: dict, prevalence: float | None = None) -> str:
     """1 - Brier / (p (1 - p)), p the held-out prevalence: 0 for a model that predicts the prevalence for
-    everyone (whose Brier score alone can look good at a low prevalence), 1 for a perfect one. "-" for a
-    multi-label task, whose macro Brier has no single prevalence to set it against.
+    everyone (whose Brier score alone can look good at a low prevalence), 1 for a perfect one; ``prevalence``
+    where ``res`` carries none (the oracle's). "-" for a multi-label task, whose macro Brier has no single
+    prevalence to set it against.
 
     >>> brier_skill({"brier": {"estimate": 0.078}, "prevalence": {"estimate": 0.085}})  # the smoke run's
     '-0.003'
+    >>> brier_skill({"brier": {"estimate": 0.048}}, prevalence=0.085)  # its oracle
+    '0.383'
     """
-    if "n_labels" in res or "brier" not in res or "prevalence" not in res:
+    p = res["prevalence"]["estimate"] if "prevalence" in res else prevalence
+    if "n_labels" in res or "brier" not in res or p is None or not 0 < p < 1:
         return "-"
-    p = res["prevalence"]["estimate"]
-    if not 0 < p < 1:
-        return "-"
-    return f"{1 - res['brier']['estimate'] / (p * (1 - p)):.3f}"
+    skill = 1 - res["brier"]["estimate"] / (p * (1 - p))
+    return f"{skill:.3f}" if round(skill, 3) else "0.000"  # not "-0.000"
 
 
 def reliability_frame(preds: pd.DataFrame, task: str, bins: int = ECE_BINS) -> pd.DataFrame:
