@@ -213,6 +213,30 @@ def reliability_figure(frame: pd.DataFrame, task: str, max_panels: int = 9) -> p
     return fig
 
 
+def model_palette(models: pd.Series) -> dict[str, tuple]:
+    """One colour per model for every panel of a figure: per-panel palettes gave EHRMamba's colour to
+    CEHR-BERT in the panel without EHRMamba."""
+    names = list(dict.fromkeys(models))
+    return dict(zip(names, sns.color_palette(n_colors=len(names)), strict=True))
+
+
+def _shared_legend(fig: plt.Figure, axes: np.ndarray, palette: dict[str, tuple]) -> plt.Figure:
+    """One legend below the panels, at a size that survives the figure's scaling to the page width (the
+    panels' own legends printed at about 5 pt)."""
+    for ax in axes:
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+    if palette:
+        handles = [plt.Line2D([], [], color=c, linewidth=2) for c in palette.values()]
+        fig.legend(
+            handles, list(palette), loc="lower center", ncol=min(len(palette), 6), frameon=False, fontsize=10
+        )
+        fig.tight_layout(rect=(0, 0.12, 1, 1))
+    else:
+        fig.tight_layout()
+    return fig
+
+
 def loss_figure(curves: pd.DataFrame, window: int = 10) -> plt.Figure:
     """Training loss per step (rolling mean over `window` steps), one panel per phase, averaged over runs."""
     curves = curves.copy()
@@ -222,13 +246,14 @@ def loss_figure(curves: pd.DataFrame, window: int = 10) -> plt.Figure:
     phases = list(dict.fromkeys(curves["phase"]))
     fig, axes = plt.subplots(1, len(phases), figsize=(5.0 * len(phases), 3.4))
     axes = np.atleast_1d(axes)
+    palette = model_palette(curves["model"])
     for ax, phase in zip(axes, phases):
         g = curves[curves["phase"] == phase]
-        sns.lineplot(data=g, x="step", y="loss", hue="model", ax=ax, errorbar=None, linewidth=1.2)
+        sns.lineplot(
+            data=g, x="step", y="loss", hue="model", palette=palette, ax=ax, errorbar=None, linewidth=1.2
+        )
         ax.set_title(f"{phase} (rolling mean of {window} steps)", fontsize=10)
-        ax.legend(frameon=False, fontsize=7, ncol=2)
-    fig.tight_layout()
-    return fig
+    return _shared_legend(fig, axes, palette)
 
 
 def learning_figure(curves: pd.DataFrame, task: str = "mortality_1m") -> plt.Figure:
@@ -254,6 +279,7 @@ def learning_figure(curves: pd.DataFrame, task: str = "mortality_1m") -> plt.Fig
     if not panels:
         axes[0].text(0.5, 0.5, "no run validated", ha="center", va="center")
         axes[0].set_axis_off()
+    palette = model_palette(curves["model"]) if not curves.empty else {}
     for ax, (g, y, title) in zip(axes, panels):
         g = g.assign(mtokens=g["tokens"] / 1e6)
         sns.lineplot(
@@ -261,6 +287,7 @@ def learning_figure(curves: pd.DataFrame, task: str = "mortality_1m") -> plt.Fig
             x="mtokens",
             y=y,
             hue="model",
+            palette=palette,
             units="seed",
             estimator=None,
             ax=ax,
@@ -270,9 +297,7 @@ def learning_figure(curves: pd.DataFrame, task: str = "mortality_1m") -> plt.Fig
         )
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("tokens seen (millions)")
-        ax.legend(frameon=False, fontsize=7, ncol=2)
-    fig.tight_layout()
-    return fig
+    return _shared_legend(fig, axes, palette)
 
 
 def mechanism_figure(recovered: pd.DataFrame, labels: dict[str, str] | None = None) -> plt.Figure:
