@@ -65,6 +65,7 @@ def _counts_and_infinities(col: pd.Series, floatfmt: str = ".3f") -> pd.Series:
     """
     finite = col[np.isfinite(col)]
     whole = len(finite) > 0 and bool((finite == finite.round()).all()) and bool((finite.abs() >= 2).any())
+    has_inf = bool(np.isinf(col).any())
 
     def cell(x: float) -> object:
         if pd.isna(x):
@@ -73,7 +74,6 @@ def _counts_and_infinities(col: pd.Series, floatfmt: str = ".3f") -> pd.Series:
             return "∞" if x > 0 else "-∞"
         return int(x) if whole else format(x, floatfmt) if has_inf else x
 
-    has_inf = bool(np.isinf(col).any())
     return pd.Series([cell(x) for x in col], index=col.index, dtype=object)
 
 

@@ -631,8 +631,8 @@ def pretrain_loss_table(
     """Held-out loss and perplexity of each pretrained backbone against its own objective, seeds averaged,
     with a patient bootstrap CI (``metrics.token_loss``). ``losses``: ``Trainer.heldout_losses`` per
     (model, seed), and ``Trainer.unigram_losses`` under (``unigram_label(input length)``, objective): what a
-    backbone that learned nothing about context would score. CLM and MLM losses measure different tasks: the table orders rows by objective and a
-    reader compares within one only."""
+    backbone that learned nothing about context would score. CLM and MLM losses measure different tasks:
+    the table orders rows by objective and a reader compares within one only."""
     from repro.evaluation.metrics import token_loss
 
     rows = []
@@ -1033,7 +1033,7 @@ def convergence_table(
         entry: dict[str, object] = {"model": model}
         for phase, results in phases.items():
             done = sum(res.converged() for res in results)
-            first = sum(res.status.endswith("(best at the first validation)") for res in results)
+            first = sum(res.stop == "early stop" and res.best_at_first_validation for res in results)
             epochs = [res.epochs for res in results]
             entry[f"{phase}: on plateau"] = (
                 "-"

@@ -92,10 +92,16 @@ class TrainResult:
     def status(self) -> str:
         """The training table's word on how the run ended."""
         if self.stop == "early stop":
-            # where the first validation scored best, the peak may lie before it: validate more often to see it
-            first = bool(self.val) and self.best_step == min(v["step"] for v in self.val)
-            return "early stop (best at the first validation)" if first else "early stop"
+            return (
+                "early stop (best at the first validation)" if self.best_at_first_validation else "early stop"
+            )
         return "plateau at budget" if self.converged() else "budget (still improving)"
+
+    @property
+    def best_at_first_validation(self) -> bool:
+        """Whether the kept weights are the first validation's: the peak may lie before it (validate more
+        often to see it)."""
+        return bool(self.val) and self.best_step == min(v["step"] for v in self.val)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
