@@ -241,7 +241,7 @@ figures.show_table(convergence)
 
 # %%
 #| label: fig-loss
-#| fig-cap: "Training loss per step: pretraining (once per backbone and seed) and finetuning (every task and seed), averaged per model."
+#| fig-cap: "Training loss per step: pretraining (once per backbone and seed) and finetuning (every task and seed), averaged per model over its runs up to the last step every one of them reached (runs stop at different steps; past that the mean would be the longest runs' alone)."
 fig = figures.loss_figure(results.loss_curves(runs))
 
 # %%
@@ -251,7 +251,7 @@ figures.show_table(results.training_table(runs), floatfmt=".1f")
 
 # %%
 #| label: tbl-plan
-#| tbl-cap: "The cost plan against this run (`repro plan`): per training run of the grid, the steps and tokens its budget allows over all seeds, what the runs of this notebook used (early stopping ends them sooner, so the plan is an upper bound), the seconds they took, and the seconds the whole budget would have taken at their measured tokens/s (the projection `repro plan --measured` makes from this run). Notebook 03's MPF runs and counts + LR are planned but not measured here."
+#| tbl-cap: "The cost plan against this run (`repro plan`): per training run of the grid, the steps and tokens its budget allows over all seeds, what the runs of this notebook used (early stopping ends them sooner, so the plan is an upper bound), the seconds they took, and the seconds the whole budget would have taken at their measured tokens/s (the projection `repro plan --measured` makes from this run). Notebook 03 trains the MPF runs (its training table); counts + LR trains no network and is not planned."
 figures.show_table(results.plan_vs_measured(plan_grid(prep), runs), floatfmt=".1f")
 
 # %%

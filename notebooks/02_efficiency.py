@@ -95,7 +95,7 @@ figures.show_table(ef.comparison_table(comparisons), floatfmt=".2f")
 
 # %%
 #| label: tbl-efficiency-paper
-#| tbl-cap: "The paper's efficiency claim measured its way, on this run's device: tokens per second of one training step at the paper's batch sizes (bf16 autocast), peak memory, the largest batch that fits at 2048 tokens (doubling, then bisection), and time per epoch EXTRAPOLATED to the paper's data (one 2048-token row per patient; 93,787 pretraining and 47,447 finetuning patients) beside the paper's epoch times on 4 A100s. Only the EHRMamba / MultiBird ratio rows compare across hardware."
+#| tbl-cap: "The paper's efficiency claim measured its way, on this run's device, where efficiency.paper_bench is on (otherwise one line says it was not measured): tokens per second of one training step at the paper's batch sizes (bf16 autocast), peak memory, the largest batch that fits at 2048 tokens (doubling, then bisection), and time per epoch EXTRAPOLATED to the paper's data (one 2048-token row per patient; 93,787 pretraining and 47,447 finetuning patients) beside the paper's epoch times on 4 A100s. Only the EHRMamba / MultiBird ratio rows compare across hardware."
 paper_claim, paper_results = bench_paper.for_run(params, prep.tokenizer.vocab_size)
 figures.show_table(paper_claim)
 

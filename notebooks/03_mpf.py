@@ -57,6 +57,11 @@ figures.show_table(results.comparison_table(comparisons, ci))
 
 
 # %%
+#| label: tbl-mpf-training
+#| tbl-cap: "How each MPF run trained (the single-task runs and the pretraining they share are in the training table of the appendix): its budget over the pooled samples of every task, the steps and epochs it ran, the step whose weights were kept (best validation AUROC, the mean over its outputs) and how it ended. An MPF run that ended still improving makes its backbone's H3 comparisons read undertrained."
+figures.show_table(results.training_table(runs, phase_prefix="finetune MPF"), empty="no MPF run")
+
+# %%
 verdicts = {
     b: results.rule_verdict(comparisons[comparisons["baseline"] == b], params.hypotheses["H3"])
     for b in params.mpf_models

@@ -20,6 +20,9 @@
 - `python -m repro.bench mechanisms --work outputs/default/work`: each pretrained backbone of a run finetuned
   on one planted mechanism's own label at a time, held-out AUROC beside counts + LR's: what pretraining put
   within reach of finetuning (synthetic cohort; repro.profiling.bench_mechanisms).
+- `python -m repro.bench pretrain --model cehr_bert --variant base --variant lr2:train.per_model.cehr_bert.lr=0.002`:
+  one backbone's pretraining under variants of a params file, in parallel processes: validation curves
+  side by side (repro.profiling.bench_pretrain).
 - `python -m repro.bench share --processes 6`: that many training processes on one GPU at once, by turns
   and through MPS, eager and graphed: aggregate tokens/s against one process alone (repro.profiling.bench_share).
 """
@@ -52,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         from repro.profiling.bench_mechanisms import main as mechanisms_main
 
         return mechanisms_main(argv[1:])
+    if argv and argv[0] == "pretrain":
+        from repro.profiling.bench_pretrain import main as pretrain_main
+
+        return pretrain_main(argv[1:])
     if argv and argv[0] == "paper":
         from repro.profiling.bench_paper import main as paper_main
 
@@ -66,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub.add_parser(
         "paper", help="the paper's epoch time and largest batch, EHRMamba vs MultiBird (... paper --help)"
+    )
+    sub.add_parser(
+        "pretrain", help="one backbone's pretraining under variants, side by side (... pretrain --help)"
     )
     sub.add_parser(
         "mechanisms",

@@ -143,3 +143,5 @@ def test_the_plan_sits_beside_what_the_runs_used(smoke_plan):
     assert t.loc[("EHRMamba", "finetune", "mortality_1m"), "tokens fed"] == "400"
     assert t.loc[("CEHR-BERT", "pretrain", "-"), "tokens fed"] == "-"  # planned, not in these runs
     assert len(t) == len(g)
+    mpf = t.xs("finetune (MPF)", level="phase")
+    assert len(mpf) and (mpf["seeds"] == "in notebook 03").all()  # not "0 / 2": notebook 03 trains them

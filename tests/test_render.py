@@ -248,6 +248,12 @@ def test_show_table_marks_missing_values_in_every_view(monkeypatch):
         assert "17.0" not in shown[view] and "1055.0" not in shown[view] and "inf" not in shown[view]
         assert "17" in shown[view] and "∞" in shown[view]
     assert "1.000" in shown["text/markdown"]  # a p-value that happens to be whole keeps its format
+    # text that reads as a number stays as written (comparison_table's df), "inf" text too; a permutation p
+    # that would round to 0 prints as a bound
+    figures.show_table(pd.DataFrame({"df": ["8.5", "inf"], "p (perm.)": [0.0004, 0.25]}))
+    md = shown["text/markdown"]
+    assert "8.5 " in md and "8.500" not in md and "∞" in md and "<0.001" in md and "0.250" in md
+    assert "0.000" not in md
     twins = pd.DataFrame([[1.5, 2.0], [np.nan, 3.0]], columns=["x", "x"])  # duplicate names still render
     figures.show_table(twins)
     assert "1.500" in shown["text/markdown"] and figures.MISSING in shown["text/markdown"]

@@ -438,7 +438,7 @@ def test_forest_figure_marks_each_seed_under_its_model():
     assert [len(t.get_xdata()) for t in ticks] == [3, 3]
     want = sorted(seeds.loc[seeds["model"] == results.label("bad"), "estimate"])
     assert sorted(ticks[1].get_xdata()) == pytest.approx(want)
-    assert "each seed" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "each seed" in [t.get_text() for t in fig.legends[0].get_texts()]  # one legend, under the panels
 
 
 def test_pretraining_table_sets_each_backbone_beside_its_objectives_unigram_floor():
@@ -468,3 +468,23 @@ def test_pretraining_table_sets_each_backbone_beside_its_objectives_unigram_floo
     assert (t[t["model"] == results.UNIGRAM]["seeds"] == "-").all()
     with pytest.raises(ValueError, match="objective"):
         unigram_losses(train, held, 12, "next", 4)
+
+
+def test_loss_figure_averages_only_steps_every_run_reached():
+    """Runs stop at different steps: past the shortest, a mean over the rest would be another population
+    (the smoke report's finetuning loss 'rose' where only the null-task runs were left)."""
+    import matplotlib.pyplot as plt
+
+    from repro.evaluation import figures
+
+    rows = []
+    for run, n, loss in (("mortality_1m", 10, 0.4), ("null_task", 30, 0.7)):
+        for seed in (0, 1):
+            rows += [
+                {"model": "m", "phase": "finetuning", "run": run, "step": i, "loss": loss, "seed": seed}
+                for i in range(n + seed)
+            ]
+    fig = figures.loss_figure(pd.DataFrame(rows))
+    (line,) = [ln for ln in fig.axes[0].lines if len(ln.get_xdata())]
+    assert line.get_xdata().max() == 9 and np.allclose(line.get_ydata(), 0.55)
+    plt.close(fig)

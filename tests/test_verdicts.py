@@ -54,7 +54,9 @@ def test_verdict_table_reads_each_notebook_and_marks_missing_ones(tmp_path):
     t = verdicts.verdict_table(verdicts.load_results(tmp_path)).set_index("hypothesis")
     assert t.loc["H1", "verdict"] == "supported"
     assert t.loc["H1", "evidence"] == "EHRMamba − CEHR-BERT: +0.020 [+0.010, +0.030], p (BH) 0.004"
-    assert t.loc["H1 (all)", "evidence"] == "1 of 2 supported, 1 of 2 inconclusive"
+    assert t.loc["H1 (all)", "evidence"] == (
+        "1 of 2 supported, 1 of 2 inconclusive (against CEHR-BERT; 2 tasks: los_1w, mortality_1m)"
+    )
     assert t.loc["H2", "verdict"] == t.loc["H2 (all)", "verdict"] == verdicts.NOT_RUN
     assert t.loc["H3", "verdict"] == "inconclusive"  # one backbone for, one against
     assert (

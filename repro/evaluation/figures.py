@@ -20,7 +20,7 @@ HEADERS = {
     "ms_per_step": "ms per step",
     "tokens_per_s": "tokens/s",
     "peak_mem_gib": "peak GiB",
-    "n_bins": "bins",
+    "n_bins": "bins per value",
     "time_tokens": "time tokens",
     "vocab_size": "vocabulary",
 }
@@ -41,20 +41,40 @@ def show_table(
     cells = df.astype(object)
     for i, dtype in enumerate(df.dtypes):  # by position: two columns may share a name
         if pd.api.types.is_float_dtype(dtype):
-            cells.iloc[:, i] = _counts_and_infinities(df.iloc[:, i], floatfmt)
-    # None is what tabulate's missingval replaces; the HTML and text views get the mark itself
-    md = cells.mask(missing, None).to_markdown(index=index, floatfmt=floatfmt, missingval=MISSING)
-    marked = cells.mask(missing, MISSING)
+            cells.iloc[:, i] = _counts_and_infinities(df.iloc[:, i], floatfmt, _is_p_value(df.columns[i]))
+    # every cell is text or an int here: tabulate must not re-read "8.5" as a float and print "8.500";
+    # numeric columns keep their right alignment
+    numeric = ["right" if pd.api.types.is_numeric_dtype(d) else "left" for d in df.dtypes]
+    text = _each(cells, lambda x: format(x, floatfmt) if isinstance(x, float) else "∞" if x == "inf" else x)
+    marked = text.mask(missing, MISSING)
+    md = marked.to_markdown(
+        index=index, disable_numparse=True, colalign=(["left"] if index else []) + numeric
+    )
     html = marked.to_html(index=index, float_format=lambda x: format(x, floatfmt), border=0)
-    text = marked.to_string(index=index)
-    display({"text/markdown": md, "text/html": html, "text/plain": text}, raw=True)
+    plain = marked.to_string(index=index)
+    display({"text/markdown": md, "text/html": html, "text/plain": plain}, raw=True)
 
 
-def _counts_and_infinities(col: pd.Series, floatfmt: str = ".3f") -> pd.Series:
+def _each(cells: pd.DataFrame, f) -> pd.DataFrame:
+    """``f`` applied to every cell, the result kept as objects (``DataFrame.map`` would turn a column of
+    ints and None back into floats)."""
+    vals = cells.to_numpy(dtype=object)
+    out = np.empty(vals.shape, dtype=object)
+    for idx, x in np.ndenumerate(vals):
+        out[idx] = f(x)
+    return pd.DataFrame(out, index=cells.index, columns=cells.columns)
+
+
+def _is_p_value(name: object) -> bool:
+    """Whether a column holds p-values ("p", "p (BH)", "p (perm.)"): they print as "<0.001" below 0.0005."""
+    return isinstance(name, str) and (name == "p" or name.startswith("p ("))
+
+
+def _counts_and_infinities(col: pd.Series, floatfmt: str = ".3f", p_value: bool = False) -> pd.Series:
     """A float column as the table shows it: whole numbers (counts, degrees of freedom stored as floats
     beside missing values) without decimals where the column holds nothing else and reaches 2, infinity as
-    "∞"; other values unchanged for the table's float format (formatted here where an "∞" would make the
-    column text).
+    "∞", p-values that would print as 0 as "<0.001" (a permutation p is at least 1/(n+1)); other values
+    unchanged for the table's float format (formatted here where an "∞" would make the column text).
 
     >>> _counts_and_infinities(pd.Series([17.0, 3.0, None, float("inf")])).tolist()
     [17, 3, None, '∞']
@@ -62,6 +82,8 @@ def _counts_and_infinities(col: pd.Series, floatfmt: str = ".3f") -> pd.Series:
     [1.0, 0.0]
     >>> _counts_and_infinities(pd.Series([12.3456, float("inf")])).tolist()
     ['12.346', '∞']
+    >>> _counts_and_infinities(pd.Series([0.0004, 0.2]), p_value=True).tolist()
+    ['<0.001', 0.2]
     """
     finite = col[np.isfinite(col)]
     whole = len(finite) > 0 and bool((finite == finite.round()).all()) and bool((finite.abs() >= 2).any())
@@ -72,6 +94,8 @@ def _counts_and_infinities(col: pd.Series, floatfmt: str = ".3f") -> pd.Series:
             return None
         if np.isinf(x):
             return "∞" if x > 0 else "-∞"
+        if p_value and 0 <= x < 0.0005:
+            return "<0.001"
         return int(x) if whole else format(x, floatfmt) if has_inf else x
 
     return pd.Series([cell(x) for x in col], index=col.index, dtype=object)
@@ -128,12 +152,15 @@ def forest_figure(
                         label="each seed" if i == 0 else None)  # fmt: skip
         if "oracle" in g and g["oracle"].notna().any():
             ax.axvline(float(g["oracle"].iloc[0]), color="grey", linestyle="--", linewidth=1, label="oracle")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(frameon=False, fontsize=8, loc="lower left")
         ax.axvline(0.5, color="lightgrey", linewidth=1)
         ax.set_title(task, fontsize=10)
         ax.set_xlabel(f"{metric} (95 % CI)")
     fig.tight_layout()
+    # one legend under the panels: inside them it covered the lowest model's interval
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, frameon=False, fontsize=8, loc="upper center", ncol=len(handles),
+                   bbox_to_anchor=(0.5, 0.0))  # fmt: skip
     return fig
 
 
@@ -168,6 +195,7 @@ def delta_figure(comparisons: pd.DataFrame, xlabel: str) -> plt.Figure:
     ax.axvline(0, color="black", linewidth=1)
     ax.set_yticks(y, [f"{r['comparison']} · {r['task']}" for _, r in g.iterrows()], fontsize=8)
     ax.set_xlabel(xlabel)
+    ax.xaxis.set_major_locator(plt.MaxNLocator(5))  # a range of +-0.002 got nine colliding tick labels
     seen = set(g["verdict"])
     handles = [
         plt.Line2D([], [], marker="o", linestyle="", color=c, label=v)
@@ -238,11 +266,18 @@ def _shared_legend(fig: plt.Figure, axes: np.ndarray, palette: dict[str, tuple])
 
 
 def loss_figure(curves: pd.DataFrame, window: int = 10) -> plt.Figure:
-    """Training loss per step (rolling mean over `window` steps), one panel per phase, averaged over runs."""
+    """Training loss per step (rolling mean over `window` steps), one panel per phase, averaged over a model's
+    runs up to the last step all of them reached: past it the mean would be that of the longest runs alone
+    (in the smoke run, the null task's: its loss rose there only because the other tasks had stopped)."""
     curves = curves.copy()
     curves["loss"] = curves.groupby(["model", "run", "seed"], sort=False)["loss"].transform(
         lambda x: x.rolling(window, min_periods=1).mean()
     )
+    runs = curves.groupby(["phase", "model"])[["run", "seed"]].transform(lambda c: c.astype(str))
+    key = runs["run"] + "/" + runs["seed"]
+    n_runs = key.groupby([curves["phase"], curves["model"]]).transform("nunique")
+    n_at_step = key.groupby([curves["phase"], curves["model"], curves["step"]]).transform("nunique")
+    curves = curves[n_at_step == n_runs]
     phases = list(dict.fromkeys(curves["phase"]))
     fig, axes = plt.subplots(1, len(phases), figsize=(5.0 * len(phases), 3.4))
     axes = np.atleast_1d(axes)

@@ -942,11 +942,14 @@ def learning_curves(runs: Sequence[ModelRun]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def training_table(runs: Sequence[ModelRun]) -> pd.DataFrame:
+def training_table(runs: Sequence[ModelRun], phase_prefix: str = "") -> pd.DataFrame:
     """How each model was trained, one row per training run: parameters, kernel path, the budget and the
-    steps and epochs it ran, the step whose weights were kept and how it ended, time and tokens/s."""
+    steps and epochs it ran, the step whose weights were kept and how it ended, time and tokens/s. Only the
+    phases starting with ``phase_prefix`` (notebook 03: its MPF runs; the rest are notebook 01's)."""
     rows = []
     for r, phase, model, _, res in _phases(runs):
+        if not phase.startswith(phase_prefix):
+            continue
         best = None if res is None else next((v for v in res.val if v["step"] == res.best_step), None)
         rows.append(
             {
@@ -972,7 +975,7 @@ def plan_vs_measured(plan: pd.DataFrame, runs: Sequence[ModelRun]) -> pd.DataFra
     per planned training run: steps run (mean over seeds), tokens fed, the budget's share used (early
     stopping ends runs sooner, so the plan is an upper bound), the time measured, and the time the whole
     budget would have taken at the measured tokens/s (what ``repro plan --measured`` projects from this run).
-    Rows the runs do not hold (notebook 03's MPF runs, counts + LR) show "-" where nothing was measured."""
+    Rows the runs do not hold show "-" where nothing was measured; notebook 03's MPF runs say where they ran."""
     seen: dict[tuple[str, str, str], list[TrainResult]] = {}
     for r, phase, model, kind, res in _phases(runs):
         if res is None:
@@ -995,7 +998,10 @@ def plan_vs_measured(plan: pd.DataFrame, runs: Sequence[ModelRun]) -> pd.DataFra
                 "model": label(p["model"]),
                 "phase": p["phase"],
                 "task": p["task"],
-                "seeds": f"{len(done)} / {p['seeds']}",
+                # notebook 03 trains the MPF runs: "0 / n" here would read as never run
+                "seeds": "in notebook 03"
+                if not done and p["phase"] == "finetune (MPF)"
+                else f"{len(done)} / {p['seeds']}",
                 "steps (budget)": p["steps"],
                 "steps run (mean)": round(float(np.mean([len(res.losses) for res in done])), 1)
                 if done

@@ -52,6 +52,17 @@ def _count(verdicts: list[str]) -> str:
     return ", ".join(f"{v} of {len(verdicts)} {k}" for k, v in n.items() if v) or "no comparison"
 
 
+def _scope(rows: list[dict]) -> str:
+    """What "every other model" covered in this run: the comparators and tasks of the comparisons, so a reader
+    of the summary does not take the paper's full list (Table 1) for this run's."""
+    others = list(dict.fromkeys(r["comparison"].split(" − ", 1)[-1] for r in rows))
+    tasks = list(dict.fromkeys(str(r.get("task", "?")) for r in rows))
+    shown = ", ".join(tasks[:3]) + (f" and {len(tasks) - 3} more" if len(tasks) > 3 else "")
+    return (
+        f" (against {', '.join(others)}; {len(tasks)} task{'s' * (len(tasks) > 1)}: {shown})" if rows else ""
+    )
+
+
 def verdict_table(res: Mapping[str, dict[str, Any]]) -> pd.DataFrame:
     """One row per hypothesis: question, verdict, and the evidence line behind it."""
     acc, eff = res.get("01_accuracy"), res.get("02_efficiency")
@@ -78,7 +89,7 @@ def verdict_table(res: Mapping[str, dict[str, Any]]) -> pd.DataFrame:
             _comparison(cmp, "mortality_1m", f"{label('ehrmamba')} − {label('cehr_bert')}"),
             "@sec-accuracy",
         )
-        add("H1 (all)", acc["h1_overall"], _count([r["verdict"] for r in cmp]), "@sec-accuracy")
+        add("H1 (all)", acc["h1_overall"], _count([r["verdict"] for r in cmp]) + _scope(cmp), "@sec-accuracy")
     else:
         add("H1", None, "", "@sec-accuracy")
         add("H1 (all)", None, "", "@sec-accuracy")
