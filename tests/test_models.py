@@ -468,3 +468,34 @@ def test_cuda_scan_glue_runs_with_the_kernels_calling_convention(monkeypatch):
     monkeypatch.setattr(mamba_inner, "selective_scan_cuda", types.SimpleNamespace(fwd=fwd, bwd=bwd))
     monkeypatch.setattr(ehrmamba, "_REFERENCE_SCAN", mamba_inner.CudaScan())  # the CUDA wrapper on a CPU
     _assert_recompute_matches_plain((2, 19, 16))
+
+
+def test_time_units_years_rescale_only_the_linear_time_features():
+    """``time_units: years`` reads dt in years and age in decades in Time2Vec's linear feature (it reached
+    about +-120 in weeks at initialisation); the sinusoids and every other input are unchanged."""
+    from repro.models.embeddings import TIME_UNITS, CEHREmbedding
+
+    torch.manual_seed(0)
+    weeks = CEHREmbedding(V, 16, 10, 64)
+    years = CEHREmbedding(V, 16, 10, 64, time_units="years")
+    years.load_state_dict(weeks.state_dict())  # no parameter differs: the same checkpoint loads
+    t = torch.tensor([0.0, 52.1775, 482.0])
+    a, b = weeks.time2vec(t), years.time2vec(t)
+    assert torch.equal(a[:, 1:], b[:, 1:])
+    w, c = weeks.time2vec.weight[0], weeks.time2vec.bias[0]
+    assert torch.allclose(a[:, 0], t * w + c) and torch.allclose(b[:, 0], t / 52.1775 * w + c)
+    age = torch.tensor([80.0])
+    assert torch.allclose(years.age2vec(age)[:, 0], 8.0 * years.age2vec.weight[0] + years.age2vec.bias[0])
+    assert set(TIME_UNITS) == {"weeks", "years"}
+    with pytest.raises(ValueError, match="time_units"):
+        CEHREmbedding(V, 16, 10, 64, time_units="days")
+
+
+@pytest.mark.parametrize(
+    "name", ["ehrmamba", "cehr_bert", "bigbird", "transformer", "mamba2", "hybrid", "lstm"]
+)
+def test_every_backbone_takes_time_units(name):
+    m = model(name, time_units="years")
+    assert m.backbone.embedding.time2vec.linear_scale == pytest.approx(1 / 52.1775)
+    out = m.backbone(make_batch())
+    assert torch.isfinite(out).all()

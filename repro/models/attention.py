@@ -47,6 +47,7 @@ class CEHRBert(nn.Module):
         max_len: int = 512,
         n_types: int = 10,
         max_visits: int = 64,
+        time_units: str = "weeks",
         dropout: float = 0.1,
         positions: str = "learned",
     ) -> None:
@@ -56,7 +57,9 @@ class CEHRBert(nn.Module):
             raise ValueError(f"CEHRBert positions must be one of {self.POSITIONS}, got {positions!r}")
         check_heads("CEHRBert", d_model, n_heads)
         self.d_model, self.max_len = d_model, max_len
-        self.embedding = CEHREmbedding(vocab_size, d_model, n_types, max_visits, dropout=dropout)
+        self.embedding = CEHREmbedding(
+            vocab_size, d_model, n_types, max_visits, dropout=dropout, time_units=time_units
+        )
         self.position = nn.Embedding(max_len, d_model) if positions == "learned" else None
         layer = nn.TransformerEncoderLayer(
             d_model,

@@ -181,6 +181,7 @@ class BigBird(nn.Module):
         max_len: int = 4096,
         n_types: int = 10,
         max_visits: int = 64,
+        time_units: str = "weeks",
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
@@ -190,7 +191,9 @@ class BigBird(nn.Module):
         self.d_model, self.max_len = d_model, max_len
         self.block_size, self.num_random_blocks = block_size, num_random_blocks
         self.kernel_path: str | None = None
-        self.embedding = CEHREmbedding(vocab_size, d_model, n_types, max_visits, dropout=dropout)
+        self.embedding = CEHREmbedding(
+            vocab_size, d_model, n_types, max_visits, dropout=dropout, time_units=time_units
+        )
         self.rotary = Rotary(d_model // n_heads)
         self.layers = nn.ModuleList(
             BigBirdLayer(d_model, n_heads, d_ff or 4 * d_model, block_size, num_random_blocks, seed, dropout)

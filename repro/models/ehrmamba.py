@@ -448,13 +448,16 @@ class EHRMamba(nn.Module):
         expand: int = 2,
         n_types: int = 10,
         max_visits: int = 64,
+        time_units: str = "weeks",
         dropout: float = 0.0,
         recompute: bool = False,
     ) -> None:
         super().__init__()
         check_sizes("EHRMamba", vocab_size=vocab_size, d_model=d_model, n_layers=n_layers)
         self.d_model = d_model
-        self.embedding = CEHREmbedding(vocab_size, d_model, n_types, max_visits, dropout=dropout)
+        self.embedding = CEHREmbedding(
+            vocab_size, d_model, n_types, max_visits, dropout=dropout, time_units=time_units
+        )
         self.layers = nn.ModuleList(
             MambaBlock(
                 d_model, dropout=dropout, d_state=d_state, d_conv=d_conv, expand=expand, recompute=recompute

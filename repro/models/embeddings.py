@@ -12,6 +12,12 @@ import torch
 from torch import Tensor, nn
 
 N_SEGMENTS = 3  # 0 outside visits, 1/2 alternating per visit
+# What Time2Vec's linear feature reads, as factors on (dt in weeks, age in years). "weeks": as the tokenizer
+# gives them. "years": dt in years and age in decades, so that at initialisation (weights from +-0.25) the
+# feature stays within a few units; in weeks it reached about +-120 for a long history's last tokens on the
+# default cohort (dt's 99th percentile 482 weeks) beside concept embeddings of scale 0.02, all mixed into one
+# tanh (docs/measurements.md). The sinusoids read the same values either way.
+TIME_UNITS = {"weeks": (1.0, 1.0), "years": (1 / 52.1775, 0.1)}
 
 
 class Time2Vec(nn.Module):
@@ -21,11 +27,11 @@ class Time2Vec(nn.Module):
     features let the model pick up weekly / yearly rhythms.
     """
 
-    def __init__(self, out_dim: int) -> None:
+    def __init__(self, out_dim: int, linear_scale: float = 1.0) -> None:
         super().__init__()
         if out_dim < 2:
             raise ValueError(f"Time2Vec out_dim must be >= 2, got {out_dim}")
-        self.out_dim = out_dim
+        self.out_dim, self.linear_scale = out_dim, linear_scale
         self.weight = nn.Parameter(torch.empty(out_dim))
         self.bias = nn.Parameter(torch.empty(out_dim))
         bound = 1.0 / math.sqrt(out_dim)
@@ -33,9 +39,12 @@ class Time2Vec(nn.Module):
         nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, t: Tensor) -> Tensor:
-        """[...] float -> [..., out_dim]."""
+        """[...] float -> [..., out_dim]; the linear feature reads ``t * linear_scale``."""
         z = t.unsqueeze(-1) * self.weight + self.bias
-        return torch.cat([z[..., :1], torch.sin(z[..., 1:])], dim=-1)
+        linear = z[..., :1]
+        if self.linear_scale != 1.0:
+            linear = (t * self.linear_scale).unsqueeze(-1) * self.weight[:1] + self.bias[:1]
+        return torch.cat([linear, torch.sin(z[..., 1:])], dim=-1)
 
 
 class CEHREmbedding(nn.Module):
@@ -43,6 +52,7 @@ class CEHREmbedding(nn.Module):
 
     ``dt`` is weeks since the sequence's first token; pad positions get ``dt = age = 0`` so their
     (ignored) activations stay small. ``.concept`` is the token embedding an LM head ties to.
+    ``time_units`` (``TIME_UNITS``, set per model in ``model_sizes``) is what Time2Vec's linear features read.
     """
 
     def __init__(
@@ -53,12 +63,18 @@ class CEHREmbedding(nn.Module):
         max_visits: int,
         time_dim: int = 16,
         dropout: float = 0.0,
+        time_units: str = "weeks",
     ) -> None:
         super().__init__()
+        if time_units not in TIME_UNITS:
+            raise ValueError(
+                f"model_sizes.<model>.time_units must be one of {list(TIME_UNITS)}, got {time_units!r}"
+            )
         self.max_visits = max_visits
         self.concept = nn.Embedding(vocab_size, d_model, padding_idx=0)
-        self.time2vec = Time2Vec(time_dim)
-        self.age2vec = Time2Vec(time_dim)
+        dt_scale, age_scale = TIME_UNITS[time_units]
+        self.time2vec = Time2Vec(time_dim, dt_scale)
+        self.age2vec = Time2Vec(time_dim, age_scale)
         self.mix = nn.Linear(d_model + 2 * time_dim, d_model)
         self.type_emb = nn.Embedding(n_types, d_model)
         self.visit_emb = nn.Embedding(max_visits, d_model)

@@ -45,6 +45,7 @@ class Hybrid(nn.Module):
         expand: int = 2,
         n_types: int = 10,
         max_visits: int = 64,
+        time_units: str = "weeks",
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
@@ -58,7 +59,9 @@ class Hybrid(nn.Module):
                 f"attn_every={attn_every}, n_layers={n_layers}"
             )
         self.d_model = d_model
-        self.embedding = CEHREmbedding(vocab_size, d_model, n_types, max_visits, dropout=dropout)
+        self.embedding = CEHREmbedding(
+            vocab_size, d_model, n_types, max_visits, dropout=dropout, time_units=time_units
+        )
         self.is_attention = [(i + 1) % attn_every == 0 for i in range(n_layers)]
         self.layers = nn.ModuleList(
             TransformerBlock(d_model, n_heads, d_ff or 4 * d_model, dropout)

@@ -40,6 +40,7 @@ class BiLSTM(nn.Module):
         n_layers: int = 2,
         n_types: int = 10,
         max_visits: int = 64,
+        time_units: str = "weeks",
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
@@ -48,7 +49,9 @@ class BiLSTM(nn.Module):
             raise ValueError(f"BiLSTM d_model must be even (two directions of d_model/2), got {d_model}")
         self.d_model = d_model
         self.kernel_path: str | None = None
-        self.embedding = CEHREmbedding(vocab_size, d_model, n_types, max_visits, dropout=dropout)
+        self.embedding = CEHREmbedding(
+            vocab_size, d_model, n_types, max_visits, dropout=dropout, time_units=time_units
+        )
         h = d_model // 2
         self.forward_lstm = nn.ModuleList(nn.LSTM(d_model, h, batch_first=True) for _ in range(n_layers))
         self.backward_lstm = nn.ModuleList(nn.LSTM(d_model, h, batch_first=True) for _ in range(n_layers))

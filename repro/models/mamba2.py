@@ -244,12 +244,15 @@ class EHRMamba2(nn.Module):
         chunk_size: int = 256,
         n_types: int = 10,
         max_visits: int = 64,
+        time_units: str = "weeks",
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
         check_sizes("Mamba2", vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, d_state=d_state)
         self.d_model = d_model
-        self.embedding = CEHREmbedding(vocab_size, d_model, n_types, max_visits, dropout=dropout)
+        self.embedding = CEHREmbedding(
+            vocab_size, d_model, n_types, max_visits, dropout=dropout, time_units=time_units
+        )
         mixer = dict(d_state=d_state, d_conv=d_conv, expand=expand, headdim=headdim, chunk_size=chunk_size)
         self.layers = nn.ModuleList(
             MambaBlock(d_model, dropout, mixer_cls=Mamba2Mixer, **mixer) for _ in range(n_layers)

@@ -91,7 +91,7 @@ def build_model(name: str, vocab_size: int, **kwargs: Any) -> EHRModel:
     >>> build_model("ehrmamba", 50, n_layer=12)
     Traceback (most recent call last):
     ValueError: unknown argument 'n_layer' for model 'ehrmamba'; allowed: d_model, n_layers, d_state, \
-d_conv, expand, n_types, max_visits, dropout, recompute, n_out, cls_dropout, value_head, pool
+d_conv, expand, n_types, max_visits, time_units, dropout, recompute, n_out, cls_dropout, value_head, pool
     """
     allowed = backbone_kwargs(name)
     for key in kwargs:

@@ -164,6 +164,7 @@ class Transformer(nn.Module):
         max_len: int = 4096,
         n_types: int = 10,
         max_visits: int = 64,
+        time_units: str = "weeks",
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
@@ -172,7 +173,9 @@ class Transformer(nn.Module):
         self.d_model, self.max_len, self.causal = d_model, max_len, bool(causal)
         self.pretrain_objective = "clm" if self.causal else "mlm"
         self.kernel_path: str | None = None
-        self.embedding = CEHREmbedding(vocab_size, d_model, n_types, max_visits, dropout=dropout)
+        self.embedding = CEHREmbedding(
+            vocab_size, d_model, n_types, max_visits, dropout=dropout, time_units=time_units
+        )
         self.rotary = Rotary(d_model // n_heads)
         self.layers = nn.ModuleList(
             TransformerBlock(d_model, n_heads, d_ff or 4 * d_model, dropout) for _ in range(n_layers)
