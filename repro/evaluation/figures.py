@@ -41,7 +41,7 @@ def show_table(
     cells = df.astype(object)
     for i, dtype in enumerate(df.dtypes):  # by position: two columns may share a name
         if pd.api.types.is_float_dtype(dtype):
-            cells.iloc[:, i] = _counts_and_infinities(df.iloc[:, i], floatfmt, _is_p_value(df.columns[i]))
+            cells.iloc[:, i] = _counts_and_infinities(df.iloc[:, i], _is_p_value(df.columns[i]))
     # every cell is text or an int here: tabulate must not re-read "8.5" as a float and print "8.500";
     # numeric columns keep their right alignment
     numeric = ["right" if pd.api.types.is_numeric_dtype(d) else "left" for d in df.dtypes]
@@ -50,7 +50,7 @@ def show_table(
     md = marked.to_markdown(
         index=index, disable_numparse=True, colalign=(["left"] if index else []) + numeric
     )
-    html = marked.to_html(index=index, float_format=lambda x: format(x, floatfmt), border=0)
+    html = marked.to_html(index=index, border=0)
     plain = marked.to_string(index=index)
     display({"text/markdown": md, "text/html": html, "text/plain": plain}, raw=True)
 
@@ -70,24 +70,23 @@ def _is_p_value(name: object) -> bool:
     return isinstance(name, str) and (name == "p" or name.startswith("p ("))
 
 
-def _counts_and_infinities(col: pd.Series, floatfmt: str = ".3f", p_value: bool = False) -> pd.Series:
+def _counts_and_infinities(col: pd.Series, p_value: bool = False) -> pd.Series:
     """A float column as the table shows it: whole numbers (counts, degrees of freedom stored as floats
     beside missing values) without decimals where the column holds nothing else and reaches 2, infinity as
     "∞", p-values that would print as 0 as "<0.001" (a permutation p is at least 1/(n+1)); other values
-    unchanged for the table's float format (formatted here where an "∞" would make the column text).
+    unchanged, for ``show_table``'s float format.
 
     >>> _counts_and_infinities(pd.Series([17.0, 3.0, None, float("inf")])).tolist()
     [17, 3, None, '∞']
     >>> _counts_and_infinities(pd.Series([1.0, 0.0])).tolist()  # p-values or AUROCs that happen to be whole
     [1.0, 0.0]
     >>> _counts_and_infinities(pd.Series([12.3456, float("inf")])).tolist()
-    ['12.346', '∞']
+    [12.3456, '∞']
     >>> _counts_and_infinities(pd.Series([0.0004, 0.2]), p_value=True).tolist()
     ['<0.001', 0.2]
     """
     finite = col[np.isfinite(col)]
     whole = len(finite) > 0 and bool((finite == finite.round()).all()) and bool((finite.abs() >= 2).any())
-    has_inf = bool(np.isinf(col).any())
 
     def cell(x: float) -> object:
         if pd.isna(x):
@@ -96,7 +95,7 @@ def _counts_and_infinities(col: pd.Series, floatfmt: str = ".3f", p_value: bool 
             return "∞" if x > 0 else "-∞"
         if p_value and 0 <= x < 0.0005:
             return "<0.001"
-        return int(x) if whole else format(x, floatfmt) if has_inf else x
+        return int(x) if whole else x
 
     return pd.Series([cell(x) for x in col], index=col.index, dtype=object)
 
@@ -273,8 +272,7 @@ def loss_figure(curves: pd.DataFrame, window: int = 10) -> plt.Figure:
     curves["loss"] = curves.groupby(["model", "run", "seed"], sort=False)["loss"].transform(
         lambda x: x.rolling(window, min_periods=1).mean()
     )
-    runs = curves.groupby(["phase", "model"])[["run", "seed"]].transform(lambda c: c.astype(str))
-    key = runs["run"] + "/" + runs["seed"]
+    key = curves["run"] + "/" + curves["seed"].astype(str)
     n_runs = key.groupby([curves["phase"], curves["model"]]).transform("nunique")
     n_at_step = key.groupby([curves["phase"], curves["model"], curves["step"]]).transform("nunique")
     curves = curves[n_at_step == n_runs]
