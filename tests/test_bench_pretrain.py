@@ -28,6 +28,11 @@ def test_a_bad_variant_key_fails_before_any_training(tmp_path):
             "params/smoke.yaml", "cehr_bert", 0, ["base", "bad:train.batch_size=0"], str(tmp_path), None
         )
     assert not any(tmp_path.iterdir())
+    with pytest.raises(ValueError, match=r"model_sizes.cehr_bert has keys \['dropuot'\]"):
+        bench_pretrain.compare(
+            "params/smoke.yaml", "cehr_bert", 0, ["typo:model_sizes.cehr_bert.dropuot=0"], str(tmp_path), None
+        )
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.slow  # spawns one training process per variant

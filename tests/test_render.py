@@ -256,7 +256,11 @@ def test_show_table_marks_missing_values_in_every_view(monkeypatch):
     assert "0.000" not in md
     twins = pd.DataFrame([[1.5, 2.0], [np.nan, 3.0]], columns=["x", "x"])  # duplicate names still render
     figures.show_table(twins)
-    assert "1.500" in shown["text/markdown"] and figures.MISSING in shown["text/markdown"]
+    assert "| 1.5 |" in shown["text/markdown"] and figures.MISSING in shown["text/markdown"]
+    # a column of tenths (seconds rounded to 0.1) keeps one decimal; any finer value gives all three
+    figures.show_table(pd.DataFrame({"seconds": [24.9, 1.2], "AUROC": [0.5, 0.8125]}))
+    md = shown["text/markdown"]
+    assert "24.9 " in md and "24.900" not in md and "0.500" in md and "0.812" in md
 
 
 def test_embedded_cells_output_only_their_table_or_figure():

@@ -38,14 +38,17 @@ def show_table(
         df, index = pd.DataFrame({"note": [empty]}), False
     df = df.rename(columns=HEADERS)
     missing = df.isna() | df.apply(lambda c: c.astype(str).str.strip().str.lower().eq("nan"))
-    cells = df.astype(object)
+    text = df.astype(object)
     for i, dtype in enumerate(df.dtypes):  # by position: two columns may share a name
         if pd.api.types.is_float_dtype(dtype):
-            cells.iloc[:, i] = _counts_and_infinities(df.iloc[:, i], _is_p_value(df.columns[i]))
+            col = df.iloc[:, i]
+            fmt = ".1f" if _in_tenths(col) and not _is_p_value(df.columns[i]) else floatfmt
+            cells = _counts_and_infinities(col, _is_p_value(df.columns[i]))
+            text.iloc[:, i] = [format(x, fmt) if isinstance(x, float) else x for x in cells]
     # every cell is text or an int here: tabulate must not re-read "8.5" as a float and print "8.500";
     # numeric columns keep their right alignment
     numeric = ["right" if pd.api.types.is_numeric_dtype(d) else "left" for d in df.dtypes]
-    text = _each(cells, lambda x: format(x, floatfmt) if isinstance(x, float) else "∞" if x == "inf" else x)
+    text = _each(text, lambda x: "∞" if x == "inf" else x)
     marked = text.mask(missing, MISSING)
     md = marked.to_markdown(
         index=index, disable_numparse=True, colalign=(["left"] if index else []) + numeric
@@ -63,6 +66,19 @@ def _each(cells: pd.DataFrame, f) -> pd.DataFrame:
     for idx, x in np.ndenumerate(vals):
         out[idx] = f(x)
     return pd.DataFrame(out, index=cells.index, columns=cells.columns)
+
+
+def _in_tenths(col: pd.Series) -> bool:
+    """Whether a float column holds tenths only, some not whole (seconds rounded to 0.1, a generator's
+    strengths): it prints with one decimal, "24.9" rather than "24.900".
+
+    >>> _in_tenths(pd.Series([24.9, 1.2, None])), _in_tenths(pd.Series([0.812, 0.5])), _in_tenths(pd.Series([1.0]))
+    (True, False, False)
+    """
+    finite = col[np.isfinite(col)]
+    return bool(len(finite)) and bool(np.allclose(finite, finite.round(1), rtol=0, atol=1e-9)) and bool(
+        (finite != finite.round()).any()
+    )
 
 
 def _is_p_value(name: object) -> bool:

@@ -70,6 +70,7 @@ def compare(
 ) -> dict[str, dict]:
     """Pretrain ``model`` under each variant in parallel processes; print and return their curves."""
     from repro.config import load_params
+    from repro.models.registry import backbone_kwargs
     from repro.training import mps
     from repro.training.prepare import prepare
 
@@ -77,8 +78,14 @@ def compare(
     if len(parsed) != len(variants):
         raise ValueError("--variant names must differ")
     params = load_params(params_file)
-    for ov in parsed.values():  # fail before any training on a bad key or value
-        load_params(params_file, ov)
+    for name, ov in parsed.items():  # fail before any training on a bad key or value
+        sizes = load_params(params_file, ov).model_sizes.get(model, {})
+        bad = sorted(set(sizes) - set(backbone_kwargs(model)))
+        if bad:
+            raise ValueError(
+                f"--variant {name}: model_sizes.{model} has keys {bad} that {model} does not take; "
+                f"it takes {list(backbone_kwargs(model))}"
+            )
     t0 = time.perf_counter()
     prepare(params)  # once, cached: the processes memory-map it
     print(f"data prepared in {time.perf_counter() - t0:.0f} s", flush=True)
