@@ -28,6 +28,10 @@ def test_a_bad_variant_key_fails_before_any_training(tmp_path):
             "params/smoke.yaml", "cehr_bert", 0, ["base", "bad:train.batch_size=0"], str(tmp_path), None
         )
     assert not any(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="train.per_model.bigbird.pretrain_epochs"):  # would not apply
+        bench_pretrain.compare(
+            "params/default.yaml", "bigbird", 0, ["short:train.pretrain_epochs=16"], str(tmp_path), None
+        )
     with pytest.raises(ValueError, match=r"model_sizes.cehr_bert has keys \['dropuot'\]"):
         bench_pretrain.compare(
             "params/smoke.yaml", "cehr_bert", 0, ["typo:model_sizes.cehr_bert.dropuot=0"], str(tmp_path), None

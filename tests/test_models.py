@@ -152,6 +152,23 @@ def test_cehr_bert_without_absolute_positions():
         model("cehr_bert", positions="rope")
 
 
+def test_cehr_bert_sinusoidal_positions_order_tokens_without_new_weights():
+    """positions="sinusoidal": fixed sin / cos of the position enter the embedding's mix (CEHR-BERT's
+    reference): order matters as with the learned table, the only new weights are the mix's extra inputs, and
+    the other backbones' state dicts keep their keys (their checkpoints still load)."""
+    sin, none = (model("cehr_bert", dropout=0.0, positions=p).eval() for p in ("sinusoidal", "none"))
+    time_dim = sin.backbone.embedding.time2vec.out_dim
+    assert count_params(sin) - count_params(none) == time_dim * SMALL["d_model"]
+    batch = make_batch()
+    swapped = {k: v.clone() for k, v in batch.items()}
+    for k in swapped:
+        swapped[k][:, [1, 2]] = batch[k][:, [2, 1]]
+    with torch.no_grad():
+        assert not torch.allclose(sin.hidden(batch)[:, 1], sin.hidden(swapped)[:, 2])
+    assert "backbone.embedding.sinusoids" not in sin.state_dict()
+    assert not any("sinusoids" in k for k in model("bigbird").state_dict())
+
+
 def test_cehr_bert_positions_enter_before_the_embedding_norm():
     """BERT adds its positions before the embedding LayerNorm. Added after it, N(0, 0.02) beside unit-scale
     features, they moved one token's vector by 2 % of its norm and stayed inert in training (the MLM loss

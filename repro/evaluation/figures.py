@@ -76,8 +76,10 @@ def _in_tenths(col: pd.Series) -> bool:
     (True, False, False)
     """
     finite = col[np.isfinite(col)]
-    return bool(len(finite)) and bool(np.allclose(finite, finite.round(1), rtol=0, atol=1e-9)) and bool(
-        (finite != finite.round()).any()
+    return (
+        bool(len(finite))
+        and bool(np.allclose(finite, finite.round(1), rtol=0, atol=1e-9))
+        and bool((finite != finite.round()).any())
     )
 
 

@@ -28,10 +28,13 @@ class CEHRBert(nn.Module):
     added after it and stayed inert: on the smoke cohort at d_model 128, 4 layers, 256 tokens (2-core CPU,
     seed 0, up to 30 epochs, early-stopped) the MLM validation loss went from 3.507 (stopped after 6 epochs)
     to 3.058 (after 24), BigBird's 3.461. ``positions="none"`` drops them (the CEHR embedding's time and
-    visit order still place each token, but not two tokens of one time).
+    visit order still place each token, but not two tokens of one time). ``positions="sinusoidal"`` feeds
+    fixed sin / cos of the token position into the embedding's mix beside the times, as CEHR-BERT's reference
+    implementation (cumc-dbmi/cehrbert, ``PositionalEncodingLayer``) feeds its positions: a learned table
+    starts at N(0, 0.02) and must learn what a sinusoid gives from the first step.
     """
 
-    POSITIONS = ("learned", "none")
+    POSITIONS = ("learned", "none", "sinusoidal")
 
     causal = False
     pretrain_objective = "mlm"
@@ -58,7 +61,13 @@ class CEHRBert(nn.Module):
         check_heads("CEHRBert", d_model, n_heads)
         self.d_model, self.max_len = d_model, max_len
         self.embedding = CEHREmbedding(
-            vocab_size, d_model, n_types, max_visits, dropout=dropout, time_units=time_units
+            vocab_size,
+            d_model,
+            n_types,
+            max_visits,
+            dropout=dropout,
+            time_units=time_units,
+            sinusoid_len=max_len if positions == "sinusoidal" else 0,
         )
         self.position = nn.Embedding(max_len, d_model) if positions == "learned" else None
         layer = nn.TransformerEncoderLayer(

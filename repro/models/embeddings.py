@@ -47,6 +47,21 @@ class Time2Vec(nn.Module):
         return torch.cat([linear, torch.sin(z[..., 1:])], dim=-1)
 
 
+def sinusoid_table(length: int, dim: int) -> Tensor:
+    """[length, dim] sin / cos of position at geometric frequencies (Vaswani et al. 2017), as CEHR-BERT's
+    reference ``PositionalEncodingLayer`` builds it; [0, dim] for length 0.
+
+    >>> t = sinusoid_table(4, 6); t.shape, t[0].tolist()
+    (torch.Size([4, 6]), [0.0, 1.0, 0.0, 1.0, 0.0, 1.0])
+    """
+    pos = torch.arange(length, dtype=torch.float32).unsqueeze(1)
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq)
+    return table
+
+
 class CEHREmbedding(nn.Module):
     """``LayerNorm(tanh(Linear([concept | t2v(dt) | t2v(age)])) + type + visit_order + segment [+ position])``.
 
@@ -64,6 +79,7 @@ class CEHREmbedding(nn.Module):
         time_dim: int = 16,
         dropout: float = 0.0,
         time_units: str = "weeks",
+        sinusoid_len: int = 0,
     ) -> None:
         super().__init__()
         if time_units not in TIME_UNITS:
@@ -75,7 +91,11 @@ class CEHREmbedding(nn.Module):
         dt_scale, age_scale = TIME_UNITS[time_units]
         self.time2vec = Time2Vec(time_dim, dt_scale)
         self.age2vec = Time2Vec(time_dim, age_scale)
-        self.mix = nn.Linear(d_model + 2 * time_dim, d_model)
+        # token positions as fixed sinusoids of width time_dim, one more input of the mix (CEHR-BERT's
+        # reference feeds its positions this way); none where sinusoid_len is 0 (every backbone but CEHR-BERT
+        # with positions="sinusoidal"), so their weights and checkpoints are unchanged
+        self.register_buffer("sinusoids", sinusoid_table(sinusoid_len, time_dim), persistent=False)
+        self.mix = nn.Linear(d_model + (3 if sinusoid_len else 2) * time_dim, d_model)
         self.type_emb = nn.Embedding(n_types, d_model)
         self.visit_emb = nn.Embedding(max_visits, d_model)
         self.segment_emb = nn.Embedding(N_SEGMENTS, d_model)
@@ -110,7 +130,11 @@ class CEHREmbedding(nn.Module):
         times = batch["times"].to(torch.float32)
         dt = (times - times[:, :1]) * mask
         age = batch["ages"].to(torch.float32) * mask
-        x = torch.cat([self.token_vectors(batch), self.time2vec(dt), self.age2vec(age)], dim=-1)
+        parts = [self.token_vectors(batch), self.time2vec(dt), self.age2vec(age)]
+        if len(self.sinusoids):
+            B, L = mask.shape
+            parts.append(self.sinusoids[:L].to(parts[0].dtype).expand(B, L, -1))
+        x = torch.cat(parts, dim=-1)
         x = torch.tanh(self.mix(x))
         x = (
             x

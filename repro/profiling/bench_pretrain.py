@@ -79,7 +79,19 @@ def compare(
         raise ValueError("--variant names must differ")
     params = load_params(params_file)
     for name, ov in parsed.items():  # fail before any training on a bad key or value
-        sizes = load_params(params_file, ov).model_sizes.get(model, {})
+        variant = load_params(params_file, ov)
+        shadowed = [
+            k
+            for k in ov
+            if k.startswith("train.") and k[len("train.") :] in variant.train.per_model.get(model, {})
+        ]
+        if shadowed:
+            leaf = shadowed[0][len("train.") :]
+            raise ValueError(
+                f"--variant {name}: {shadowed[0]} does not reach {model}, whose train.per_model.{model}.{leaf} "
+                f"sets it; override train.per_model.{model}.{leaf} instead"
+            )
+        sizes = variant.model_sizes.get(model, {})
         bad = sorted(set(sizes) - set(backbone_kwargs(model)))
         if bad:
             raise ValueError(
