@@ -118,11 +118,23 @@ def compare(
 
 
 def format_table(results: dict[str, dict]) -> str:
-    """One line per variant (best loss, epochs, how it ended, seconds), then the curves by validation."""
-    lines = [f"{'variant':<16} {'best':>7} {'epochs':>7} {'seconds':>8}  ended"]
+    """One line per variant, then the curves by validation. "kept" is the loss at the step whose weights
+    pretraining keeps (the last that beat the best by ``train.min_delta``), "lowest" the lowest seen; the
+    two differ by what later steps gained below ``min_delta``.
+
+    >>> r = {"val": [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.999}], "best_step": 1, "epochs": 1.0,
+    ...      "seconds": 5.0, "status": "budget"}
+    >>> print(format_table({"a": r}).splitlines()[1])
+    a                  3.000   2.999        1     1.0        5  budget
+    """
+    lines = [f"{'variant':<16} {'kept':>7} {'lowest':>7} {'at step':>8} {'epochs':>7} {'seconds':>8}  ended"]
     for name, r in results.items():
-        best = min((v["loss"] for v in r["val"]), default=float("nan"))
-        lines.append(f"{name:<16} {best:7.3f} {r['epochs']:7.1f} {r['seconds']:8.0f}  {r['status']}")
+        lowest = min((v["loss"] for v in r["val"]), default=float("nan"))
+        kept = next((v["loss"] for v in r["val"] if v["step"] == r["best_step"]), float("nan"))
+        lines.append(
+            f"{name:<16} {kept:7.3f} {lowest:7.3f} {r['best_step'] or '-':>8} {r['epochs']:7.1f} "
+            f"{r['seconds']:8.0f}  {r['status']}"
+        )
     lines.append("validation loss by step:")
     for name, r in results.items():
         lines.append(f"  {name}: " + " ".join(f"{v['step']}:{v['loss']:.3f}" for v in r["val"]))
