@@ -41,9 +41,9 @@ def show_table(
     text = df.astype(object)
     for i, dtype in enumerate(df.dtypes):  # by position: two columns may share a name
         if pd.api.types.is_float_dtype(dtype):
-            col = df.iloc[:, i]
-            fmt = ".1f" if _in_tenths(col) and not _is_p_value(df.columns[i]) else floatfmt
-            cells = _counts_and_infinities(col, _is_p_value(df.columns[i]))
+            col, p_value = df.iloc[:, i], _is_p_value(df.columns[i])
+            fmt = ".1f" if _in_tenths(col) and not p_value else floatfmt
+            cells = _counts_and_infinities(col, p_value)
             text.iloc[:, i] = [format(x, fmt) if isinstance(x, float) else x for x in cells]
     # every cell is text or an int here: tabulate must not re-read "8.5" as a float and print "8.500";
     # numeric columns keep their right alignment

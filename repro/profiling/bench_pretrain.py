@@ -80,13 +80,10 @@ def compare(
     params = load_params(params_file)
     for name, ov in parsed.items():  # fail before any training on a bad key or value
         variant = load_params(params_file, ov)
-        shadowed = [
-            k
-            for k in ov
-            if k.startswith("train.") and k[len("train.") :] in variant.train.per_model.get(model, {})
-        ]
+        own = variant.train.per_model.get(model, {})
+        shadowed = [k for k in ov if k.startswith("train.") and k.removeprefix("train.") in own]
         if shadowed:
-            leaf = shadowed[0][len("train.") :]
+            leaf = shadowed[0].removeprefix("train.")
             raise ValueError(
                 f"--variant {name}: {shadowed[0]} does not reach {model}, whose train.per_model.{model}.{leaf} "
                 f"sets it; override train.per_model.{model}.{leaf} instead"
