@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -103,11 +103,16 @@ def compare(
         print(f"{len(parsed)} processes, MPS {how}", flush=True)
         with ProcessPoolExecutor(len(parsed), mp_context=get_context("spawn")) as pool:
             futures = {
-                name: pool.submit(_pretrain, params_file, model, seed, ov, str(Path(work) / name))
+                pool.submit(_pretrain, params_file, model, seed, ov, str(Path(work) / name)): name
                 for name, ov in parsed.items()
             }
-            for name, fut in futures.items():
+            for fut in as_completed(futures):  # each variant's curve printed and kept as soon as it ends
+                name = futures[fut]
                 results[name] = {"overrides": parsed[name], **fut.result()}
+                print(format_table({name: results[name]}), flush=True)
+                if out:
+                    write_text_atomic(out, json.dumps(results, indent=1))
+    results = {name: results[name] for name in parsed}  # the order asked for
     print(format_table(results))
     if out:
         write_text_atomic(out, json.dumps(results, indent=1))
