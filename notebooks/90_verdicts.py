@@ -59,7 +59,7 @@ figures.show_table(false_positives)
 
 # %%
 #| label: tbl-timing
-#| tbl-cap: "Wall time of each notebook of this run and, on a GPU node, the GPU-busy share: the mean of `nvidia-smi`'s utilization (the share of each 0.5 s sample with a kernel running, over every process) while the notebook ran. Busy is not full: a small kernel counts as busy. The verdicts notebook and the render are not included."
+#| tbl-cap: "Wall time of each notebook of this run and, on a GPU node, the GPU-busy share: the mean of `nvidia-smi`'s utilization (the share of each 0.5 s sample with a kernel running, over every process) while the notebook ran. Busy is not full: a small kernel counts as busy. “training (01, 03, 05)” is every run of those notebooks, trained in one pool before them; their own rows are then evaluation. The verdicts notebook and the render are not included."
 import json
 from pathlib import Path
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import tiny_run_project
 
-from repro.training import mps
+from repro.training import mps, shard
 
 # the probe's CUDA context, here without a GPU: it only checks that the daemon's pipe exists
 OK_INIT = "import os; assert os.path.isdir(os.environ['CUDA_MPS_PIPE_DIRECTORY'])"
@@ -195,13 +195,20 @@ def test_repro_run_serves_the_groups_that_train_and_not_the_timing_ones(daemon, 
     monkeypatch.setattr(pipeline, "STAGES", (("train",), ("time",)))
     monkeypatch.setattr(pipeline, "TRAINING_NOTEBOOKS", ("train",))
     monkeypatch.setattr(mps, "service", functools.partial(mps.service, cuda=True, cuda_init=OK_INIT))
+
+    def fake_shard(params, data_dir, work, part, workers):  # the pool that trains ahead of the notebooks
+        (tmp_path / "ahead").write_text(os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "none"))
+        return []
+
+    monkeypatch.setattr(shard, "train_shard", fake_shard)
     out = pipeline.run(str(params), render=False, notebooks=("train", "time"))
     pipe = (tmp_path / "train").read_text()
     assert pipe.startswith("/tmp/repro-mps-") and (tmp_path / "time").read_text() == "none"
-    # stopped before the timing notebook
-    assert _calls(daemon) == ["args:-d", "stdin:get_server_list", "stdin:quit -t 10"]
-    groups = json.loads((out / "manifest.json").read_text())["groups"]
-    assert [g.get("mps") for g in groups] == ["on", None]
+    assert (tmp_path / "ahead").read_text().startswith("/tmp/repro-mps-")
+    # started for the pool, then for the training notebook, and stopped before the timing notebook
+    assert _calls(daemon) == ["args:-d", "stdin:get_server_list", "stdin:quit -t 10"] * 2
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [g.get("mps") for g in manifest["groups"]] == ["on", None] and manifest["training"]["mps"] == "on"
 
 
 def test_doctor_says_how_training_processes_will_share_the_gpu(daemon, monkeypatch, tmp_path):

@@ -148,6 +148,8 @@ def test_smoke_report_end_to_end():
     assert {r["model"] for r in plan["runs"]} >= {"ehrmamba", "cehr_bert"}
     mps = {nb: g.get("mps") for g in manifest["groups"] for nb in g["notebooks"]}  # a CPU run shares no GPU
     assert mps["01_accuracy"] == "off: no CUDA GPU" and mps["02_efficiency"] is None
+    ahead = manifest["training"]  # the runs of 01, 03 and 05, in one pool before the notebooks
+    assert ahead["notebooks"] == ["01_accuracy", "03_mpf", "05_representations"] and ahead["workers"] == 2
 
 
 @pytest.mark.e2e
@@ -192,6 +194,7 @@ def test_dry_run_checks_everything_and_writes_nothing(capsys):
         "nothing was trained or written (the data cache is filled)"
     )
     assert re.search(r"pre-flight: mortality_1m: samples \d+ / \d+ / \d+, positives \d+ / \d+ / \d+", out)
+    assert "training: the runs of 01_accuracy, 03_mpf, 05_representations in one pool of 2 processes" in out
     assert listing() == before
 
 
@@ -350,3 +353,52 @@ def test_prepare_checks_the_data_like_run(tmp_path, capsys):
     assert err.startswith("repro: error: ") and "no subjects in the 'train' split" in err and "\n" not in err
     assert main(["prepare", str(tmp_path / "none.yaml")]) == 2
     assert "params file not found" in capsys.readouterr().err
+
+
+def test_the_training_notebooks_runs_train_in_one_pool_before_them(tmp_path, monkeypatch):
+    """`repro run` trains the runs of every training notebook in one pool first (their workers would idle
+    notebook by notebook); the notebooks then find them in their work folder. A resumed run keeps that
+    record and does not train again."""
+    from repro.evaluation import summary
+    from repro.report import notebook_exec, pipeline
+    from repro.training import shard
+
+    def seen(name: str) -> str:  # whether the pool had trained when the notebook started
+        return f"import pathlib\npathlib.Path({str(tmp_path)!r}, 'seen-{name}').write_text(str(pathlib.Path(run_dir, 'work', 'trained').exists()))\n"
+
+    fail_flag = tmp_path / "fail"
+    later = f"import pathlib\nassert not pathlib.Path({str(fail_flag)!r}).exists(), 'planted failure'\n"
+    params = tiny_run_project(
+        tmp_path,
+        monkeypatch,
+        {"a": seen("a"), "b": seen("b"), "c": later},
+        f"name: tiny\ndevice: cpu\ntrain:\n  workers: 2\ndata:\n  meds_dir: {tmp_path}\n",
+    )
+    calls = []
+
+    def fake_shard(params, data_dir, work, part, workers):
+        calls.append((Path(work).name, part, workers))
+        Path(work).mkdir(parents=True, exist_ok=True)
+        (Path(work) / "trained").write_text("")
+        return ["shard 0/1: every group of the slice finished"]
+
+    monkeypatch.setattr(shard, "train_shard", fake_shard)
+    monkeypatch.setattr(pipeline, "TRAINING_NOTEBOOKS", ("a", "b"))
+    monkeypatch.setattr(pipeline, "_manifest_plan", lambda *args: {"runs": [], "summary": []})
+    fail_flag.write_text("x")
+    with pytest.raises(notebook_exec.RunError, match="notebook c failed"):
+        pipeline.run(str(params), render=False, notebooks=("a", "b", "c"))
+    assert calls == [("work", (0, 1), 2)]
+    assert (tmp_path / "seen-a").read_text() == (tmp_path / "seen-b").read_text() == "True"
+    fail_flag.unlink()
+    out = pipeline.run(str(params), render=False, notebooks=("a", "b", "c"), resume=True)
+    assert len(calls) == 1  # a and b finished before the failure: nothing to train again
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["training"]["notebooks"] == ["a", "b"] and manifest["training"]["workers"] == 2
+    table = summary.timing_table(manifest)
+    assert list(table["notebook"]) == ["training (a, b)", "a", "b", "c", "all of the above"]
+    total = manifest["training"]["seconds"] + sum(g["seconds"] for g in manifest["groups"])
+    assert table["wall time"].iloc[-1] == f"{total:,.0f} s"
+    # one training notebook alone: it trains its own runs
+    pipeline.run(str(params), render=False, notebooks=("a", "c"), force=True)
+    assert len(calls) == 1 and (tmp_path / "seen-a").read_text() == "False"

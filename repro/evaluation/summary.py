@@ -204,8 +204,9 @@ def timing_table(manifest: dict) -> pd.DataFrame:
     """Wall time per notebook from the run manifest, with the GPU-busy share where a GPU was sampled.
 
     Notebooks that ran at the same time (params.notebook_jobs) say so; the total then counts their group's
-    wall time once. The verdicts notebook reads the manifest while it runs, so its own row and the render
-    are absent.
+    wall time once. Where `repro run` trained the runs of the training notebooks in one pool before them
+    (the manifest's "training"), that comes first, and those notebooks' own rows are their evaluation. The
+    verdicts notebook reads the manifest while it runs, so its own row and the render are absent.
     """
     notebooks = manifest.get("notebooks", {})
     groups = manifest.get("groups") or [{"notebooks": [nb], **info} for nb, info in notebooks.items()]
@@ -218,6 +219,22 @@ def timing_table(manifest: dict) -> pd.DataFrame:
         for nb in g["notebooks"]
     }
     rows = []
+    ahead = manifest.get("training")  # the runs of the training notebooks, trained in one pool before them
+    if ahead:
+        groups = [{"notebooks": [], **ahead}, *groups]
+        busy, peak, how = ahead.get("gpu_busy_share"), ahead.get("gpu_mem_peak_mib"), ahead.get("mps", "")
+        rows.append(
+            {
+                "notebook": f"training ({', '.join(nb.split('_')[0] for nb in ahead['notebooks'])})",
+                "ran alongside": "",
+                "wall time": f"{ahead['seconds']:,.0f} s",
+                "GPU busy": "—" if busy is None else f"{100 * busy:.0f} %",
+                "GPU memory peak": "—" if peak is None else f"{peak / 1024:.1f} GiB",
+                "training processes": ""
+                if "no CUDA GPU" in how
+                else ("MPS" if how.startswith("on") else "by turns"),
+            }
+        )
     for nb, info in notebooks.items():
         busy = info.get("gpu_busy_share")
         peak = info.get("gpu_mem_peak_mib")
@@ -246,7 +263,10 @@ def timing_table(manifest: dict) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     unused = [
         c
-        for c, used in (("ran alongside", any(alongside.values())), ("training processes", sharing))
+        for c, used in (
+            ("ran alongside", any(alongside.values())),
+            ("training processes", sharing or any(r["training processes"] for r in rows)),
+        )
         if not used
     ]
     return table.drop(columns=unused)

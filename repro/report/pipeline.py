@@ -184,6 +184,11 @@ def dry_run(
     lines += _ready_data(params, data_dir)  # data validated, labels and tokens (cached): the run's first step
     table, summary = plan_run(params_file, data_dir)
     lines += [f"plan: {line}" for line in table.to_string(index=False).splitlines()] + summary
+    if _trains_ahead(params, notebooks):
+        lines.append(
+            f"training: the runs of {', '.join(TRAINING_NOTEBOOKS)} in one pool of {params.train.workers} "
+            "processes, before the notebooks"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         for nb in notebooks:
             src, nb_in = root / "notebooks" / f"{nb}.py", Path(tmp) / f"{nb}.ipynb"
@@ -354,6 +359,40 @@ def _sharing(params, group: tuple[str, ...]) -> AbstractContextManager[str | Non
     return mps.service(params.mps, params.device, params.train.workers * len(training))
 
 
+def _trains_ahead(params, notebooks: tuple[str, ...]) -> bool:
+    """Whether `repro run` trains the training notebooks' runs in one pool before them: all three are to
+    run and the params give two or more training processes (one process would train in `repro run`'s own,
+    which must hold no GPU memory while the timing notebooks run)."""
+    return set(TRAINING_NOTEBOOKS) <= set(notebooks) and params.train.workers > 1
+
+
+def _train_ahead(params, data_dir: str | None, work: Path, results: Path) -> dict:
+    """Train every run of notebooks 01, 03 and 05 in one pool of ``train.workers`` processes before the
+    notebooks start; they then find each run cached and only evaluate. Why: notebook by notebook, the pool
+    of 01 idles while its longest chains finish (on the default run, CEHR-BERT's MLM pretraining and the
+    finetuning after it) and 03 and 05 wait; one pool hands those workers the other notebooks' runs.
+    Returns the manifest's record of it: wall time, GPU-busy share and peak memory, how processes shared
+    the GPU."""
+    from repro.profiling.gpu_monitor import GpuMonitor
+    from repro.training import mps
+    from repro.training.shard import train_shard
+
+    t0 = time.perf_counter()
+    workers = params.train.workers
+    with GpuMonitor() as monitor, mps.service(params.mps, params.device, workers) as mps_line:
+        lines = train_shard(params, data_dir, work, (0, 1), workers)
+    for line in lines:
+        print(line, file=sys.stderr)
+    results.mkdir(parents=True, exist_ok=True)
+    monitor.write_trace(results / "gpu-trace-training.csv")
+    return {
+        "notebooks": list(TRAINING_NOTEBOOKS),
+        "workers": workers,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "mps": mps_line,
+    } | (monitor.summary() or {})
+
+
 def run(
     params_file: str,
     data_dir: str | None = None,
@@ -390,6 +429,7 @@ def run(
     staging = outputs / f".staging-{name}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     done: dict[str, dict] = {}
+    trained_ahead = None
     groups_done: list[dict] = []  # notebooks run together, with the group's wall time and GPU-busy share
     if resume:
         import json
@@ -406,6 +446,7 @@ def run(
             if (staging / "notebooks" / f"{nb}.ipynb").exists()
         }
         groups_done = [g for g in before.get("groups", []) if set(g["notebooks"]) <= set(done)]
+        trained_ahead = before.get("training")  # its runs are in the training cache that came along
     (staging / "notebooks").mkdir(parents=True, exist_ok=True)
     from repro.training.prepare import meds_location
 
@@ -424,6 +465,8 @@ def run(
         "notebooks": dict(done),
         "groups": groups_done,
     }
+    if trained_ahead:
+        manifest["training"] = trained_ahead
     if resume and before.get("git_sha") != manifest["git_sha"]:
         manifest["git_sha_before_resume"] = before.get("git_sha")  # the notebooks carried over ran there
     if work_dir:
@@ -452,6 +495,11 @@ def run(
             unit="notebook",
             file=sys.stderr,
         )
+        if _trains_ahead(params, todo):
+            bar.set_postfix_str("training the runs of " + ", ".join(TRAINING_NOTEBOOKS))
+            work = Path(work_dir) if work_dir else staging / "work"
+            manifest["training"] = _train_ahead(params, data_dir, work, staging / "results")
+            save_json(manifest, staging / "manifest.json")
         for group in plan(todo, params.notebook_jobs):
             bar.set_postfix_str(" + ".join(group))
             with _sharing(params, group) as mps_line:
