@@ -200,6 +200,13 @@ def _budget(train) -> str:
     return " / ".join(parts)
 
 
+def _shared(mps_line: str) -> str:
+    """How a group's training processes shared the GPU, from its MPS line; "" on a CPU or without one."""
+    if not mps_line or "no CUDA GPU" in mps_line:
+        return ""
+    return "MPS" if mps_line.startswith("on") else "by turns"
+
+
 def timing_table(manifest: dict) -> pd.DataFrame:
     """Wall time per notebook from the run manifest, with the GPU-busy share where a GPU was sampled.
 
@@ -213,41 +220,29 @@ def timing_table(manifest: dict) -> pd.DataFrame:
     alongside = {nb: [o for o in g["notebooks"] if o != nb] for g in groups for nb in g["notebooks"]}
     # how a training group's processes shared the GPU (repro.training.mps); a CPU run shares none
     sharing = {
-        nb: "MPS" if g["mps"].startswith("on") else "by turns"
-        for g in groups
-        if "no CUDA GPU" not in g.get("mps", "no CUDA GPU")
-        for nb in g["notebooks"]
+        nb: _shared(g.get("mps", "")) for g in groups for nb in g["notebooks"] if _shared(g.get("mps", ""))
     }
-    rows = []
     ahead = manifest.get("training")  # the runs of the training notebooks, trained in one pool before them
+    listed = (
+        [(f"training ({', '.join(nb.split('_')[0] for nb in ahead['notebooks'])})", ahead)] if ahead else []
+    )
+    rows = [
+        {
+            "notebook": label,
+            "ran alongside": ", ".join(alongside.get(label, [])),
+            "wall time": f"{info['seconds']:,.0f} s",
+            "GPU busy": "—"
+            if info.get("gpu_busy_share") is None
+            else f"{100 * info['gpu_busy_share']:.0f} %",
+            "GPU memory peak": "—"
+            if info.get("gpu_mem_peak_mib") is None
+            else f"{info['gpu_mem_peak_mib'] / 1024:.1f} GiB",
+            "training processes": _shared(info.get("mps", "")) if info is ahead else sharing.get(label, ""),
+        }
+        for label, info in [*listed, *notebooks.items()]
+    ]
     if ahead:
         groups = [{"notebooks": [], **ahead}, *groups]
-        busy, peak, how = ahead.get("gpu_busy_share"), ahead.get("gpu_mem_peak_mib"), ahead.get("mps", "")
-        rows.append(
-            {
-                "notebook": f"training ({', '.join(nb.split('_')[0] for nb in ahead['notebooks'])})",
-                "ran alongside": "",
-                "wall time": f"{ahead['seconds']:,.0f} s",
-                "GPU busy": "—" if busy is None else f"{100 * busy:.0f} %",
-                "GPU memory peak": "—" if peak is None else f"{peak / 1024:.1f} GiB",
-                "training processes": ""
-                if "no CUDA GPU" in how
-                else ("MPS" if how.startswith("on") else "by turns"),
-            }
-        )
-    for nb, info in notebooks.items():
-        busy = info.get("gpu_busy_share")
-        peak = info.get("gpu_mem_peak_mib")
-        rows.append(
-            {
-                "notebook": nb,
-                "ran alongside": ", ".join(alongside.get(nb, [])),
-                "wall time": f"{info['seconds']:,.0f} s",
-                "GPU busy": "—" if busy is None else f"{100 * busy:.0f} %",
-                "GPU memory peak": "—" if peak is None else f"{peak / 1024:.1f} GiB",
-                "training processes": sharing.get(nb, ""),
-            }
-        )
     total = sum(g["seconds"] for g in groups)
     busy_s = [g["seconds"] * g["gpu_busy_share"] for g in groups if g.get("gpu_busy_share") is not None]
     rows.append(
@@ -265,7 +260,7 @@ def timing_table(manifest: dict) -> pd.DataFrame:
         c
         for c, used in (
             ("ran alongside", any(alongside.values())),
-            ("training processes", sharing or any(r["training processes"] for r in rows)),
+            ("training processes", any(r["training processes"] for r in rows)),
         )
         if not used
     ]
