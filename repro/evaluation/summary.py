@@ -219,9 +219,7 @@ def timing_table(manifest: dict) -> pd.DataFrame:
     groups = manifest.get("groups") or [{"notebooks": [nb], **info} for nb, info in notebooks.items()]
     alongside = {nb: [o for o in g["notebooks"] if o != nb] for g in groups for nb in g["notebooks"]}
     # how a training group's processes shared the GPU (repro.training.mps); a CPU run shares none
-    sharing = {
-        nb: _shared(g.get("mps", "")) for g in groups for nb in g["notebooks"] if _shared(g.get("mps", ""))
-    }
+    sharing = {nb: how for g in groups if (how := _shared(g.get("mps", ""))) for nb in g["notebooks"]}
     ahead = manifest.get("training")  # the runs of the training notebooks, trained in one pool before them
     listed = (
         [(f"training ({', '.join(nb.split('_')[0] for nb in ahead['notebooks'])})", ahead)] if ahead else []

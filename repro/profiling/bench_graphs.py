@@ -63,17 +63,6 @@ def _histories(n: int, vocab: int, max_len: int, seed: int) -> tuple[list, np.nd
     return items, (topics < 13).astype(np.float32)
 
 
-def pretrain_objective(net: torch.nn.Module) -> str:
-    """The objective a backbone pretrains with in the grid: masked tokens for the encoders, else next token.
-
-    >>> from repro.models.registry import build_model
-    >>> pretrain_objective(build_model("cehr_bert", 64)), pretrain_objective(build_model("transformer", 64))
-    ('mlm', 'clm')
-    """
-    backbone = net.backbone
-    return getattr(backbone, "pretrain_objective", None) or ("clm" if net.causal else "mlm")
-
-
 def allow_capture(net: torch.nn.Module) -> bool:
     """Let ``net``'s step be captured for this measurement although its backbone does not declare it (an
     attribute on this instance only); False where the backbone decides by a property of its own.
@@ -102,7 +91,7 @@ def run(
 ) -> int:
     from repro.config import load_params
     from repro.data.dataset import SequenceDataset
-    from repro.models.registry import build_model
+    from repro.models.registry import build_model, pretrain_objective
     from repro.training.graphs import graph_safe
     from repro.training.loop import fit
     from repro.training.prepare import sized_kwargs
@@ -115,8 +104,8 @@ def run(
     items, labels = _histories(n, vocab, max_len, 0)
     device = torch.device("cuda")
     rows, curves, weights = [], {}, {}
+    pre = pretrain_objective(model, kw.get("causal")) or "clm"  # the grid's objective; the LSTM has none
     warm = build_model(model, vocab, **kw)  # CUDA's lazy start-up and first kernel loads, outside the timings
-    pre = pretrain_objective(warm)
     fit(
         warm,
         SequenceDataset(items[:512]),
@@ -144,20 +133,14 @@ def run(
             start = {k: v.detach().float().cpu() for k, v in net.state_dict().items()}
             if graphs and not graph_safe(net):
                 if capture and allow_capture(net):
-                    print(
-                        f"{PROG}: {model} does not declare a capturable step; --capture tries",
-                        file=sys.stderr,
+                    how = "--capture tries"
+                elif capture:
+                    how = (
+                        "it trains eagerly (its backbone decides by a property: --capture cannot override it)"
                     )
                 else:
-                    print(
-                        f"{PROG}: {model} does not declare a capturable step; it trains eagerly"
-                        + (
-                            " (its backbone decides by a property: --capture cannot override it)"
-                            if capture
-                            else ""
-                        ),
-                        file=sys.stderr,
-                    )
+                    how = "it trains eagerly"
+                print(f"{PROG}: {model} does not declare a capturable step; {how}", file=sys.stderr)
             torch.cuda.reset_peak_memory_stats()
             res = fit(net, data, tp, objective, steps, lr, 0, device, progress=False)
             curves[(objective, graphs)] = np.array(res.losses)

@@ -109,13 +109,11 @@ def compare(
             for fut in as_completed(futures):  # each variant's curve printed and kept as soon as it ends
                 name = futures[fut]
                 results[name] = {"overrides": parsed[name], **fut.result()}
+                results = {n: results[n] for n in parsed if n in results}  # the order asked for
                 print(format_table({name: results[name]}), flush=True)
                 if out:
                     write_text_atomic(out, json.dumps(results, indent=1))
-    results = {name: results[name] for name in parsed}  # the order asked for
     print(format_table(results))
-    if out:
-        write_text_atomic(out, json.dumps(results, indent=1))
     return results
 
 
