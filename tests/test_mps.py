@@ -202,13 +202,22 @@ def test_repro_run_serves_the_groups_that_train_and_not_the_timing_ones(daemon, 
 
     monkeypatch.setattr(shard, "train_shard", fake_shard)
     out = pipeline.run(str(params), render=False, notebooks=("train", "time"))
-    pipe = (tmp_path / "train").read_text()
-    assert pipe.startswith("/tmp/repro-mps-") and (tmp_path / "time").read_text() == "none"
     assert (tmp_path / "ahead").read_text().startswith("/tmp/repro-mps-")
-    # started for the pool, then for the training notebook, and stopped before the timing notebook
-    assert _calls(daemon) == ["args:-d", "stdin:get_server_list", "stdin:quit -t 10"] * 2
+    # started for the pool and stopped after it: the training notebook then only evaluates, and the timing
+    # notebook runs without it
+    assert (tmp_path / "train").read_text() == "none" and (tmp_path / "time").read_text() == "none"
+    once = ["args:-d", "stdin:get_server_list", "stdin:quit -t 10"]
+    assert _calls(daemon) == once
     manifest = json.loads((out / "manifest.json").read_text())
-    assert [g.get("mps") for g in manifest["groups"]] == ["on", None] and manifest["training"]["mps"] == "on"
+    assert [g.get("mps") for g in manifest["groups"]] == [None, None] and manifest["training"]["mps"] == "on"
+    # a training notebook run without the others (no pool ahead) trains in its own pool, through the daemon
+    monkeypatch.setattr(pipeline, "TRAINING_NOTEBOOKS", ("train", "other"))
+    (tmp_path / "ahead").unlink()
+    out = pipeline.run(str(params), render=False, notebooks=("train", "time"), force=True)
+    assert not (tmp_path / "ahead").exists() and (tmp_path / "time").read_text() == "none"
+    assert (tmp_path / "train").read_text().startswith("/tmp/repro-mps-") and _calls(daemon) == once * 2
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [g.get("mps") for g in manifest["groups"]] == ["on", None] and "training" not in manifest
 
 
 def test_doctor_says_how_training_processes_will_share_the_gpu(daemon, monkeypatch, tmp_path):

@@ -349,10 +349,11 @@ def _check_device(params, params_path: Path) -> None:
             raise ParamsError(f"{params_path}: device is cuda but no CUDA device is available")
 
 
-def _sharing(params, group: tuple[str, ...]) -> AbstractContextManager[str | None]:
-    """MPS for a group that trains (repro.training.mps); the timing notebooks run without it."""
+def _sharing(params, group: tuple[str, ...], trained: bool = False) -> AbstractContextManager[str | None]:
+    """MPS for a group that trains (repro.training.mps); the timing notebooks run without it, and so do the
+    training notebooks once the pool has ``trained`` their runs ahead of them (they then only evaluate)."""
     training = set(group) & set(TRAINING_NOTEBOOKS)
-    if not training:
+    if not training or trained:
         return nullcontext(None)
     from repro.training import mps
 
@@ -495,14 +496,15 @@ def run(
             unit="notebook",
             file=sys.stderr,
         )
-        if _trains_ahead(params, todo):
+        trained = _trains_ahead(params, todo)
+        if trained:
             bar.set_postfix_str("training the runs of " + ", ".join(TRAINING_NOTEBOOKS))
             work = Path(work_dir) if work_dir else staging / "work"
             manifest["training"] = _train_ahead(params, data_dir, work, staging / "results")
             save_json(manifest, staging / "manifest.json")
         for group in plan(todo, params.notebook_jobs):
             bar.set_postfix_str(" + ".join(group))
-            with _sharing(params, group) as mps_line:
+            with _sharing(params, group, trained) as mps_line:
                 finished, entry, error = _execute_group(group, root, staging, parameters)
             if mps_line:
                 entry["mps"] = mps_line
