@@ -39,9 +39,8 @@ def _data(n=24, seed=0):
 
 def _model(name="ehrmamba", **extra):
     torch.manual_seed(0)
-    kw = {"d_model": 16, "n_layers": 1, "n_types": 10, "max_visits": 8, **extra}
-    if name == "cehr_bert":
-        kw.update(n_heads=2, max_len=32, dropout=0.0)
+    own = {"n_heads": 2, "max_len": 32, "dropout": 0.0} if name == "cehr_bert" else {}
+    kw = {"d_model": 16, "n_layers": 1, "n_types": 10, "max_visits": 8, **own, **extra}
     return build_model(name, VOCAB, **kw)
 
 
@@ -298,16 +297,28 @@ def test_a_finished_cuda_checkpoint_is_reused_by_another_fit(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("objective", ["clm", "classify"])
+@pytest.mark.parametrize("objective", ["pretrain", "classify"])
 @pytest.mark.parametrize(
     "name,extra",
-    [("ehrmamba", {}), ("ehrmamba", {"recompute": True}), ("transformer", {"max_len": 128, "dropout": 0.0})],
+    [
+        ("ehrmamba", {}),
+        ("ehrmamba", {"recompute": True}),
+        ("transformer", {"max_len": 128, "dropout": 0.0}),
+        ("cehr_bert", {"max_len": 128}),
+        # blocks of 8: the 128-token shape takes the block-sparse path, the 64-token one full attention
+        ("bigbird", {"block_size": 8, "dropout": 0.0}),
+    ],
 )
 def test_cuda_graphed_steps_train_as_eager_ones(tmp_path, monkeypatch, objective, name, extra):
     """The same run eager, captured in CUDA graphs (repro.training.graphs), and graphed but killed and
     resumed: each shape's graph is captured once, and the weights end where eager ones do, to rounding
-    (a stale input, gradient or rate in a replay would move them elsewhere). No dropout, two shapes."""
+    (a stale input, gradient or rate in a replay would move them elsewhere). No dropout, two shapes, each
+    backbone's own pretraining objective (the encoders' MLM corruption and key padding mask included)."""
+    from repro.models.registry import pretrain_objective
     from repro.training import graphs
+
+    if objective == "pretrain":
+        objective = pretrain_objective(name, None)
 
     dev = torch.device("cuda")
     rng = np.random.default_rng(3)
@@ -350,9 +361,10 @@ def test_cuda_graphs_only_where_a_backbone_declares_its_step_capturable(tmp_path
 
     # EHRMamba's step is capturable on mamba_ssm's scan only (the reference scan syncs the host)
     assert graph_safe(_model("ehrmamba")) == (ehrmamba.selective_scan_fn is not None)
-    assert not graph_safe(_model("cehr_bert"))
-    assert graph_safe(_model("transformer", max_len=32))  # causal: no key padding mask to check
-    assert not graph_safe(_model("transformer", max_len=32, causal=False))
+    # the encoders' key padding mask skips its host check while a graph is captured
+    assert graph_safe(_model("cehr_bert")) and graph_safe(_model("bigbird"))
+    assert graph_safe(_model("transformer", max_len=32))
+    assert graph_safe(_model("transformer", max_len=32, causal=False))
     # on a CPU the setting trains eagerly, to the same weights, but is its own run for the checkpoints
     runs = {}
     for graphed in (False, True):

@@ -39,6 +39,9 @@ class CEHRBert(nn.Module):
     causal = False
     pretrain_objective = "mlm"
     kernel_path = "sdpa"
+    # its CUDA training step is capturable (repro.training.graphs): in training, torch's encoder layers
+    # take the unfused path, which turns the padding mask into an additive one without asking the host
+    graph_safe = True
 
     def __init__(
         self,

@@ -52,10 +52,12 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 def key_padding_mask(attention_mask: Tensor) -> Tensor | None:
     """[B, L] -> bool [B, 1, 1, L] (True = attend), or None when nothing is padded (keeps flash usable).
 
-    Position 0 ([CLS]) stays attendable so an all-pad row cannot turn the softmax into NaN.
+    Position 0 ([CLS]) stays attendable so an all-pad row cannot turn the softmax into NaN. While a CUDA
+    graph is being captured (repro.training.graphs) the mask is always returned: asking whether anything is
+    padded would sync with the host, and a replayed step must mask whatever its batch pads.
     """
     keep = attention_mask.bool()
-    if bool(keep.all()):
+    if not (keep.is_cuda and torch.cuda.is_current_stream_capturing()) and bool(keep.all()):
         return None
     keep = keep.clone()
     keep[:, 0] = True
@@ -183,11 +185,9 @@ class Transformer(nn.Module):
         self.norm_f = nn.LayerNorm(d_model)
         self.apply(lambda m: init_gpt(m, n_layers))
 
-    @property
-    def graph_safe(self) -> bool:
-        """Its CUDA training step is capturable (repro.training.graphs) when causal: an encoder's key padding
-        mask first asks the host whether anything is padded."""
-        return self.causal
+    # its CUDA training step is capturable (repro.training.graphs), causal or not: under capture the
+    # encoder's key padding mask does not ask the host whether anything is padded
+    graph_safe = True
 
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         """Batch dict (CONTRACTS.md) -> hidden states [B, L, D]."""

@@ -8,8 +8,8 @@ graph launches the whole step at once. `python -m repro.bench graphs` measures w
 
 What capture needs, and how it is met here:
 - no host sync and no data-dependent Python branch on the step's path: only backbones whose
-  ``graph_safe`` is true are captured (EHRMamba on mamba_ssm's scan, the causal transformer); the others
-  train eagerly;
+  ``graph_safe`` is true are captured (EHRMamba on mamba_ssm's scan, the transformer, CEHR-BERT, BigBird:
+  the encoders' key padding mask skips its host check while capturing); the others train eagerly;
 - an optimizer whose step runs on the device: AdamW with ``capturable=True`` and its learning rate in a
   device tensor, which the scheduler fills between replays;
 - shapes that repeat: on CUDA batches are padded to a multiple of 64 tokens, so a run sees a few dozen;
