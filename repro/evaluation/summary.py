@@ -217,13 +217,15 @@ def timing_table(manifest: dict) -> pd.DataFrame:
     """
     notebooks = manifest.get("notebooks", {})
     groups = manifest.get("groups") or [{"notebooks": [nb], **info} for nb, info in notebooks.items()]
+    entries = dict(notebooks)
+    ahead = manifest.get("training")  # the runs of the training notebooks, trained in one pool before them
+    if ahead:  # a group of its own, listed first
+        label = f"training ({', '.join(nb.split('_')[0] for nb in ahead['notebooks'])})"
+        entries = {label: ahead, **entries}
+        groups = [{**ahead, "notebooks": [label]}, *groups]
     alongside = {nb: [o for o in g["notebooks"] if o != nb] for g in groups for nb in g["notebooks"]}
     # how a training group's processes shared the GPU (repro.training.mps); a CPU run shares none
     sharing = {nb: how for g in groups if (how := _shared(g.get("mps", ""))) for nb in g["notebooks"]}
-    ahead = manifest.get("training")  # the runs of the training notebooks, trained in one pool before them
-    listed = (
-        [(f"training ({', '.join(nb.split('_')[0] for nb in ahead['notebooks'])})", ahead)] if ahead else []
-    )
     rows = [
         {
             "notebook": label,
@@ -235,12 +237,10 @@ def timing_table(manifest: dict) -> pd.DataFrame:
             "GPU memory peak": "—"
             if info.get("gpu_mem_peak_mib") is None
             else f"{info['gpu_mem_peak_mib'] / 1024:.1f} GiB",
-            "training processes": _shared(info.get("mps", "")) if info is ahead else sharing.get(label, ""),
+            "training processes": sharing.get(label, ""),
         }
-        for label, info in [*listed, *notebooks.items()]
+        for label, info in entries.items()
     ]
-    if ahead:
-        groups = [{"notebooks": [], **ahead}, *groups]
     total = sum(g["seconds"] for g in groups)
     busy_s = [g["seconds"] * g["gpu_busy_share"] for g in groups if g.get("gpu_busy_share") is not None]
     rows.append(
@@ -256,10 +256,7 @@ def timing_table(manifest: dict) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     unused = [
         c
-        for c, used in (
-            ("ran alongside", any(alongside.values())),
-            ("training processes", any(r["training processes"] for r in rows)),
-        )
+        for c, used in (("ran alongside", any(alongside.values())), ("training processes", sharing))
         if not used
     ]
     return table.drop(columns=unused)
