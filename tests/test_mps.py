@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -210,6 +211,8 @@ def test_repro_run_serves_the_groups_that_train_and_not_the_timing_ones(daemon, 
     assert _calls(daemon) == once
     manifest = json.loads((out / "manifest.json").read_text())
     assert [g.get("mps") for g in manifest["groups"]] == [None, None] and manifest["training"]["mps"] == "on"
+    pooled = tmp_path / "pooled"
+    shutil.copytree(out, pooled)
     # a training notebook run without the others (no pool ahead) trains in its own pool, through the daemon
     monkeypatch.setattr(pipeline, "TRAINING_NOTEBOOKS", ("train", "other"))
     (tmp_path / "ahead").unlink()
@@ -218,6 +221,13 @@ def test_repro_run_serves_the_groups_that_train_and_not_the_timing_ones(daemon, 
     assert (tmp_path / "train").read_text().startswith("/tmp/repro-mps-") and _calls(daemon) == once * 2
     manifest = json.loads((out / "manifest.json").read_text())
     assert [g.get("mps") for g in manifest["groups"]] == ["on", None] and "training" not in manifest
+    # resumed after the pool finished and the training notebook failed: its runs are cached, so no daemon
+    (pooled / "notebooks" / "train.ipynb").unlink()
+    shutil.rmtree(out)
+    os.replace(pooled, out.with_name("tiny.failed"))
+    out = pipeline.run(str(params), render=False, notebooks=("train", "time"), resume=True)
+    assert (tmp_path / "train").read_text() == "none" and _calls(daemon) == once * 2
+    assert json.loads((out / "manifest.json").read_text())["training"]["mps"] == "on"  # the pool's, carried
 
 
 def test_doctor_says_how_training_processes_will_share_the_gpu(daemon, monkeypatch, tmp_path):

@@ -497,6 +497,7 @@ def run(
             file=sys.stderr,
         )
         trained = _trains_ahead(params, todo)
+        pooled = trained or bool(trained_ahead)  # a resumed run's pool trained its runs before it failed
         if trained:
             bar.set_postfix_str("training the runs of " + ", ".join(TRAINING_NOTEBOOKS))
             work = Path(work_dir) if work_dir else staging / "work"
@@ -504,7 +505,7 @@ def run(
             save_json(manifest, staging / "manifest.json")
         for group in plan(todo, params.notebook_jobs):
             bar.set_postfix_str(" + ".join(group))
-            with _sharing(params, group, trained) as mps_line:
+            with _sharing(params, group, pooled) as mps_line:
                 finished, entry, error = _execute_group(group, root, staging, parameters)
             if mps_line:
                 entry["mps"] = mps_line
