@@ -261,6 +261,8 @@ def test_show_table_marks_missing_values_in_every_view(monkeypatch):
     figures.show_table(pd.DataFrame({"seconds": [24.9, 1.2], "AUROC": [0.5, 0.8125]}))
     md = shown["text/markdown"]
     assert "24.9 " in md and "24.900" not in md and "0.500" in md and "0.812" in md
+    figures.show_table(pd.DataFrame({"AUROC": [0.5, 0.5]}))  # chance everywhere: still a metric's format
+    assert "0.500" in shown["text/markdown"]
 
 
 def test_embedded_cells_output_only_their_table_or_figure():

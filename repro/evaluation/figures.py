@@ -69,17 +69,21 @@ def _each(cells: pd.DataFrame, f) -> pd.DataFrame:
 
 
 def _in_tenths(col: pd.Series) -> bool:
-    """Whether a float column holds tenths only, some not whole (seconds rounded to 0.1, a generator's
-    strengths): it prints with one decimal, "24.9" rather than "24.900".
+    """Whether a float column holds tenths only, some not whole, some beyond 1 (seconds rounded to 0.1, a
+    generator's strengths): it prints with one decimal, "24.9" rather than "24.900". A column within [0, 1]
+    keeps three: AUROCs that all happen to be 0.5 read "0.500" like their neighbours.
 
     >>> _in_tenths(pd.Series([24.9, 1.2, None])), _in_tenths(pd.Series([0.812, 0.5])), _in_tenths(pd.Series([1.0]))
     (True, False, False)
+    >>> _in_tenths(pd.Series([0.5, 0.5]))
+    False
     """
     finite = col[np.isfinite(col)]
     return (
         bool(len(finite))
         and bool(np.allclose(finite, finite.round(1), rtol=0, atol=1e-9))
         and bool((finite != finite.round()).any())
+        and bool((finite.abs() > 1).any())
     )
 
 
