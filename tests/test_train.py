@@ -114,6 +114,31 @@ def test_resume_after_interruption_gives_the_same_model(tmp_path, monkeypatch, o
         assert torch.allclose(a, b, atol=1e-6), k
 
 
+def test_a_finished_run_reloaded_from_its_checkpoint_keeps_its_record(tmp_path):
+    """Another process that loads a finished pretraining (the pool's finetuning stages) reports how it was
+    trained, graphed shapes included: the default run of 2026-12-07 listed every reloaded pretraining as
+    run without graphs."""
+    params = TrainParams(batch_size=4, checkpoint_every=3, warmup_frac=0.2)
+    ckpt, dev = tmp_path / "pre.pt", torch.device("cpu")
+    first = loop.fit(
+        _model("transformer", max_len=32), _data(), params, "clm", 3, 1e-3, 0, dev, ckpt, progress=False
+    )
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert state["graphs"] == 0  # eager on the CPU
+    state["graphs"] = 7  # as a CUDA run that captured seven batch shapes would have saved it
+    torch.save(state, ckpt)
+    again = loop.fit(
+        _model("transformer", max_len=32), _data(), params, "clm", 3, 1e-3, 0, dev, ckpt, progress=False
+    )
+    assert again.steps_run == 0 and again.graphs == 7
+    assert (again.losses, again.tokens, again.stop, again.best_step) == (
+        first.losses,
+        first.tokens,
+        first.stop,
+        first.best_step,
+    )
+
+
 _KILLED_CHILD = """
 import sys, time
 from pathlib import Path

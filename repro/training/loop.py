@@ -533,6 +533,7 @@ def fit(
             result.best_step = int(state.get("best_step", 0))
             result.stop = state.get("stop", "budget")
             result.seconds = float(state.get("seconds", 0.0))  # the time already spent, for tokens/s
+            result.graphs = int(state.get("graphs", 0))  # a finished run reloaded elsewhere captures none
             result.resumed_from = start
             best, bad = state.get("best_model"), int(state.get("bad", 0))
             if graphed:  # the loaded rate must be the device tensor a captured AdamW step reads
@@ -620,6 +621,7 @@ def fit(
                 "bad": bad,
                 "stop": result.stop,
                 "seconds": spent + time.perf_counter() - t0,
+                "graphs": max(result.graphs, graphs.captures if graphs is not None else 0),
                 "spec": spec or {},
                 "key": key,
             },
@@ -674,7 +676,7 @@ def fit(
                 break
     bar.close()
     if graphs is not None:
-        result.graphs = graphs.captures
+        result.graphs = max(result.graphs, graphs.captures)  # shapes captured, in this or an earlier session
         graphs.release()
     done = max(done, len(result.losses))
     if best is not None:  # the run ends holding the weights of its best validation
