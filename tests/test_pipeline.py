@@ -403,3 +403,14 @@ def test_the_training_notebooks_runs_train_in_one_pool_before_them(tmp_path, mon
     # one training notebook alone: it trains its own runs
     pipeline.run(str(params), render=False, notebooks=("a", "c"), force=True)
     assert len(calls) == 1 and (tmp_path / "seen-a").read_text() == "False"
+    # a pool cut off (here Ctrl-C) leaves a failed run that says how long it trained; --resume trains again
+    monkeypatch.setattr(shard, "train_shard", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(str(params), render=False, notebooks=("a", "b", "c"), force=True)
+    cut = json.loads((tmp_path / "outputs" / "tiny.failed" / "manifest.json").read_text())
+    assert "training" not in cut and cut["training_cut"]["notebooks"] == ["a", "b"]
+    assert cut["training_cut"]["workers"] == 2 and cut["training_cut"]["seconds"] >= 0
+    monkeypatch.setattr(shard, "train_shard", fake_shard)
+    out = pipeline.run(str(params), render=False, notebooks=("a", "b", "c"), resume=True, force=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(calls) == 2 and "training_cut" not in manifest and manifest["training"]["workers"] == 2

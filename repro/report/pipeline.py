@@ -367,31 +367,33 @@ def _trains_ahead(params, notebooks: tuple[str, ...]) -> bool:
     return set(TRAINING_NOTEBOOKS) <= set(notebooks) and params.train.workers > 1
 
 
-def _train_ahead(params, data_dir: str | None, work: Path, results: Path) -> dict:
+def _train_ahead(params, data_dir: str | None, work: Path, results: Path, record: dict) -> dict:
     """Train every run of notebooks 01, 03 and 05 in one pool of ``train.workers`` processes before the
     notebooks start; they then find each run cached and only evaluate. Why: notebook by notebook, the pool
     of 01 idles while its longest chains finish (on the default run, CEHR-BERT's MLM pretraining and the
     finetuning after it) and 03 and 05 wait; one pool hands those workers the other notebooks' runs.
-    Returns the manifest's record of it: wall time, GPU-busy share and peak memory, how processes shared
-    the GPU."""
+    Fills and returns ``record``, the manifest's record of it: wall time, GPU-busy share and peak memory,
+    how processes shared the GPU. A pool cut off (an error, Ctrl-C, a batch job's time limit) still fills
+    it and writes its GPU trace, so the failed run says how far its training got."""
     from repro.profiling.gpu_monitor import GpuMonitor
     from repro.training import mps
     from repro.training.shard import train_shard
 
     t0 = time.perf_counter()
     workers = params.train.workers
-    with GpuMonitor() as monitor, mps.service(params.mps, params.device, workers) as mps_line:
-        lines = train_shard(params, data_dir, work, (0, 1), workers)
+    record.update(notebooks=list(TRAINING_NOTEBOOKS), workers=workers)
+    monitor = GpuMonitor()
+    try:
+        with monitor, mps.service(params.mps, params.device, workers) as mps_line:
+            record["mps"] = mps_line
+            lines = train_shard(params, data_dir, work, (0, 1), workers)
+    finally:
+        results.mkdir(parents=True, exist_ok=True)
+        monitor.write_trace(results / "gpu-trace-training.csv")
+        record.update({"seconds": round(time.perf_counter() - t0, 1)} | (monitor.summary() or {}))
     for line in lines:
         print(line, file=sys.stderr)
-    results.mkdir(parents=True, exist_ok=True)
-    monitor.write_trace(results / "gpu-trace-training.csv")
-    return {
-        "notebooks": list(TRAINING_NOTEBOOKS),
-        "workers": workers,
-        "seconds": round(time.perf_counter() - t0, 1),
-        "mps": mps_line,
-    } | (monitor.summary() or {})
+    return record
 
 
 def run(
@@ -501,7 +503,15 @@ def run(
         if trained:
             bar.set_postfix_str("training the runs of " + ", ".join(TRAINING_NOTEBOOKS))
             work = Path(work_dir) if work_dir else staging / "work"
-            manifest["training"] = _train_ahead(params, data_dir, work, staging / "results")
+            pool: dict = {}
+            try:
+                manifest["training"] = _train_ahead(params, data_dir, work, staging / "results", pool)
+            except BaseException:
+                # how long the pool ran and how busy the GPU was; the runs it finished are in the work folder,
+                # and --resume trains the rest in a new pool
+                manifest["training_cut"] = pool
+                save_json(manifest, staging / "manifest.json")
+                raise
             save_json(manifest, staging / "manifest.json")
         for group in plan(todo, params.notebook_jobs):
             bar.set_postfix_str(" + ".join(group))
