@@ -367,14 +367,14 @@ def _trains_ahead(params, notebooks: tuple[str, ...]) -> bool:
     return set(TRAINING_NOTEBOOKS) <= set(notebooks) and params.train.workers > 1
 
 
-def _train_ahead(params, data_dir: str | None, work: Path, results: Path, record: dict) -> dict:
+def _train_ahead(params, data_dir: str | None, work: Path, results: Path, record: dict) -> None:
     """Train every run of notebooks 01, 03 and 05 in one pool of ``train.workers`` processes before the
     notebooks start; they then find each run cached and only evaluate. Why: notebook by notebook, the pool
     of 01 idles while its longest chains finish (on the default run, CEHR-BERT's MLM pretraining and the
     finetuning after it) and 03 and 05 wait; one pool hands those workers the other notebooks' runs.
-    Fills and returns ``record``, the manifest's record of it: wall time, GPU-busy share and peak memory,
-    how processes shared the GPU. A pool cut off (an error, Ctrl-C, a batch job's time limit) still fills
-    it and writes its GPU trace, so the failed run says how far its training got."""
+    Fills ``record``, the manifest's record of it: wall time, GPU-busy share and peak memory, how processes
+    shared the GPU. A pool cut off (an error, Ctrl-C, a batch job's time limit) still fills it and writes
+    its GPU trace, so the failed run says how far its training got."""
     from repro.profiling.gpu_monitor import GpuMonitor
     from repro.training import mps
     from repro.training.shard import train_shard
@@ -393,7 +393,6 @@ def _train_ahead(params, data_dir: str | None, work: Path, results: Path, record
         record.update({"seconds": round(time.perf_counter() - t0, 1)} | (monitor.summary() or {}))
     for line in lines:
         print(line, file=sys.stderr)
-    return record
 
 
 def run(
@@ -505,13 +504,14 @@ def run(
             work = Path(work_dir) if work_dir else staging / "work"
             pool: dict = {}
             try:
-                manifest["training"] = _train_ahead(params, data_dir, work, staging / "results", pool)
+                _train_ahead(params, data_dir, work, staging / "results", pool)
             except BaseException:
                 # how long the pool ran and how busy the GPU was; the runs it finished are in the work folder,
                 # and --resume trains the rest in a new pool
                 manifest["training_cut"] = pool
                 save_json(manifest, staging / "manifest.json")
                 raise
+            manifest["training"] = pool
             save_json(manifest, staging / "manifest.json")
         for group in plan(todo, params.notebook_jobs):
             bar.set_postfix_str(" + ".join(group))
