@@ -493,3 +493,19 @@ def test_seed_calibrated_interval_ignores_undefined_resamples():
     assert r == clean and r["hi"] > 0.03  # the seeds widen it; the undefined resample is left out
     gone = seed_calibrated_interval(np.nan, boot, np.nan, np.nan, np.array([0.8]), np.array([0.8]))
     assert np.isnan(gone["lo"]) and np.isnan(gone["df"])
+
+
+def test_null_simulation_in_processes_gives_the_in_process_result():
+    """The report's table computes its verdicts in spawned processes: the pairs are drawn before they
+    are handed out, so the rate must equal the one computed in this process."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from repro.evaluation.null_simulation import false_positive_rate
+
+    kw = {"n_patients": 120, "prevalence": 0.3}
+    alone = false_positive_rate(6, 20, 20, alpha=0.5, ci=0.5, seed=3, **kw)
+    with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
+        split = false_positive_rate(6, 20, 20, alpha=0.5, ci=0.5, seed=3, pool=pool, **kw)
+    assert split == alone
+    assert alone["any claim"] > 0  # a planted loose rule, so the verdicts compared are not all the same
