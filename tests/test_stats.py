@@ -509,3 +509,24 @@ def test_null_simulation_in_processes_gives_the_in_process_result():
         split = false_positive_rate(6, 20, 20, alpha=0.5, ci=0.5, seed=3, pool=pool, **kw)
     assert split == alone
     assert alone["any claim"] > 0  # a planted loose rule, so the verdicts compared are not all the same
+
+
+def test_paired_comparisons_in_threads_give_the_one_thread_result(monkeypatch):
+    """`paired_comparisons` computes its comparisons in threads; each is seeded on its own, so the frame
+    must not depend on how many run at once."""
+    from repro.evaluation import results
+    from repro.evaluation.null_simulation import null_pair
+
+    rng = np.random.default_rng(4)
+    frames = []
+    for k in range(3):
+        p = null_pair(rng, n_patients=150, prevalence=0.3)
+        frames.append(p.assign(task=f"task{k}"))
+    preds = pd.concat(frames, ignore_index=True)
+    pairs = [("a", "b"), ("b", "a")]
+    monkeypatch.setattr(results, "COMPARE_THREADS", 1)
+    alone = results.paired_comparisons(preds, pairs, 50, 0.95, n_perm=50)
+    monkeypatch.setattr(results, "COMPARE_THREADS", 3)
+    threaded = results.paired_comparisons(preds, pairs, 50, 0.95, n_perm=50)
+    pd.testing.assert_frame_equal(alone, threaded)
+    assert len(alone) == 6 and alone["ΔAUROC"].round(12).abs().nunique() == 3  # 3 tasks x both directions
