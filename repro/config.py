@@ -386,8 +386,9 @@ class EfficiencyParams:
 
     Sweeps time one pretraining step (CLM or MLM) of each model at matched size on synthetic batches;
     ``allow_reference_on_cuda`` lets a model whose sequence mixer falls back to the pure-PyTorch reference on
-    CUDA be timed (its rows are then labelled "reference (slow path)"); otherwise it is refused, because that
-    path made an earlier reproduction's Mamba epochs 18x slower (DESIGN.md section 11).
+    CUDA be timed (its rows are then labelled "reference (slow path)") and trained; otherwise a CUDA run
+    without mamba_ssm's kernels stops before it starts, because that path made an earlier reproduction's
+    Mamba epochs 18x slower (DESIGN.md section 11).
     """
 
     models: list[str] = field(

@@ -414,3 +414,36 @@ def test_the_training_notebooks_runs_train_in_one_pool_before_them(tmp_path, mon
     out = pipeline.run(str(params), render=False, notebooks=("a", "b", "c"), resume=True, force=True)
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(calls) == 2 and "training_cut" not in manifest and manifest["training"]["workers"] == 2
+
+
+def test_a_cuda_run_without_mamba_kernels_stops_before_it_starts(tmp_path, monkeypatch, capsys):
+    """On a GPU node where mamba_ssm does not import (here: this CPU machine, with CUDA faked), `repro run`
+    stops with one line naming the Mamba models and the remedy, instead of training them for hours on the
+    reference scan; `efficiency.allow_reference_on_cuda` lets it go on, and a run without Mamba models
+    never asks."""
+    import torch
+
+    from repro.config import load_params
+    from repro.models import ehrmamba
+    from repro.report.pipeline import _check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ehrmamba, "selective_scan_fn", None)
+    path = ROOT / "params" / "default.yaml"
+    params = load_params(path)
+    with pytest.raises(
+        Exception, match=r"mamba_ssm's kernels do not import, so ehrmamba, hybrid would train"
+    ) as err:
+        _check_device(params, path)
+    assert "make kernels" in str(err.value) and "allow_reference_on_cuda" in str(err.value)
+    assert main(["run", str(path), "--dry-run", "--name", "pytest-kernels"]) == 2
+    assert "mamba_ssm's kernels do not import" in capsys.readouterr().err
+    _check_device(load_params(path, {"efficiency.allow_reference_on_cuda": True}), path)
+    no_mamba = {
+        "models": ["cehr_bert"],
+        "mpf_models": [],
+        "efficiency.models": ["transformer"],
+        "efficiency.long_models": ["transformer"],
+        "representations.variants": {},
+    }
+    _check_device(load_params(path, no_mamba), path)

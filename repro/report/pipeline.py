@@ -347,6 +347,37 @@ def _check_device(params, params_path: Path) -> None:
 
         if not torch.cuda.is_available():
             raise ParamsError(f"{params_path}: device is cuda but no CUDA device is available")
+        _check_kernels(params, params_path)
+
+
+def mamba_models(params) -> list[str]:
+    """The models a run trains or times whose sequence mixer is mamba_ssm's kernel on CUDA."""
+    eff, rep = params.efficiency, params.representations
+    wanted = [*params.models, *params.mpf_models, *(rep.models if rep.variants else []), *eff.models]
+    wanted += eff.long_models
+    return sorted({m for m in wanted if m in ("ehrmamba", "hybrid", "mamba2")})
+
+
+def _check_kernels(params, params_path: Path) -> None:
+    """Stop a CUDA run whose Mamba models would run the pure-PyTorch reference scan: on a GPU it is two
+    orders of magnitude slower and runs out of memory at 2,048 tokens, so a run would train for hours and
+    report those times. The timing notebooks already refuse such rows; training did not."""
+    models = mamba_models(params)
+    if not models or params.efficiency.allow_reference_on_cuda:
+        return
+    from repro.models import ehrmamba, mamba2
+
+    missing = [
+        m
+        for m in models
+        if (mamba2.mamba_chunk_scan_combined if m == "mamba2" else ehrmamba.selective_scan_fn) is None
+    ]
+    if missing:
+        raise ParamsError(
+            f"{params_path}: device is cuda but mamba_ssm's kernels do not import, so {', '.join(missing)} "
+            "would train and be timed on the slow reference path; build them for this GPU "
+            "(`make kernels`, README: GPU nodes) or set efficiency.allow_reference_on_cuda: true"
+        )
 
 
 def _sharing(params, group: tuple[str, ...], trained: bool = False) -> AbstractContextManager[str | None]:
