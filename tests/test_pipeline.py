@@ -439,6 +439,9 @@ def test_a_cuda_run_without_mamba_kernels_stops_before_it_starts(tmp_path, monke
     assert main(["run", str(path), "--dry-run", "--name", "pytest-kernels"]) == 2
     assert "mamba_ssm's kernels do not import" in capsys.readouterr().err
     _check_device(load_params(path, {"efficiency.allow_reference_on_cuda": True}), path)
+    _check_device(params, path, ("00_cohort", "90_verdicts"))  # notebooks that run no model
+    with pytest.raises(Exception, match=r"so ehrmamba would train"):
+        _check_device(params, path, ("03_mpf",))
     no_mamba = {
         "models": ["cehr_bert"],
         "mpf_models": [],

@@ -179,7 +179,7 @@ def dry_run(
     lines = [f"params: {params_path} (hash {params.hash()}), run name {name!r}"]
     _check_target(final, force)
     lines.append(f"output: {final}" + (" (exists; --force will replace it)" if final.exists() else ""))
-    _check_device(params, params_path)
+    _check_device(params, params_path, notebooks)
     lines.append(f"device: {params.device}")
     lines += _ready_data(params, data_dir)  # data validated, labels and tokens (cached): the run's first step
     table, summary = plan_run(params_file, data_dir)
@@ -274,7 +274,7 @@ def train_grid(
     params = load_run_params(params_path, data_dir)
     if data_dir:
         data_dir = str(Path(data_dir).resolve())
-    _check_device(params, params_path)
+    _check_device(params, params_path, TRAINING_NOTEBOOKS)
     lines = _ready_data(params, data_dir)
     work = Path(work_dir).resolve()
     workers = workers or params.train.workers
@@ -341,28 +341,34 @@ def _check_target(final: Path, force: bool) -> None:
         raise RunError(f"{final} exists; pass --force to replace it or --name to write another run")
 
 
-def _check_device(params, params_path: Path) -> None:
+def _check_device(params, params_path: Path, notebooks: tuple[str, ...] = NOTEBOOKS) -> None:
     if params.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise ParamsError(f"{params_path}: device is cuda but no CUDA device is available")
-        _check_kernels(params, params_path)
+        _check_kernels(params, params_path, notebooks)
 
 
-def mamba_models(params) -> list[str]:
-    """The models a run trains or times whose sequence mixer is mamba_ssm's kernel on CUDA."""
+def mamba_models(params, notebooks: tuple[str, ...] = NOTEBOOKS) -> list[str]:
+    """The models that ``notebooks`` train or time whose sequence mixer is mamba_ssm's kernel on CUDA."""
     eff, rep = params.efficiency, params.representations
-    wanted = [*params.models, *params.mpf_models, *(rep.models if rep.variants else []), *eff.models]
-    wanted += eff.long_models
+    by_notebook = {
+        "01_accuracy": params.models,
+        "02_efficiency": eff.models,
+        "03_mpf": params.mpf_models,
+        "04_long_sequences": [*eff.models, *eff.long_models],
+        "05_representations": rep.models if rep.variants else [],
+    }
+    wanted = [m for nb in notebooks for m in by_notebook.get(nb, [])]
     return sorted({m for m in wanted if m in ("ehrmamba", "hybrid", "mamba2")})
 
 
-def _check_kernels(params, params_path: Path) -> None:
+def _check_kernels(params, params_path: Path, notebooks: tuple[str, ...]) -> None:
     """Stop a CUDA run whose Mamba models would run the pure-PyTorch reference scan: on a GPU it is two
     orders of magnitude slower and runs out of memory at 2,048 tokens, so a run would train for hours and
     report those times. The timing notebooks already refuse such rows; training did not."""
-    models = mamba_models(params)
+    models = mamba_models(params, notebooks)
     if not models or params.efficiency.allow_reference_on_cuda:
         return
     from repro.models import ehrmamba, mamba2
@@ -455,7 +461,7 @@ def run(
     _check_target(final, force)
     if resume and not (failed / "manifest.json").exists():
         raise RunError(f"--resume: no failed run to resume at {failed}")
-    _check_device(params, params_path)
+    _check_device(params, params_path, notebooks)
     for line in _ready_data(params, data_dir):
         print(line, file=sys.stderr)
 
