@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import Executor, ProcessPoolExecutor
 from contextlib import nullcontext
+from functools import partial
 from multiprocessing import get_context
 
 import numpy as np
@@ -106,15 +107,13 @@ def false_positive_rate(
     """
     rng = np.random.default_rng(seed)
     pairs = [null_pair(rng, **pair_kw) for _ in range(n_sims)]
-    args = (n_boot, n_perm, alpha, effect, ci)
+    judge = partial(_verdicts, n_boot=n_boot, n_perm=n_perm, alpha=alpha, effect=effect, ci=ci)
     if pool is None:
-        verdicts = _verdicts(pairs, *args)
+        verdicts = judge(pairs)
     else:
         step = max(1, -(-n_sims // (4 * _WORKERS_CAP)))
         slices = [pairs[i : i + step] for i in range(0, n_sims, step)]
-        verdicts = [
-            v for part in pool.map(_verdicts, slices, *([a] * len(slices) for a in args)) for v in part
-        ]
+        verdicts = [v for part in pool.map(judge, slices) for v in part]
     supported = sum(v == "supported" for v in verdicts)
     claims = sum(v in ("supported", "not supported") for v in verdicts)
     interval = binomtest(supported, n_sims).proportion_ci(0.95, method="wilson")

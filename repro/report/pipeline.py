@@ -367,7 +367,9 @@ def mamba_models(params, notebooks: tuple[str, ...] = NOTEBOOKS) -> list[str]:
 def _check_kernels(params, params_path: Path, notebooks: tuple[str, ...]) -> None:
     """Stop a CUDA run whose Mamba models would run the pure-PyTorch reference scan: on a GPU it is two
     orders of magnitude slower and runs out of memory at 2,048 tokens, so a run would train for hours and
-    report those times. The timing notebooks already refuse such rows; training did not."""
+    report those times. The timing notebooks already refuse such rows; training did not. It asks whether
+    the kernels import, not what path a tiny forward takes (`repro doctor`): that would create a CUDA
+    context in this process, which must hold no GPU memory while the timing notebooks run."""
     models = mamba_models(params, notebooks)
     if not models or params.efficiency.allow_reference_on_cuda:
         return
