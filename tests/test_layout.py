@@ -128,3 +128,14 @@ def test_training_loops_do_not_import_the_jobs() -> None:
     for module in loops:
         jobs = {d for d in graph[module] if _stage(d) == "training"}
         assert jobs <= {"repro.training"} | loops, (module, jobs)
+
+
+def test_importing_repro_skips_the_iri_grammars() -> None:
+    """`import meds` reaches jsonschema, which compiles rfc3987-syntax's Lark grammars (3.6 s a process
+    on 2 cores) when it is installed, as the notebook extra installs it; repro blocks that import."""
+    import subprocess
+    import sys
+
+    code = "import repro, meds, sys; m = sys.modules; print('rfc3987_syntax' in m and m['rfc3987_syntax'] is None)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
