@@ -78,7 +78,7 @@ figures.show_table(ef.sweep_table(rows))
 
 # %%
 #| label: tbl-efficiency-epoch
-#| tbl-cap: "One pretraining epoch on this run's train split, estimated from the step time measured at the run's batch size and max_len: ceil(samples / batch) steps, each counted as padded to max_len (an upper bound), and the real (unpadded) tokens per second that implies."
+#| tbl-cap: "One pretraining epoch on this run's train split, estimated from the step time measured at the run's batch size and max_len: samples // batch steps (the training loop's whole batches), each counted as padded to max_len; validation, data loading and other processes on the device are left out, so the measured epochs of notebook 01 can take longer. Real (unpadded) tokens per second follow from it."
 figures.show_table(ef.epoch_table(epochs))
 
 # %%

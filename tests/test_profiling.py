@@ -289,10 +289,10 @@ def test_oom_boundary_and_h4_memory_come_from_measured_rows():
 def test_epoch_estimate_counts_steps():
     rows = _rows([("ehrmamba", 256, 16, 100.0, np.nan, "ok"), ("bigbird", 256, 16, np.nan, np.nan, "oom")])
     e = scaling.epoch_estimates(rows, n_samples=33, n_tokens=6000).set_index("model")
-    assert e.loc["ehrmamba", "steps per epoch"] == 3
-    assert e.loc["ehrmamba", "epoch seconds (upper bound)"] == pytest.approx(0.3)
-    assert e.loc["ehrmamba", "real tokens/s"] == pytest.approx(20000)
-    assert np.isnan(e.loc["bigbird", "epoch seconds (upper bound)"])
+    assert e.loc["ehrmamba", "steps per epoch"] == 2  # the loop's whole batches, as training counts them
+    assert e.loc["ehrmamba", "epoch seconds (steps only)"] == pytest.approx(0.2)
+    assert e.loc["ehrmamba", "real tokens/s"] == pytest.approx(30000)
+    assert np.isnan(e.loc["bigbird", "epoch seconds (steps only)"])
 
 
 def test_efficiency_params_validate_and_name_the_parameter():

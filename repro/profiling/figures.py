@@ -113,7 +113,7 @@ def slope_table(slopes: pd.DataFrame) -> pd.DataFrame:
 def epoch_table(epochs: pd.DataFrame) -> pd.DataFrame:
     """Pretraining epoch estimates with display names and readable units."""
     out = epochs.assign(model=epochs["model"].map(label))
-    out["epoch seconds (upper bound)"] = out["epoch seconds (upper bound)"].map(lambda x: _fmt_num(x, ",.1f"))
+    out["epoch seconds (steps only)"] = out["epoch seconds (steps only)"].map(lambda x: _fmt_num(x, ",.1f"))
     out["real tokens/s"] = out["real tokens/s"].map(lambda x: _fmt_num(x, ",.0f"))
     out["ms_per_step"] = out["ms_per_step"].map(lambda x: _fmt_num(x, ",.1f"))
     return out

@@ -57,15 +57,17 @@ def scaling_slopes(rows: pd.DataFrame, last: int = 4) -> pd.DataFrame:
 
 
 def epoch_estimates(rows: pd.DataFrame, n_samples: int, n_tokens: int) -> pd.DataFrame:
-    """Seconds per pretraining epoch from measured step times: ceil(n_samples / batch) steps x ms_per_step.
+    """Seconds of the steps of one pretraining epoch from measured step times: the loop's whole batches
+    (n_samples // batch, as ``TrainParams.steps_per_epoch``) x ms_per_step.
 
     ``rows`` are timed at the run's batch size and ``max_len``; every batch is counted as padded to
-    ``max_len`` (an upper bound: ``fit`` pads a batch to its longest sequence). ``n_tokens`` (real tokens
-    in one epoch) turns it into real tokens per second.
+    ``max_len`` (more than ``fit`` computes: it pads a batch to its longest sequence), but validation,
+    checkpoints, data loading and other processes on the device are left out, so a measured epoch can
+    take longer. ``n_tokens`` (real tokens in one epoch) turns it into real tokens per second.
     """
     out = []
     for r in rows.itertuples(index=False):
-        steps = math.ceil(n_samples / r.batch)
+        steps = max(1, n_samples // min(r.batch, max(n_samples, 1)))
         secs = steps * r.ms_per_step / 1000 if r.status == OK else np.nan
         out.append(
             {
@@ -77,7 +79,7 @@ def epoch_estimates(rows: pd.DataFrame, n_samples: int, n_tokens: int) -> pd.Dat
                 "length": r.length,
                 "ms_per_step": r.ms_per_step,
                 "steps per epoch": steps,
-                "epoch seconds (upper bound)": secs,
+                "epoch seconds (steps only)": secs,
                 "real tokens/s": n_tokens / secs if secs and np.isfinite(secs) else np.nan,
                 "status": r.status,
             }
