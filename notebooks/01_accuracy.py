@@ -63,7 +63,7 @@ figures.show_table(results.task_table(evaluated, preds, runs, "mortality_1m"))
 
 # %%
 #| label: tbl-other-tasks
-#| tbl-cap: "The other tasks on held_out. Conditions: the macro average over its labels (each scored on its own, F1 at its own tuning threshold), with CIs from the same patient resamples for every label; null_task: labels independent of the history (true AUROC 0.5)."
+#| tbl-cap: "The other tasks on held_out. Conditions: the macro average over its labels (each scored on its own, F1 at its own tuning threshold), with CIs from the same patient resamples for every label (percentile intervals: with a label of few positives, AUPRC and F1 shift under resampling, so an interval can miss its estimate); null_task: labels independent of the history (true AUROC 0.5)."
 figures.show_table(results.all_tasks_table(evaluated, [t for t in params.tasks if t != "mortality_1m"]))
 
 # %%

@@ -34,7 +34,7 @@ print(verdicts.abstract_line(table))
 
 # %%
 #| label: tbl-verdicts
-#| tbl-cap: "The verdict on each hypothesis, as computed by the notebook of the named section, with the evidence behind it (paired difference with its 95 % CI and BH-adjusted p for H1; time and memory ratios for H2; per-backbone verdicts for H3; the longest trained length per model and the long-history subgroup for H4)."
+#| tbl-cap: "The verdict on each hypothesis, as computed by its notebook (H1 in 01_accuracy, H2 in 02_efficiency, H3 in 03_mpf, H4 in 04_long_sequences, H5 in 05_representations), with the evidence behind it (paired difference with its 95 % CI and BH-adjusted p for H1; time and memory ratios for H2; per-backbone verdicts for H3; the longest trained length per model and the long-history subgroup for H4)."
 figures.show_table(table.drop(columns=["section"]))
 
 # %%

@@ -197,6 +197,17 @@ def test_runs_are_validated_on_tuning_and_the_tables_say_how_they_ended(prep, tm
     assert conv.loc["EHRMamba", "finetuning: on plateau"] == "0 / 1"
     assert conv.loc["Counts + LR", "pretraining: on plateau"] == "-"
     assert conv["above chance"].isin(["yes", "NO: not clearly above chance"]).all()
+    # MultiBird finetunes BigBird's pretraining: its row shows that pretraining, named as BigBird's
+    import dataclasses
+
+    pair = [
+        dataclasses.replace(runs[0], model="bigbird"),
+        dataclasses.replace(runs[0], model="multibird", mode="MPF"),
+    ]
+    conv = results.convergence_table(pair, {}).set_index("model")
+    assert conv.loc["BigBird", "pretraining: on plateau"] == "0 / 1"
+    assert conv.loc["MultiBird", "pretraining: on plateau"] == "0 / 1 (BigBird's)"
+    assert conv.loc["MultiBird", "finetuning: on plateau"] == "0 / 1"
 
 
 def test_paper_splits_keep_pretraining_and_finetuning_patients_apart(prep):

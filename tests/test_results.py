@@ -488,3 +488,27 @@ def test_loss_figure_averages_only_steps_every_run_reached():
     (line,) = [ln for ln in fig.axes[0].lines if len(ln.get_xdata())]
     assert line.get_xdata().max() == 9 and np.allclose(line.get_ydata(), 0.55)
     plt.close(fig)
+
+
+def test_learning_figure_legend_names_only_the_models_it_draws():
+    """MultiBird's MPF curves have no panel (task "MPF"): a legend entry for it would name a missing line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from repro.evaluation import figures
+
+    rows = []
+    for model, phase, task in [
+        ("EHRMamba", "pretraining", ""),
+        ("EHRMamba", "finetuning", "mortality_1m"),
+        ("BigBird", "finetuning", "mortality_1m"),
+        ("MultiBird", "finetuning", "MPF"),
+    ]:
+        for step in (1, 2):
+            rows.append(
+                {"model": model, "phase": phase, "objective": "clm" if phase == "pretraining" else "bce"}
+                | {"task": task, "seed": 0, "step": step, "tokens": 1000 * step, "loss": 1.0 / step}
+                | {"auroc": 0.5 + 0.1 * step}
+            )
+    fig = figures.learning_figure(pd.DataFrame(rows))
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["EHRMamba", "BigBird"]

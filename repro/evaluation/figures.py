@@ -352,7 +352,8 @@ def learning_figure(curves: pd.DataFrame, task: str = "mortality_1m") -> plt.Fig
         )
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("tokens seen (millions)")
-    return _shared_legend(fig, axes, palette)
+    drawn = {m for g, _, _ in panels for m in g["model"]}  # MPF curves have no panel: no legend entry
+    return _shared_legend(fig, axes, {m: c for m, c in palette.items() if m in drawn})
 
 
 def mechanism_figure(recovered: pd.DataFrame, labels: dict[str, str] | None = None) -> plt.Figure:

@@ -1051,6 +1051,10 @@ def convergence_table(
     out = []
     for model, phases in rows.items():
         entry: dict[str, object] = {"model": model}
+        # MultiBird finetunes BigBird's pretrained weights: its pretraining row is BigBird's, named so
+        shared = model == label("multibird") and not phases["pretraining"] and label("bigbird") in rows
+        if shared:
+            phases = {**phases, "pretraining": rows[label("bigbird")]["pretraining"]}
         for phase, results in phases.items():
             done = sum(res.converged() for res in results)
             first = sum(res.stop == "early stop" and res.best_at_first_validation for res in results)
@@ -1060,6 +1064,7 @@ def convergence_table(
                 if not results
                 else f"{done} / {len(results)}"
                 + (f" ({first} best at the first validation)" if first else "")
+                + (f" ({label('bigbird')}'s)" if shared and phase == "pretraining" else "")
             )
             entry[f"{phase}: epochs"] = f"{min(epochs):.2f}-{max(epochs):.2f}" if results else "-"
         m = evaluated.get(task, {}).get(model)
