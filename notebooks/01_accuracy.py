@@ -135,7 +135,7 @@ figures.show_table(results.comparison_table(comparisons, ci))
 
 # %%
 #| label: tbl-h1-summary
-#| tbl-cap: "H1 in one row per comparison: EHRMamba minus each other model in held-out AUROC on the headline task of H1's rule, with its CI and verdict, the range of the differences over every task, and how many tasks got each verdict. Every task's comparison is in the appendix."
+#| tbl-cap: "H1 in one row per comparison: EHRMamba minus each other model in held-out AUROC on the headline task of the H1 rule, with its CI and verdict, the range of the differences over every task, and how many tasks got each verdict. Every task's comparison is in the appendix."
 headline = next((t for *_, t in params.hypotheses["H1"].pairs()), params.tasks[0])
 figures.show_table(results.comparison_summary(comparisons, ci, headline), empty="no comparison was run")
 

@@ -62,7 +62,7 @@ figures.show_table(stats, floatfmt=".2f")
 
 # %%
 #| label: tbl-repr-metrics
-#| tbl-cap: "Held-out AUROC and AUPRC with patient-clustered bootstrap 95 % CIs per representation and model (probabilities averaged over the representation seeds, representations.seeds; the default row is EHRMamba with the run's own tokens trained with those seeds, so it differs from H1's EHRMamba where the seeds differ)."
+#| tbl-cap: "Held-out AUROC and AUPRC with patient-clustered bootstrap 95 % CIs per representation and model (probabilities averaged over the representation seeds, representations.seeds; the default row is EHRMamba with the run's own tokens trained with those seeds, so it differs from the EHRMamba of H1 where the seeds differ)."
 for task in params.representations.tasks:
     figures.show_table(representations.metrics_table(evaluated, task))
 
