@@ -73,7 +73,7 @@ figures.show_table(results.condition_labels_table(preds))
 
 # %%
 #| label: tbl-paper
-#| tbl-cap: "Our held-out results in the layout of the EHRMamba paper's Table 1 (count baseline in the XGBoost row), beside every cell of the paper's table as printed: mean (SD over three seeds), * a significant improvement over the best baseline. Each paper row shows the paper's own task definition where this run has it, else our closest task or a label of our conditions task (the task column names which); — where this run did not train the model or has no such task. Different data when this run is synthetic: the columns are not comparable as numbers, only as a ranking."
+#| tbl-cap: "Our held-out results in the layout of the EHRMamba paper's Table 1 (count baseline in the XGBoost row), beside every cell of the paper's table as printed: mean (SD over three seeds), * a significant improvement over the best baseline. Each paper row shows the paper's own task definition where this run has it, else our closest task or a label of our conditions task (the task column names which); — where this run did not train the model or has no such task. Different data when this run is synthetic: the columns are not comparable as numbers, only as a ranking, and that only where our models are clearly above chance and on their plateau (the convergence table says which)."
 figures.show_table(results.paper_table(evaluated, prep.synthetic, preds))
 
 # %%
