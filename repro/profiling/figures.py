@@ -100,7 +100,7 @@ def scaling_figure(rows: pd.DataFrame, last: int = 4) -> plt.Figure:
             ax.set_ylabel(ylabel)
             ax.set_title(f"batch {batch}", fontsize=10)
             # under the panel: inside it the legend sat on the lines (each panel's slopes differ)
-            ax.legend(frameon=False, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+            ax.legend(frameon=False, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.34), ncol=2)
     fig.tight_layout()
     return fig
 
