@@ -14,6 +14,7 @@ from repro.models.ehrmamba import (
     MambaMixer,
     selective_scan_ref_chunked,
     selective_scan_ref_loop,
+    selective_scan_ref_steps,
 )
 from repro.models.heads import pool
 from repro.models.registry import build_model, count_params
@@ -267,6 +268,38 @@ def test_chunked_scan_matches_loop(dtype, L, regime):
     for name, a, b in zip(["u", "delta", "A", "B", "C", "D", "z", "delta_bias"], g_got, g_ref, strict=True):
         scale = max(b.abs().max().item(), 1.0)
         torch.testing.assert_close(a, b, atol=tol * scale * 10, rtol=0, msg=f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("L", [1, 33, 100])
+@pytest.mark.parametrize("regime", REGIMES)
+def test_stepwise_scan_matches_loop(dtype, L, regime):
+    """The no-gradient scan of validation and scoring on a CPU: the recurrence itself, so tighter than the
+    chunked scan; it keeps no graph."""
+    leaves = scan_inputs(L, dtype, regime)
+    ref = run_scan(selective_scan_ref_loop, leaves)
+    got = run_scan(selective_scan_ref_steps, leaves)
+    assert got.dtype == dtype and not got.requires_grad
+    tol = {torch.float32: 1e-6, torch.float64: 1e-12}[dtype]
+    torch.testing.assert_close(got, ref, atol=tol * ref.abs().max().item(), rtol=0)
+
+
+def test_mixer_without_gradients_steps_and_matches_the_training_forward(monkeypatch):
+    """Under no_grad a CPU mixer takes the stepwise scan and gives the chunked training forward's output."""
+    torch.manual_seed(0)
+    mixer = MambaMixer(16)
+    x = torch.randn(3, 70, 16)
+    train = mixer(x)
+    calls = []
+    monkeypatch.setattr(
+        ehrmamba,
+        "selective_scan_ref_steps",
+        lambda *a, **k: calls.append(1) or selective_scan_ref_steps(*a, **k),
+    )
+    with torch.no_grad():
+        evaluated = mixer(x)
+    assert calls and mixer.kernel_path == "reference-chunked"
+    torch.testing.assert_close(evaluated, train.detach(), atol=1e-5 * train.abs().max().item(), rtol=0)
 
 
 @pytest.mark.parametrize("chunk", [8, 16, 64])

