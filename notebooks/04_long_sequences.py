@@ -126,6 +126,7 @@ save_json(
         "h4_accuracy_verdict": h4_accuracy,
         "h4_accuracy_overall": h4_all,
         "subgroup": sub,
+        "training": {"pretrain_steps": eff.long_pretrain_steps, "finetune_steps": eff.long_finetune_steps},
         "boundary": boundary.to_dict(orient="records"),
         "memory_comparisons": memory.to_dict(orient="records"),
         "accuracy_comparisons": results.comparison_table(comparisons, ci).to_dict(orient="records"),

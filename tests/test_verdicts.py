@@ -45,6 +45,7 @@ def test_verdict_table_reads_each_notebook_and_marks_missing_ones(tmp_path):
             "h4_accuracy_verdict": "inconclusive",
             "h4_accuracy_overall": "inconclusive",
             "subgroup": {"n_subjects": 40, "threshold": 1024},
+            "training": {"pretrain_steps": 0, "finetune_steps": 12},
             "boundary": [
                 {"model": "ehrmamba", "longest length trained": 65536, "failure": "no failure up to 65536"},
                 {"model": "cehr_bert", "longest length trained": 16384, "failure": "oom"},
@@ -59,6 +60,10 @@ def test_verdict_table_reads_each_notebook_and_marks_missing_ones(tmp_path):
     )
     assert t.loc["H2", "verdict"] == t.loc["H2 (all)", "verdict"] == verdicts.NOT_RUN
     assert t.loc["H3", "verdict"] == "inconclusive"  # one backbone for, one against
+    assert t.loc["H4 (accuracy)", "evidence"] == (
+        "40 held-out subjects with history > 1024 tokens; finetuned 12 fixed steps from random weights; "
+        "across Transformers: inconclusive"
+    )
     assert (
         t.loc["H4 (memory)", "evidence"]
         == "ehrmamba: longest 65536 (no failure up to 65536); cehr_bert: longest 16384 (oom)"

@@ -116,11 +116,22 @@ def verdict_table(res: Mapping[str, dict[str, Any]]) -> pd.DataFrame:
         boundary = _boundary(long.get("boundary", []))
         add("H4 (memory)", long["h4_memory_verdict"], boundary, "@sec-long")
         sub = long.get("subgroup", {})
+        trained = long.get("training")  # a fixed, short budget reads differently from a full one
+        how = (
+            ""
+            if not trained
+            else f"; finetuned {trained['finetune_steps']} fixed steps "
+            + (
+                f"after {trained['pretrain_steps']} of pretraining"
+                if trained["pretrain_steps"]
+                else "from random weights"
+            )
+        )
         add(
             "H4 (accuracy)",
             long["h4_accuracy_verdict"],
-            f"{sub.get('n_subjects', '?')} held-out subjects with history > {sub.get('threshold', '?')} tokens; "
-            f"across Transformers: {long.get('h4_accuracy_overall', '?')}",
+            f"{sub.get('n_subjects', '?')} held-out subjects with history > {sub.get('threshold', '?')} tokens"
+            f"{how}; across Transformers: {long.get('h4_accuracy_overall', '?')}",
             "@sec-long",
         )
     else:
