@@ -216,7 +216,7 @@ def delta_figure(comparisons: pd.DataFrame, xlabel: str) -> plt.Figure:
     ax.axvline(0, color="black", linewidth=1)
     ax.set_yticks(y, [f"{r['comparison']} · {r['task']}" for _, r in g.iterrows()], fontsize=8)
     ax.set_xlabel(xlabel)
-    ax.xaxis.set_major_locator(plt.MaxNLocator(5))  # a range of +-0.002 got nine colliding tick labels
+    ax.xaxis.set_major_locator(plt.MaxNLocator(4))  # +-0.002 got nine colliding labels, +-0.5 five
     seen = set(g["verdict"])
     handles = [
         plt.Line2D([], [], marker="o", linestyle="", color=c, label=v)
@@ -416,6 +416,7 @@ def probe_figure(frame: pd.DataFrame) -> plt.Figure:
     lo = float(np.nanmin(frame["lo"].to_numpy())) - 0.02
     ax.plot([lo, 1], [lo, 1], ls="--", color="grey", lw=1)
     ax.set(xlabel="finetuned AUROC (held-out)", ylabel="probe AUROC (held-out)", xlim=(lo, 1), ylim=(lo, 1))
-    ax.legend(fontsize=7, loc="lower right")
+    # beside the square: inside, it covered the markers and intervals it names
+    ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return fig

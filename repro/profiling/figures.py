@@ -180,6 +180,6 @@ def long_history_figure(table: pd.DataFrame) -> plt.Figure:
     _length_axis(ax, table["length"])
     ax.set_xlabel("tokens each model may read (max_len, log scale)")
     ax.set_ylabel("AUROC, long-history subgroup")
-    ax.legend(frameon=False, fontsize=8)
+    ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # not on the CIs
     fig.tight_layout()
     return fig
