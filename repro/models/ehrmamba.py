@@ -34,6 +34,8 @@ except ImportError:
 log = logging.getLogger(__name__)
 
 KERNEL_CUDA = "mamba_ssm.selective_scan_cuda"
+# the PyTorch reference scan: chunked where gradients flow (training), stepwise without them on a CPU
+# (selective_scan_ref_steps: validation, scoring); one name, as both compute the same recurrence
 KERNEL_REFERENCE = "reference-chunked"
 _ANNOUNCED: set[str] = set()
 
