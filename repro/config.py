@@ -193,6 +193,16 @@ def _per_model_value(model: str, key: str, value: Any) -> int | float | None:
     return float(value)
 
 
+def whole_batches(n_samples: int, batch_size: int) -> int:
+    """Steps in one pass over `n_samples`: the training loop's whole batches (a batch never exceeds the data,
+    and there is at least one).
+
+    >>> whole_batches(600, 16), whole_batches(5, 16)
+    (37, 1)
+    """
+    return max(1, n_samples // min(batch_size, max(n_samples, 1)))
+
+
 @dataclass
 class TrainParams:
     """Optimisation settings shared by pretraining and finetuning.
@@ -330,8 +340,8 @@ class TrainParams:
         return 0 if epochs == 0 else max(1, round(epochs * self.steps_per_epoch(n_samples)))
 
     def steps_per_epoch(self, n_samples: int) -> int:
-        """Whole batches in one pass over `n_samples` (the loop's batches: a batch never exceeds the data)."""
-        return max(1, n_samples // min(self.batch_size, max(n_samples, 1)))
+        """Whole batches in one pass over `n_samples` at this batch size (``whole_batches``)."""
+        return whole_batches(n_samples, self.batch_size)
 
 
 @dataclass

@@ -117,16 +117,14 @@ def verdict_table(res: Mapping[str, dict[str, Any]]) -> pd.DataFrame:
         add("H4 (memory)", long["h4_memory_verdict"], boundary, "@sec-long")
         sub = long.get("subgroup", {})
         trained = long.get("training")  # a fixed, short budget reads differently from a full one
-        how = (
-            ""
-            if not trained
-            else f"; finetuned {trained['finetune_steps']} fixed steps "
-            + (
+        how = ""
+        if trained:
+            start = (
                 f"after {trained['pretrain_steps']} of pretraining"
                 if trained["pretrain_steps"]
                 else "from random weights"
             )
-        )
+            how = f"; finetuned {trained['finetune_steps']} fixed steps {start}"
         add(
             "H4 (accuracy)",
             long["h4_accuracy_verdict"],

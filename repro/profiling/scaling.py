@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from repro.config import whole_batches
 from repro.evaluation.results import label
 from repro.profiling.sweep import ATTENTION_MODELS
 from repro.profiling.timing import OK, OOM, SKIP_BUDGET, is_reference
@@ -57,7 +58,7 @@ def scaling_slopes(rows: pd.DataFrame, last: int = 4) -> pd.DataFrame:
 
 def epoch_estimates(rows: pd.DataFrame, n_samples: int, n_tokens: int) -> pd.DataFrame:
     """Seconds of the steps of one pretraining epoch from measured step times: the loop's whole batches
-    (n_samples // batch, as ``TrainParams.steps_per_epoch``) x ms_per_step.
+    (``whole_batches``, as training counts them) x ms_per_step.
 
     ``rows`` are timed at the run's batch size and ``max_len``; every batch is counted as padded to
     ``max_len`` (more than ``fit`` computes: it pads a batch to its longest sequence), but validation,
@@ -66,7 +67,7 @@ def epoch_estimates(rows: pd.DataFrame, n_samples: int, n_tokens: int) -> pd.Dat
     """
     out = []
     for r in rows.itertuples(index=False):
-        steps = max(1, n_samples // min(r.batch, max(n_samples, 1)))
+        steps = whole_batches(n_samples, r.batch)
         secs = steps * r.ms_per_step / 1000 if r.status == OK else np.nan
         out.append(
             {
