@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -36,3 +38,21 @@ def test_doctor_fails_where_nothing_can_render_the_report(capsys, monkeypatch):
     assert main(["doctor", "--params", "params/smoke.yaml"]) == 1
     out = capsys.readouterr().out
     assert "FAIL: nothing here renders the report" in out and "--no-render" in out
+
+
+def test_doctor_probes_at_the_runs_length(capsys, tmp_path):
+    """BigBird attends block-sparse only from (6 + 2r) blocks on: probed at 64 tokens the doctor called the
+    default run's BigBird "bigbird-full" while every run of it trained block-sparse at 1024."""
+    import yaml
+
+    raw = yaml.safe_load(open("params/smoke.yaml"))
+    raw["models"], raw["efficiency"]["models"] = ["bigbird"], ["bigbird"]
+    raw["model_sizes"]["bigbird"] = {"n_layers": 1, "n_heads": 2, "block_size": 16}
+    for max_len, path in ((128, "bigbird-full"), (512, "bigbird-block-sparse")):
+        raw["tokenizer"]["max_len"] = max_len
+        params = tmp_path / f"bb{max_len}.yaml"
+        params.write_text(yaml.safe_dump(raw))
+        assert main(["doctor", "--params", str(params)]) == 0
+        out = capsys.readouterr().out
+        assert f"{max_len} tokens (tokenizer.max_len)" in out
+        assert re.search(rf"\n  bigbird +{path}  \[ok\]", out), out

@@ -153,9 +153,11 @@ def recomputes(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def probe_kernel_path(model: nn.Module, device: torch.device) -> str | None:
-    """The kernel path a tiny forward takes on ``device`` (decides the reference-path refusal cheaply)."""
-    length = min(PROBE_LEN, int(getattr(model.backbone, "max_len", PROBE_LEN)))
+def probe_kernel_path(model: nn.Module, device: torch.device, length: int = PROBE_LEN) -> str | None:
+    """The kernel path one forward of a single ``length``-token row takes on ``device`` (decides the
+    reference-path refusal cheaply). Some paths depend on the length: BigBird attends block-sparse only
+    from (6 + 2r) blocks on, so the doctor probes at the run's ``tokenizer.max_len``."""
+    length = min(length, int(getattr(model.backbone, "max_len", length)))
     batch = synthetic_batch(int(model.vocab_size), 1, length, device)
     was_training = model.training
     model.eval()

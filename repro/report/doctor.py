@@ -63,7 +63,8 @@ def packages() -> list[tuple[str, str]]:
 
 
 def kernel_paths(params: RunParams, device: str | None = None) -> list[dict[str, Any]]:
-    """The kernel path each neural model of the params takes in one tiny forward pass on the device."""
+    """The kernel path each neural model of the params takes in one forward pass of a single row of
+    ``tokenizer.max_len`` tokens on the device (the length the run trains at)."""
     from repro.models.registry import build_model
 
     dev = torch.device(device or params.device)
@@ -74,7 +75,7 @@ def kernel_paths(params: RunParams, device: str | None = None) -> list[dict[str,
         row: dict[str, Any] = {"model": name, "device": str(dev)}
         try:
             model = build_model(backbone, TINY_VOCAB, **params.model_sizes.get(backbone, {})).to(dev)
-            path = sweep.probe_kernel_path(model, dev) or "-"
+            path = sweep.probe_kernel_path(model, dev, length=params.tokenizer.max_len) or "-"
             row["kernel_path"] = path
             slow = dev.type == "cuda" and timing.is_reference(path)
             row["status"] = "SLOW reference path on CUDA" if slow else "ok"
@@ -128,6 +129,7 @@ def main(params_file: str, device: str | None = None) -> int:
         print(f"  {'verdict':<{width}} FAIL: mps: required, and MPS cannot run here")
         return 1
     rows = kernel_paths(params, want)
+    print(f"  {'kernel paths at':<{width}} {params.tokenizer.max_len} tokens (tokenizer.max_len)")
     for r in rows:
         print(f"  {r['model']:<{width}} {r['kernel_path']}  [{r['status']}]")
     bad = [r["model"] for r in rows if r["status"] != "ok"]
