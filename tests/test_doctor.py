@@ -13,7 +13,7 @@ from repro.cli import main
 def test_doctor_on_cpu_lists_every_model_with_its_path(capsys):
     assert main(["doctor", "--params", "params/smoke.yaml"]) == 0
     out = capsys.readouterr().out
-    assert "ehrmamba                         reference-chunked  [ok]" in out
+    assert "ehrmamba                         reference-steps  [ok]" in out
     assert "transformer                      sdpa-causal  [ok]" in out
     assert out.strip().endswith("ok: every model runs on the path shown")
 

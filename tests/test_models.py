@@ -59,7 +59,7 @@ def test_forward_backward(name):
     (logits.logsumexp(-1).mean() + cls.square().mean()).backward()
     for pname, p in m.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), pname
-    assert m.kernel_path == {"ehrmamba": "reference-chunked", "cehr_bert": "sdpa"}[name]
+    assert m.kernel_path == {"ehrmamba": "reference-steps", "cehr_bert": "sdpa"}[name]
     assert m.causal == (name == "ehrmamba")
     assert m.pretrain_objective == {"ehrmamba": "clm", "cehr_bert": "mlm"}[name]
     assert m.lm_head.proj.weight is m.backbone.embedding.concept.weight
@@ -274,18 +274,40 @@ def test_chunked_scan_matches_loop(dtype, L, regime):
 @pytest.mark.parametrize("L", [1, 33, 100])
 @pytest.mark.parametrize("regime", REGIMES)
 def test_stepwise_scan_matches_loop(dtype, L, regime):
-    """The no-gradient scan of validation and scoring on a CPU: the recurrence itself, so tighter than the
-    chunked scan; it keeps no graph."""
+    """The CPU's scan, training included: the recurrence itself, so tighter than the chunked scan, with its
+    hand-written backward; without gradients it keeps no graph."""
     leaves = scan_inputs(L, dtype, regime)
     ref = run_scan(selective_scan_ref_loop, leaves)
     got = run_scan(selective_scan_ref_steps, leaves)
-    assert got.dtype == dtype and not got.requires_grad
+    assert got.dtype == dtype and got.requires_grad
     tol = {torch.float32: 1e-6, torch.float64: 1e-12}[dtype]
     torch.testing.assert_close(got, ref, atol=tol * ref.abs().max().item(), rtol=0)
+    gy = torch.randn_like(ref)
+    g_ref = torch.autograd.grad(ref, leaves, gy)
+    g_got = torch.autograd.grad(got, leaves, gy)
+    for name, a, b in zip(["u", "delta", "A", "B", "C", "D", "z", "delta_bias"], g_got, g_ref, strict=True):
+        scale = max(b.abs().max().item(), 1.0)
+        torch.testing.assert_close(a, b, atol=tol * scale * 10, rtol=0, msg=f"grad {name}")
+    with torch.no_grad():
+        kept = run_scan(selective_scan_ref_steps, leaves)
+    assert not kept.requires_grad
+    torch.testing.assert_close(kept, got.detach(), atol=tol * ref.abs().max().item(), rtol=0)
+
+
+def test_stepwise_scan_takes_gradients_for_any_input_alone():
+    """The hand-written backward is used whichever input asks (the mixer's A and dt come from parameters,
+    u and z from activations): each alone gets the per-step loop's gradient."""
+    leaves = [x.detach() for x in scan_inputs(20, torch.float64, "mid")]
+    for i, name in enumerate(["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]):
+        one = [x.clone().requires_grad_(j == i) for j, x in enumerate(leaves)]
+        (got,) = torch.autograd.grad(run_scan(selective_scan_ref_steps, one).square().sum(), one[i])
+        (ref,) = torch.autograd.grad(run_scan(selective_scan_ref_loop, one).square().sum(), one[i])
+        torch.testing.assert_close(got, ref, atol=1e-10 * max(ref.abs().max().item(), 1.0), rtol=0, msg=name)
 
 
 def test_mixer_without_gradients_steps_and_matches_the_training_forward(monkeypatch):
-    """Under no_grad a CPU mixer takes the stepwise scan and gives the chunked training forward's output."""
+    """Under no_grad a CPU mixer takes the stepwise scan's no-graph loop and gives the training forward's
+    output."""
     torch.manual_seed(0)
     mixer = MambaMixer(16)
     x = torch.randn(3, 70, 16)
@@ -298,7 +320,7 @@ def test_mixer_without_gradients_steps_and_matches_the_training_forward(monkeypa
     )
     with torch.no_grad():
         evaluated = mixer(x)
-    assert calls and mixer.kernel_path == "reference-chunked"
+    assert calls and mixer.kernel_path == "reference-steps"
     torch.testing.assert_close(evaluated, train.detach(), atol=1e-5 * train.abs().max().item(), rtol=0)
 
 
@@ -347,15 +369,22 @@ def test_mixer_state_dict_matches_mamba_ssm():
     } <= keys
 
 
-def test_mixer_matches_loop_scan(monkeypatch):
-    """The whole mixer with the chunked scan equals the mixer with the per-step loop."""
+@pytest.mark.parametrize("scan", ["selective_scan_ref_steps", "selective_scan_ref_chunked"])
+def test_mixer_matches_loop_scan(monkeypatch, scan):
+    """The whole mixer with either reference scan (stepwise: a CPU's; chunked: CUDA's without mamba_ssm)
+    equals the mixer with the per-step loop, gradients included."""
     torch.manual_seed(0)
     mixer = MambaMixer(16).double()
-    x = torch.randn(2, 45, 16, dtype=torch.float64)
+    x = torch.randn(2, 45, 16, dtype=torch.float64, requires_grad=True)
+    monkeypatch.setattr(ehrmamba, "selective_scan_ref_steps", getattr(ehrmamba, scan))
     out = mixer(x)
-    assert mixer.kernel_path == "reference-chunked"
-    monkeypatch.setattr(ehrmamba, "selective_scan_ref_chunked", selective_scan_ref_loop)
-    torch.testing.assert_close(mixer(x), out, atol=1e-10, rtol=0)
+    assert mixer.kernel_path == "reference-steps"  # the label follows the device
+    grads = torch.autograd.grad(out.square().sum(), [x, *mixer.parameters()])
+    monkeypatch.setattr(ehrmamba, "selective_scan_ref_steps", selective_scan_ref_loop)
+    ref = mixer(x)
+    torch.testing.assert_close(ref, out, atol=1e-10, rtol=0)
+    for a, b in zip(grads, torch.autograd.grad(ref.square().sum(), [x, *mixer.parameters()]), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-9 * max(b.abs().max().item(), 1.0), rtol=0)
 
 
 # --- CUDA kernel against the reference (runs only where mamba_ssm is built) ------------------------------
@@ -463,7 +492,7 @@ def test_mixer_recompute_gives_the_plain_paths_outputs_and_gradients(bias):
     """recompute=True (repro.models.mamba_inner: conv output, dt, B, C and the gated output recomputed in
     backward) is the same function with the same gradients for every parameter, and keeps less for backward."""
     plain, kept, x = _assert_recompute_matches_plain((3, 37, 16), bias=bias)
-    assert kept.kernel_path == "reference-chunked"
+    assert kept.kernel_path == "reference-steps"
     assert _saved_activation_bytes(kept, x.clone().requires_grad_()) < _saved_activation_bytes(
         plain, x.clone().requires_grad_()
     )

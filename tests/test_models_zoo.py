@@ -26,13 +26,13 @@ TINY = {
     "lstm": {"dropout": 0.0},
 }
 KERNEL = {
-    "ehrmamba": "reference-chunked",
+    "ehrmamba": "reference-steps",
     "cehr_bert": "sdpa",
     "bigbird": "bigbird-block-sparse",
     "transformer": "sdpa-causal",
     "transformer_bidir": "sdpa-masked",
     "mamba2": "reference-ssd",
-    "hybrid": "reference-chunked+sdpa-causal",
+    "hybrid": "reference-steps+sdpa-causal",
     "lstm": "torch-lstm",
 }
 OBJECTIVE = {"ehrmamba": "clm", "transformer": "clm", "mamba2": "clm", "hybrid": "clm", "lstm": None}

@@ -141,7 +141,7 @@ def test_smoke_report_end_to_end():
     assert "??" not in html
     manifest = json.loads((out / "manifest.json").read_text())
     assert set(manifest["notebooks"]) == set(NOTEBOOKS)
-    assert "reference-chunked" in manifest["kernel_paths"]  # CPU: EHRMamba's PyTorch scan, recorded
+    assert "reference-steps" in manifest["kernel_paths"]  # CPU: EHRMamba's PyTorch scan, recorded
     assert manifest["dataset"]["etl_name"] == "repro.data.synthetic"  # `repro compare` pools one dataset
     plan = manifest["plan"]  # written before any training
     assert plan["summary"][0].startswith(f"plan: {len(plan['runs'])} training runs")

@@ -43,7 +43,7 @@ def test_measure_times_a_real_step_on_cpu():
     row = sweep.measure("ehrmamba", tiny(), 32, 2, device=CPU, warmup=1, steps=2)
     assert list(row) == list(sweep.ROW_COLUMNS)
     assert row["status"] == "ok" and row["timer"] == "wall-clock" and row["dtype"] == "fp32"
-    assert row["kernel_path"] == "reference-chunked" and row["device"].startswith("cpu (")
+    assert row["kernel_path"] == "reference-steps" and row["device"].startswith("cpu (")
     assert row["params"] > 0 and row["ms_per_step"] > 0
     assert row["tokens_per_s"] == pytest.approx(2 * 32 / (row["ms_per_step"] / 1000))
     assert np.isnan(row["peak_mem_gib"]) and row["mem_source"] == "not measured (CPU)"
@@ -100,7 +100,7 @@ def test_out_of_memory_is_a_data_point_and_the_sweep_goes_on(exc, status):
     assert rows["length"].tolist() == [16, 32, 64]  # shortest first, each length attempted once
     assert rows["status"].tolist() == ["ok", status, "ok"]
     failed = rows.iloc[1]
-    assert np.isnan(failed["ms_per_step"]) and failed["kernel_path"] == "reference-chunked"
+    assert np.isnan(failed["ms_per_step"]) and failed["kernel_path"] == "reference-steps"
 
 
 def test_time_budget_starts_after_each_models_first_row_and_skips_the_rest():
