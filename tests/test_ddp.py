@@ -80,6 +80,7 @@ def _close(a: dict, b: dict, atol: float = 2e-5) -> None:
         assert torch.allclose(v, b[k], atol=atol), f"{k}: max diff {(v - b[k]).abs().max():.2e}"
 
 
+@pytest.mark.slow  # several processes (pyproject: slow)
 def test_two_processes_take_the_same_steps_as_one(tmp_path):
     _spawn(tmp_path, "equal")
     for objective, name in CASES:
@@ -89,6 +90,7 @@ def test_two_processes_take_the_same_steps_as_one(tmp_path):
         assert torch.allclose(torch.tensor(res.losses), torch.tensor(two["losses"]), atol=1e-5)
 
 
+@pytest.mark.slow  # several processes (pyproject: slow)
 def test_a_distributed_run_resumes_from_rank_zeros_checkpoint(tmp_path):
     _spawn(tmp_path, "die")  # both ranks stop after rank 0 wrote the step-3 checkpoint
     assert torch.load(tmp_path / "resume.pt", weights_only=False)["step"] == 3
@@ -114,6 +116,7 @@ train: {batch_size: 8, pretrain_steps: 3, checkpoint_every: 2, num_threads: 1, w
 """
 
 
+@pytest.mark.slow  # several processes (pyproject: slow)
 def test_torchrun_entry_point_trains_and_resumes(tmp_path):
     from repro.data.synthetic import write_synthetic_meds
 

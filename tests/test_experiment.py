@@ -120,6 +120,7 @@ def test_initial_weights_do_not_depend_on_what_the_trainer_built_before(prep, tm
     assert all(torch.equal(state[k], v) for k, v in again.state_dict().items())
 
 
+@pytest.mark.slow  # several processes (pyproject: slow)
 def test_one_pool_over_two_plans_gives_each_plan_its_own_serial_runs(prep, tmp_path):
     """Notebook 05 trains several prepared datasets in one pool; each plan must get the runs a serial
     run_all over its own work folder gives (count_lr: no GPU, quick in worker processes)."""

@@ -356,6 +356,7 @@ def test_prepare_checks_the_data_like_run(tmp_path, capsys):
     assert "params file not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # several processes (pyproject: slow)
 def test_the_training_notebooks_runs_train_in_one_pool_before_them(tmp_path, monkeypatch):
     """`repro run` trains the runs of every training notebook in one pool first (their workers would idle
     notebook by notebook); the notebooks then find them in their work folder. A resumed run keeps that

@@ -495,6 +495,7 @@ def test_seed_calibrated_interval_ignores_undefined_resamples():
     assert np.isnan(gone["lo"]) and np.isnan(gone["df"])
 
 
+@pytest.mark.slow  # several processes (pyproject: slow)
 def test_null_simulation_in_processes_gives_the_in_process_result():
     """The report's table computes its verdicts in spawned processes: the pairs are drawn before they
     are handed out, so the rate must equal the one computed in this process."""

@@ -161,6 +161,7 @@ loop.fit(m, _data(), params, "clm", 7, 1e-3, 0, torch.device("cpu"), Path({ckpt!
 """
 
 
+@pytest.mark.slow  # several processes (pyproject: slow)
 def test_a_process_killed_by_sigkill_resumes_from_its_checkpoint(tmp_path):
     import subprocess
     import sys
