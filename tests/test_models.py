@@ -243,6 +243,16 @@ def run_scan(fn, leaves, **kwargs):
     return fn(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=True, **kwargs)
 
 
+def assert_scan_grads_match(got, ref, leaves, tol: float) -> None:
+    """Every leaf's gradient through `got` equals its gradient through `ref` (the loop) for one random gy."""
+    gy = torch.randn_like(ref)
+    g_ref = torch.autograd.grad(ref, leaves, gy)
+    g_got = torch.autograd.grad(got, leaves, gy)
+    for name, a, b in zip(["u", "delta", "A", "B", "C", "D", "z", "delta_bias"], g_got, g_ref, strict=True):
+        scale = max(b.abs().max().item(), 1.0)
+        torch.testing.assert_close(a, b, atol=tol * scale * 10, rtol=0, msg=f"grad {name}")
+
+
 @pytest.mark.parametrize("regime", REGIMES)
 def test_scan_regimes_pick_the_intended_chunk(regime):
     _, delta, A, *_, delta_bias = scan_inputs(100, torch.float32, regime)
@@ -262,12 +272,7 @@ def test_chunked_scan_matches_loop(dtype, L, regime):
     # float32: rounding of exp(+-S) with |S| <= 80; float64 stiff: the 2e-9 step-decay clamp
     tol = {torch.float32: 2e-6, torch.float64: 1e-7 if regime == "stiff" else 1e-11}[dtype]
     torch.testing.assert_close(got, ref, atol=tol * ref.abs().max().item(), rtol=0)
-    gy = torch.randn_like(ref)
-    g_ref = torch.autograd.grad(ref, leaves, gy)
-    g_got = torch.autograd.grad(got, leaves, gy)
-    for name, a, b in zip(["u", "delta", "A", "B", "C", "D", "z", "delta_bias"], g_got, g_ref, strict=True):
-        scale = max(b.abs().max().item(), 1.0)
-        torch.testing.assert_close(a, b, atol=tol * scale * 10, rtol=0, msg=f"grad {name}")
+    assert_scan_grads_match(got, ref, leaves, tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -282,12 +287,7 @@ def test_stepwise_scan_matches_loop(dtype, L, regime):
     assert got.dtype == dtype and got.requires_grad
     tol = {torch.float32: 1e-6, torch.float64: 1e-12}[dtype]
     torch.testing.assert_close(got, ref, atol=tol * ref.abs().max().item(), rtol=0)
-    gy = torch.randn_like(ref)
-    g_ref = torch.autograd.grad(ref, leaves, gy)
-    g_got = torch.autograd.grad(got, leaves, gy)
-    for name, a, b in zip(["u", "delta", "A", "B", "C", "D", "z", "delta_bias"], g_got, g_ref, strict=True):
-        scale = max(b.abs().max().item(), 1.0)
-        torch.testing.assert_close(a, b, atol=tol * scale * 10, rtol=0, msg=f"grad {name}")
+    assert_scan_grads_match(got, ref, leaves, tol)
     with torch.no_grad():
         kept = run_scan(selective_scan_ref_steps, leaves)
     assert not kept.requires_grad
